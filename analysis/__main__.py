@@ -1,0 +1,128 @@
+"""Command line: ``python -m analysis {eval,profile,sensitivity} ...``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+
+
+def _progress_stderr(frac: float, msg: str) -> None:
+    print(f"\r[{frac * 100:5.1f}%] {msg}\033[K", end="" if frac < 1 else "\n", file=sys.stderr, flush=True)
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cmd_eval(a: argparse.Namespace) -> dict:
+    from analysis.data import load_corpus, tokenize, windows
+    from analysis.loading import load_model
+    from analysis.metrics import latency, model_bytes, perplexity
+
+    lm = load_model(a.model, a.device, a.dtype, trust_remote_code=a.trust_remote_code, progress=_say)
+    if lm.max_positions and a.seqlen > lm.max_positions:
+        raise ValueError(f"seqlen {a.seqlen} exceeds the model's maximum of {lm.max_positions} positions; "
+                         f"use --seqlen {lm.max_positions} or less")
+    corpus = load_corpus(a.text)
+    ids = windows(tokenize(lm.tokenizer, corpus), a.seqlen, a.windows)
+    t = time.perf_counter()
+    ppl = perplexity(lm.model, ids, corpus.label, progress=_progress_stderr)
+    ppl_s = time.perf_counter() - t
+    mem = model_bytes(lm.model)
+    out = dict(model=a.model, source=lm.source, fingerprint=lm.fingerprint, ppl=ppl.ppl, nll=ppl.nll,
+               tokens=ppl.tokens, seqlen=a.seqlen, windows=ids.shape[0], data=corpus.label,
+               weight_bytes=mem.weight_bytes, peak_allocated=mem.peak_allocated, device=str(lm.device),
+               dtype=str(lm.dtype).replace("torch.", ""), eval_seconds=round(ppl_s, 2))
+    if not a.no_latency:
+        lat = latency(lm.model, seqlen=min(a.latency_seqlen or a.seqlen, a.seqlen), runs=a.latency_runs)
+        out.update(prefill_tok_s=lat.prefill_tok_s, decode_ms_per_token=lat.decode_ms_per_token,
+                   latency_seqlen=lat.seqlen, latency_runs=lat.runs)
+    else:
+        out.update(prefill_tok_s=None, decode_ms_per_token=None)
+    return out
+
+
+def cmd_profile(a: argparse.Namespace) -> dict:
+    from pathlib import Path
+
+    from analysis.data import calibration_windows, load_corpus, tokenize
+    from analysis.loading import load_model
+    from analysis.profile import profile_model
+
+    lm = load_model(a.model, a.device, a.dtype, trust_remote_code=a.trust_remote_code, progress=_say)
+    corpus = load_corpus(a.text)
+    n_win = max(1, -(-a.tokens // a.seqlen))
+    ids = calibration_windows(tokenize(lm.tokenizer, corpus), a.seqlen, n_win, a.seed)
+    _say(f"profiling {ids.numel()} tokens ({n_win} x {a.seqlen}) of {corpus.label} on {lm.device}")
+    prof = profile_model(lm.model, lm.adapter, ids, fingerprint=lm.fingerprint, data_label=corpus.label,
+                         data_digest=f"{corpus.digest}-{a.seqlen}-{a.seed}", batch_size=a.batch_size,
+                         layerwise=a.layerwise, progress=_progress_stderr)
+    prof.save(Path(a.out))
+    return dict(out=a.out, linears=len(prof.linears), **{k: prof.meta[k] for k in
+                                                         ("n_tokens", "seconds_stats", "seconds_eig", "device")})
+
+
+def cmd_sensitivity(a: argparse.Namespace) -> dict:
+    from analysis.sensitivity import cli_sensitivity
+
+    return cli_sensitivity(a, progress=_progress_stderr, say=_say)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m analysis", description="RankLab analysis: evaluate and profile models")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp):
+        sp.add_argument("--model", default="default", help="default | model id | folder | file.gguf")
+        sp.add_argument("--text", default="default", help="default | PATH | wikitext2:PATH")
+        sp.add_argument("--device", default="auto", help="auto | cpu | cuda")
+        sp.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+        sp.add_argument("--trust-remote-code", action="store_true")
+        sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    e = sub.add_parser("eval", help="perplexity, bytes and latency of a model")
+    common(e)
+    e.add_argument("--seqlen", type=int, default=2048)
+    e.add_argument("--windows", type=int, default=None, help="first N windows (default: all)")
+    e.add_argument("--no-latency", action="store_true")
+    e.add_argument("--latency-seqlen", type=int, default=None)
+    e.add_argument("--latency-runs", type=int, default=3)
+    e.set_defaults(fn=cmd_eval)
+
+    pr = sub.add_parser("profile", help="activation and weight spectra of every decoder linear")
+    common(pr)
+    pr.add_argument("--tokens", type=int, default=16384)
+    pr.add_argument("--seqlen", type=int, default=2048)
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--batch-size", type=int, default=4)
+    pr.add_argument("--layerwise", action="store_true", help="one decoder layer at a time (low memory)")
+    pr.add_argument("--out", required=True)
+    pr.set_defaults(fn=cmd_profile)
+
+    s = sub.add_parser("sensitivity", help="per-linear loss increase on a grid of ranks and bits")
+    common(s)
+    s.add_argument("--tokens", type=int, default=8192)
+    s.add_argument("--seqlen", type=int, default=512)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--method", default="svd-llm", help="low-rank method probed: svd | act-pca | svd-llm")
+    s.add_argument("--quant", default="rtn", help="quantiser probed: rtn | gptq")
+    s.add_argument("--group-size", type=int, default=128)
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_sensitivity)
+
+    a = p.parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            out = a.fn(a)
+    except (ValueError, FileNotFoundError, InterruptedError, KeyError) as ex:
+        print(f"error: {ex}", file=sys.stderr)
+        return 2
+    print(json.dumps(out) if a.json else json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Text corpora named by a spec, tokenised once into non-overlapping windows.
+
+Specs:
+  ``default``        the Python standard library's ``pydoc_data`` topics (every install has it)
+  ``wikitext2:PATH`` a WikiText raw file under the GPTQ/SliceGPT row convention
+  ``PATH``           a plain text file, read as it is
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Corpus:
+    text: str
+    label: str  # what a report prints: "default (pydoc_data topics)", "wikitext2:test.txt" ...
+    digest: str  # sha256 of the text (keys caches)
+    source: Path | None = None  # the file it came from, if any (same file => disjoint windows)
+
+
+def read_wikitext(path: Path) -> str:
+    """GPTQ/SliceGPT convention: non-blank lines keep their newline, blank lines are empty
+    rows, rows are joined by a blank line."""
+    with open(path, encoding="utf-8", newline="") as f:
+        raw = f.read()
+    rows = [line + "\n" if line.strip() else "" for line in raw[:-1].split("\n")]
+    return "\n\n".join(rows)
+
+
+def load_corpus(spec: str) -> Corpus:
+    spec = (spec or "").strip()
+    if not spec:
+        raise ValueError("empty text spec; use 'default', a text file path, or wikitext2:PATH")
+    if spec == "default":
+        from pydoc_data.topics import topics
+
+        text = "\n\n".join(topics[k] for k in sorted(topics))
+        return Corpus(text, "default (Python pydoc_data topics)", _digest(text))
+    if spec.startswith("wikitext2:"):
+        path = Path(spec.split(":", 1)[1]).expanduser()
+        _check_file(path)
+        text = read_wikitext(path)
+        label = f"wikitext2:{path.name}"
+    else:
+        path = Path(spec).expanduser()
+        _check_file(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text: {e}") from e
+        label = path.name
+    if not text.strip():
+        raise ValueError(f"{path} holds no text; give a file with some prose or code")
+    return Corpus(text, label, _digest(text), path.resolve())
+
+
+def corpus_from_text(text: str, label: str = "pasted text") -> Corpus:
+    if not text.strip():
+        raise ValueError("the text is empty; paste some prose or pick a corpus")
+    return Corpus(text, label, _digest(text))
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"text file {path} not found; give an existing file, or 'default'")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give a text file")
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def tokenize(tokenizer, corpus: Corpus) -> Tensor:
+    """The corpus as one 1-D LongTensor of token ids, no BOS (the evaluation convention)."""
+    ids = tokenizer(corpus.text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def windows(tokens: Tensor, seqlen: int, n: int | None = None) -> Tensor:
+    """The first ``n`` (default: all) non-overlapping windows of ``seqlen``; remainder dropped.
+    Returns (n, seqlen)."""
+    if seqlen < 2:
+        raise ValueError("seqlen must be at least 2")
+    total = tokens.numel() // seqlen
+    if total == 0:
+        raise ValueError(f"the text has {tokens.numel()} tokens, fewer than one window of {seqlen}; "
+                         "give a longer text or a smaller seqlen")
+    if n is not None and n > total:
+        raise ValueError(f"asked for {n} windows of {seqlen} tokens but the text has only {total} "
+                         f"({tokens.numel()} tokens); ask for at most {total} or lower seqlen")
+    return tokens[: (n or total) * seqlen].reshape(-1, seqlen)
+
+
+def calibration_windows(tokens: Tensor, seqlen: int, n: int, seed: int = 0,
+                        reserved_tokens: int = 0) -> Tensor:
+    """``n`` windows of ``seqlen`` drawn GPTQ-style (``random.seed(seed)``, then
+    ``i = randint(lo, N - seqlen - 1)`` per window) from tokens ``[reserved_tokens, N)``.
+
+    When calibration and evaluation come from one file, pass the evaluation span as
+    ``reserved_tokens`` so the two never overlap. Returns (n, seqlen)."""
+    lo, hi = reserved_tokens, tokens.numel() - seqlen - 1
+    if hi < lo:
+        avail = tokens.numel() - reserved_tokens
+        raise ValueError(f"only {avail} tokens are left for calibration, fewer than one window of {seqlen}; "
+                         "use a longer text, a smaller seqlen, or fewer evaluation windows")
+    rng = random.Random(seed)
+    starts = [rng.randint(lo, hi) for _ in range(n)]
+    return torch.stack([tokens[i: i + seqlen] for i in starts])
+
+
+@dataclass(frozen=True)
+class TextSplit:
+    """Evaluation and calibration windows for one experiment, with their labels."""
+
+    eval_ids: Tensor  # (E, seqlen)
+    calib_ids: Tensor  # (C, calib_seqlen)
+    eval_label: str
+    calib_label: str
+    digest: str  # keys caches: both corpora, the windowing and the seed
+
+
+def make_split(tokenizer, eval_corpus: Corpus, calib_corpus: Corpus, seqlen: int, eval_windows: int | None,
+               calib_windows: int, calib_seqlen: int | None = None, seed: int = 0) -> TextSplit:
+    """Tokenise each corpus once; calibration never overlaps evaluation when they share a file."""
+    cs = calib_seqlen or seqlen
+    ev_tok = tokenize(tokenizer, eval_corpus)
+    ev = windows(ev_tok, seqlen, eval_windows)
+    same = eval_corpus.digest == calib_corpus.digest
+    cal_tok = ev_tok if same else tokenize(tokenizer, calib_corpus)
+    cal = calibration_windows(cal_tok, cs, calib_windows, seed, reserved_tokens=ev.numel() if same else 0)
+    key = f"{eval_corpus.digest}:{calib_corpus.digest}:{seqlen}:{ev.shape[0]}:{cs}:{calib_windows}:{seed}"
+    return TextSplit(ev, cal, f"{eval_corpus.label}, {ev.shape[0]} x {seqlen} tokens",
+                     f"{calib_corpus.label}, {calib_windows} x {cs} tokens (seed {seed})", _digest(key))

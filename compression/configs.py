@@ -1,0 +1,225 @@
+"""Method configs: small frozen dataclasses, one per method, each knowing the exact bytes
+its replacement module will hold. The registry (``compression.registry``) maps each config
+*type* to the function that builds the module, so these classes carry no behaviour beyond
+validation and size accounting.
+
+Storage layouts (what ``nbytes`` counts, and what the modules really allocate):
+
+=========  =====================================================================
+method     buffers of the replacement for a linear of ``m`` outputs, ``n`` inputs
+=========  =====================================================================
+rtn/gptq   ``qweight`` uint8 (m, n*b/8) packed codes; ``scale``, ``zero`` fp16 (m, n/g)
+binary     ``qweight`` uint8 (m, n/8) sign bits; ``scale`` fp16 (m, n/g)
+ternary    ``qweight`` uint8 (m, n/4) 2-bit codes {0,1,2}->{-1,0,+1}; ``scale`` fp16 (m, n/g)
+fp8        ``qweight`` float8_e4m3fn (m, n); ``scale`` fp32 (m,)
+mxfp4      ``qweight`` uint8 (m, n/2) E2M1 codes; ``scale`` uint8 E8M0 (m, n/32)
+low-rank   ``A`` (k, n) and ``B`` (m, k) in the model dtype, or each a quantised module
+=========  =====================================================================
+A bias, when the layer has one, stays in the model dtype (``m`` values). Activation PCA
+always produces a bias (it re-centres the output), so it counts one even when the original
+layer had none.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+FP16_BYTES = 2
+
+
+def factor_group(group_size: int, n: int) -> int:
+    """Group size used along an input width ``n`` that ``group_size`` may not divide
+    (the factors of a low-rank layer, whose inner width is the rank): ``gcd(g, n)``."""
+    return math.gcd(group_size, n)
+
+
+# ----------------------------------------------------------------------------- quantisers
+@dataclass(frozen=True)
+class QuantConfig:
+    """Base of the weight-quantisation configs. ``bits`` is the code width."""
+
+    bits: int
+    group_size: int = 128
+    allowed_bits: ClassVar[tuple[int, ...]] = ()
+    name: ClassVar[str] = ""
+
+    def check(self, n: int) -> None:
+        """Raise ``ValueError`` saying what to change if this config cannot quantise width n."""
+        if self.bits not in self.allowed_bits:
+            raise ValueError(f"{self.name}: {self.bits} bits is not supported; use one of {list(self.allowed_bits)}")
+        if self.group_size <= 0 or n % self.group_size:
+            raise ValueError(f"{self.name}: group size {self.group_size} does not divide the input width {n}; "
+                             f"pick a divisor of {n} such as {_divisor_near(n, self.group_size)}")
+        if (n * self.bits) % 8:
+            raise ValueError(f"{self.name}: {n} inputs x {self.bits} bits do not fill whole bytes; width must be a multiple of 8")
+
+    def code_bytes(self, m: int, n: int) -> int:
+        return m * n * self.bits // 8
+
+    def scale_bytes(self, m: int, n: int) -> int:
+        return 2 * m * (n // self.group_size) * FP16_BYTES  # scale + zero
+
+    def nbytes(self, m: int, n: int) -> int:
+        """Bytes of the quantised weight (codes + scales), bias excluded."""
+        return self.code_bytes(m, n) + self.scale_bytes(m, n)
+
+    def with_group(self, group_size: int) -> "QuantConfig":
+        return type(self)(**{**self.__dict__, "group_size": group_size})
+
+
+@dataclass(frozen=True)
+class RTNConfig(QuantConfig):
+    """Per-group asymmetric round-to-nearest."""
+
+    allowed_bits: ClassVar[tuple[int, ...]] = (2, 3, 4, 8)
+    name: ClassVar[str] = "rtn"
+
+
+@dataclass(frozen=True)
+class GPTQConfig(QuantConfig):
+    """GPTQ: RTN grid with error compensation through the input Hessian ``X Xᵀ``."""
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    allowed_bits: ClassVar[tuple[int, ...]] = (2, 3, 4, 8)
+    name: ClassVar[str] = "gptq"
+
+
+@dataclass(frozen=True)
+class BinaryConfig(QuantConfig):
+    """``sign(w) * alpha`` with one fp16 ``alpha = mean|w|`` per group."""
+
+    bits: int = 1
+    allowed_bits: ClassVar[tuple[int, ...]] = (1,)
+    name: ClassVar[str] = "binary"
+
+    def scale_bytes(self, m: int, n: int) -> int:
+        return m * (n // self.group_size) * FP16_BYTES
+
+
+@dataclass(frozen=True)
+class TernaryConfig(QuantConfig):
+    """``{-1, 0, +1} * alpha`` (threshold ``0.7 mean|w|``), 2-bit codes, fp16 alpha per group."""
+
+    bits: int = 2
+    allowed_bits: ClassVar[tuple[int, ...]] = (2,)
+    name: ClassVar[str] = "ternary"
+
+    def scale_bytes(self, m: int, n: int) -> int:
+        return m * (n // self.group_size) * FP16_BYTES
+
+
+@dataclass(frozen=True)
+class FP8Config(QuantConfig):
+    """FP8 E4M3 values (torch.float8_e4m3fn) with one fp32 scale per output row."""
+
+    bits: int = 8
+    group_size: int = 0  # per row; no groups
+    allowed_bits: ClassVar[tuple[int, ...]] = (8,)
+    name: ClassVar[str] = "fp8"
+
+    def check(self, n: int) -> None:
+        if self.bits != 8:
+            raise ValueError("fp8: only 8 bits (E4M3)")
+
+    def code_bytes(self, m: int, n: int) -> int:
+        return m * n
+
+    def scale_bytes(self, m: int, n: int) -> int:
+        return 4 * m
+
+    def with_group(self, group_size: int) -> "FP8Config":
+        return self
+
+
+@dataclass(frozen=True)
+class MXFP4Config(QuantConfig):
+    """OCP microscaling MXFP4: E2M1 values, one shared power-of-two (E8M0) scale per 32."""
+
+    bits: int = 4
+    group_size: int = 32
+    allowed_bits: ClassVar[tuple[int, ...]] = (4,)
+    name: ClassVar[str] = "mxfp4"
+
+    def check(self, n: int) -> None:
+        if self.group_size != 32:
+            raise ValueError("mxfp4: the block size is fixed at 32")
+        if n % 32:
+            raise ValueError(f"mxfp4: input width {n} is not a multiple of the block size 32")
+
+    def scale_bytes(self, m: int, n: int) -> int:
+        return m * (n // 32)  # one E8M0 byte per block
+
+    def with_group(self, group_size: int) -> "MXFP4Config":
+        return self
+
+
+# ----------------------------------------------------------------------------- low rank
+@dataclass(frozen=True)
+class LowRankConfig:
+    """Base of the low-rank configs: ``W (m x n) ~ B (m x k) @ A (k x n)``."""
+
+    rank: int
+    name: ClassVar[str] = ""
+    adds_bias: ClassVar[bool] = False
+
+    def check(self, m: int, n: int) -> None:
+        if not 1 <= self.rank <= min(m, n):
+            raise ValueError(f"{self.name}: rank {self.rank} is outside 1..{min(m, n)} (= min(out {m}, in {n}))")
+
+    def nbytes(self, m: int, n: int, dtype_bytes: int, quant: QuantConfig | None = None) -> int:
+        """Bytes of both factors, bias excluded."""
+        k = self.rank
+        if quant is None:
+            return k * (m + n) * dtype_bytes
+        qa = quant.with_group(factor_group(quant.group_size, n)) if quant.group_size else quant
+        qb = quant.with_group(factor_group(quant.group_size, k)) if quant.group_size else quant
+        return qa.nbytes(k, n) + qb.nbytes(m, k)
+
+
+@dataclass(frozen=True)
+class SVDConfig(LowRankConfig):
+    """Truncated SVD of the weight alone."""
+
+    name: ClassVar[str] = "svd"
+
+
+@dataclass(frozen=True)
+class ActPCAConfig(LowRankConfig):
+    """PCA of the layer's outputs on calibration data, with mean/bias correction (AFM/LORD)."""
+
+    name: ClassVar[str] = "act-pca"
+    adds_bias: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class WhitenedSVDConfig(LowRankConfig):
+    """SVD-LLM: SVD of ``W S`` with ``S = chol(X Xᵀ)``; right factor ``V_kᵀ S⁻¹``."""
+
+    damp: float = 1e-4  # relative diagonal damping used only if X Xᵀ is not positive definite
+    name: ClassVar[str] = "svd-llm"
+
+
+@dataclass(frozen=True)
+class LillamaConfig(LowRankConfig):
+    """Lillama: a low-rank initialisation (``init``: 'svd' or 'act-pca') refined by local
+    feature distillation, bottom-first (see ``compression.lillama``). Same storage as SVD."""
+
+    init: str = "svd"
+    name: ClassVar[str] = "lillama"
+
+    @property
+    def adds_bias(self) -> bool:  # act-pca initialisation re-centres the output with a bias
+        return self.init == "act-pca"
+
+
+def _divisor_near(n: int, g: int) -> int:
+    divs = [d for d in range(8, n + 1, 8) if n % d == 0] or [1]
+    return min(divs, key=lambda d: abs(d - g))
+
+
+def break_even_rank(m: int, n: int) -> float:
+    """Rank below which ``k (m + n) < m n``: the factorisation saves memory."""
+    return m * n / (m + n)

@@ -1,0 +1,257 @@
+"""The compression plan (budget): a versioned, JSON round-trippable dataclass keyed by
+module name. ``default`` applies to every decoder linear; ``modules`` overrides it per
+module. ``validate`` checks a plan against a model before any long run and raises
+``ValueError`` with a message that says what to change.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from analysis.adapters import LinearInfo
+from compression.configs import (ActPCAConfig, BinaryConfig, FP8Config, GPTQConfig, LillamaConfig, LowRankConfig,
+                                 MXFP4Config, QuantConfig, RTNConfig, SVDConfig, TernaryConfig, WhitenedSVDConfig,
+                                 break_even_rank)
+
+PLAN_VERSION = 1
+
+# Method names (as users and the CLI spell them) -> config types. Lookups, not if/elif.
+LOWRANK_METHODS: dict[str, type[LowRankConfig]] = {
+    "svd": SVDConfig, "act-pca": ActPCAConfig, "svd-llm": WhitenedSVDConfig, "lillama": LillamaConfig,
+}
+QUANT_METHODS: dict[str, type[QuantConfig]] = {
+    "rtn": RTNConfig, "gptq": GPTQConfig, "binary": BinaryConfig, "ternary": TernaryConfig,
+    "fp8": FP8Config, "mxfp4": MXFP4Config,
+}
+# bits implied by formats whose code width is fixed
+FIXED_BITS = {"binary": 1, "ternary": 2, "fp8": 8, "mxfp4": 4}
+
+
+class PlanWarning(UserWarning):
+    """A legal but wasteful setting (e.g. a rank above break-even)."""
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """How to compress one linear. ``rank=None`` keeps it full-rank; ``bits=None`` keeps
+    its dtype. With both, the low-rank factors are quantised."""
+
+    rank: int | None = None
+    bits: int | None = None
+    group_size: int = 128
+    lowrank: str = "svd-llm"
+    quant: str = "rtn"
+
+    @property
+    def is_dense(self) -> bool:
+        return self.rank is None and self.bits is None
+
+    def lowrank_config(self, lillama: "LillamaOptions | None" = None) -> LowRankConfig | None:
+        if self.rank is None:
+            return None
+        if self.lowrank not in LOWRANK_METHODS:
+            raise ValueError(f"unknown low-rank method {self.lowrank!r}; use one of {', '.join(LOWRANK_METHODS)}")
+        if self.lowrank == "lillama":
+            return LillamaConfig(rank=self.rank, init=(lillama or LillamaOptions()).init)
+        return LOWRANK_METHODS[self.lowrank](rank=self.rank)
+
+    def quant_config(self) -> QuantConfig | None:
+        if self.bits is None:
+            return None
+        cls = QUANT_METHODS.get(self.quant)
+        if cls is None:
+            raise ValueError(f"unknown quantisation method {self.quant!r}; use one of {', '.join(QUANT_METHODS)}")
+        if self.quant in FIXED_BITS:
+            if self.bits != FIXED_BITS[self.quant]:
+                raise ValueError(f"{self.quant} stores {FIXED_BITS[self.quant]}-bit codes; set bits to "
+                                 f"{FIXED_BITS[self.quant]} (got {self.bits})")
+            kwargs = {} if self.quant in ("fp8", "mxfp4") else {"group_size": self.group_size}
+            return cls(**kwargs)
+        return cls(bits=self.bits, group_size=self.group_size)
+
+    def label(self) -> str:
+        parts = []
+        if self.rank is not None:
+            parts.append(f"{self.lowrank} r{self.rank}")
+        if self.bits is not None:
+            g = "" if self.quant in ("fp8", "mxfp4") else f" g{self.group_size}"
+            parts.append(f"{self.quant} {self.bits}b{g}")
+        return " + ".join(parts) or "dense"
+
+
+@dataclass(frozen=True)
+class LillamaOptions:
+    """Local feature distillation settings (used when a module's ``lowrank`` is 'lillama')."""
+
+    init: str = "svd"  # "svd" or "act-pca"
+    steps: int = 100
+    lr: float = 1e-3
+    calib_tokens: int = 8192
+    granularity: str = "linear"  # "linear" | "mlp" | "layer"
+    order: str = "bottom-first"  # or "top-first" (for the ablation)
+
+
+@dataclass(frozen=True)
+class SliceGPTOptions:
+    slice_fraction: float = 0.25
+    keep_tied_head: bool = True
+
+
+@dataclass
+class Plan:
+    default: ModuleSpec = field(default_factory=ModuleSpec)
+    modules: dict[str, ModuleSpec] = field(default_factory=dict)
+    lillama: LillamaOptions | None = None
+    slicegpt: SliceGPTOptions | None = None
+    meta: dict = field(default_factory=dict)  # free-form: model fingerprint, who made it, target ...
+    version: int = PLAN_VERSION
+
+    def spec_for(self, name: str) -> ModuleSpec:
+        return self.modules.get(name, self.default)
+
+    def with_module(self, name: str, spec: ModuleSpec) -> "Plan":
+        return replace(self, modules={**self.modules, name: spec})
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict:
+        return {"version": self.version, "default": asdict(self.default),
+                "modules": {k: asdict(v) for k, v in sorted(self.modules.items())},
+                "lillama": asdict(self.lillama) if self.lillama else None,
+                "slicegpt": asdict(self.slicegpt) if self.slicegpt else None, "meta": self.meta}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        if not isinstance(d, dict):
+            raise ValueError("a plan is a JSON object with 'version', 'default' and 'modules'")
+        version = d.get("version")
+        if version != PLAN_VERSION:
+            raise ValueError(f"plan version {version!r} is not supported (this RankLab reads version {PLAN_VERSION})")
+        try:
+            return cls(default=ModuleSpec(**d.get("default", {})),
+                       modules={k: ModuleSpec(**v) for k, v in (d.get("modules") or {}).items()},
+                       lillama=LillamaOptions(**d["lillama"]) if d.get("lillama") else None,
+                       slicegpt=SliceGPTOptions(**d["slicegpt"]) if d.get("slicegpt") else None,
+                       meta=d.get("meta") or {}, version=version)
+        except TypeError as e:
+            raise ValueError(f"malformed plan entry: {e}") from e
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"the plan is not valid JSON: {e}") from e
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"plan file {p} not found")
+        return cls.from_json(p.read_text())
+
+
+# --------------------------------------------------------------------------- validation
+def validate(plan: Plan, linears: list[LinearInfo]) -> list[str]:
+    """Check ``plan`` against a model's decoder linears. Raises ``ValueError`` listing every
+    problem and what to change; returns (and emits as ``PlanWarning``) the warnings."""
+    by_name = {li.name: li for li in linears}
+    errors, notes = [], []
+    for name in plan.modules:
+        if name not in by_name:
+            close = difflib.get_close_matches(name, list(by_name), n=3)
+            hint = f" did you mean {', '.join(close)}?" if close else " names look like " + linears[0].name
+            errors.append(f"unknown module {name!r};{hint}")
+    for li in linears:
+        spec = plan.spec_for(li.name)
+        m, n = li.out_features, li.in_features
+        try:
+            lr, q = spec.lowrank_config(plan.lillama), spec.quant_config()
+        except ValueError as e:
+            errors.append(f"{li.name}: {e}")
+            continue
+        if lr is not None:
+            try:
+                lr.check(m, n)
+            except ValueError as e:
+                errors.append(f"{li.name}: {e}")
+                continue
+            if spec.rank > break_even_rank(m, n):
+                notes.append(f"{li.name}: rank {spec.rank} is above break-even {break_even_rank(m, n):.0f} "
+                             "(the factors take more memory than the dense weight)")
+        if q is not None:
+            try:
+                q.check(n) if lr is None else q.with_group(_gcd(q, n)).check(n)
+            except ValueError as e:
+                errors.append(f"{li.name}: {e}")
+    if plan.slicegpt is not None and not 0 <= plan.slicegpt.slice_fraction < 1:
+        errors.append(f"slicegpt slice_fraction {plan.slicegpt.slice_fraction} must be in [0, 1)")
+    if errors:
+        more = f"\n(and {len(errors) - 12} more)" if len(errors) > 12 else ""
+        raise ValueError("the plan cannot be applied:\n- " + "\n- ".join(errors[:12]) + more)
+    for w in notes:
+        warnings.warn(w, PlanWarning, stacklevel=2)
+    return notes
+
+
+def _gcd(q: QuantConfig, n: int) -> int:
+    from compression.configs import factor_group
+
+    return factor_group(q.group_size, n) if q.group_size else 0
+
+
+# ---------------------------------------------------------------------------- sizes
+def weight_bytes(spec: ModuleSpec, li: LinearInfo, dtype_bytes: int, lillama: LillamaOptions | None = None) -> int:
+    """Exact bytes of the compressed weight of ``li``: factors, codes, scales; no bias."""
+    m, n = li.out_features, li.in_features
+    lr, q = spec.lowrank_config(lillama), spec.quant_config()
+    if lr is not None:
+        return lr.nbytes(m, n, dtype_bytes, q)
+    return m * n * dtype_bytes if q is None else q.nbytes(m, n)
+
+
+def keeps_bias(spec: ModuleSpec, has_bias: bool, lillama: LillamaOptions | None = None) -> bool:
+    """Whether the replacement holds a bias (activation PCA always adds one)."""
+    lr = spec.lowrank_config(lillama)
+    return has_bias or (lr is not None and lr.adds_bias)
+
+
+@dataclass(frozen=True)
+class SizeReport:
+    total_bytes: int  # whole model after compression
+    dense_total_bytes: int
+    linear_bytes: int  # decoder linears after compression (factors, codes, scales; no bias)
+    dense_linear_params: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Average over the decoder linears: stored bits / dense decoder-linear parameters."""
+        return self.linear_bytes * 8 / max(self.dense_linear_params, 1)
+
+    @property
+    def ratio(self) -> float:
+        return self.total_bytes / self.dense_total_bytes
+
+
+def plan_size(plan: Plan, linears: list[LinearInfo], dense_total_bytes: int, dtype_bytes: int,
+              biases: dict[str, bool]) -> SizeReport:
+    """Bytes the compressed model will hold, computed without applying the plan.
+    ``biases`` says which linears have a bias; ``dense_total_bytes`` is the dense model's
+    ``model_bytes``."""
+    total, lin_bytes, params = dense_total_bytes, 0, 0
+    for li in linears:
+        spec, hb = plan.spec_for(li.name), biases.get(li.name, False)
+        w = weight_bytes(spec, li, dtype_bytes, plan.lillama)
+        bias_delta = (int(keeps_bias(spec, hb, plan.lillama)) - int(hb)) * li.out_features * dtype_bytes
+        total += w - li.out_features * li.in_features * dtype_bytes + bias_delta
+        lin_bytes += w
+        params += li.out_features * li.in_features
+    return SizeReport(total, dense_total_bytes, lin_bytes, params)

@@ -1,0 +1,526 @@
+"""Weight quantisation: packing and quantiser primitives, and the ``QuantLinear`` module.
+
+The primitives are small pure functions on tensors (any device; every new tensor is made
+on the input's device with an explicit dtype). ``QuantLinear`` stores exactly the buffers
+listed in ``compression.configs`` and dequantises its weight on the fly in ``forward``.
+
+Conventions
+-----------
+* Bit packing is little-endian along the last dimension: code ``j`` occupies bits
+  ``j*b .. j*b+b-1`` of a bit stream whose bit ``k`` is bit ``k % 8`` of byte ``k // 8``.
+  For ``b`` in {1, 2, 4, 8} that means code ``i`` of a byte sits at shift ``i*b``; 3-bit
+  codes pack 8 to 3 bytes and may straddle a byte boundary.
+* Affine (RTN / GPTQ) grid, per group of ``g`` consecutive inputs of one output row::
+
+      w ≈ (q - zero) * scale,    q in {0 .. 2^b - 1},
+      scale = (max - min) / (2^b - 1),   zero = -min / scale   (a float, not rounded)
+
+  ``scale`` and ``zero`` are stored fp16, and codes are computed with the fp16-rounded
+  values, so the dequantised weight is exactly the grid that was optimised.
+* Binary: code 1 -> +alpha, 0 -> -alpha. Ternary: codes {0, 1, 2} -> {-alpha, 0, +alpha}.
+* FP8: ``w ≈ float(qweight) * scale[row]`` with ``scale = amax(row) / 448``.
+* MXFP4: code = ``sign << 3 | index`` into the E2M1 table, low nibble first; the block
+  scale is ``2 ** (scale_byte - 127)``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from analysis.stats import LinearStats
+from compression.configs import (
+    BinaryConfig,
+    FP8Config,
+    GPTQConfig,
+    MXFP4Config,
+    QuantConfig,
+    RTNConfig,
+    TernaryConfig,
+)
+from compression.registry import register
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+MX_BLOCK = 32  # OCP MX block size
+E2M1_EMAX = 2  # exponent of the largest E2M1 value (6 = 1.5 * 2^2)
+E8M0_BIAS = 127
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+_FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal)
+
+
+# ----------------------------------------------------------------------------- bit packing
+def _check_pack(bits: int, n: int) -> None:
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    if (n * bits) % 8:
+        raise ValueError(f"{n} codes x {bits} bits do not fill whole bytes")
+
+
+def _pack_bitstream(codes: Tensor, bits: int) -> Tensor:
+    """Generic packer for any width 1..8 (used for 3 bits); same layout as the fast path."""
+    *lead, n = codes.shape
+    dev = codes.device
+    bit_idx = torch.arange(bits, dtype=torch.uint8, device=dev)  # (b,)
+    planes = (codes.unsqueeze(-1) >> bit_idx) & 1  # (..., n, b)
+    stream = planes.reshape(*lead, n * bits // 8, 8)  # (..., n*b/8, 8)
+    byte_shift = torch.arange(8, dtype=torch.uint8, device=dev)  # (8,)
+    return (stream << byte_shift).sum(-1, dtype=torch.int32).to(torch.uint8)  # (..., n*b/8)
+
+
+def _unpack_bitstream(packed: Tensor, bits: int, n: int) -> Tensor:
+    *lead, _ = packed.shape
+    dev = packed.device
+    byte_shift = torch.arange(8, dtype=torch.uint8, device=dev)  # (8,)
+    stream = (packed.unsqueeze(-1) >> byte_shift) & 1  # (..., n*b/8, 8)
+    planes = stream.reshape(*lead, n, bits)  # (..., n, b)
+    bit_idx = torch.arange(bits, dtype=torch.uint8, device=dev)  # (b,)
+    return (planes << bit_idx).sum(-1, dtype=torch.int32).to(torch.uint8)  # (..., n)
+
+
+def pack_bits(codes: Tensor, bits: int) -> Tensor:
+    """Pack uint8 codes (..., n), each < 2**bits, into uint8 (..., n*bits/8)."""
+    n = codes.shape[-1]
+    _check_pack(bits, n)
+    codes = codes.to(torch.uint8)
+    if bits == 8:
+        return codes.clone()
+    if 8 % bits:
+        return _pack_bitstream(codes, bits)
+    per = 8 // bits
+    *lead, _ = codes.shape
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)  # (per,)
+    grouped = codes.reshape(*lead, n // per, per)  # (..., n/per, per)
+    return (grouped << shifts).sum(-1, dtype=torch.int32).to(torch.uint8)  # (..., n/per)
+
+
+def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
+    """Inverse of ``pack_bits``: uint8 (..., n*bits/8) -> uint8 codes (..., n)."""
+    _check_pack(bits, n)
+    if packed.shape[-1] * 8 != n * bits:
+        raise ValueError(f"packed width {packed.shape[-1]} does not hold {n} codes of {bits} bits")
+    if bits == 8:
+        return packed.clone()
+    if 8 % bits:
+        return _unpack_bitstream(packed, bits, n)
+    *lead, _ = packed.shape
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)  # (per,)
+    vals = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (..., n/per, per)
+    return vals.reshape(*lead, n)
+
+
+# ----------------------------------------------------------------------------- affine grid
+def _grouped(w: Tensor, group_size: int) -> Tensor:
+    m, n = w.shape
+    if group_size <= 0 or n % group_size:
+        raise ValueError(f"group size {group_size} does not divide the input width {n}")
+    return w.reshape(m, n // group_size, group_size)  # (m, n/g, g)
+
+
+def affine_params(wg: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """fp16 ``scale``, ``zero`` of the asymmetric grid of each row of ``wg`` (..., g) -> (...)."""
+    qmax = (1 << bits) - 1
+    wf = wg.float()
+    lo = wf.amin(-1)  # (...)
+    hi = wf.amax(-1)  # (...)
+    rng = hi - lo
+    # constant group: a grid whose end point hits the value; all-zero group: scale 1
+    rng = torch.where(rng > 0, rng, torch.maximum(lo.abs(), hi.abs()))
+    rng = torch.where(rng > 0, rng, torch.ones_like(rng))
+    scale = (rng / qmax).to(torch.float16)
+    scale = torch.where(scale > 0, scale, torch.full_like(scale, _FP16_TINY))  # fp16 underflow
+    zero = (-lo / scale.float()).to(torch.float16)
+    return scale, zero
+
+
+def affine_round(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """Codes of ``w`` on the grid (``scale``, ``zero`` broadcast against ``w``): uint8."""
+    qmax = (1 << bits) - 1
+    q = torch.round(w.float() / scale.float() + zero.float())
+    return q.clamp_(0, qmax).to(torch.uint8)
+
+
+def affine_value(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    """``(q - zero) * scale`` in float32 (broadcasting)."""
+    return (codes.float() - zero.float()) * scale.float()
+
+
+def quantize_rtn(w: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Round-to-nearest on the per-group asymmetric grid.
+
+    w (m, n) -> codes uint8 (m, n), scale fp16 (m, n/g), zero fp16 (m, n/g).
+    """
+    m, n = w.shape
+    wg = _grouped(w.float(), group_size)  # (m, n/g, g)
+    scale, zero = affine_params(wg, bits)  # (m, n/g)
+    codes = affine_round(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), bits)  # (m, n/g, g)
+    return codes.reshape(m, n), scale, zero
+
+
+def dequantize_affine(codes: Tensor, scale: Tensor, zero: Tensor, group_size: int,
+                      dtype: torch.dtype = torch.float32) -> Tensor:
+    """codes uint8 (m, n), scale/zero fp16 (m, n/g) -> weight (m, n) in ``dtype``."""
+    m, n = codes.shape
+    cg = _grouped(codes, group_size)  # (m, n/g, g)
+    w = affine_value(cg, scale.unsqueeze(-1), zero.unsqueeze(-1))  # (m, n/g, g)
+    return w.reshape(m, n).to(dtype)
+
+
+# ----------------------------------------------------------------------------- GPTQ
+def _inverse_hessian_chol(H: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor of ``(H + damp*mean(diag H) I)^-1`` (float64 in, float64 out).
+
+    If the damped matrix is still not positive definite numerically, the damping is
+    raised tenfold up to four times before giving up.
+    """
+    n = H.shape[0]
+    eye = torch.eye(n, dtype=H.dtype, device=H.device)
+    mean_diag = torch.diag(H).mean()
+    for attempt in range(5):
+        Hd = H + (damp * 10**attempt) * mean_diag * eye
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0:
+                return U
+    raise ValueError("gptq: the input Hessian X Xᵀ is not positive definite even with 1000x the damping; "
+                     "profile on more calibration tokens")
+
+
+def gptq_quantize(w: Tensor, H: Tensor, bits: int, group_size: int, damp: float = 0.01,
+                  block_size: int = 128, act_order: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """GPTQ (Frantar et al. 2022): quantise columns in order, spreading each column's error
+    onto the not-yet-quantised columns through the inverse Hessian.
+
+    w (m, n), H = X Xᵀ (n, n) -> codes uint8 (m, n), scale fp16 (m, n/g), zero fp16 (m, n/g),
+    on the same grid as ``quantize_rtn``.
+
+    Without ``act_order`` each group's scale/zero is computed when its first column is
+    reached, from the already-updated weights. With ``act_order`` columns are visited by
+    decreasing ``diag(H)``; groups stay the contiguous groups of the storage layout, so
+    their scale/zero are fixed upfront from the weights (static groups).
+    """
+    m, n = w.shape
+    if H.shape != (n, n):
+        raise ValueError(f"gptq: Hessian of shape {tuple(H.shape)} does not match {n} inputs")
+    if group_size <= 0 or n % group_size:
+        raise ValueError(f"gptq: group size {group_size} does not divide the input width {n}")
+    dev = w.device
+    W = w.detach().to(torch.float32).clone()  # (m, n)
+    H = H.detach().to(device=dev, dtype=torch.float64).clone()  # (n, n)
+
+    dead = torch.nonzero(torch.diag(H) == 0).squeeze(1)  # (d,) inputs never active
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    n_groups = n // group_size
+    scale = torch.empty(m, n_groups, dtype=torch.float16, device=dev)
+    zero = torch.empty(m, n_groups, dtype=torch.float16, device=dev)
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)  # (n,)
+        scale, zero = affine_params(_grouped(W, group_size), bits)  # static groups (m, n/g)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+        group_of = (perm // group_size).tolist()  # permuted column -> storage group
+    else:
+        perm = None
+        group_of = [j // group_size for j in range(n)]
+
+    Hinv = _inverse_hessian_chol(H, damp).to(torch.float32)  # (n, n) upper
+    del H
+    Q = torch.empty(m, n, dtype=torch.uint8, device=dev)  # codes, in visiting order
+    # blocks made of whole groups, so a group's columns are all up to date when it starts
+    bs = group_size * max(1, block_size // group_size)
+    for i1 in range(0, n, bs):
+        i2 = min(i1 + bs, n)
+        W1 = W[:, i1:i2].clone()  # (m, B)
+        Err1 = torch.empty_like(W1)  # (m, B)
+        Hinv1 = Hinv[i1:i2, i1:i2]  # (B, B)
+        for i in range(i2 - i1):
+            j = i1 + i
+            gi = group_of[j]
+            if not act_order and j % group_size == 0:
+                s, z = affine_params(W1[:, i:i + group_size], bits)  # (m,)
+                scale[:, gi], zero[:, gi] = s, z
+            s, z = scale[:, gi], zero[:, gi]  # (m,)
+            col = W1[:, i]  # (m,)
+            q = affine_round(col, s, z, bits)  # (m,)
+            Q[:, j] = q
+            err = (col - affine_value(q, s, z)) / Hinv1[i, i]  # (m,)
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)
+            Err1[:, i] = err
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1.0)  # lazy update of later blocks
+
+    if perm is not None:
+        codes = torch.empty_like(Q)
+        codes[:, perm] = Q  # back to the input order
+    else:
+        codes = Q
+    return codes, scale, zero
+
+
+# ----------------------------------------------------------------------------- binary / ternary
+def quantize_binary(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """w (m, n) -> codes uint8 (m, n) in {0, 1} (1 = non-negative), alpha fp16 (m, n/g)."""
+    m, n = w.shape
+    wg = _grouped(w.float(), group_size)  # (m, n/g, g)
+    alpha = wg.abs().mean(-1).to(torch.float16)  # (m, n/g)
+    codes = (wg >= 0).to(torch.uint8).reshape(m, n)
+    return codes, alpha
+
+
+def dequantize_binary(codes: Tensor, scale: Tensor, group_size: int,
+                      dtype: torch.dtype = torch.float32) -> Tensor:
+    """codes (m, n) in {0, 1}, alpha fp16 (m, n/g) -> (m, n): ``±alpha``."""
+    m, n = codes.shape
+    sign = _grouped(codes, group_size).float() * 2.0 - 1.0  # (m, n/g, g)
+    return (sign * scale.float().unsqueeze(-1)).reshape(m, n).to(dtype)
+
+
+def quantize_ternary(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """TWN-style: ``delta = 0.7 mean|w|``, ``alpha = mean |w|`` over ``|w| > delta``.
+
+    w (m, n) -> codes uint8 (m, n) in {0, 1, 2} (= -1, 0, +1), alpha fp16 (m, n/g).
+    """
+    m, n = w.shape
+    wg = _grouped(w.float(), group_size)  # (m, n/g, g)
+    a = wg.abs()
+    delta = 0.7 * a.mean(-1, keepdim=True)  # (m, n/g, 1)
+    keep = a > delta  # (m, n/g, g)
+    count = keep.sum(-1)  # (m, n/g)
+    alpha = (a * keep).sum(-1) / count.clamp_min(1)  # (m, n/g); 0 when nothing is kept
+    codes = (1 + torch.sign(wg) * keep).to(torch.uint8).reshape(m, n)
+    return codes, alpha.to(torch.float16)
+
+
+def dequantize_ternary(codes: Tensor, scale: Tensor, group_size: int,
+                       dtype: torch.dtype = torch.float32) -> Tensor:
+    """codes (m, n) in {0, 1, 2}, alpha fp16 (m, n/g) -> (m, n) in {-alpha, 0, alpha}."""
+    m, n = codes.shape
+    t = _grouped(codes, group_size).float() - 1.0  # (m, n/g, g)
+    return (t * scale.float().unsqueeze(-1)).reshape(m, n).to(dtype)
+
+
+# ----------------------------------------------------------------------------- fp8
+def quantize_fp8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w (m, n) -> values float8_e4m3fn (m, n), scale fp32 (m,) = amax(row) / 448."""
+    wf = w.float()
+    amax = wf.abs().amax(-1)  # (m,)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))  # (m,)
+    vals = (wf / scale.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return vals, scale
+
+
+def dequantize_fp8(values: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """values float8 (m, n), scale fp32 (m,) -> (m, n)."""
+    return (values.float() * scale.float().unsqueeze(-1)).to(dtype)
+
+
+# ----------------------------------------------------------------------------- mxfp4
+def _e2m1_table(device: torch.device | str) -> Tensor:
+    return torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)  # (8,)
+
+
+def e2m1_round(v: Tensor) -> Tensor:
+    """Nearest E2M1 code (sign << 3 | index) of float ``v``, ties to the even index,
+    magnitudes beyond 6 saturating to 6. Returns uint8 of ``v``'s shape."""
+    table = _e2m1_table(v.device)
+    mids = (table[1:] + table[:-1]) / 2  # (7,)
+    a = v.abs().clamp(max=E2M1_VALUES[-1]).contiguous()
+    down = torch.bucketize(a, mids, right=False)  # a == mid -> lower index
+    up = torch.bucketize(a, mids, right=True)  # a == mid -> upper index
+    idx = torch.where((down != up) & (up % 2 == 0), up, down)
+    sign = (v < 0).to(torch.int64)
+    return ((sign << 3) | idx).to(torch.uint8)
+
+
+def e2m1_value(codes: Tensor) -> Tensor:
+    """E2M1 codes (uint8) -> float32 values."""
+    table = _e2m1_table(codes.device)
+    mag = table[(codes & 7).long()]
+    return torch.where(((codes >> 3) & 1) == 1, -mag, mag)
+
+
+def quantize_mxfp4(w: Tensor) -> tuple[Tensor, Tensor]:
+    """OCP MXFP4: w (m, n) -> E2M1 codes uint8 (m, n) (values < 16), E8M0 scales uint8 (m, n/32).
+
+    Each block of 32 shares ``2^e`` with ``e = floor(log2(amax)) - 2`` (clamped to the
+    E8M0 range; an all-zero block gets the smallest scale).
+    """
+    m, n = w.shape
+    wb = _grouped(w.float(), MX_BLOCK)  # (m, n/32, 32)
+    amax = wb.abs().amax(-1)  # (m, n/32)
+    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+    e = torch.floor(torch.log2(safe)) - E2M1_EMAX
+    e = torch.where(amax > 0, e, torch.full_like(e, -E8M0_BIAS)).clamp_(-E8M0_BIAS, E8M0_BIAS)  # (m, n/32)
+    codes = e2m1_round(wb / torch.exp2(e).unsqueeze(-1)).reshape(m, n)
+    return codes, (e + E8M0_BIAS).to(torch.uint8)
+
+
+def dequantize_mxfp4(codes: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """E2M1 codes uint8 (m, n), E8M0 scales uint8 (m, n/32) -> (m, n)."""
+    m, n = codes.shape
+    vals = e2m1_value(_grouped(codes, MX_BLOCK))  # (m, n/32, 32)
+    pow2 = torch.exp2(scale.float() - E8M0_BIAS).unsqueeze(-1)  # (m, n/32, 1)
+    return (vals * pow2).reshape(m, n).to(dtype)
+
+
+# ----------------------------------------------------------------------------- module
+_AFFINE = (RTNConfig, GPTQConfig)
+_SUPPORTED = (*_AFFINE, BinaryConfig, TernaryConfig, FP8Config, MXFP4Config)
+
+
+def _layout(config: QuantConfig, m: int, n: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Buffers (name -> shape, dtype) that ``config`` stores for an (m, n) weight."""
+    u8, f16 = torch.uint8, torch.float16
+    if isinstance(config, _AFFINE):
+        g = config.group_size
+        return {"qweight": ((m, n * config.bits // 8), u8), "scale": ((m, n // g), f16),
+                "zero": ((m, n // g), f16)}
+    if isinstance(config, (BinaryConfig, TernaryConfig)):
+        return {"qweight": ((m, n * config.bits // 8), u8), "scale": ((m, n // config.group_size), f16)}
+    if isinstance(config, FP8Config):
+        return {"qweight": ((m, n), torch.float8_e4m3fn), "scale": ((m,), torch.float32)}
+    if isinstance(config, MXFP4Config):
+        return {"qweight": ((m, n // 2), u8), "scale": ((m, n // MX_BLOCK), u8)}
+    raise TypeError(f"QuantLinear does not support {type(config).__name__}")
+
+
+def _encode(config: QuantConfig, w: Tensor, stats: LinearStats | None) -> dict[str, Tensor]:
+    """Quantise weight ``w`` (m, n) into the buffers of ``_layout``."""
+    if isinstance(config, GPTQConfig):
+        if stats is None:
+            raise ValueError("gptq needs calibration statistics (X Xᵀ of the layer input); "
+                             "profile the model first and pass its LinearStats")
+        codes, scale, zero = gptq_quantize(w, stats.inputs.xxt, config.bits, config.group_size,
+                                           damp=config.damp, block_size=config.block_size,
+                                           act_order=config.act_order)
+        return {"qweight": pack_bits(codes, config.bits), "scale": scale, "zero": zero}
+    if isinstance(config, RTNConfig):
+        codes, scale, zero = quantize_rtn(w, config.bits, config.group_size)
+        return {"qweight": pack_bits(codes, config.bits), "scale": scale, "zero": zero}
+    if isinstance(config, BinaryConfig):
+        codes, scale = quantize_binary(w, config.group_size)
+        return {"qweight": pack_bits(codes, 1), "scale": scale}
+    if isinstance(config, TernaryConfig):
+        codes, scale = quantize_ternary(w, config.group_size)
+        return {"qweight": pack_bits(codes, 2), "scale": scale}
+    if isinstance(config, FP8Config):
+        vals, scale = quantize_fp8(w)
+        return {"qweight": vals, "scale": scale}
+    if isinstance(config, MXFP4Config):
+        codes, scale = quantize_mxfp4(w)
+        return {"qweight": pack_bits(codes, 4), "scale": scale}
+    raise TypeError(f"QuantLinear does not support {type(config).__name__}")
+
+
+class QuantLinear(nn.Module):
+    """A linear layer whose weight is stored quantised (buffers as in ``compression.configs``)
+    and dequantised on the fly in ``forward``. ``bias`` stays in the model dtype."""
+
+    qweight: Tensor
+    scale: Tensor
+    zero: Tensor | None
+
+    def __init__(self, config: QuantConfig, out_features: int, in_features: int, bias: bool = False,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        config.check(in_features)
+        self.config = config
+        self.in_features = in_features
+        self.out_features = out_features
+        layout = _layout(config, out_features, in_features)
+        for name, (shape, buf_dtype) in layout.items():
+            self.register_buffer(name, torch.zeros(shape, dtype=buf_dtype, device=device))
+        if "zero" not in layout:
+            self.register_buffer("zero", None)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def empty(cls, config: QuantConfig, out_features: int, in_features: int, bias: bool,
+              dtype: torch.dtype, device: torch.device | str | None = None) -> QuantLinear:
+        """An unfilled module of the right layout, to ``load_state_dict`` a saved one into."""
+        return cls(config, out_features, in_features, bias=bias, dtype=dtype, device=device)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: QuantConfig,
+                    stats: LinearStats | None = None) -> QuantLinear:
+        """Quantise ``linear`` with ``config`` (GPTQ needs ``stats``). Stays on its device."""
+        if not isinstance(config, _SUPPORTED):
+            raise TypeError(f"QuantLinear does not support {type(config).__name__}")
+        m, n = linear.out_features, linear.in_features
+        config.check(n)
+        w = linear.weight.detach()
+        has_bias = linear.bias is not None
+        mod = cls(config, m, n, bias=has_bias, dtype=w.dtype, device=w.device)
+        with torch.no_grad():
+            for name, t in _encode(config, w, stats).items():
+                buf = getattr(mod, name)
+                if t.shape != buf.shape or t.dtype != buf.dtype:
+                    raise AssertionError(f"{name}: got {tuple(t.shape)} {t.dtype}, "
+                                         f"layout says {tuple(buf.shape)} {buf.dtype}")
+                setattr(mod, name, t.contiguous())
+            if has_bias:
+                mod.bias.copy_(linear.bias.detach())
+                mod.bias.requires_grad_(linear.bias.requires_grad)
+        return mod
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The weight (out_features, in_features) in ``dtype``."""
+        c, n = self.config, self.in_features
+        if isinstance(c, _AFFINE):
+            codes = unpack_bits(self.qweight, c.bits, n)
+            return dequantize_affine(codes, self.scale, self.zero, c.group_size, dtype)
+        if isinstance(c, BinaryConfig):
+            return dequantize_binary(unpack_bits(self.qweight, 1, n), self.scale, c.group_size, dtype)
+        if isinstance(c, TernaryConfig):
+            return dequantize_ternary(unpack_bits(self.qweight, 2, n), self.scale, c.group_size, dtype)
+        if isinstance(c, FP8Config):
+            return dequantize_fp8(self.qweight, self.scale, dtype)
+        if isinstance(c, MXFP4Config):
+            return dequantize_mxfp4(unpack_bits(self.qweight, 4, n), self.scale, dtype)
+        raise TypeError(f"QuantLinear does not support {type(c).__name__}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def quantized_nbytes(self) -> int:
+        """Bytes of the stored weight (parameters and buffers, bias excluded)."""
+        tensors = [p for name, p in self.named_parameters() if name != "bias"] + list(self.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, config={self.config}")
+
+
+# ----------------------------------------------------------------------------- registry
+@register(RTNConfig)
+def _rtn(linear: nn.Linear, config: RTNConfig, stats: LinearStats | None) -> nn.Module:
+    return QuantLinear.from_linear(linear, config, stats)
+
+
+@register(GPTQConfig)
+def _gptq(linear: nn.Linear, config: GPTQConfig, stats: LinearStats | None) -> nn.Module:
+    return QuantLinear.from_linear(linear, config, stats)
+
+
+@register(BinaryConfig)
+def _binary(linear: nn.Linear, config: BinaryConfig, stats: LinearStats | None) -> nn.Module:
+    return QuantLinear.from_linear(linear, config, stats)
+
+
+@register(TernaryConfig)
+def _ternary(linear: nn.Linear, config: TernaryConfig, stats: LinearStats | None) -> nn.Module:
+    return QuantLinear.from_linear(linear, config, stats)
+
+
+@register(FP8Config)
+def _fp8(linear: nn.Linear, config: FP8Config, stats: LinearStats | None) -> nn.Module:
+    return QuantLinear.from_linear(linear, config, stats)
+
+
+@register(MXFP4Config)
+def _mxfp4(linear: nn.Linear, config: MXFP4Config, stats: LinearStats | None) -> nn.Module:
+    return QuantLinear.from_linear(linear, config, stats)

@@ -1,0 +1,338 @@
+"""Tests of compression.quant: packing, the quantisers, GPTQ, QuantLinear and its byte count."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from analysis.stats import LinearStats
+from compression.configs import (
+    BinaryConfig,
+    FP8Config,
+    GPTQConfig,
+    MXFP4Config,
+    QuantConfig,
+    RTNConfig,
+    TernaryConfig,
+)
+from compression.quant import (
+    E2M1_VALUES,
+    QuantLinear,
+    _pack_bitstream,
+    _unpack_bitstream,
+    dequantize_affine,
+    dequantize_binary,
+    dequantize_fp8,
+    dequantize_mxfp4,
+    dequantize_ternary,
+    gptq_quantize,
+    pack_bits,
+    quantize_binary,
+    quantize_fp8,
+    quantize_mxfp4,
+    quantize_rtn,
+    quantize_ternary,
+    unpack_bits,
+)
+from compression.registry import handler_for
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def rel(a: Tensor, b: Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def correlated_inputs(T: int, n: int, seed: int = 1) -> Tensor:
+    """Inputs with strongly correlated features: random mixing plus a strong low-rank part."""
+    g = gen(seed)
+    Z = torch.randn(T, n, generator=g)
+    M = torch.randn(n, n, generator=g) / n**0.5
+    low = torch.randn(T, 8, generator=g) @ torch.randn(8, n, generator=g)
+    return Z @ M + 3.0 * low
+
+
+# ----------------------------------------------------------------------------- packing
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("shape", [(5, 64), (3, 7, 24), (16,)])
+def test_pack_roundtrip(bits: int, shape: tuple[int, ...]) -> None:
+    codes = torch.randint(0, 2**bits, shape, generator=gen(bits), dtype=torch.uint8)
+    packed = pack_bits(codes, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.shape == (*shape[:-1], shape[-1] * bits // 8)
+    assert torch.equal(unpack_bits(packed, bits, shape[-1]), codes)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_fast_pack_matches_bitstream_layout(bits: int) -> None:
+    codes = torch.randint(0, 2**bits, (6, 48), generator=gen(10 + bits), dtype=torch.uint8)
+    assert torch.equal(pack_bits(codes, bits), _pack_bitstream(codes, bits))
+    assert torch.equal(_unpack_bitstream(pack_bits(codes, bits), bits, 48), codes)
+
+
+def test_pack_known_bytes() -> None:
+    # 2 bits, little-endian within the byte: 1 | 2<<2 | 3<<4 | 0<<6 = 57
+    assert pack_bits(torch.tensor([[1, 2, 3, 0]], dtype=torch.uint8), 2).tolist() == [[57]]
+    # 4 bits: low nibble first
+    assert pack_bits(torch.tensor([[0xA, 0x3]], dtype=torch.uint8), 4).tolist() == [[0x3A]]
+    # 3 bits: codes 0..7 -> bit stream 000 100 010 110 001 101 011 111 (LSB first)
+    packed = pack_bits(torch.arange(8, dtype=torch.uint8)[None], 3)
+    assert packed.tolist() == [[0b10001000, 0b11000110, 0b11111010]]
+
+
+def test_pack_rejects_partial_bytes() -> None:
+    with pytest.raises(ValueError):
+        pack_bits(torch.zeros(2, 5, dtype=torch.uint8), 3)
+
+
+# ----------------------------------------------------------------------------- RTN
+def test_rtn_error_falls_with_bits() -> None:
+    W = torch.randn(64, 256, generator=gen(0))
+    errs = []
+    for bits in (2, 3, 4, 8):
+        codes, scale, zero = quantize_rtn(W, bits, 64)
+        assert codes.dtype == torch.uint8 and int(codes.max()) <= 2**bits - 1
+        assert scale.shape == zero.shape == (64, 4) and scale.dtype == zero.dtype == torch.float16
+        errs.append(rel(dequantize_affine(codes, scale, zero, 64), W))
+    assert errs[0] > errs[1] > errs[2] > errs[3]
+    assert errs[3] < 0.01  # 8 bits
+    assert errs[2] < 0.12  # 4 bits
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_rtn_is_lossless_on_its_grid(bits: int) -> None:
+    W = torch.randn(32, 128, generator=gen(bits))
+    Wq = dequantize_affine(*quantize_rtn(W, bits, 32), 32)
+    codes2, scale2, zero2 = quantize_rtn(Wq, bits, 32)
+    assert torch.equal(dequantize_affine(codes2, scale2, zero2, 32), Wq)
+
+
+def test_rtn_constant_and_zero_groups() -> None:
+    W = torch.zeros(2, 64)
+    W[1, :32] = 0.75
+    Wq = dequantize_affine(*quantize_rtn(W, 4, 32), 32)
+    assert torch.isfinite(Wq).all()
+    assert torch.allclose(Wq, W, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- GPTQ
+def output_err(X: Tensor, W: Tensor, Wq: Tensor) -> float:
+    return rel(X @ Wq.T, X @ W.T)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_on_correlated_inputs(bits: int, act_order: bool) -> None:
+    m, n, g = 48, 256, 64
+    W = torch.randn(m, n, generator=gen(2))
+    X = correlated_inputs(2048, n)
+    H = X.double().T @ X.double()
+    rtn = output_err(X, W, dequantize_affine(*quantize_rtn(W, bits, g), g))
+    codes, scale, zero = gptq_quantize(W, H, bits, g, act_order=act_order)
+    assert codes.shape == (m, n) and scale.shape == zero.shape == (m, n // g)
+    gptq = output_err(X, W, dequantize_affine(codes, scale, zero, g))
+    assert gptq < 0.5 * rtn, (gptq, rtn)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_with_diagonal_hessian_is_rtn(act_order: bool) -> None:
+    # no correlation -> no error to spread; act_order permutes (distinct diagonal) and must un-permute
+    W = torch.randn(16, 128, generator=gen(3))
+    H = torch.diag(torch.rand(128, generator=gen(4), dtype=torch.float64) + 0.5)
+    got = gptq_quantize(W, H, 4, 32, act_order=act_order)
+    want = quantize_rtn(W, 4, 32)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_gptq_block_size_does_not_change_result() -> None:
+    W = torch.randn(32, 256, generator=gen(5))
+    X = correlated_inputs(1024, 256, seed=6)
+    H = X.double().T @ X.double()
+    ref = dequantize_affine(*gptq_quantize(W, H, 4, 32, block_size=32), 32)
+    for bs in (64, 256, 50):
+        other = dequantize_affine(*gptq_quantize(W, H, 4, 32, block_size=bs), 32)
+        assert output_err(X, ref, other) < 1e-3
+
+
+def test_gptq_dead_inputs() -> None:
+    W = torch.randn(16, 64, generator=gen(7))
+    X = correlated_inputs(512, 64, seed=8)
+    X[:, [3, 40]] = 0.0
+    H = X.double().T @ X.double()
+    codes, scale, zero = gptq_quantize(W, H, 4, 32)
+    Wq = dequantize_affine(codes, scale, zero, 32)
+    assert torch.isfinite(Wq).all()
+    # dead columns are quantised from 0 and receive no updates: the grid point nearest 0
+    for col in (3, 40):
+        assert torch.equal(codes[:, col], torch.round(zero[:, col // 32].float()).clamp(0, 15).to(torch.uint8))
+    assert output_err(X, W, Wq) < output_err(X, W, dequantize_affine(*quantize_rtn(W, 4, 32), 32))
+
+
+# ----------------------------------------------------------------------------- binary / ternary
+def test_binary_values_are_plus_minus_alpha() -> None:
+    W = torch.randn(8, 128, generator=gen(9))
+    codes, alpha = quantize_binary(W, 32)
+    assert set(codes.unique().tolist()) <= {0, 1}
+    Wq = dequantize_binary(codes, alpha, 32).reshape(8, 4, 32)
+    a = alpha.float().unsqueeze(-1)
+    assert torch.equal(Wq.abs(), a.expand_as(Wq))
+    assert torch.equal(torch.sign(Wq), torch.where(W.reshape(8, 4, 32) >= 0, 1.0, -1.0))
+    assert torch.allclose(alpha.float(), W.reshape(8, 4, 32).abs().mean(-1), rtol=1e-3)
+
+
+def test_ternary_values() -> None:
+    W = torch.randn(8, 128, generator=gen(10))
+    codes, alpha = quantize_ternary(W, 32)
+    assert set(codes.unique().tolist()) == {0, 1, 2}
+    Wq = dequantize_ternary(codes, alpha, 32).reshape(8, 4, 32)
+    a = alpha.float().unsqueeze(-1)
+    on_grid = (Wq == 0) | (Wq == a) | (Wq == -a)
+    assert on_grid.all()
+    wg = W.reshape(8, 4, 32)
+    kept = wg.abs() > 0.7 * wg.abs().mean(-1, keepdim=True)
+    assert torch.equal(Wq != 0, kept)
+    assert torch.equal(torch.sign(Wq[kept]), torch.sign(wg[kept]))
+    assert rel(dequantize_ternary(codes, alpha, 32), W) < 0.5
+
+
+def test_ternary_zero_group() -> None:
+    codes, alpha = quantize_ternary(torch.zeros(2, 32), 32)
+    assert torch.equal(dequantize_ternary(codes, alpha, 32), torch.zeros(2, 32))
+
+
+# ----------------------------------------------------------------------------- fp8 / mxfp4
+def test_fp8_error() -> None:
+    W = torch.randn(64, 256, generator=gen(11))
+    W[3] = 0.0
+    vals, scale = quantize_fp8(W)
+    assert vals.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32 and scale.shape == (64,)
+    Wq = dequantize_fp8(vals, scale)
+    assert rel(Wq, W) < 0.03
+    assert torch.equal(Wq[3], torch.zeros(256))
+    assert torch.allclose(vals.float().abs().amax(-1)[W.abs().amax(-1) > 0], torch.tensor(448.0))
+
+
+def test_mxfp4_scales_and_grid() -> None:
+    W = torch.randn(16, 128, generator=gen(12)) * torch.logspace(-3, 2, 128)
+    W[0, :32] = 0.0
+    codes, scale = quantize_mxfp4(W)
+    assert codes.dtype == scale.dtype == torch.uint8 and scale.shape == (16, 4)
+    assert int(codes.max()) < 16
+    pow2 = torch.exp2(scale.float() - 127).unsqueeze(-1)  # (16, 4, 1)
+    wb = W.reshape(16, 4, 32)
+    amax = wb.abs().amax(-1, keepdim=True)
+    nz = amax > 0
+    # shared scale is 2^(floor(log2 amax) - 2): the block's max lands in [4, 8)
+    assert ((amax / pow2)[nz] >= 4).all() and ((amax / pow2)[nz] < 8).all()
+    Wq = dequantize_mxfp4(codes, scale).reshape(16, 4, 32)
+    v = Wq / pow2
+    grid = torch.tensor(E2M1_VALUES)
+    dist = (v.abs().unsqueeze(-1) - grid).abs().amin(-1)
+    assert torch.equal(dist, torch.zeros_like(dist))
+    # each value is the nearest grid point of the scaled weight (saturating at 6)
+    target = (wb / pow2).clamp(-6, 6)
+    best = (target.abs().unsqueeze(-1) - grid).abs().amin(-1)
+    assert torch.allclose((v - target).abs(), best, atol=1e-6)
+    assert torch.equal(Wq[0, 0], torch.zeros(32))
+
+
+def test_mxfp4_ties_round_to_even() -> None:
+    # block max 4 -> scale 1; 0.25 ties 0/0.5 -> 0; 0.75 ties 0.5/1 -> 1; 2.5 -> 2; 5 -> 4
+    w = torch.zeros(1, 32)
+    w[0, :5] = torch.tensor([4.0, 0.25, 0.75, 2.5, -5.0])
+    Wq = dequantize_mxfp4(*quantize_mxfp4(w))
+    assert Wq[0, :5].tolist() == [4.0, 0.0, 1.0, 2.0, -4.0]
+
+
+# ----------------------------------------------------------------------------- QuantLinear
+ALL_CONFIGS: list[QuantConfig] = [
+    RTNConfig(2, 64), RTNConfig(3, 32), RTNConfig(4, 128), RTNConfig(8, 64),
+    GPTQConfig(3, 64), GPTQConfig(4, 32, act_order=True),
+    BinaryConfig(group_size=64), TernaryConfig(group_size=32), FP8Config(), MXFP4Config(),
+]
+
+
+def make_linear(m: int, n: int, bias: bool, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(n, m, bias=bias)
+
+
+def build(config: QuantConfig, linear: nn.Linear) -> QuantLinear:
+    stats = LinearStats.from_inputs(correlated_inputs(512, linear.in_features))
+    mod = handler_for(config)(linear, config, stats)
+    assert isinstance(mod, QuantLinear)
+    return mod
+
+
+@pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda c: f"{c.name}{c.bits}g{c.group_size}")
+@pytest.mark.parametrize("m,n", [(16, 128), (40, 256), (8, 512)])
+def test_nbytes_invariant(config: QuantConfig, m: int, n: int) -> None:
+    mod = build(config, make_linear(m, n, bias=True))
+    tensors = [p for name, p in mod.named_parameters() if name != "bias"] + list(mod.buffers())
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    assert total == config.nbytes(m, n) == mod.quantized_nbytes()
+    names = {name for name, _ in mod.named_buffers()}
+    assert names == ({"qweight", "scale", "zero"} if isinstance(config, (RTNConfig, GPTQConfig))
+                     else {"qweight", "scale"})
+
+
+@pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda c: f"{c.name}{c.bits}g{c.group_size}")
+@pytest.mark.parametrize("bias", [True, False])
+def test_state_dict_roundtrip(config: QuantConfig, bias: bool) -> None:
+    m, n = 24, 128
+    lin = make_linear(m, n, bias=bias, seed=3)
+    mod = build(config, lin)
+    fresh = QuantLinear.empty(config, m, n, bias=bias, dtype=torch.float32, device="cpu")
+    fresh.load_state_dict(mod.state_dict())
+    x = torch.randn(5, n, generator=gen(13))
+    y = mod(x)
+    assert torch.equal(fresh(x), y)
+    assert torch.equal(y, torch.nn.functional.linear(x, mod.dequantized_weight(torch.float32), lin.bias))
+    assert y.shape == (5, m)
+    if bias:
+        assert torch.equal(mod.bias, lin.bias)
+
+
+def test_forward_follows_input_dtype() -> None:
+    lin = make_linear(16, 64, bias=True).to(torch.bfloat16)
+    mod = QuantLinear.from_linear(lin, RTNConfig(4, 32))
+    assert mod.bias.dtype == torch.bfloat16
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    y = mod(x)
+    assert y.dtype == torch.bfloat16
+    assert rel(y.float(), lin(x).float()) < 0.15
+
+
+def test_quantlinear_output_close_to_linear() -> None:
+    lin = make_linear(32, 256, bias=True, seed=4)
+    x = torch.randn(64, 256, generator=gen(14))
+    errs = {c.name + str(c.bits): rel(build(c, lin)(x), lin(x)) for c in
+            (RTNConfig(8, 64), FP8Config(), RTNConfig(4, 64), MXFP4Config())}
+    assert errs["rtn8"] < 0.01 and errs["fp88"] < 0.04 and errs["rtn4"] < 0.15 and errs["mxfp44"] < 0.2
+
+
+def test_gptq_requires_stats() -> None:
+    with pytest.raises(ValueError, match="profile"):
+        QuantLinear.from_linear(make_linear(8, 64, bias=False), GPTQConfig(4, 32))
+
+
+def test_config_check_errors() -> None:
+    with pytest.raises(ValueError, match=r"use one of \[2, 3, 4, 8\]"):
+        RTNConfig(5, 64).check(256)
+    with pytest.raises(ValueError, match="pick a divisor of 256"):
+        RTNConfig(4, 100).check(256)
+    with pytest.raises(ValueError, match="pick a divisor"):
+        QuantLinear.from_linear(make_linear(8, 96, bias=False), RTNConfig(4, 64))
+    with pytest.raises(ValueError, match="block size"):
+        MXFP4Config(group_size=16).check(64)
+
+
+def test_registry_builds_quantlinear() -> None:
+    lin = make_linear(8, 128, bias=True)
+    mod = handler_for(RTNConfig(4))(lin, RTNConfig(4), None)
+    assert isinstance(mod, QuantLinear)
+    assert (mod.out_features, mod.in_features, mod.config) == (8, 128, RTNConfig(4))
+    assert mod.qweight.shape == (8, 64) and mod.scale.shape == (8, 1)

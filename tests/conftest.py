@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny random causal LMs of every supported family, built from configs
+(CPU, seconds), and a tiny tokenizer-free corpus of token ids."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2", "opt", "phi3"]
+
+
+def tiny_config(model_type: str, layers: int = 2, hidden: int = 64, vocab: int = 128):
+    from transformers import AutoConfig
+
+    common = dict(vocab_size=vocab, tie_word_embeddings=False)
+    heads, kv, inter = 4, 2, 128
+    if model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3"):
+        kw = dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=kv, max_position_embeddings=256, head_dim=hidden // heads, **common)
+        if model_type == "phi3":
+            kw.pop("head_dim")
+            kw.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        if model_type == "gemma3_text":
+            kw.update(sliding_window=32, query_pre_attn_scalar=hidden // heads)
+        if model_type == "qwen2":
+            kw.pop("head_dim")
+        return AutoConfig.for_model(model_type, **kw)
+    if model_type == "gpt2":
+        return AutoConfig.for_model("gpt2", n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256,
+                                    n_inner=inter, **common)
+    if model_type == "opt":
+        return AutoConfig.for_model("opt", hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                    ffn_dim=inter, max_position_embeddings=256, word_embed_proj_dim=hidden,
+                                    pad_token_id=1, **common)
+    raise ValueError(model_type)
+
+
+def tiny_model(model_type: str = "llama", seed: int = 0, dtype=torch.float32, **kw):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **kw), dtype=dtype)
+    return model.eval()
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_llama():
+    from analysis.loading import wrap_model
+
+    return wrap_model(tiny_model("llama"))
+
+
+@pytest.fixture
+def token_ids() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 128, (4, 32), generator=g)
