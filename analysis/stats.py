@@ -22,7 +22,7 @@ class InputStats:
     xxt: Tensor  # (n, n) sum_t x_t x_tᵀ
 
     @classmethod
-    def zeros(cls, n: int, device: torch.device | str = "cpu") -> "InputStats":
+    def zeros(cls, n: int, device: torch.device | str = "cpu") -> InputStats:
         return cls(0, torch.zeros(n, dtype=torch.float64, device=device),
                    torch.zeros(n, n, dtype=torch.float64, device=device))
 
@@ -34,7 +34,7 @@ class InputStats:
         self.x_sum += xf.sum(0, dtype=torch.float64)
         self.n_tokens += x2.shape[0]
 
-    def merge(self, other: "InputStats") -> "InputStats":
+    def merge(self, other: InputStats) -> InputStats:
         return InputStats(self.n_tokens + other.n_tokens, self.x_sum + other.x_sum.to(self.x_sum.device),
                           self.xxt + other.xxt.to(self.xxt.device))
 
@@ -71,7 +71,7 @@ class LinearStats:
         return w @ self.inputs.cov.to(w.device) @ w.T
 
     @staticmethod
-    def from_inputs(x: Tensor) -> "LinearStats":
+    def from_inputs(x: Tensor) -> LinearStats:
         """Statistics of an explicit batch of inputs ``x`` (..., n) — handy in tests."""
         s = InputStats.zeros(x.shape[-1], x.device)
         s.update(x)

@@ -8,16 +8,17 @@ Storage layouts (what ``nbytes`` counts, and what the modules really allocate):
 =========  =====================================================================
 method     buffers of the replacement for a linear of ``m`` outputs, ``n`` inputs
 =========  =====================================================================
-rtn/gptq   ``qweight`` uint8 (m, n*b/8) packed codes; ``scale``, ``zero`` fp16 (m, n/g)
-binary     ``qweight`` uint8 (m, n/8) sign bits; ``scale`` fp16 (m, n/g)
-ternary    ``qweight`` uint8 (m, n/4) 2-bit codes {0,1,2}->{-1,0,+1}; ``scale`` fp16 (m, n/g)
+rtn/gptq   ``qweight`` uint8 (m, n*b/8) packed codes; ``scale``, ``zero`` fp16 (m, G)
+binary     ``qweight`` uint8 (m, n/8) sign bits; ``scale`` fp16 (m, G)
+ternary    ``qweight`` uint8 (m, n/4) 2-bit codes {0,1,2}->{-1,0,+1}; ``scale`` fp16 (m, G)
 fp8        ``qweight`` float8_e4m3fn (m, n); ``scale`` fp32 (m,)
 mxfp4      ``qweight`` uint8 (m, n/2) E2M1 codes; ``scale`` uint8 E8M0 (m, n/32)
 low-rank   ``A`` (k, n) and ``B`` (m, k) in the model dtype, or each a quantised module
 =========  =====================================================================
-A bias, when the layer has one, stays in the model dtype (``m`` values). Activation PCA
-always produces a bias (it re-centres the output), so it counts one even when the original
-layer had none.
+``G = ceil(n / g)``: when the group size does not divide the width, the last group of each
+row is ragged (narrower); validation says so. A bias, when the layer has one, stays in the
+model dtype (``m`` values). Activation PCA always produces a bias (it re-centres the
+output), so it counts one even when the original layer had none.
 """
 from __future__ import annotations
 
@@ -26,6 +27,16 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 FP16_BYTES = 2
+
+
+def n_groups(n: int, group_size: int) -> int:
+    """Groups along a row of ``n`` inputs: ``ceil(n / g)``; the last is ragged when ``g``
+    does not divide ``n`` (SmolLM2's 576-wide rows hold 4 groups of 128 and one of 64)."""
+    return -(-n // group_size)
+
+
+def ragged(n: int, group_size: int) -> bool:
+    return group_size > 0 and n % group_size != 0
 
 
 def factor_group(group_size: int, n: int) -> int:
@@ -48,23 +59,25 @@ class QuantConfig:
         """Raise ``ValueError`` saying what to change if this config cannot quantise width n."""
         if self.bits not in self.allowed_bits:
             raise ValueError(f"{self.name}: {self.bits} bits is not supported; use one of {list(self.allowed_bits)}")
-        if self.group_size <= 0 or n % self.group_size:
-            raise ValueError(f"{self.name}: group size {self.group_size} does not divide the input width {n}; "
-                             f"pick a divisor of {n} such as {_divisor_near(n, self.group_size)}")
+        if self.group_size <= 0 or self.group_size % 8 or self.group_size > n:
+            raise ValueError(f"{self.name}: group size {self.group_size} must be a multiple of 8 between 8 and the "
+                             f"input width {n}; a divisor of {n} such as {_divisor_near(n, self.group_size)} "
+                             "avoids a ragged last group")
         if (n * self.bits) % 8:
-            raise ValueError(f"{self.name}: {n} inputs x {self.bits} bits do not fill whole bytes; width must be a multiple of 8")
+            raise ValueError(f"{self.name}: {n} inputs x {self.bits} bits do not fill whole bytes; "
+                             "width must be a multiple of 8")
 
     def code_bytes(self, m: int, n: int) -> int:
         return m * n * self.bits // 8
 
     def scale_bytes(self, m: int, n: int) -> int:
-        return 2 * m * (n // self.group_size) * FP16_BYTES  # scale + zero
+        return 2 * m * n_groups(n, self.group_size) * FP16_BYTES  # scale + zero
 
     def nbytes(self, m: int, n: int) -> int:
         """Bytes of the quantised weight (codes + scales), bias excluded."""
         return self.code_bytes(m, n) + self.scale_bytes(m, n)
 
-    def with_group(self, group_size: int) -> "QuantConfig":
+    def with_group(self, group_size: int) -> QuantConfig:
         return type(self)(**{**self.__dict__, "group_size": group_size})
 
 
@@ -96,7 +109,7 @@ class BinaryConfig(QuantConfig):
     name: ClassVar[str] = "binary"
 
     def scale_bytes(self, m: int, n: int) -> int:
-        return m * (n // self.group_size) * FP16_BYTES
+        return m * n_groups(n, self.group_size) * FP16_BYTES
 
 
 @dataclass(frozen=True)
@@ -108,7 +121,7 @@ class TernaryConfig(QuantConfig):
     name: ClassVar[str] = "ternary"
 
     def scale_bytes(self, m: int, n: int) -> int:
-        return m * (n // self.group_size) * FP16_BYTES
+        return m * n_groups(n, self.group_size) * FP16_BYTES
 
 
 @dataclass(frozen=True)
@@ -130,7 +143,7 @@ class FP8Config(QuantConfig):
     def scale_bytes(self, m: int, n: int) -> int:
         return 4 * m
 
-    def with_group(self, group_size: int) -> "FP8Config":
+    def with_group(self, group_size: int) -> FP8Config:
         return self
 
 
@@ -152,7 +165,7 @@ class MXFP4Config(QuantConfig):
     def scale_bytes(self, m: int, n: int) -> int:
         return m * (n // 32)  # one E8M0 byte per block
 
-    def with_group(self, group_size: int) -> "MXFP4Config":
+    def with_group(self, group_size: int) -> MXFP4Config:
         return self
 
 

@@ -12,9 +12,22 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from analysis.adapters import LinearInfo
-from compression.configs import (ActPCAConfig, BinaryConfig, FP8Config, GPTQConfig, LillamaConfig, LowRankConfig,
-                                 MXFP4Config, QuantConfig, RTNConfig, SVDConfig, TernaryConfig, WhitenedSVDConfig,
-                                 break_even_rank)
+from compression.configs import (
+    ActPCAConfig,
+    BinaryConfig,
+    FP8Config,
+    GPTQConfig,
+    LillamaConfig,
+    LowRankConfig,
+    MXFP4Config,
+    QuantConfig,
+    RTNConfig,
+    SVDConfig,
+    TernaryConfig,
+    WhitenedSVDConfig,
+    break_even_rank,
+    ragged,
+)
 
 PLAN_VERSION = 1
 
@@ -49,7 +62,7 @@ class ModuleSpec:
     def is_dense(self) -> bool:
         return self.rank is None and self.bits is None
 
-    def lowrank_config(self, lillama: "LillamaOptions | None" = None) -> LowRankConfig | None:
+    def lowrank_config(self, lillama: LillamaOptions | None = None) -> LowRankConfig | None:
         if self.rank is None:
             return None
         if self.lowrank not in LOWRANK_METHODS:
@@ -112,7 +125,7 @@ class Plan:
     def spec_for(self, name: str) -> ModuleSpec:
         return self.modules.get(name, self.default)
 
-    def with_module(self, name: str, spec: ModuleSpec) -> "Plan":
+    def with_module(self, name: str, spec: ModuleSpec) -> Plan:
         return replace(self, modules={**self.modules, name: spec})
 
     # ------------------------------------------------------------------ JSON
@@ -126,7 +139,7 @@ class Plan:
         return json.dumps(self.to_dict(), indent=indent)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Plan":
+    def from_dict(cls, d: dict) -> Plan:
         if not isinstance(d, dict):
             raise ValueError("a plan is a JSON object with 'version', 'default' and 'modules'")
         version = d.get("version")
@@ -142,7 +155,7 @@ class Plan:
             raise ValueError(f"malformed plan entry: {e}") from e
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
+    def from_json(cls, text: str) -> Plan:
         try:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as e:
@@ -152,7 +165,7 @@ class Plan:
         Path(path).write_text(self.to_json())
 
     @classmethod
-    def load(cls, path: str | Path) -> "Plan":
+    def load(cls, path: str | Path) -> Plan:
         p = Path(path)
         if not p.exists():
             raise FileNotFoundError(f"plan file {p} not found")
@@ -165,6 +178,7 @@ def validate(plan: Plan, linears: list[LinearInfo]) -> list[str]:
     problem and what to change; returns (and emits as ``PlanWarning``) the warnings."""
     by_name = {li.name: li for li in linears}
     errors, notes = [], []
+    ragged_notes: dict[tuple[int, int], list[str]] = {}
     for name in plan.modules:
         if name not in by_name:
             close = difflib.get_close_matches(name, list(by_name), n=3)
@@ -192,6 +206,12 @@ def validate(plan: Plan, linears: list[LinearInfo]) -> list[str]:
                 q.check(n) if lr is None else q.with_group(_gcd(q, n)).check(n)
             except ValueError as e:
                 errors.append(f"{li.name}: {e}")
+                continue
+            if lr is None and q.group_size and ragged(n, q.group_size):
+                ragged_notes.setdefault((n, q.group_size), []).append(li.name)
+    for (n, g), names in ragged_notes.items():
+        notes.append(f"group size {g} does not divide the input width {n} of {len(names)} linear(s) "
+                     f"(e.g. {names[0]}): each row ends with a ragged group of {n % g}; a divisor of {n} avoids it")
     if plan.slicegpt is not None and not 0 <= plan.slicegpt.slice_fraction < 1:
         errors.append(f"slicegpt slice_fraction {plan.slicegpt.slice_fraction} must be in [0, 1)")
     if errors:
@@ -255,3 +275,37 @@ def plan_size(plan: Plan, linears: list[LinearInfo], dense_total_bytes: int, dty
         lin_bytes += w
         params += li.out_features * li.in_features
     return SizeReport(total, dense_total_bytes, lin_bytes, params)
+
+
+# ---------------------------------------------------------------------------- builders
+def rank_for_ratio(li: LinearInfo, param_ratio: float) -> int:
+    """Rank keeping ``param_ratio`` of the layer's parameters: ``k (m + n) ~ r m n``."""
+    if not 0 < param_ratio <= 1:
+        raise ValueError(f"param ratio {param_ratio} must be in (0, 1]")
+    return max(1, min(round(param_ratio * break_even_rank(li.out_features, li.in_features)),
+                      min(li.out_features, li.in_features)))
+
+
+def uniform_plan(method: str, linears: list[LinearInfo], *, param_ratio: float | None = None, bits: int | None = None,
+                 group_size: int = 128, lillama: LillamaOptions | None = None,
+                 slice_fraction: float | None = None) -> Plan:
+    """The plan the CLI builds from ``--method``: uniform over layers."""
+    if method == "slicegpt":
+        if slice_fraction is None:
+            raise ValueError("slicegpt needs --slice S (fraction of the hidden width to delete, e.g. 0.25)")
+        return Plan(slicegpt=SliceGPTOptions(slice_fraction), meta={"method": method})
+    if method in LOWRANK_METHODS:
+        if param_ratio is None:
+            raise ValueError(f"{method} is a low-rank method: give --param-ratio R (fraction of decoder-linear "
+                             "parameters kept, e.g. 0.8)")
+        mods = {li.name: ModuleSpec(rank=rank_for_ratio(li, param_ratio), lowrank=method) for li in linears}
+        return Plan(modules=mods, lillama=(lillama or LillamaOptions()) if method == "lillama" else None,
+                    meta={"method": method, "param_ratio": param_ratio})
+    if method in QUANT_METHODS:
+        b = FIXED_BITS.get(method, bits)
+        if b is None:
+            raise ValueError(f"{method} needs --bits B (one of {list(QUANT_METHODS[method].allowed_bits)})")
+        return Plan(default=ModuleSpec(bits=b, group_size=group_size, quant=method),
+                    meta={"method": method, "bits": b, "group_size": group_size})
+    known = sorted([*LOWRANK_METHODS, *QUANT_METHODS, "slicegpt"])
+    raise ValueError(f"unknown method {method!r}; use one of {', '.join(known)}")

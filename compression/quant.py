@@ -109,11 +109,27 @@ def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- affine grid
-def _grouped(w: Tensor, group_size: int) -> Tensor:
+def n_groups(n: int, group_size: int) -> int:
+    """Groups along a row of ``n`` inputs; the last one is ragged when ``g`` does not divide ``n``."""
+    return -(-n // group_size)
+
+
+def _grouped(w: Tensor, group_size: int, pad: str = "edge") -> Tensor:
+    """(m, n) -> (m, G, g) with ``G = ceil(n / g)``. A ragged last group is padded with its
+    own last value (``edge``: min/max unchanged) or NaN (``nan``: for masked means)."""
     m, n = w.shape
-    if group_size <= 0 or n % group_size:
-        raise ValueError(f"group size {group_size} does not divide the input width {n}")
-    return w.reshape(m, n // group_size, group_size)  # (m, n/g, g)
+    if group_size <= 0:
+        raise ValueError(f"group size {group_size} must be positive")
+    extra = n_groups(n, group_size) * group_size - n
+    if extra:
+        fill = w[:, -1:].expand(m, extra) if pad == "edge" else torch.full((m, extra), float("nan"), device=w.device)
+        w = torch.cat([w, fill.to(w.dtype)], 1)
+    return w.reshape(m, -1, group_size)  # (m, G, g)
+
+
+def _ungroup(wg: Tensor, n: int) -> Tensor:
+    """(m, G, g) -> (m, n), dropping the padding of a ragged last group."""
+    return wg.reshape(wg.shape[0], -1)[:, :n]
 
 
 def affine_params(wg: Tensor, bits: int) -> tuple[Tensor, Tensor]:
@@ -153,7 +169,7 @@ def quantize_rtn(w: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor,
     wg = _grouped(w.float(), group_size)  # (m, n/g, g)
     scale, zero = affine_params(wg, bits)  # (m, n/g)
     codes = affine_round(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), bits)  # (m, n/g, g)
-    return codes.reshape(m, n), scale, zero
+    return _ungroup(codes, n), scale, zero
 
 
 def dequantize_affine(codes: Tensor, scale: Tensor, zero: Tensor, group_size: int,
@@ -162,7 +178,7 @@ def dequantize_affine(codes: Tensor, scale: Tensor, zero: Tensor, group_size: in
     m, n = codes.shape
     cg = _grouped(codes, group_size)  # (m, n/g, g)
     w = affine_value(cg, scale.unsqueeze(-1), zero.unsqueeze(-1))  # (m, n/g, g)
-    return w.reshape(m, n).to(dtype)
+    return _ungroup(w, n).to(dtype)
 
 
 # ----------------------------------------------------------------------------- GPTQ
@@ -203,8 +219,8 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int, group_size: int, damp: float 
     m, n = w.shape
     if H.shape != (n, n):
         raise ValueError(f"gptq: Hessian of shape {tuple(H.shape)} does not match {n} inputs")
-    if group_size <= 0 or n % group_size:
-        raise ValueError(f"gptq: group size {group_size} does not divide the input width {n}")
+    if group_size <= 0:
+        raise ValueError(f"gptq: group size {group_size} must be positive")
     dev = w.device
     W = w.detach().to(torch.float32).clone()  # (m, n)
     H = H.detach().to(device=dev, dtype=torch.float64).clone()  # (n, n)
@@ -213,9 +229,9 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int, group_size: int, damp: float 
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
-    n_groups = n // group_size
-    scale = torch.empty(m, n_groups, dtype=torch.float16, device=dev)
-    zero = torch.empty(m, n_groups, dtype=torch.float16, device=dev)
+    G = n_groups(n, group_size)
+    scale = torch.empty(m, G, dtype=torch.float16, device=dev)
+    zero = torch.empty(m, G, dtype=torch.float16, device=dev)
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)  # (n,)
         scale, zero = affine_params(_grouped(W, group_size), bits)  # static groups (m, n/g)
@@ -263,9 +279,9 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int, group_size: int, damp: float 
 def quantize_binary(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     """w (m, n) -> codes uint8 (m, n) in {0, 1} (1 = non-negative), alpha fp16 (m, n/g)."""
     m, n = w.shape
-    wg = _grouped(w.float(), group_size)  # (m, n/g, g)
-    alpha = wg.abs().mean(-1).to(torch.float16)  # (m, n/g)
-    codes = (wg >= 0).to(torch.uint8).reshape(m, n)
+    wg = _grouped(w.float(), group_size, pad="nan")  # (m, n/g, g)
+    alpha = wg.abs().nanmean(-1).to(torch.float16)  # (m, n/g)
+    codes = _ungroup((wg >= 0).to(torch.uint8), n)
     return codes, alpha
 
 
@@ -274,7 +290,7 @@ def dequantize_binary(codes: Tensor, scale: Tensor, group_size: int,
     """codes (m, n) in {0, 1}, alpha fp16 (m, n/g) -> (m, n): ``±alpha``."""
     m, n = codes.shape
     sign = _grouped(codes, group_size).float() * 2.0 - 1.0  # (m, n/g, g)
-    return (sign * scale.float().unsqueeze(-1)).reshape(m, n).to(dtype)
+    return _ungroup(sign * scale.float().unsqueeze(-1), n).to(dtype)
 
 
 def quantize_ternary(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
@@ -283,13 +299,13 @@ def quantize_ternary(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     w (m, n) -> codes uint8 (m, n) in {0, 1, 2} (= -1, 0, +1), alpha fp16 (m, n/g).
     """
     m, n = w.shape
-    wg = _grouped(w.float(), group_size)  # (m, n/g, g)
+    wg = _grouped(w.float(), group_size, pad="nan")  # (m, n/g, g)
     a = wg.abs()
-    delta = 0.7 * a.mean(-1, keepdim=True)  # (m, n/g, 1)
-    keep = a > delta  # (m, n/g, g)
+    delta = 0.7 * a.nanmean(-1, keepdim=True)  # (m, n/g, 1)
+    keep = a > delta  # (m, n/g, g); NaN padding compares False
     count = keep.sum(-1)  # (m, n/g)
-    alpha = (a * keep).sum(-1) / count.clamp_min(1)  # (m, n/g); 0 when nothing is kept
-    codes = (1 + torch.sign(wg) * keep).to(torch.uint8).reshape(m, n)
+    alpha = torch.where(keep, a, 0.0).sum(-1) / count.clamp_min(1)  # (m, n/g); 0 when nothing is kept
+    codes = _ungroup((1 + torch.sign(torch.nan_to_num(wg)) * keep).to(torch.uint8), n)
     return codes, alpha.to(torch.float16)
 
 
@@ -298,7 +314,7 @@ def dequantize_ternary(codes: Tensor, scale: Tensor, group_size: int,
     """codes (m, n) in {0, 1, 2}, alpha fp16 (m, n/g) -> (m, n) in {-alpha, 0, alpha}."""
     m, n = codes.shape
     t = _grouped(codes, group_size).float() - 1.0  # (m, n/g, g)
-    return (t * scale.float().unsqueeze(-1)).reshape(m, n).to(dtype)
+    return _ungroup(t * scale.float().unsqueeze(-1), n).to(dtype)
 
 
 # ----------------------------------------------------------------------------- fp8
@@ -375,10 +391,10 @@ def _layout(config: QuantConfig, m: int, n: int) -> dict[str, tuple[tuple[int, .
     u8, f16 = torch.uint8, torch.float16
     if isinstance(config, _AFFINE):
         g = config.group_size
-        return {"qweight": ((m, n * config.bits // 8), u8), "scale": ((m, n // g), f16),
-                "zero": ((m, n // g), f16)}
+        return {"qweight": ((m, n * config.bits // 8), u8), "scale": ((m, n_groups(n, g)), f16),
+                "zero": ((m, n_groups(n, g)), f16)}
     if isinstance(config, (BinaryConfig, TernaryConfig)):
-        return {"qweight": ((m, n * config.bits // 8), u8), "scale": ((m, n // config.group_size), f16)}
+        return {"qweight": ((m, n * config.bits // 8), u8), "scale": ((m, n_groups(n, config.group_size)), f16)}
     if isinstance(config, FP8Config):
         return {"qweight": ((m, n), torch.float8_e4m3fn), "scale": ((m,), torch.float32)}
     if isinstance(config, MXFP4Config):

@@ -6,8 +6,16 @@ import torch
 from torch import nn
 
 from analysis.loading import wrap_model
-from analysis.profile import (Profile, TooFewTokens, collect_input_stats, effective_rank, load_or_profile,
-                              output_eigvals, profile_model, rank_for_energy)
+from analysis.profile import (
+    Profile,
+    TooFewTokens,
+    collect_input_stats,
+    effective_rank,
+    load_or_profile,
+    output_eigvals,
+    profile_model,
+    rank_for_energy,
+)
 from analysis.stats import InputStats, LinearStats
 from tests.conftest import tiny_model
 

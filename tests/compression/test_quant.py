@@ -322,10 +322,10 @@ def test_gptq_requires_stats() -> None:
 def test_config_check_errors() -> None:
     with pytest.raises(ValueError, match=r"use one of \[2, 3, 4, 8\]"):
         RTNConfig(5, 64).check(256)
-    with pytest.raises(ValueError, match="pick a divisor of 256"):
+    with pytest.raises(ValueError, match="multiple of 8 .* such as 128 avoids a ragged last group"):
         RTNConfig(4, 100).check(256)
-    with pytest.raises(ValueError, match="pick a divisor"):
-        QuantLinear.from_linear(make_linear(8, 96, bias=False), RTNConfig(4, 64))
+    with pytest.raises(ValueError, match="between 8 and the input width 96"):
+        QuantLinear.from_linear(make_linear(8, 96, bias=False), RTNConfig(4, 128))
     with pytest.raises(ValueError, match="block size"):
         MXFP4Config(group_size=16).check(64)
 
@@ -336,3 +336,25 @@ def test_registry_builds_quantlinear() -> None:
     assert isinstance(mod, QuantLinear)
     assert (mod.out_features, mod.in_features, mod.config) == (8, 128, RTNConfig(4))
     assert mod.qweight.shape == (8, 64) and mod.scale.shape == (8, 1)
+
+
+@pytest.mark.parametrize("config", [RTNConfig(3, 64), GPTQConfig(4, 64), BinaryConfig(group_size=64),
+                                    TernaryConfig(group_size=64)])
+def test_ragged_last_group(config) -> None:
+    """96 inputs with groups of 64: each row holds one group of 64 and a ragged one of 32,
+    quantised on its own statistics (as if it were a separate, narrower layer)."""
+    lin = make_linear(16, 96, bias=False, seed=7)
+    x = torch.randn(256, 96, generator=gen(3))
+    stats = LinearStats.from_inputs(x)
+    q = QuantLinear.from_linear(lin, config, stats)
+    assert q.quantized_nbytes() == config.nbytes(16, 96)
+    assert q.scale.shape == (16, 2)
+    w = q.dequantized_weight()
+    # the ragged group equals quantising the last 32 columns alone with group 32
+    tail = nn.Linear(32, 16, bias=False)
+    with torch.no_grad():
+        tail.weight.copy_(lin.weight[:, 64:])
+    if not isinstance(config, GPTQConfig):
+        ref = QuantLinear.from_linear(tail, config.with_group(32)).dequantized_weight()
+        torch.testing.assert_close(w[:, 64:], ref)
+    assert rel(q(x), lin(x)) < 0.9

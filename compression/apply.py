@@ -1,0 +1,138 @@
+"""Apply a plan to a model: the orchestration over the registry's per-linear handlers.
+
+Order: low-rank factorisations (registry handler per config type) -> Lillama refinement of
+the modules that asked for it (bottom-first, needs calibration windows) -> quantisation of
+plain weights and of low-rank factors. SliceGPT is a whole-model transform and is applied
+alone. The original model is never modified: it is deep-copied first, so the dense model
+stays usable for comparison.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+import compression.lowrank  # noqa: F401  (registers the low-rank handlers)
+import compression.quant  # noqa: F401  (registers the quantisation handlers)
+from analysis.adapters import Adapter, get_submodule, set_submodule
+from analysis.stats import InputStats, LinearStats
+from compression.configs import LillamaConfig, QuantConfig, factor_group
+from compression.lowrank import LowRankLinear
+from compression.plan import Plan, validate
+from compression.registry import handler_for
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class ApplyReport:
+    seconds: float = 0.0
+    modules: list[tuple[str, str, float]] = field(default_factory=list)  # (name, label, seconds)
+    warnings: list[str] = field(default_factory=list)
+    lillama: object | None = None
+    slicegpt: object | None = None
+    device: str = "cpu"
+
+
+def _check(should_stop: Callable[[], bool] | None) -> None:
+    if should_stop is not None and should_stop():
+        raise InterruptedError("compression cancelled; the original model is unchanged")
+
+
+def factor_stats(stats: LinearStats | None, a_weight: Tensor) -> LinearStats | None:
+    """Input statistics of the ``B`` factor, whose input is ``A x``: exact from ``x``'s."""
+    if stats is None:
+        return None
+    a = a_weight.detach().double()
+    s = stats.inputs
+    dev = a.device
+    return LinearStats(InputStats(s.n_tokens, a @ s.x_sum.to(dev), a @ s.xxt.to(dev) @ a.T))
+
+
+def quantise_module(mod: nn.Module, q: QuantConfig, stats: LinearStats | None) -> nn.Module:
+    """Quantise a plain linear, or both factors of a ``LowRankLinear`` (groups shrink to
+    ``gcd(group, width)`` along the factors' inner width)."""
+    if isinstance(mod, LowRankLinear):
+        qa = q.with_group(factor_group(q.group_size, mod.in_features)) if q.group_size else q
+        qb = q.with_group(factor_group(q.group_size, mod.rank)) if q.group_size else q
+        b_stats = factor_stats(stats, mod.A.weight)
+        mod.A = handler_for(qa)(mod.A, qa, stats)
+        mod.B = handler_for(qb)(mod.B, qb, b_stats)
+        return mod
+    return handler_for(q)(mod, q, stats)
+
+
+def apply_plan(model: nn.Module, adapter: Adapter, plan: Plan, stats: dict[str, LinearStats] | None = None, *,
+               device: torch.device | str | None = None, calib_ids: Tensor | None = None,
+               progress: Progress | None = None, should_stop: Callable[[], bool] | None = None
+               ) -> tuple[nn.Module, ApplyReport]:
+    """Compress a deep copy of ``model`` per ``plan``; returns (compressed model, report).
+
+    ``stats`` (from ``analysis.profile``) feeds act-pca, svd-llm and gptq; ``calib_ids``
+    (C, L) is needed by Lillama and SliceGPT. ``device`` defaults to the model's."""
+    t0 = time.perf_counter()
+    say = progress or (lambda f, m: None)
+    linears = adapter.linears(model)
+    report = ApplyReport()
+    report.warnings = validate(plan, linears)
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    report.device = str(dev)
+    student = copy.deepcopy(model).to(dev)
+
+    if plan.slicegpt is not None:
+        if any(not plan.spec_for(li.name).is_dense for li in linears):
+            raise ValueError("a SliceGPT plan slices the whole model; leave every module dense in it "
+                             "(combine with other methods in a later run)")
+        if calib_ids is None:
+            raise ValueError("SliceGPT needs calibration windows (calib_ids)")
+        from compression.slicegpt import slice_model
+
+        report.slicegpt = slice_model(student, adapter, calib_ids, plan.slicegpt.slice_fraction, device=dev,
+                                      keep_tied_head=plan.slicegpt.keep_tied_head, progress=say,
+                                      should_stop=should_stop)
+        report.seconds = time.perf_counter() - t0
+        return student, report
+
+    todo = [li for li in linears if not plan.spec_for(li.name).is_dense]
+    lillama_names = []
+    for j, li in enumerate(todo):  # 1) low-rank factorisations
+        spec = plan.spec_for(li.name)
+        lr = spec.lowrank_config(plan.lillama)
+        if lr is None:
+            continue
+        _check(should_stop)
+        t = time.perf_counter()
+        st = stats.get(li.name) if stats else None
+        new = handler_for(lr)(get_submodule(student, li.name), lr, st)
+        set_submodule(student, li.name, new)
+        if isinstance(lr, LillamaConfig):
+            lillama_names.append(li.name)
+        report.modules.append((li.name, lr.name + f" r{lr.rank}", time.perf_counter() - t))
+        say(0.6 * (j + 1) / len(todo), f"low-rank {li.name}")
+
+    if lillama_names:  # 2) local feature distillation, bottom-first
+        if calib_ids is None:
+            raise ValueError("Lillama needs calibration windows (calib_ids)")
+        from compression.lillama import refine
+
+        teacher = model if next(model.parameters()).device == dev else copy.deepcopy(model).to(dev)
+        report.lillama = refine(teacher, student, adapter, lillama_names, plan.lillama, calib_ids, device=dev,
+                                progress=lambda f, m: say(0.6 + 0.3 * f, m), should_stop=should_stop)
+
+    for j, li in enumerate(todo):  # 3) quantisation
+        q = plan.spec_for(li.name).quant_config()
+        if q is None:
+            continue
+        _check(should_stop)
+        t = time.perf_counter()
+        st = stats.get(li.name) if stats else None
+        set_submodule(student, li.name, quantise_module(get_submodule(student, li.name), q, st))
+        report.modules.append((li.name, f"{q.name} {q.bits}b", time.perf_counter() - t))
+        say(0.9 + 0.1 * (j + 1) / len(todo), f"quantise {li.name}")
+    report.seconds = time.perf_counter() - t0
+    say(1.0, "done")
+    return student, report

@@ -1,0 +1,154 @@
+"""apply_plan, exact size accounting, save/reload, on tiny random models."""
+import warnings
+
+import pytest
+import torch
+
+from analysis.loading import load_model, wrap_model
+from analysis.metrics import model_bytes
+from analysis.profile import TooFewTokens, collect_input_stats
+from analysis.stats import LinearStats
+from compression.apply import apply_plan
+from compression.lowrank import LowRankLinear
+from compression.plan import ModuleSpec, Plan, PlanWarning, plan_size, uniform_plan, validate
+from compression.quant import QuantLinear
+from compression.saved import save_compressed
+from tests.conftest import tiny_model
+
+
+def _setup(family="llama", seed=0):
+    lm = wrap_model(tiny_model(family, seed=seed))
+    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(seed))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TooFewTokens)
+        inputs = collect_input_stats(lm.model, lm.adapter, ids)
+    stats = {li.name: LinearStats(inputs[li.input_key]) for li in lm.adapter.linears(lm.model)}
+    return lm, ids, stats
+
+
+def _biases(lm):
+    mods = dict(lm.model.named_modules())
+    return {li.name: mods[li.name].bias is not None for li in lm.adapter.linears(lm.model)}
+
+
+PLANS = {
+    "rtn4": lambda L: Plan(default=ModuleSpec(bits=4, group_size=32)),
+    "ragged": lambda L: Plan(default=ModuleSpec(bits=3, group_size=48, quant="gptq")),
+    "gptq3": lambda L: Plan(default=ModuleSpec(bits=3, group_size=64, quant="gptq")),
+    "mixed": lambda L: Plan(modules={L[0].name: ModuleSpec(rank=8, lowrank="act-pca"),
+                                     L[1].name: ModuleSpec(bits=2, group_size=16),
+                                     L[2].name: ModuleSpec(rank=16, bits=4, group_size=32, lowrank="svd-llm"),
+                                     L[3].name: ModuleSpec(bits=8, quant="fp8"),
+                                     L[4].name: ModuleSpec(bits=4, quant="mxfp4"),
+                                     L[5].name: ModuleSpec(bits=1, quant="binary", group_size=64),
+                                     L[6].name: ModuleSpec(bits=2, quant="ternary", group_size=64)}),
+    "svd": lambda L: uniform_plan("svd", L, param_ratio=0.5),
+    "actpca-rank-bits": lambda L: Plan(default=ModuleSpec(rank=24, bits=3, group_size=16, lowrank="act-pca",
+                                                          quant="gptq")),
+}
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "phi3"])
+@pytest.mark.parametrize("plan_name", list(PLANS))
+def test_predicted_bytes_equal_real_bytes(plan_name, family):
+    lm, ids, stats = _setup(family)
+    linears = lm.adapter.linears(lm.model)
+    plan = PLANS[plan_name](linears)
+    dense = model_bytes(lm.model).weight_bytes
+    before = lm.model(ids).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PlanWarning)
+        comp, rep = apply_plan(lm.model, lm.adapter, plan, stats)
+    predicted = plan_size(plan, linears, dense, 4, _biases(lm))
+    assert model_bytes(comp).weight_bytes == predicted.total_bytes
+    torch.testing.assert_close(lm.model(ids).logits, before)  # the original is untouched
+    out = comp(ids).logits
+    assert torch.isfinite(out).all()
+
+
+def test_full_rank_plan_reconstructs_the_model():
+    lm, ids, stats = _setup()
+    linears = lm.adapter.linears(lm.model)
+    plan = Plan(modules={li.name: ModuleSpec(rank=min(li.out_features, li.in_features), lowrank="svd")
+                         for li in linears})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PlanWarning)
+        comp, _ = apply_plan(lm.model, lm.adapter, plan, stats)
+    ref = lm.model(ids).logits
+    err = (comp(ids).logits - ref).norm() / ref.norm()
+    assert err < 1e-5
+
+
+def test_error_falls_with_bits_and_rank():
+    lm, ids, stats = _setup()
+    linears = lm.adapter.linears(lm.model)
+    ref = lm.model(ids).logits
+
+    def err(plan):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PlanWarning)
+            comp, _ = apply_plan(lm.model, lm.adapter, plan, stats)
+        return float((comp(ids).logits - ref).pow(2).mean())
+
+    bits = [err(Plan(default=ModuleSpec(bits=b, group_size=32))) for b in (2, 3, 4, 8)]
+    assert bits == sorted(bits, reverse=True) and bits[-1] < 1e-3 * bits[0]
+    ranks = [err(uniform_plan("svd-llm", linears, param_ratio=r)) for r in (0.25, 0.5, 0.9)]
+    assert ranks == sorted(ranks, reverse=True)
+
+
+def test_save_and_reload_gives_identical_logits(tmp_path):
+    lm, ids, stats = _setup()
+    linears = lm.adapter.linears(lm.model)
+    plan = PLANS["mixed"](linears)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PlanWarning)
+        comp, _ = apply_plan(lm.model, lm.adapter, plan, stats)
+    save_compressed(comp, tmp_path / "c", plan_json=plan.to_json())
+    again = load_model(str(tmp_path / "c"), device="cpu")
+    assert isinstance(dict(again.model.named_modules())[linears[0].name], LowRankLinear)
+    assert isinstance(dict(again.model.named_modules())[linears[1].name], QuantLinear)
+    torch.testing.assert_close(again.model(ids).logits, comp(ids).logits, rtol=0, atol=0)
+    assert model_bytes(again.model).weight_bytes == model_bytes(comp).weight_bytes
+
+
+def test_cancel_leaves_original_intact():
+    lm, ids, stats = _setup()
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    with pytest.raises(InterruptedError):
+        apply_plan(lm.model, lm.adapter, Plan(default=ModuleSpec(bits=4, group_size=32)), stats,
+                   should_stop=lambda: True)
+    for k, v in lm.model.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+
+
+def test_validation_messages():
+    lm, _, _ = _setup()
+    L = lm.adapter.linears(lm.model)
+    q = L[0].name
+    cases = [
+        (Plan(modules={q.replace("q_proj", "q_prj"): ModuleSpec(bits=4)}), "did you mean .*q_proj"),
+        (Plan(modules={q: ModuleSpec(rank=0)}), "rank 0 is outside 1..64"),
+        (Plan(modules={q: ModuleSpec(rank=65)}), "rank 65 is outside"),
+        (Plan(modules={q: ModuleSpec(bits=5)}), "5 bits is not supported; use one of \\[2, 3, 4, 8\\]"),
+        (Plan(modules={q: ModuleSpec(bits=4, group_size=12)}), "group size 12 must be a multiple of 8"),
+        (Plan(modules={q: ModuleSpec(bits=4, group_size=128)}), "between 8 and the input width 64"),
+        (Plan(modules={q: ModuleSpec(bits=4, quant="binary")}), "binary stores 1-bit codes; set bits to 1"),
+        (Plan(modules={q: ModuleSpec(rank=8, lowrank="pca")}), "unknown low-rank method 'pca'"),
+    ]
+    for plan, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            validate(plan, L)
+    with pytest.warns(PlanWarning, match="above break-even"):
+        validate(Plan(modules={q: ModuleSpec(rank=40)}), L)
+    with pytest.warns(PlanWarning, match="group size 48 does not divide the input width 64 .*ragged group of 16"):
+        validate(Plan(modules={q: ModuleSpec(bits=4, group_size=48)}), L)
+
+
+def test_plan_json_round_trip():
+    lm, _, _ = _setup()
+    plan = PLANS["mixed"](lm.adapter.linears(lm.model))
+    assert Plan.from_json(plan.to_json()) == plan
+    with pytest.raises(ValueError, match="version"):
+        Plan.from_dict({**plan.to_dict(), "version": 99})
+    with pytest.raises(ValueError, match="not valid JSON"):
+        Plan.from_json("{nope")
