@@ -138,6 +138,8 @@ def _num(v: float, digits: int = 4) -> str:
     if v is None or pd.isna(v):
         return "n/a"
     v = float(v)
+    if not math.isfinite(v):
+        return str(v)
     return f"{int(round(v)):,}" if abs(v - round(v)) < 1e-9 else f"{v:,.{digits}g}"
 
 
@@ -218,6 +220,8 @@ def rank_heatmap(summary: pd.DataFrame, protocol: str, value: str = "rank95") ->
         i, j = li[row.layer], ri[row.role]
         full = min(int(row.out_features), int(row.in_features))
         v = float(getattr(row, value))
+        if math.isnan(v):
+            continue
         z[i, j] = v / full if full > 0 else np.nan
         text[i, j] = f"{int(round(v))}"
         saves = "yes" if v < row.break_even else "no"
@@ -473,7 +477,7 @@ def tradeoff(runs: pd.DataFrame, x: str = "bytes", protocol: str = "") -> go.Fig
     circles) then a predicted one (hollow); a grey "prediction → measurement" link per run_id
     having both; the measured Pareto front (step line, lower-left is better); the dense baseline
     (label "dense", black star; hollow if only predicted). Rows whose x or ppl is missing are
-    left out and counted in a note."""
+    left out and counted in a note; a method keeps its colour whichever ``x`` is drawn."""
     _require(runs, RUNS_COLUMNS, "runs")
     if x not in X_AXES:
         raise ValueError(f"x must be one of {', '.join(X_AXES)}, got {x!r}")
@@ -492,15 +496,16 @@ def tradeoff(runs: pd.DataFrame, x: str = "bytes", protocol: str = "") -> go.Fig
          + ("not measured" if pd.isna(r.decode_ms_per_token) else f"{float(r.decode_ms_per_token):.3f} ms/token"))
         for r in d.itertuples(index=False)]
     is_dense = d["label"].astype(str) == "dense"
+    colors = {m: _color(j) for j, m in enumerate(_ordered(runs.loc[runs["label"].astype(str) != "dense", "method"]))}
     fig = go.Figure()
-    for j, method in enumerate(_ordered(d.loc[~is_dense, "method"])):
+    for method in _ordered(d.loc[~is_dense, "method"]):
         for kind, symbol in (("measured", "circle"), ("predicted", "circle-open")):
             g = d[~is_dense & (d["method"] == method) & (d["kind"] == kind)]
             if g.empty:
                 continue
             fig.add_trace(go.Scatter(
                 x=g["_x"], y=g["ppl"], mode="markers", name=f"{method} ({kind})", legendgroup=str(method),
-                marker=dict(symbol=symbol, size=11, color=_color(j), line=dict(width=2, color=_color(j))),
+                marker=dict(symbol=symbol, size=11, color=colors[method], line=dict(width=2, color=colors[method])),
                 hovertext=g["_hover"], hovertemplate="%{hovertext}<extra></extra>"))
     lx, ly = [], []
     for _, g in d.groupby("run_id", sort=False):
@@ -571,17 +576,20 @@ def budget_bars(table: pd.DataFrame, protocol: str) -> go.Figure:
                 hovertext=hover, hovertemplate="%{hovertext}<extra></extra>"))
     fig.add_hline(y=1, line=dict(color=REF_COLOR, width=1.2, dash="dash"), annotation_text="break-even",
                   annotation_position="top left", annotation_font=dict(size=11))
+    notes = "no bar = not factorised" + (", no ◆ = not quantised" if bits_max > 0 else "")
     fig.update_layout(barmode="group", scattermode="group", bargap=0.2,
-                      legend=dict(orientation="h", x=0, y=-0.18, yanchor="top"))
+                      legend=dict(orientation="h", x=0, y=-0.18, yanchor="top",
+                                  title=dict(text=f"({notes})  ", font=dict(size=11, color="#555555"))))
     fig.update_yaxes(range=[0, rank_max * 1.12])
     if bits_max > 0:
+        top = max(8.0, bits_max)
         fig.update_layout(yaxis2=dict(title=dict(text="Bits per weight (◆)"), overlaying="y", side="right",
-                                      range=[0, bits_max * 1.12], showgrid=False, rangemode="tozero"))
-    n_layers = table["layer"].nunique()
-    fig.update_xaxes(dtick=1 if n_layers <= 32 else None)
-    fig = _style(fig, title, protocol, x_title="Layer (0 = first block)",
-                 y_title="Rank ÷ break-even (< 1 saves memory)")
-    fig.update_layout(margin=dict(r=60 if bits_max > 0 else 20, b=90))
+                                      range=[0, top * 1.12], dtick=2 if top <= 8 else 4, tickmode="linear",
+                                      showgrid=False, zeroline=False))
+    fig.update_xaxes(dtick=1 if table["layer"].nunique() <= 32 else None)
+    fig = _style(fig, title, protocol, x_title="Layer (0 = first block)")
+    fig.update_layout(yaxis_title_text="Rank ÷ break-even (< 1 saves memory)",
+                      margin=dict(r=60 if bits_max > 0 else 20, b=90))
     return fig
 
 

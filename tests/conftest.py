@@ -62,3 +62,39 @@ def tiny_llama():
 def token_ids() -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, 128, (4, 32), generator=g)
+
+
+class CharTokenizer:
+    """A tokenizer stand-in for tiny models: one id per character (mod vocab)."""
+
+    def __init__(self, vocab: int = 128):
+        self.vocab = vocab
+        self.pad_token_id = 0
+        self.eos_token_id = 1
+        self.chat_template = None
+
+    def __call__(self, text, add_special_tokens=False, return_attention_mask=False, return_tensors=None):
+        ids = [ord(c) % self.vocab for c in text]
+        if return_tensors == "pt":
+            return {"input_ids": torch.tensor([ids])}
+        return {"input_ids": ids}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(int(i) + 32) for i in ids)
+
+    def save_pretrained(self, folder):
+        return None
+
+
+@pytest.fixture
+def tiny_lab(tmp_path, monkeypatch):
+    """A Lab on a tiny llama with the default corpus, caches under tmp_path."""
+    from analysis.loading import wrap_model
+    from compression.lab import Lab, LabSettings
+
+    monkeypatch.setenv("RANKLAB_CACHE", str(tmp_path / "cache"))
+    lab = Lab(tmp_path / "ws", LabSettings(seqlen=32, calib_windows=8, eval_windows=2, latency_seqlen=16,
+                                           decode_tokens=2, latency_runs=1))
+    lab.lm = wrap_model(tiny_model("llama"), CharTokenizer(), spec="tiny")
+    lab.set_texts("default", "default")
+    return lab

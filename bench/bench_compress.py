@@ -1,0 +1,99 @@
+"""Issue 4 benchmark (protocol of ../shared/data/*/README.md).
+
+SmolLM2-135M; calibration: 32 x 2048 tokens of wikitext2:valid.txt drawn GPTQ-style
+(seed 0); evaluation: ppl on the first 16 windows of 2048 of wikitext2:test.txt ("ppl16").
+Rows: dense; svd / act-pca / svd-llm at param-ratio 0.8 and 0.6; rtn and gptq at 4 and 3
+bits, group 128; ternary; fp8; mxfp4 (plus any extra rows asked for).
+
+    python bench/bench_compress.py [--device auto] [--rows svd-llm:0.8,rtn:4] [--tag gpu]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import torch
+from common import CALIB_SPEC, EVAL_SPEC, MODEL, log, save  # noqa: I001
+
+from analysis.data import calibration_windows, load_corpus, tokenize, windows
+from analysis.loading import cache_dir, load_model
+from analysis.metrics import model_bytes, perplexity
+from analysis.profile import load_or_profile
+from compression.apply import apply_plan
+from compression.plan import LillamaOptions, PlanWarning, plan_size, uniform_plan
+
+DEFAULT_ROWS = ("dense,svd:0.8,svd:0.6,act-pca:0.8,act-pca:0.6,svd-llm:0.8,svd-llm:0.6,rtn:4,rtn:3,gptq:4,gptq:3,"
+                "ternary,fp8,mxfp4")
+
+
+def linear_bytes(model, adapter) -> int:
+    mods = dict(model.named_modules())
+    return sum(t.numel() * t.element_size() for li in adapter.linears(model)
+               for n, t in list(mods[li.name].named_parameters()) + list(mods[li.name].named_buffers())
+               if not n.endswith("bias"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--rows", default=DEFAULT_ROWS)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--lillama-steps", type=int, default=200)
+    ap.add_argument("--lillama-tokens", type=int, default=16384)
+    ap.add_argument("--tag", default="")
+    a = ap.parse_args()
+    lm = load_model(MODEL, a.device)
+    linears = lm.adapter.linears(lm.model)
+    ev_c, cal_c = load_corpus(EVAL_SPEC), load_corpus(CALIB_SPEC)
+    ev = windows(tokenize(lm.tokenizer, ev_c), 2048, a.eval_windows)
+    cal = calibration_windows(tokenize(lm.tokenizer, cal_c), 2048, 32, 0)
+    t = time.perf_counter()
+    prof, reused = load_or_profile(lm.model, lm.adapter, cal, fingerprint=lm.fingerprint,
+                                   data_label=f"{cal_c.label} 32x2048 seed 0", data_digest=f"{cal_c.digest}-2048-0",
+                                   cache_root=cache_dir(), batch_size=2)
+    t_prof = time.perf_counter() - t
+    stats = prof.all_stats()
+    dense_bytes = model_bytes(lm.model).weight_bytes
+    dense_params = sum(li.out_features * li.in_features for li in linears)
+    rows = []
+    for spec in a.rows.split(","):
+        method, _, arg = spec.partition(":")
+        t0 = time.perf_counter()
+        if method == "dense":
+            model, plan = lm.model, None
+        else:
+            lil = LillamaOptions(steps=a.lillama_steps, calib_tokens=a.lillama_tokens) if method == "lillama" else None
+            kw = {}
+            if method in ("svd", "act-pca", "svd-llm", "lillama"):
+                kw["param_ratio"] = float(arg)
+            elif method == "slicegpt":
+                kw["slice_fraction"] = float(arg)
+            elif arg:
+                kw["bits"] = int(arg)
+            plan = uniform_plan(method, linears, group_size=a.group_size, lillama=lil, **kw)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", PlanWarning)
+                model, rep = apply_plan(lm.model, lm.adapter, plan, stats, device=lm.device, calib_ids=cal)
+        secs = time.perf_counter() - t0
+        ppl = perplexity(model, ev, ev_c.label).ppl
+        wb = model_bytes(model).weight_bytes
+        row = dict(row=spec, ppl16=ppl, weight_bytes=wb, bytes_ratio=wb / dense_bytes,
+                   bits_per_weight=linear_bytes(model, lm.adapter) * 8 / dense_params, seconds=secs)
+        if plan is not None and plan.slicegpt is None:
+            row["predicted_bytes_match"] = plan_size(plan, linears, dense_bytes, 4, {}).total_bytes == wb
+        log(f"{spec:14s} ppl16 {ppl:10.3f}  bytes {wb:,}  bpw {row['bits_per_weight']:.3f}  {secs:.1f}s")
+        rows.append(row)
+        if model is not lm.model:
+            del model
+            if lm.device.type == "cuda":
+                torch.cuda.empty_cache()
+    save("compress" + (f"_{a.tag}" if a.tag else ""),
+         dict(protocol=f"calibration {cal_c.label} 32 x 2048 (GPTQ-style, seed 0); eval {ev_c.label} first "
+                       f"{a.eval_windows} x 2048; group {a.group_size}; fp32; {lm.device}",
+              profile_seconds=t_prof, profile_reused=reused, rows=rows))
+
+
+if __name__ == "__main__":
+    main()

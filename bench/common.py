@@ -1,0 +1,41 @@
+"""Shared bench helpers. Benchmarks may read ../shared (the product never does)."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SHARED = Path(os.environ.get("RANKLAB_SHARED", ROOT.parent / "shared"))
+TEST_TXT = SHARED / "data" / "wikitext-2-raw" / "test.txt"
+VALID_TOKENS = SHARED / "data" / "wikitext-2-tokens" / "valid.txt"
+EVAL_SPEC = f"wikitext2:{TEST_TXT}"
+CALIB_SPEC = f"wikitext2:{VALID_TOKENS}"
+RESULTS = Path(os.environ.get("RANKLAB_BENCH_OUT", ROOT / "bench" / "results"))
+MODEL = os.environ.get("RANKLAB_BENCH_MODEL", "default")
+
+
+def machine() -> dict:
+    d = dict(date=_dt.date.today().isoformat(), python=platform.python_version(), torch=torch.__version__,
+             cpu_threads=torch.get_num_threads(), host=platform.machine())
+    if torch.cuda.is_available():
+        d["gpu"] = torch.cuda.get_device_name(0)
+    return d
+
+
+def save(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2, default=str))
+    print(f"wrote {path}", file=sys.stderr)
+    return path
+
+
+def log(*a) -> None:
+    print(*a, file=sys.stderr, flush=True)

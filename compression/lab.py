@@ -1,0 +1,494 @@
+"""The lab session behind the app: one object per browser session holding the loaded model,
+its profile, sensitivities, the current plan and the run history. No gradio here; the app's
+callbacks call these methods and turn exceptions into messages.
+
+Every number this produces carries its protocol (data, seqlen, windows, device, dtype).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from analysis.data import Corpus, load_corpus, make_split
+from analysis.loading import LoadedModel, cache_dir, load_model
+from analysis.metrics import latency, model_bytes, perplexity
+from analysis.profile import Profile, load_or_profile, rank_for_energy
+from compression.apply import apply_plan
+from compression.plan import ModuleSpec, Plan, PlanWarning, plan_size, validate
+
+Progress = Callable[[float, str], None]
+BITS_CHOICES = [2, 3, 4, 8, None]  # slider index -> bits (None = keep the dtype)
+DENSE_PCT = 100  # rank slider value meaning "keep full rank"
+
+
+@dataclass
+class LabSettings:
+    calib_text: str = "default"
+    eval_text: str = "default"
+    seqlen: int = 256
+    calib_windows: int = 16
+    eval_windows: int = 4
+    seed: int = 0
+    batch_size: int = 4
+    latency_seqlen: int = 128
+    decode_tokens: int = 8
+    latency_runs: int = 3
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    time: str
+    label: str
+    status: str  # ok | failed | cancelled
+    fingerprint: str
+    plan: dict
+    predicted: dict = field(default_factory=dict)  # ppl, bytes, bits_per_weight (when a predictor exists)
+    measured: dict = field(default_factory=dict)  # ppl, bytes, bits_per_weight, prefill_tok_s, decode_ms_per_token
+    protocol: str = ""
+    error: str = ""
+    seconds: float = 0.0
+
+
+class RunHistory:
+    """Append-only JSON-lines file of runs; each line is written and flushed when a run ends,
+    so a page reload or an app restart finds every finished run."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path = self.folder / "runs.jsonl"
+
+    def append(self, rec: RunRecord) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(asdict(rec)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def records(self, fingerprint: str | None = None) -> list[RunRecord]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = RunRecord(**json.loads(line))
+            except (json.JSONDecodeError, TypeError):
+                continue  # a torn last line (crash mid-write) is skipped, the rest survives
+            if fingerprint is None or rec.fingerprint == fingerprint:
+                out.append(rec)
+        return out
+
+    def table(self, fingerprint: str | None = None) -> pd.DataFrame:
+        rows = []
+        for r in self.records(fingerprint):
+            m, p = r.measured, r.predicted
+            rows.append(dict(run_id=r.run_id, time=r.time, label=r.label, status=r.status,
+                             ppl=m.get("ppl"), predicted_ppl=p.get("ppl"), bytes=m.get("bytes"),
+                             bits_per_weight=m.get("bits_per_weight"), prefill_tok_s=m.get("prefill_tok_s"),
+                             decode_ms_per_token=m.get("decode_ms_per_token"), seconds=r.seconds,
+                             protocol=r.protocol, error=r.error))
+        cols = ["run_id", "time", "label", "status", "ppl", "predicted_ppl", "bytes", "bits_per_weight",
+                "prefill_tok_s", "decode_ms_per_token", "seconds", "protocol", "error"]
+        return pd.DataFrame(rows, columns=cols)
+
+    def tradeoff_frame(self, fingerprint: str | None = None) -> pd.DataFrame:
+        """Runs in the schema of ``analysis.figures.tradeoff`` (measured and predicted rows)."""
+        rows = []
+        for r in self.records(fingerprint):
+            if r.status != "ok":
+                continue
+            method = r.plan.get("meta", {}).get("method", "plan")
+            rows.append(dict(run_id=r.run_id, label=r.label, kind="measured", ppl=r.measured.get("ppl"),
+                             bytes=r.measured.get("bytes"), bits_per_weight=r.measured.get("bits_per_weight"),
+                             decode_ms_per_token=r.measured.get("decode_ms_per_token", math.nan), method=method))
+            if r.predicted.get("ppl"):
+                rows.append(dict(run_id=r.run_id, label=r.label, kind="predicted", ppl=r.predicted["ppl"],
+                                 bytes=r.predicted.get("bytes"), bits_per_weight=r.predicted.get("bits_per_weight"),
+                                 decode_ms_per_token=math.nan, method=method))
+        return pd.DataFrame(rows, columns=["run_id", "label", "kind", "ppl", "bytes", "bits_per_weight",
+                                           "decode_ms_per_token", "method"])
+
+
+def _never() -> bool:
+    return False
+
+
+class Lab:
+    """One user's session: model, data, profile, sensitivities, plan, runs."""
+
+    def __init__(self, workspace: Path, settings: LabSettings | None = None):
+        self.workspace = Path(workspace)
+        self.settings = settings or LabSettings()
+        self.lm: LoadedModel | None = None
+        self.split = None
+        self.profile: Profile | None = None
+        self.sensitivity = None  # analysis.sensitivity.SensitivityGrid (measured)
+        self.proxy: pd.DataFrame | None = None  # cheap first view, same schema
+        self.predictor = None
+        self.plan = Plan()
+        self.compressed: nn.Module | None = None
+        self.compressed_plan: Plan | None = None
+        self.dense_eval: dict | None = None
+        self.history = RunHistory(self.workspace)
+        self._stop = False
+
+    # ----------------------------------------------------------------- state
+    def require_model(self) -> LoadedModel:
+        if self.lm is None:
+            raise ValueError("load a model first (Model & data tab)")
+        return self.lm
+
+    def request_stop(self) -> None:
+        self._stop = True
+
+    def should_stop(self) -> bool:
+        return self._stop
+
+    @property
+    def linears(self):
+        lm = self.require_model()
+        return lm.adapter.linears(lm.model)
+
+    def protocol(self) -> str:
+        lm, s = self.require_model(), self.settings
+        return (f"{self.split.eval_label if self.split else s.eval_text}; seqlen {s.seqlen}; "
+                f"{lm.device}; {str(lm.dtype).replace('torch.', '')}")
+
+    # ----------------------------------------------------------------- model & data
+    def load(self, spec: str, device: str = "auto", dtype: str = "float32", say: Callable[[str], None] | None = None
+             ) -> dict:
+        lm = load_model(spec, device, dtype, progress=say)
+        if lm.tokenizer is None:
+            raise ValueError(f"{spec} has no tokenizer files; RankLab needs one to read text")
+        self.lm = lm
+        self.profile = self.sensitivity = self.proxy = self.predictor = None
+        self.compressed = self.compressed_plan = self.dense_eval = None
+        self.plan = Plan()
+        self.set_texts(self.settings.calib_text, self.settings.eval_text)
+        return self.summary()
+
+    def set_texts(self, calib_text: str, eval_text: str, seqlen: int | None = None, calib_windows: int | None = None,
+                  eval_windows: int | None = None) -> str:
+        lm = self.require_model()
+        s = self.settings
+        seqlen = int(seqlen or s.seqlen)
+        if lm.max_positions and seqlen > lm.max_positions:
+            raise ValueError(f"seqlen {seqlen} exceeds the model's maximum of {lm.max_positions} positions")
+        cal, ev = self._corpus(calib_text), self._corpus(eval_text)
+        split = make_split(lm.tokenizer, ev, cal, seqlen, int(eval_windows or s.eval_windows),
+                           int(calib_windows or s.calib_windows), seed=s.seed)
+        self.split = split
+        s.calib_text, s.eval_text, s.seqlen = calib_text, eval_text, seqlen
+        s.calib_windows, s.eval_windows = split.calib_ids.shape[0], split.eval_ids.shape[0]
+        self.profile = self.sensitivity = self.proxy = self.predictor = None
+        self.dense_eval = None
+        return f"calibration: {split.calib_label}\nevaluation: {split.eval_label}"
+
+    @staticmethod
+    def _corpus(spec: str) -> Corpus:
+        return load_corpus(spec)
+
+    def summary(self) -> dict:
+        lm = self.require_model()
+        mem = model_bytes(lm.model)
+        lins = self.linears
+        cfg = lm.model.config
+        return dict(source=lm.source, model_type=cfg.model_type, layers=len(lm.adapter.layers(lm.model)),
+                    hidden=getattr(cfg, "hidden_size", getattr(cfg, "n_embd", None)),
+                    parameters=sum(p.numel() for p in lm.model.parameters()),
+                    decoder_linear_parameters=sum(li.out_features * li.in_features for li in lins),
+                    bytes=mem.weight_bytes, device=str(lm.device), dtype=str(lm.dtype).replace("torch.", ""),
+                    fingerprint=lm.fingerprint)
+
+    def layer_table(self) -> pd.DataFrame:
+        return pd.DataFrame([dict(name=li.name, layer=li.layer, role=li.role, out_features=li.out_features,
+                                  in_features=li.in_features, break_even=round(li.break_even, 1))
+                             for li in self.linears])
+
+    # ----------------------------------------------------------------- profiling
+    def run_profile(self, progress: Progress | None = None) -> tuple[Profile, bool]:
+        lm = self.require_model()
+        self._stop = False
+        sp = self.split
+        prof, reused = load_or_profile(lm.model, lm.adapter, sp.calib_ids, fingerprint=lm.fingerprint,
+                                       data_label=sp.calib_label, data_digest=sp.digest, cache_root=cache_dir(),
+                                       batch_size=self.settings.batch_size, progress=progress,
+                                       should_stop=self.should_stop)
+        self.profile = prof
+        self.proxy = None
+        return prof, reused
+
+    def require_profile(self) -> Profile:
+        if self.profile is None:
+            raise ValueError("profile the model first (Spectra tab)")
+        return self.profile
+
+    # ----------------------------------------------------------------- sensitivity
+    def run_proxy(self, progress: Progress | None = None) -> pd.DataFrame:
+        from analysis.sensitivity import proxy_sensitivity
+
+        lm, prof = self.require_model(), self.require_profile()
+        self.proxy = proxy_sensitivity(lm.model, lm.adapter, self.split.calib_ids, prof.all_stats(),
+                                       progress=progress)
+        self._refresh_predictor()
+        return self.proxy
+
+    def run_sensitivity(self, method: str = "svd-llm", quant: str = "rtn", group_size: int = 128,
+                        progress: Progress | None = None) -> object:
+        from analysis.sensitivity import load_or_measure
+
+        lm, prof = self.require_model(), self.require_profile()
+        self._stop = False
+        self.sensitivity = load_or_measure(lm.model, lm.adapter, self.split.calib_ids, prof.all_stats(),
+                                           fingerprint=lm.fingerprint, data_label=self.split.calib_label,
+                                           data_digest=self.split.digest, cache_root=cache_dir(), method=method,
+                                           quant=quant, group_size=group_size, progress=progress,
+                                           should_stop=self.should_stop)
+        self._refresh_predictor()
+        return self.sensitivity
+
+    def sensitivity_table(self) -> tuple[pd.DataFrame | None, str]:
+        """The measured grid if there is one, else the cheap first view; and which it is."""
+        if self.sensitivity is not None:
+            return self.sensitivity.table, "measured"
+        if self.proxy is not None:
+            return self.proxy, "first view (gradient-weighted, not measured)"
+        return None, "none"
+
+    def _refresh_predictor(self) -> None:
+        from analysis.sensitivity import SensitivityGrid
+
+        from compression.allocate import Predictor
+
+        lm = self.require_model()
+        if self.sensitivity is not None:
+            grid = self.sensitivity
+        elif self.proxy is not None:
+            grid = SensitivityGrid(meta={"dense_loss": self._dense_calib_loss(), "proxy": True}, table=self.proxy)
+        else:
+            self.predictor = None
+            return
+        self.predictor = Predictor(grid, self.linears, model_bytes(lm.model).weight_bytes,
+                                   next(lm.model.parameters()).element_size(), self._biases())
+
+    def _dense_calib_loss(self) -> float:
+        from analysis.metrics import window_nll
+
+        lm = self.require_model()
+        tot = cnt = 0
+        for w in self.split.calib_ids.split(self.settings.batch_size):
+            s, c = window_nll(lm.model, w.to(lm.device))
+            tot, cnt = tot + s, cnt + c
+        return tot / cnt
+
+    def _biases(self) -> dict[str, bool]:
+        mods = dict(self.require_model().model.named_modules())
+        return {li.name: mods[li.name].bias is not None for li in self.linears}
+
+    # ----------------------------------------------------------------- plans
+    def plan_from_sliders(self, rank_pcts: list[float], bits_idx: list[int], lowrank: str = "svd-llm",
+                          quant: str = "rtn", group_size: int = 128, overrides: pd.DataFrame | None = None) -> Plan:
+        """Per-layer sliders -> plan. Rank: % of each linear's break-even rank (100 = keep
+        full rank), rounded to a multiple of 8. Bits: index into ``BITS_CHOICES``."""
+        lins = self.linears
+        n_layers = max(li.layer for li in lins) + 1
+        if len(rank_pcts) != n_layers or len(bits_idx) != n_layers:
+            raise ValueError(f"expected {n_layers} rank and bits values, got {len(rank_pcts)} and {len(bits_idx)}")
+        mods = {}
+        for li in lins:
+            pct, bits = float(rank_pcts[li.layer]), BITS_CHOICES[int(bits_idx[li.layer])]
+            rank = None if pct >= DENSE_PCT else _round8(pct / 100 * li.break_even, li)
+            spec = ModuleSpec(rank=rank, bits=bits, group_size=group_size, lowrank=lowrank, quant=quant)
+            if not spec.is_dense:
+                mods[li.name] = spec
+        plan = Plan(modules=mods, meta={"method": "sliders", "lowrank": lowrank, "quant": quant})
+        return self.apply_overrides(plan, overrides)
+
+    def apply_overrides(self, plan: Plan, overrides: pd.DataFrame | None) -> Plan:
+        """Rows of the per-module table (name, rank, bits) override the sliders; blank = slider."""
+        if overrides is None or len(overrides) == 0:
+            return plan
+        mods = dict(plan.modules)
+        for _, row in overrides.iterrows():
+            name = str(row.get("name", "")).strip()
+            if not name:
+                continue
+            base = mods.get(name, plan.default)
+            rank, bits = _cell(row.get("rank")), _cell(row.get("bits"))
+            mods[name] = ModuleSpec(rank=rank if rank is not None else base.rank,
+                                    bits=bits if bits is not None else base.bits, group_size=base.group_size,
+                                    lowrank=base.lowrank, quant=base.quant)
+        return Plan(default=plan.default, modules=mods, meta=plan.meta)
+
+    def plan_energy(self, fraction: float, lowrank: str = "act-pca") -> Plan:
+        """Ranks that keep ``fraction`` of each linear's activation energy (from the profile);
+        linears whose rank would reach break-even stay full rank."""
+        prof = self.require_profile()
+        mods = {}
+        for li in self.linears:
+            k = rank_for_energy(prof.act_eigvals[li.name], fraction)
+            if k < li.break_even:
+                mods[li.name] = ModuleSpec(rank=max(1, k), lowrank=lowrank)
+        return Plan(modules=mods, meta={"method": f"energy {fraction:.0%}", "lowrank": lowrank})
+
+    def plan_allocate(self, target_ratio: float, only: str | None = None) -> Plan:
+        from compression.allocate import allocate
+
+        if self.predictor is None:
+            raise ValueError("allocation needs sensitivities: compute the first view or the measured grid "
+                             "(Sensitivity tab)")
+        return allocate(self.predictor, target_ratio=target_ratio, only=only)
+
+    def check(self, plan: Plan) -> list[str]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PlanWarning)
+            return validate(plan, self.linears)
+
+    def predict(self, plan: Plan) -> dict:
+        """Exact bytes always; predicted loss/ppl when sensitivities exist. Milliseconds."""
+        lm = self.require_model()
+        notes = self.check(plan)
+        size = plan_size(plan, self.linears, model_bytes(lm.model).weight_bytes,
+                         next(lm.model.parameters()).element_size(), self._biases())
+        out = dict(bytes=size.total_bytes, dense_bytes=size.dense_total_bytes, ratio=size.ratio,
+                   bits_per_weight=size.bits_per_weight, linear_bytes=size.linear_bytes,
+                   params=self._plan_params(plan), notes=notes, ppl=None, loss=None)
+        if self.predictor is not None:
+            pr = self.predictor.predict(plan)
+            out.update(ppl=pr.ppl, loss=pr.loss)
+        return out
+
+    def _plan_params(self, plan: Plan) -> int:
+        total = 0
+        for li in self.linears:
+            s = plan.spec_for(li.name)
+            total += s.rank * (li.out_features + li.in_features) if s.rank else li.out_features * li.in_features
+        return total
+
+    # ----------------------------------------------------------------- runs
+    def evaluate_dense(self, progress: Progress | None = None) -> dict:
+        if self.dense_eval is None:
+            lm = self.require_model()
+            self.dense_eval = self._measure(lm.model, progress)
+        return self.dense_eval
+
+    def _measure(self, model: nn.Module, progress: Progress | None) -> dict:
+        s = self.settings
+        ppl = perplexity(model, self.split.eval_ids, self.split.eval_label, progress=progress,
+                         should_stop=self.should_stop)
+        lat = latency(model, seqlen=min(s.latency_seqlen, s.seqlen), decode_tokens=s.decode_tokens,
+                      runs=s.latency_runs, warmup=1)
+        mem = model_bytes(model)
+        lin_bytes, params = 0, 0
+        mods = dict(model.named_modules())
+        for li in self.linears:
+            mod = mods[li.name]
+            lin_bytes += sum(t.numel() * t.element_size() for n, t in
+                             list(mod.named_parameters()) + list(mod.named_buffers()) if not n.endswith("bias"))
+            params += li.out_features * li.in_features
+        return dict(ppl=ppl.ppl, nll=ppl.nll, bytes=mem.weight_bytes, bits_per_weight=lin_bytes * 8 / params,
+                    prefill_tok_s=lat.prefill_tok_s, decode_ms_per_token=lat.decode_ms_per_token,
+                    peak_allocated=mem.peak_allocated,
+                    protocol=f"{ppl.protocol}; latency: prefill 1 x {lat.seqlen}, decode {lat.decode_tokens} tokens, "
+                             f"median of {lat.runs}")
+
+    def run(self, plan: Plan, label: str = "", progress: Progress | None = None) -> RunRecord:
+        """Apply ``plan``, measure it, append it to the history (also when it fails or is
+        cancelled, with the reason). The loaded dense model stays usable."""
+        lm = self.require_model()
+        self._stop = False
+        say = progress or (lambda f, m: None)
+        rec = RunRecord(run_id=uuid.uuid4().hex[:8], time=_dt.datetime.now().isoformat(timespec="seconds"),
+                        label=label or plan.meta.get("method", "plan"), status="failed",
+                        fingerprint=lm.fingerprint, plan=plan.to_dict(), protocol=self.protocol())
+        t0 = time.perf_counter()
+        try:
+            pred = self.predict(plan)
+            rec.predicted = {k: pred[k] for k in ("ppl", "bytes", "bits_per_weight") if pred.get(k) is not None}
+            needs_stats = any(not plan.spec_for(li.name).is_dense for li in self.linears) or plan.slicegpt
+            if needs_stats and self.profile is None:
+                say(0.0, "profiling first (statistics feed the methods)")
+                self.run_profile(lambda f, m: say(0.2 * f, m))
+            stats = self.profile.all_stats() if self.profile is not None else None
+            comp, rep = apply_plan(lm.model, lm.adapter, plan, stats, device=lm.device,
+                                   calib_ids=self.split.calib_ids, progress=lambda f, m: say(0.2 + 0.5 * f, m),
+                                   should_stop=self.should_stop)
+            rec.measured = self._measure(comp, lambda f, m: say(0.7 + 0.3 * f, m))
+            rec.status = "ok"
+            self.compressed, self.compressed_plan = comp, plan
+        except InterruptedError as e:
+            rec.status, rec.error = "cancelled", str(e)
+        except torch.cuda.OutOfMemoryError as e:
+            torch.cuda.empty_cache()
+            rec.error = (f"GPU out of memory ({e}); try fewer calibration windows, a shorter seqlen, or the CPU. "
+                         "The loaded model is unchanged.")
+        except (ValueError, KeyError, RuntimeError, NotImplementedError) as e:
+            rec.error = str(e)
+        finally:
+            rec.seconds = round(time.perf_counter() - t0, 2)
+            self.history.append(rec)
+        return rec
+
+    # ----------------------------------------------------------------- generation & export
+    @torch.no_grad()
+    def generate(self, prompt: str, max_new_tokens: int = 40) -> tuple[str, str]:
+        lm = self.require_model()
+        if not prompt.strip():
+            raise ValueError("type a prompt first")
+        tok = lm.tokenizer
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)["input_ids"]
+        else:
+            ids = tok(prompt, return_tensors="pt")["input_ids"]
+        ids = ids.to(lm.device)
+
+        def gen(model):
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+            return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+        dense = gen(lm.model)
+        comp = gen(self.compressed) if self.compressed is not None else "(run a compression first)"
+        return dense, comp
+
+    def export_model(self, folder: Path) -> Path:
+        """The last compressed model as a folder and a zip archive beside it."""
+        from compression.saved import save_compressed
+
+        if self.compressed is None:
+            raise ValueError("run a compression first (Run & compare tab)")
+        lm = self.require_model()
+        save_compressed(self.compressed, folder, plan_json=self.compressed_plan.to_json(), tokenizer=lm.tokenizer,
+                        meta={"base_model": lm.spec, "base_fingerprint": lm.fingerprint})
+        return Path(shutil.make_archive(str(folder), "zip", root_dir=folder))
+
+
+def _round8(k: float, li) -> int:
+    full = min(li.out_features, li.in_features)
+    return int(min(max(8, round(k / 8) * 8), full))
+
+
+def _cell(v) -> int | None:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    s = str(v).strip().lower()
+    if s in ("", "none", "keep", "nan", "-"):
+        return None
+    try:
+        return int(float(s))
+    except ValueError as e:
+        raise ValueError(f"table value {v!r} is not a number; use an integer or leave it blank") from e

@@ -1,0 +1,124 @@
+"""End-to-end: the real app on the default model, driven in Debian's headless chromium.
+
+Open the app, profile, move a slider and see the predicted point move, run a small
+compression, see the measured point and the run-table row appear, reload the page and
+find the history. Screenshots land in artifacts/ (one is the README's).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian chromium is missing: `make test` installs it (apt-get install chromium)")
+    port = _free_port()
+    ws = tmp_path_factory.mktemp("workspace")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = open(ws / "app.log", "w")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--workspace", str(ws),
+                             "--seqlen", "128", "--calib-windows", "12", "--eval-windows", "2"],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the app exited: {(ws / 'app.log').read_text()[-3000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copy(ws / "app.log", ARTIFACTS / "app.log")
+
+
+def _plot_data(page, elem_id: str):
+    return page.evaluate(f"""() => {{
+        const el = document.querySelector('#{elem_id} .js-plotly-plot');
+        return el && el.data ? el.data.map(t => ({{name: t.name, x: Array.from(t.x || []),
+                                                   y: Array.from(t.y || [])}})) : null; }}""")
+
+
+def test_profile_slider_run_reload(app_url):
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(240_000)
+        page.goto(app_url)
+        expect(page.locator("#model-status")).to_contain_text("Fingerprint", timeout=240_000)
+        expect(page.locator("#model-status")).to_contain_text("SmolLM2")
+
+        page.get_by_role("tab", name="Spectra").click()
+        page.locator("#profile-btn").click()
+        expect(page.locator("#profile-info")).to_contain_text("tokens")
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(ARTIFACTS / "spectra.png"), full_page=True)
+
+        page.get_by_role("tab", name="Budget").click()
+        readout = page.locator("#readout")
+        expect(readout).to_contain_text("perplexity")
+        expect(readout).not_to_contain_text("compute sensitivities")  # the first view predicts
+        before_text = readout.inner_text()
+        before = _plot_data(page, "predicted-plot")
+        # drag layer 0's rank slider to the left and release it
+        slider = page.locator("#rank-0 input[type=range]")
+        box = slider.bounding_box()
+        page.mouse.move(box["x"] + box["width"] - 4, box["y"] + box["height"] / 2)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] / 2, steps=8)
+        page.mouse.up()
+        expect(readout).not_to_have_text(before_text)
+        page.wait_for_timeout(1000)
+        after = _plot_data(page, "predicted-plot")
+        assert after and after != before, "the predicted point did not move"
+        page.screenshot(path=str(ARTIFACTS / "budget.png"), full_page=False)
+
+        page.get_by_role("tab", name="Run & compare").click()
+        page.locator("#run-btn").click()
+        expect(page.locator("#run-status")).to_contain_text("done", timeout=300_000)
+        table = page.locator("#run-table")
+        expect(table).to_contain_text("ok")
+        run_status = page.locator("#run-status").inner_text()
+        run_id = run_status.split("`")[1]
+        measured = _plot_data(page, "tradeoff-bytes")
+        assert measured and any(len(t["x"]) for t in measured)
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(ARTIFACTS / "run.png"), full_page=False)
+
+        page.reload()
+        expect(page.locator("#model-status")).to_contain_text("Fingerprint", timeout=240_000)
+        page.get_by_role("tab", name="Run & compare").click()
+        expect(page.locator("#run-table")).to_contain_text(run_id)
+        browser.close()

@@ -1,0 +1,75 @@
+"""The app's session object, without the UI: plans from sliders, runs, persistent history."""
+import json
+
+import pytest
+
+from compression.lab import BITS_CHOICES, Lab, RunHistory
+from compression.plan import ModuleSpec, Plan
+
+
+def test_slider_plan_and_exact_bytes(tiny_lab):
+    n = 2
+    plan = tiny_lab.plan_from_sliders([50, 100], [4, 2], lowrank="svd-llm", quant="rtn", group_size=32)
+    l0 = [li for li in tiny_lab.linears if li.layer == 0]
+    for li in l0:
+        s = plan.spec_for(li.name)
+        assert s.rank % 8 == 0 and s.rank <= li.break_even and s.bits is None
+    for li in (li for li in tiny_lab.linears if li.layer == 1):
+        assert plan.spec_for(li.name) == ModuleSpec(rank=None, bits=BITS_CHOICES[2], group_size=32)
+    pred = tiny_lab.predict(plan)
+    assert pred["bytes"] < pred["dense_bytes"] and pred["ppl"] is None  # no sensitivities yet
+    with pytest.raises(ValueError, match="expected 2 rank"):
+        tiny_lab.plan_from_sliders([50] * (n + 1), [4] * n)
+
+
+def test_overrides_table(tiny_lab):
+    import pandas as pd
+
+    name = tiny_lab.linears[0].name
+    plan = tiny_lab.plan_from_sliders([100, 100], [4, 4], overrides=pd.DataFrame({"name": [name], "rank": [16],
+                                                                                     "bits": [""]}))
+    assert plan.spec_for(name).rank == 16 and plan.spec_for(name).bits is None
+    with pytest.raises(ValueError, match="not a number"):
+        tiny_lab.plan_from_sliders([100, 100], [4, 4], overrides=pd.DataFrame({"name": [name], "rank": ["x"],
+                                                                                 "bits": [""]}))
+
+
+def test_run_measures_and_history_survives_restart(tiny_lab):
+    plan = tiny_lab.plan_from_sliders([50, 50], [4, 2], group_size=32)
+    rec = tiny_lab.run(plan, "half rank")
+    assert rec.status == "ok", rec.error
+    pred = tiny_lab.predict(plan)
+    assert rec.measured["bytes"] == pred["bytes"]  # measured bytes == predicted bytes
+    assert rec.measured["ppl"] > 1 and "seqlen 32" in rec.measured["protocol"]
+    again = Lab(tiny_lab.workspace)  # a restarted app reads the same folder
+    rows = again.history.table(tiny_lab.lm.fingerprint)
+    assert list(rows.run_id) == [rec.run_id] and rows.iloc[0].label == "half rank"
+
+
+def test_failed_and_cancelled_runs_are_recorded(tiny_lab):
+    bad = Plan(modules={tiny_lab.linears[0].name: ModuleSpec(rank=10_000)})
+    rec = tiny_lab.run(bad)
+    assert rec.status == "failed" and "outside" in rec.error
+    tiny_lab.should_stop = lambda: True
+    rec2 = tiny_lab.run(Plan(default=ModuleSpec(bits=4, group_size=32)))
+    assert rec2.status == "cancelled"
+    statuses = [r.status for r in tiny_lab.history.records()]
+    assert statuses == ["failed", "cancelled"]
+    # the loaded model still works
+    assert tiny_lab.lm.model(input_ids=tiny_lab.split.eval_ids[:1]).logits.isfinite().all()
+
+
+def test_torn_history_line_is_skipped(tmp_path):
+    h = RunHistory(tmp_path)
+    h.path.write_text(json.dumps({"run_id": "a", "time": "t", "label": "l", "status": "ok", "fingerprint": "f",
+                                  "plan": {}}) + "\n{\"run_id\": \"b\", \"ti")
+    assert [r.run_id for r in h.records()] == ["a"]
+
+
+def test_energy_preset_needs_profile_then_works(tiny_lab):
+    with pytest.raises(ValueError, match="profile the model first"):
+        tiny_lab.plan_energy(0.9)
+    tiny_lab.run_profile()
+    plan = tiny_lab.plan_energy(0.9)
+    assert all(plan.spec_for(n).rank < li.break_even for li in tiny_lab.linears
+               for n in [li.name] if plan.spec_for(n).rank)
