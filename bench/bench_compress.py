@@ -42,6 +42,10 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--lillama-steps", type=int, default=200)
     ap.add_argument("--lillama-tokens", type=int, default=16384)
+    ap.add_argument("--lillama-init", default="svd")
+    ap.add_argument("--lillama-order", default="bottom-first")
+    ap.add_argument("--lillama-granularity", default="linear")
+    ap.add_argument("--lillama-lr", type=float, default=1e-3)
     ap.add_argument("--tag", default="")
     a = ap.parse_args()
     lm = load_model(MODEL, a.device)
@@ -61,10 +65,14 @@ def main() -> None:
     for spec in a.rows.split(","):
         method, _, arg = spec.partition(":")
         t0 = time.perf_counter()
+        if lm.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         if method == "dense":
             model, plan = lm.model, None
         else:
-            lil = LillamaOptions(steps=a.lillama_steps, calib_tokens=a.lillama_tokens) if method == "lillama" else None
+            lil = LillamaOptions(init=a.lillama_init, steps=a.lillama_steps, lr=a.lillama_lr,
+                                 calib_tokens=a.lillama_tokens, granularity=a.lillama_granularity,
+                                 order=a.lillama_order) if method == "lillama" else None
             kw = {}
             if method in ("svd", "act-pca", "svd-llm", "lillama"):
                 kw["param_ratio"] = float(arg)
@@ -79,8 +87,16 @@ def main() -> None:
         secs = time.perf_counter() - t0
         ppl = perplexity(model, ev, ev_c.label).ppl
         wb = model_bytes(model).weight_bytes
-        row = dict(row=spec, ppl16=ppl, weight_bytes=wb, bytes_ratio=wb / dense_bytes,
+        peak = torch.cuda.max_memory_allocated() if lm.device.type == "cuda" else None
+        row = dict(row=spec, ppl16=ppl, peak_cuda_bytes=peak, weight_bytes=wb, bytes_ratio=wb / dense_bytes,
                    bits_per_weight=linear_bytes(model, lm.adapter) * 8 / dense_params, seconds=secs)
+        if method == "lillama":
+            row.update(lillama=dict(init=a.lillama_init, order=a.lillama_order, granularity=a.lillama_granularity,
+                                    steps=a.lillama_steps, lr=a.lillama_lr, tokens=a.lillama_tokens,
+                                    init_loss=rep.lillama.init_loss, final_loss=rep.lillama.final_loss,
+                                    peak_bytes=rep.lillama.peak_bytes))
+        if method == "slicegpt":
+            row.update(slicegpt={k: v for k, v in vars(rep.slicegpt).items() if isinstance(v, (int, float, bool))})
         if plan is not None and plan.slicegpt is None:
             row["predicted_bytes_match"] = plan_size(plan, linears, dense_bytes, 4, {}).total_bytes == wb
         log(f"{spec:14s} ppl16 {ppl:10.3f}  bytes {wb:,}  bpw {row['bits_per_weight']:.3f}  {secs:.1f}s")

@@ -152,3 +152,22 @@ def test_plan_json_round_trip():
         Plan.from_dict({**plan.to_dict(), "version": 99})
     with pytest.raises(ValueError, match="not valid JSON"):
         Plan.from_json("{nope")
+
+
+def test_lillama_plan_through_apply_refines_and_keeps_exact_bytes():
+    from compression.plan import LillamaOptions
+
+    lm, ids, stats = _setup()
+    linears = lm.adapter.linears(lm.model)
+    base = uniform_plan("svd", linears, param_ratio=0.5)
+    lil = uniform_plan("lillama", linears, param_ratio=0.5, lillama=LillamaOptions(steps=30, lr=3e-3, calib_tokens=256))
+    held = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(9))
+    ref = lm.model(held).logits
+    svd, _ = apply_plan(lm.model, lm.adapter, base, stats)
+    dist, rep = apply_plan(lm.model, lm.adapter, lil, stats, calib_ids=ids)
+    assert rep.lillama is not None and rep.lillama.final_loss < rep.lillama.init_loss
+    e_svd = float((svd(held).logits - ref).pow(2).mean())
+    e_lil = float((dist(held).logits - ref).pow(2).mean())
+    assert e_lil < e_svd
+    dense = model_bytes(lm.model).weight_bytes
+    assert model_bytes(dist).weight_bytes == plan_size(lil, linears, dense, 4, _biases(lm)).total_bytes
