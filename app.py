@@ -265,7 +265,7 @@ def build_sensitivity_tab(state):
         if lab.proxy is not None:
             from analysis.sensitivity import agreement
 
-            a = agreement(lab.proxy, grid.table)
+            a = agreement(lab.proxy, grid)
             msg += f" First view vs measured: Spearman {a['spearman']:.2f} over {a['n']} settings."
         return _show(lab, msg)
 
@@ -619,7 +619,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                 build_spectra_tab(state)
             with gr.Tab("Sensitivity", id="sensitivity"):
                 build_sensitivity_tab(state)
-            with gr.Tab("Budget", id="budget"):
+            with gr.Tab("Budget", id="budget") as budget_tab:
                 budget = build_budget_tab(state)
             with gr.Tab("Run & compare", id="run"):
                 run = build_run_tab(state, budget)
@@ -632,6 +632,8 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             pred = _readout(lab, Plan())
             return [*budget["show_rows"](lab), *pred, *run["tables"](lab)]
 
+        # predictions may have appeared since (profiling computes a first sensitivity view)
+        budget_tab.select(budget["on_predict"], budget["inputs"], budget["outputs"], show_progress="hidden")
         post = [*budget["rows"], *budget["outputs"], run["runs"], run["fig_bytes"], run["fig_lat"]]
         model["load_event"].then(after_load, [state], post)
         if cfg.autoload:
@@ -646,6 +648,32 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
 
             demo.load(initial, None, [state, model["status"], model["table"]]).then(after_load, [state], post)
     return demo
+
+
+def _patient_localhost_probe() -> None:
+    """Gradio refuses to start when its 3-second HEAD probe of the local URL times out, which
+    happens on a busy 2-core machine. Give it a patient probe (and never route loopback
+    through a proxy)."""
+    import os
+    import time
+
+    import httpx
+    from gradio import networking
+
+    os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+
+    def url_ok(url: str) -> bool:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.head(url, timeout=10, verify=False).status_code < 400:
+                    return True
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        return False
+
+    networking.url_ok = url_ok
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -664,6 +692,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = AppConfig(model=a.model, workspace=Path(a.workspace), settings=settings, autoload=not a.no_autoload)
     demo = build_app(cfg)
     demo.queue(default_concurrency_limit=8)
+    _patient_localhost_probe()
     print(json.dumps({"url": f"http://{a.host}:{a.port}", "workspace": str(cfg.workspace.resolve())}), flush=True)
     demo.launch(server_name=a.host, server_port=a.port, share=a.share, css=CSS.read_text() if CSS.exists() else None,
                 footer_links=["gradio"])

@@ -103,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
 
     s = sub.add_parser("sensitivity", help="per-linear loss increase on a grid of ranks and bits")
     common(s)
-    s.add_argument("--tokens", type=int, default=8192)
-    s.add_argument("--seqlen", type=int, default=512)
+    s.add_argument("--tokens", type=int, default=1024, help="probe tokens (the grid costs ~1470 probes on 135M)")
+    s.add_argument("--seqlen", type=int, default=256)
+    s.add_argument("--profile-tokens", type=int, default=8192, help="tokens of the profile that fits svd-llm/gptq")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--method", default="svd-llm", help="low-rank method probed: svd | act-pca | svd-llm")
     s.add_argument("--quant", default="rtn", help="quantiser probed: rtn | gptq")

@@ -60,14 +60,32 @@ def rank_for_energy(energies_desc: Tensor, fraction: float) -> int:
     return int(torch.searchsorted(cum, torch.tensor(fraction - 1e-12, dtype=cum.dtype)).item()) + 1
 
 
-def output_eigvals(weight: Tensor, stats: LinearStats) -> Tensor:
-    """Eigenvalues (descending, >= 0) of the output covariance ``W Cov[x] Wᵀ``."""
-    c = stats.out_cov(weight)  # (m, m) float64
-    return torch.linalg.eigvalsh(c).flip(0).clamp_min(0)
+def psd_sqrt(c: Tensor) -> Tensor:
+    """Symmetric square root of a PSD matrix (n, n), eigenvalues clamped at 0."""
+    lam, v = torch.linalg.eigh(c)
+    return (v * lam.clamp_min(0).sqrt()) @ v.T
+
+
+def output_eigvals(weight: Tensor, stats: LinearStats, cov_sqrt: Tensor | None = None) -> Tensor:
+    """Eigenvalues (descending, >= 0, length min(m, n)) of the output covariance
+    ``W Cov[x] Wᵀ``. Its nonzero spectrum equals that of ``C^½ Wᵀ W C^½``, so the smaller of
+    the two Gram matrices is decomposed (n x n when m > n). ``cov_sqrt`` (``C^½``, shared by
+    the linears of one input group) can be passed in to avoid recomputing it."""
+    m, n = weight.shape
+    w = weight.detach().double()
+    if m <= n:
+        g = w @ stats.inputs.cov.to(w.device) @ w.T  # (m, m)
+    else:
+        r = cov_sqrt if cov_sqrt is not None else psd_sqrt(stats.inputs.cov.to(w.device))  # (n, n)
+        g = r @ (w.T @ w) @ r  # (n, n)
+    return torch.linalg.eigvalsh(g).flip(0).clamp_min(0)
 
 
 def weight_singular_values(weight: Tensor) -> Tensor:
-    return torch.linalg.svdvals(weight.double())
+    """Singular values of W (descending), from the eigenvalues of the smaller Gram matrix."""
+    w = weight.detach().double()
+    g = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+    return torch.linalg.eigvalsh(g).flip(0).clamp_min(0).sqrt()
 
 
 # ------------------------------------------------------------------------ the profile
@@ -206,10 +224,17 @@ def spectra(model: nn.Module, linears: list[LinearInfo], inputs: dict[str, Input
     modules = dict(model.named_modules())
     act, wsv, rows = {}, {}, []
     t_eig = 0.0
+    roots: dict[str, Tensor] = {}  # C^½ per input group, only for linears wider out than in
     for j, li in enumerate(linears):
         w = modules[li.name].weight
         t = time.perf_counter()
-        ev = output_eigvals(w, LinearStats(inputs[li.input_key])).cpu()
+        st = LinearStats(inputs[li.input_key])
+        root = None
+        if li.out_features > li.in_features:
+            if li.input_key not in roots:
+                roots[li.input_key] = psd_sqrt(st.inputs.cov.to(w.device))
+            root = roots[li.input_key]
+        ev = output_eigvals(w, st, root).cpu()
         sv = weight_singular_values(w).cpu()
         t_eig += time.perf_counter() - t
         act[li.name], wsv[li.name] = ev, sv

@@ -101,14 +101,14 @@ def main() -> None:
             row["predicted_bytes_match"] = plan_size(plan, linears, dense_bytes, 4, {}).total_bytes == wb
         log(f"{spec:14s} ppl16 {ppl:10.3f}  bytes {wb:,}  bpw {row['bits_per_weight']:.3f}  {secs:.1f}s")
         rows.append(row)
+        save("compress" + (f"_{a.tag}" if a.tag else ""),  # after every row: a timeout keeps what finished
+             dict(protocol=f"calibration {cal_c.label} 32 x 2048 (GPTQ-style, seed 0); eval {ev_c.label} first "
+                           f"{a.eval_windows} x 2048; group {a.group_size}; fp32; {lm.device}",
+                  profile_seconds=t_prof, profile_reused=reused, rows=rows))
         if model is not lm.model:
             del model
             if lm.device.type == "cuda":
                 torch.cuda.empty_cache()
-    save("compress" + (f"_{a.tag}" if a.tag else ""),
-         dict(protocol=f"calibration {cal_c.label} 32 x 2048 (GPTQ-style, seed 0); eval {ev_c.label} first "
-                       f"{a.eval_windows} x 2048; group {a.group_size}; fp32; {lm.device}",
-              profile_seconds=t_prof, profile_reused=reused, rows=rows))
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ from torch import Tensor, nn
 import compression.lillama  # noqa: F401  (registers the Lillama initialisation handler)
 import compression.lowrank  # noqa: F401  (registers the low-rank handlers)
 import compression.quant  # noqa: F401  (registers the quantisation handlers)
-from analysis.adapters import Adapter, get_submodule, set_submodule
+from analysis.adapters import Adapter, LinearInfo, get_submodule, set_submodule
+from analysis.layerwise import capture, run_layer
 from analysis.stats import InputStats, LinearStats
-from compression.configs import LillamaConfig, QuantConfig, factor_group
+from compression.configs import GPTQConfig, LillamaConfig, QuantConfig, factor_group
 from compression.lowrank import LowRankLinear
 from compression.plan import Plan, validate
 from compression.registry import handler_for
@@ -124,16 +125,60 @@ def apply_plan(model: nn.Module, adapter: Adapter, plan: Plan, stats: dict[str, 
         report.lillama = refine(teacher, student, adapter, lillama_names, plan.lillama, calib_ids, device=dev,
                                 progress=lambda f, m: say(0.6 + 0.3 * f, m), should_stop=should_stop)
 
-    for j, li in enumerate(todo):  # 3) quantisation
-        q = plan.spec_for(li.name).quant_config()
-        if q is None:
-            continue
-        _check(should_stop)
-        t = time.perf_counter()
-        st = stats.get(li.name) if stats else None
-        set_submodule(student, li.name, quantise_module(get_submodule(student, li.name), q, st))
-        report.modules.append((li.name, f"{q.name} {q.bits}b", time.perf_counter() - t))
-        say(0.9 + 0.1 * (j + 1) / len(todo), f"quantise {li.name}")
+    quant = [(li, q) for li in todo if (q := plan.spec_for(li.name).quant_config()) is not None]
+    sequential = calib_ids is not None and any(isinstance(q, GPTQConfig) for _, q in quant)
+    if sequential:  # 3) GPTQ's recipe: each layer's Hessian from the compressed layers below
+        _sequential_quantise(student, adapter, quant, calib_ids, dev, report, should_stop,
+                             lambda f, m: say(0.9 + 0.1 * f, m))
+    else:  # 3) quantisation with the dense model's statistics (RTN needs none)
+        for j, (li, q) in enumerate(quant):
+            _check(should_stop)
+            t = time.perf_counter()
+            st = stats.get(li.name) if stats else None
+            set_submodule(student, li.name, quantise_module(get_submodule(student, li.name), q, st))
+            report.modules.append((li.name, f"{q.name} {q.bits}b", time.perf_counter() - t))
+            say(0.9 + 0.1 * (j + 1) / len(quant), f"quantise {li.name}")
     report.seconds = time.perf_counter() - t0
     say(1.0, "done")
     return student, report
+
+
+@torch.no_grad()
+def _sequential_quantise(student: nn.Module, adapter: Adapter, quant: list[tuple[LinearInfo, QuantConfig]],
+                         calib_ids: Tensor, dev: torch.device, report: ApplyReport,
+                         should_stop: Callable[[], bool] | None, say: Progress, batch_size: int = 4) -> None:
+    """Quantise layer by layer. Before a layer is quantised, its linears' input statistics
+    are collected on the hidden states produced by the already-quantised layers below; then
+    the quantised layer produces the next layer's inputs. Peak memory: the calibration
+    hidden states plus one layer."""
+    layers = adapter.layers(student)
+    batches = list(calib_ids.split(batch_size))
+    states = [capture(student, adapter, b.to(dev)) for b in batches]
+    hidden = [st.hidden for st in states]
+    by_layer: dict[int, list[tuple[LinearInfo, QuantConfig]]] = {}
+    for li, q in quant:
+        by_layer.setdefault(li.layer, []).append((li, q))
+    for i, layer in enumerate(layers):
+        _check(should_stop)
+        items = by_layer.get(i, [])
+        if items:
+            heads: dict[str, LinearInfo] = {}
+            for li, _ in items:
+                heads.setdefault(li.input_key, li)
+            acc = {k: InputStats.zeros(li.in_features, dev) for k, li in heads.items()}
+            hooks = [get_submodule(student, li.name).register_forward_pre_hook(
+                lambda _m, args, k=k: acc[k].update(args[0])) for k, li in heads.items()]
+            try:
+                for b in range(len(batches)):
+                    run_layer(layer, hidden[b], states[b].calls[i])
+            finally:
+                for h in hooks:
+                    h.remove()
+            for li, q in items:
+                t = time.perf_counter()
+                mod = quantise_module(get_submodule(student, li.name), q, LinearStats(acc[li.input_key]))
+                set_submodule(student, li.name, mod)
+                report.modules.append((li.name, f"{q.name} {q.bits}b (sequential)", time.perf_counter() - t))
+        for b in range(len(batches)):
+            hidden[b] = run_layer(layer, hidden[b], states[b].calls[i])
+        say((i + 1) / len(layers), f"quantise layer {i + 1}/{len(layers)}")

@@ -59,10 +59,10 @@ class QuantConfig:
         """Raise ``ValueError`` saying what to change if this config cannot quantise width n."""
         if self.bits not in self.allowed_bits:
             raise ValueError(f"{self.name}: {self.bits} bits is not supported; use one of {list(self.allowed_bits)}")
-        if self.group_size <= 0 or self.group_size % 8 or self.group_size > n:
-            raise ValueError(f"{self.name}: group size {self.group_size} must be a multiple of 8 between 8 and the "
-                             f"input width {n}; a divisor of {n} such as {_divisor_near(n, self.group_size)} "
-                             "avoids a ragged last group")
+        if self.group_size <= 0 or self.group_size % 8:
+            raise ValueError(f"{self.name}: group size {self.group_size} must be a positive multiple of 8 (a group "
+                             f"wider than the input width {n} means one group per row); a divisor of {n} such as "
+                             f"{_divisor_near(n, self.group_size)} avoids a ragged last group")
         if (n * self.bits) % 8:
             raise ValueError(f"{self.name}: {n} inputs x {self.bits} bits do not fill whole bytes; "
                              "width must be a multiple of 8")
@@ -95,7 +95,7 @@ class GPTQConfig(QuantConfig):
 
     damp: float = 0.01
     block_size: int = 128
-    act_order: bool = False
+    act_order: bool = True  # columns by decreasing Hessian diagonal, groups fixed up front (static groups)
     allowed_bits: ClassVar[tuple[int, ...]] = (2, 3, 4, 8)
     name: ClassVar[str] = "gptq"
 

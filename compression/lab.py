@@ -136,7 +136,7 @@ class Lab:
         self.split = None
         self.profile: Profile | None = None
         self.sensitivity = None  # analysis.sensitivity.SensitivityGrid (measured)
-        self.proxy: pd.DataFrame | None = None  # cheap first view, same schema
+        self.proxy = None  # analysis.sensitivity.SensitivityGrid: the cheap first view
         self.predictor = None
         self.plan = Plan()
         self.compressed: nn.Module | None = None
@@ -237,12 +237,14 @@ class Lab:
         return self.profile
 
     # ----------------------------------------------------------------- sensitivity
-    def run_proxy(self, progress: Progress | None = None) -> pd.DataFrame:
+    def run_proxy(self, progress: Progress | None = None) -> object:
         from analysis.sensitivity import proxy_sensitivity
 
         lm, prof = self.require_model(), self.require_profile()
         self.proxy = proxy_sensitivity(lm.model, lm.adapter, self.split.calib_ids, prof.all_stats(),
-                                       progress=progress)
+                                       fingerprint=lm.fingerprint, data_label=self.split.calib_label,
+                                       data_digest=self.split.digest, progress=progress,
+                                       should_stop=self.should_stop)
         self._refresh_predictor()
         return self.proxy
 
@@ -252,7 +254,7 @@ class Lab:
 
         lm, prof = self.require_model(), self.require_profile()
         self._stop = False
-        self.sensitivity = load_or_measure(lm.model, lm.adapter, self.split.calib_ids, prof.all_stats(),
+        self.sensitivity, _reused = load_or_measure(lm.model, lm.adapter, self.split.calib_ids, prof.all_stats(),
                                            fingerprint=lm.fingerprint, data_label=self.split.calib_label,
                                            data_digest=self.split.digest, cache_root=cache_dir(), method=method,
                                            quant=quant, group_size=group_size, progress=progress,
@@ -265,34 +267,19 @@ class Lab:
         if self.sensitivity is not None:
             return self.sensitivity.table, "measured"
         if self.proxy is not None:
-            return self.proxy, "first view (gradient-weighted, not measured)"
+            return self.proxy.table, "first view (gradient-weighted estimate, not measured)"
         return None, "none"
 
     def _refresh_predictor(self) -> None:
-        from analysis.sensitivity import SensitivityGrid
-
         from compression.allocate import Predictor
 
         lm = self.require_model()
-        if self.sensitivity is not None:
-            grid = self.sensitivity
-        elif self.proxy is not None:
-            grid = SensitivityGrid(meta={"dense_loss": self._dense_calib_loss(), "proxy": True}, table=self.proxy)
-        else:
+        grid = self.sensitivity if self.sensitivity is not None else self.proxy
+        if grid is None:
             self.predictor = None
             return
         self.predictor = Predictor(grid, self.linears, model_bytes(lm.model).weight_bytes,
                                    next(lm.model.parameters()).element_size(), self._biases())
-
-    def _dense_calib_loss(self) -> float:
-        from analysis.metrics import window_nll
-
-        lm = self.require_model()
-        tot = cnt = 0
-        for w in self.split.calib_ids.split(self.settings.batch_size):
-            s, c = window_nll(lm.model, w.to(lm.device))
-            tot, cnt = tot + s, cnt + c
-        return tot / cnt
 
     def _biases(self) -> dict[str, bool]:
         mods = dict(self.require_model().model.named_modules())

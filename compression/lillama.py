@@ -47,7 +47,7 @@ from analysis.adapters import Adapter, Role, get_submodule, linear_shape, set_su
 from analysis.layerwise import capture, run_layer
 from analysis.stats import LinearStats
 from compression.configs import LillamaConfig
-from compression.lowrank import LowRankLinear, _require_stats, act_pca_factors, svd_factors
+from compression.lowrank import LowRankLinear, _require_stats, act_pca_factors, svd_factors, whitened_svd_factors
 from compression.plan import LillamaOptions, Plan
 from compression.registry import handler_for, register
 
@@ -56,7 +56,7 @@ StopCheck = Callable[[], bool]
 
 GRANULARITIES = ("linear", "mlp", "layer")
 ORDERS = ("bottom-first", "top-first")
-INITS = ("svd", "act-pca")
+INITS = ("svd", "act-pca", "svd-llm")
 TOKENS_PER_STEP = 1024  # tokens in one Adam step (for 'layer': whole sequences adding up to about this)
 EVAL_TOKENS = 4096  # fixed subset the initial / final losses are measured on
 FORWARD_TOKENS = 4096  # tokens per no-grad forward chunk (also bounds the logits capture() computes)
@@ -84,7 +84,8 @@ def lillama_loss(y: Tensor, y_hat: Tensor) -> Tensor:
 @register(LillamaConfig)
 @torch.no_grad()
 def _lillama(linear: nn.Linear, config: LillamaConfig, stats: LinearStats | None) -> LowRankLinear:
-    """The initialisation Lillama refines: truncated SVD, or activation PCA (needs stats)."""
+    """The initialisation Lillama refines: truncated SVD, activation PCA or whitened SVD (the
+    last two need stats)."""
     m, n = linear.out_features, linear.in_features
     config.check(m, n)
     if config.init == "svd":
@@ -98,6 +99,13 @@ def _lillama(linear: nn.Linear, config: LillamaConfig, stats: LinearStats | None
         w, bias = linear.weight, linear.bias
         a, u, new_bias = act_pca_factors(w, bias, st.out_mean(w, bias), st.out_cov(w), config.rank)
         return LowRankLinear.from_linear(linear, a, u, new_bias)
+    if config.init == "svd-llm":
+        if stats is None:
+            raise ValueError("lillama with init='svd-llm' needs calibration statistics: run the profiler first "
+                             "(or use init='svd')")
+        st = _require_stats(config, stats, n)
+        a, b = whitened_svd_factors(linear.weight, st.inputs.xxt, config.rank)
+        return LowRankLinear.from_linear(linear, a, b)
     raise ValueError(f"lillama: unknown init {config.init!r}; use one of {', '.join(INITS)}")
 
 

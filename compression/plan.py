@@ -99,7 +99,7 @@ class ModuleSpec:
 class LillamaOptions:
     """Local feature distillation settings (used when a module's ``lowrank`` is 'lillama')."""
 
-    init: str = "svd"  # "svd" or "act-pca"
+    init: str = "svd"  # "svd", "act-pca" or "svd-llm"
     steps: int = 100
     lr: float = 1e-3
     calib_tokens: int = 8192

@@ -142,3 +142,16 @@ def test_interrupted_save_leaves_nothing_readable(tmp_path, token_ids, monkeypat
     assert not (tmp_path / "p").exists() and list(tmp_path.iterdir()) == []
     with pytest.raises(FileNotFoundError):
         Profile.load(tmp_path / "p")
+
+
+def test_small_gram_spectra_equal_direct_ones():
+    torch.manual_seed(0)
+    for m, n in ((40, 16), (16, 40)):
+        w = torch.randn(m, n, dtype=torch.float64)
+        x = torch.randn(500, n, dtype=torch.float64) @ torch.randn(n, n, dtype=torch.float64)
+        st = LinearStats.from_inputs(x)
+        direct = torch.linalg.eigvalsh(st.out_cov(w)).flip(0).clamp_min(0)[: min(m, n)]
+        torch.testing.assert_close(output_eigvals(w, st), direct, rtol=1e-8, atol=1e-8)
+        from analysis.profile import weight_singular_values
+
+        torch.testing.assert_close(weight_singular_values(w), torch.linalg.svdvals(w), rtol=1e-8, atol=1e-8)

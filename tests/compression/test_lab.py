@@ -73,3 +73,16 @@ def test_energy_preset_needs_profile_then_works(tiny_lab):
     plan = tiny_lab.plan_energy(0.9)
     assert all(plan.spec_for(n).rank < li.break_even for li in tiny_lab.linears
                for n in [li.name] if plan.spec_for(n).rank)
+
+
+def test_first_view_makes_predictions_and_allocation_meets_target(tiny_lab):
+    tiny_lab.run_profile()
+    tiny_lab.run_proxy()
+    table, kind = tiny_lab.sensitivity_table()
+    assert "first view" in kind and len(table) > 0
+    dense = tiny_lab.predict(Plan())
+    assert dense["ppl"] is not None and dense["ratio"] == 1.0
+    heavy = tiny_lab.predict(tiny_lab.plan_from_sliders([25, 25], [0, 0], group_size=32))
+    assert heavy["ppl"] >= dense["ppl"] and heavy["bytes"] < dense["bytes"]
+    plan = tiny_lab.plan_allocate(0.6)
+    assert tiny_lab.predict(plan)["ratio"] <= 0.6

@@ -324,8 +324,10 @@ def test_config_check_errors() -> None:
         RTNConfig(5, 64).check(256)
     with pytest.raises(ValueError, match="multiple of 8 .* such as 128 avoids a ragged last group"):
         RTNConfig(4, 100).check(256)
-    with pytest.raises(ValueError, match="between 8 and the input width 96"):
-        QuantLinear.from_linear(make_linear(8, 96, bias=False), RTNConfig(4, 128))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        QuantLinear.from_linear(make_linear(8, 96, bias=False), RTNConfig(4, 12))
+    wide = QuantLinear.from_linear(make_linear(8, 96, bias=False), RTNConfig(4, 128))  # one group per row
+    assert wide.scale.shape == (8, 1) and wide.quantized_nbytes() == RTNConfig(4, 128).nbytes(8, 96)
     with pytest.raises(ValueError, match="block size"):
         MXFP4Config(group_size=16).check(64)
 

@@ -1,0 +1,821 @@
+"""Per-linear sensitivity: the calibration-loss increase when *only one* linear is compressed.
+
+For every decoder linear and every setting of a small grid (ranks at fractions of the
+break-even rank, and bit widths) ``measure_sensitivity`` replaces that one linear by its
+compressed version and measures the mean next-token NLL on calibration windows (the
+convention of ``analysis.metrics.window_nll``), minus the dense model's. The allocator
+(``compression.allocate``) adds these increases up to predict the loss of a whole plan.
+
+Speed (this is the expensive part of RankLab on a CPU):
+
+* the dense input of every decoder layer is computed once and cached, so a probe of a
+  linear in layer ``l`` re-runs only layers ``l .. L-1`` and the head;
+* each setting's replacement module is built once (with the real registry handler), and
+  its *effective affine map* ``(Ŵ, b̂)`` (``B @ A``, or the dequantised weight) is what the
+  probe runs, exactly what the module computes up to float rounding;
+* all settings of one linear run as one batch of ``S x C`` windows: a ``_Stacked`` module
+  applies setting ``s``'s weight to rows ``s*C .. (s+1)*C`` with one ``bmm``, and every
+  layer above sees one big batch (bigger matmuls, one Python pass instead of ``S``);
+* logits are formed in token chunks (a 49k vocabulary would otherwise need GBs).
+
+``proxy_sensitivity`` is the cheap first view: one forward + backward gives the mean
+squared gradient of the loss w.r.t. every linear's output (a diagonal Fisher ``F_y``), and
+``dloss ≈ ½ tr(diag(F_y) ΔW̃ Σ̃ ΔW̃ᵀ)`` with ``ΔW̃ = [W - Ŵ, b - b̂]`` and ``Σ̃`` the second
+moment of ``[x; 1]`` from the profile: no forward per setting.
+
+First-order part. A measured dloss on C calibration tokens is ``<Ŵ - W, ∂L/∂W>`` (first
+order) plus the curvature part. On SmolLM2-135M with 2 x 256-token halves of the default
+text, the first-order part was as large as the whole dloss for the median setting and did
+not reproduce between halves (Spearman of raw dloss half vs half 0.45; of dloss minus the
+first-order part 0.88; 27 % vs 8 % of settings negative), i.e. it is mostly sampling noise.
+``measure_sensitivity`` therefore also records it (``grid.first_order``, one extra backward
+pass) and ``SensitivityGrid.curvature_table`` removes it; ``dloss`` itself stays the plain
+calibration-loss increase.
+
+Cost and defaults (measured on SmolLM2-135M, 30 layers x 7 linears, 7 settings each = 1470
+probes, 1024 tokens = 4 x 256, one thread of a shared AMD EPYC core at ~90 GFLOP/s): a probe
+takes 4.6 s in layer 1, 3.1 s in layer 14, 1.4 s in layer 27 (3.5 s wall / 2.8 s CPU on
+average; ~75 % of it matmuls, the 49k-vocabulary head alone ~0.8 s), so the full grid is
+~70-85 min on one core and ~35-45 min on two; the proxy takes ~70 s; the profile of 8192
+tokens it fits on is cached. Cost is linear in the number of tokens.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import compression.lowrank  # noqa: F401  (registers the low-rank handlers)
+import compression.quant  # noqa: F401  (registers the quantisation handlers)
+from analysis.adapters import Adapter, LinearInfo, get_submodule, set_submodule
+from analysis.layerwise import _Recorder, _Stop, run_head, run_layer
+from analysis.stats import LinearStats
+from compression.configs import SVDConfig, WhitenedSVDConfig
+from compression.lowrank import LowRankLinear, whitening_factor
+from compression.plan import ModuleSpec, weight_bytes
+from compression.quant import QuantLinear
+from compression.registry import handler_for
+
+Progress = Callable[[float, str], None]
+SENSITIVITY_FORMAT = 1
+TABLE_COLUMNS = ["name", "layer", "role", "kind", "setting", "dloss", "bytes"]
+FIRST_ORDER_COLUMNS = ["name", "kind", "setting", "dloss_first"]
+FRACTIONS = (0.25, 0.5, 0.75)
+BITS_GRID = (2, 3, 4, 8)
+# Defaults that keep the full grid of SmolLM2-135M to tens of minutes on a 2-core CPU
+# (see ``cli_sensitivity``): probes run on DEFAULT_TOKENS tokens, the statistics the
+# compressed replacements are fitted on come from a (cached) profile of PROFILE_TOKENS.
+DEFAULT_TOKENS = 1024
+DEFAULT_SEQLEN = 256
+PROFILE_TOKENS = 8192
+MAX_BATCH_TOKENS = 16384  # tokens per stacked probe pass (settings are split beyond it)
+HEAD_CHUNK_TOKENS = 1024  # tokens per logits chunk
+
+
+# ------------------------------------------------------------------------ grid
+def rank_grid(li: LinearInfo, fractions: Sequence[float] = FRACTIONS) -> list[int]:
+    """Ranks at ``fractions`` of the break-even rank, rounded to a multiple of 8, at least 8
+    and at most ``min(m, n)``; ascending, without duplicates."""
+    full = min(li.out_features, li.in_features)
+    out = set()
+    for f in fractions:
+        r = int(math.floor(f * li.break_even / 8 + 0.5)) * 8
+        out.add(min(max(8, r), full))
+    return sorted(out)
+
+
+def settings_for(li: LinearInfo, fractions: Sequence[float] = FRACTIONS,
+                 bits: Sequence[int] = BITS_GRID) -> list[tuple[str, int]]:
+    """The grid of one linear: ``[("rank", r) ...] + [("bits", b) ...]``."""
+    return [("rank", r) for r in rank_grid(li, fractions)] + [("bits", int(b)) for b in sorted(set(bits))]
+
+
+def setting_spec(kind: str, setting: int, method: str, quant: str, group_size: int) -> ModuleSpec:
+    if kind == "rank":
+        return ModuleSpec(rank=int(setting), lowrank=method)
+    if kind == "bits":
+        return ModuleSpec(bits=int(setting), group_size=group_size, quant=quant)
+    raise ValueError(f"unknown setting kind {kind!r}")
+
+
+def _check_settings(linears: list[LinearInfo], grid: dict[str, list[tuple[str, int]]], method: str, quant: str,
+                    group_size: int) -> None:
+    """Raise before any long run if a setting cannot be built (unknown method, bad group size)."""
+    errors = []
+    for li in linears:
+        for kind, s in grid[li.name]:
+            spec = setting_spec(kind, s, method, quant, group_size)
+            try:
+                lr, q = spec.lowrank_config(), spec.quant_config()
+                if lr is not None:
+                    lr.check(li.out_features, li.in_features)
+                if q is not None:
+                    q.check(li.in_features)
+            except ValueError as e:
+                errors.append(f"{li.name} ({kind} {s}): {e}")
+    if errors:
+        more = f"\n(and {len(errors) - 6} more)" if len(errors) > 6 else ""
+        raise ValueError("sensitivity settings cannot be built:\n- " + "\n- ".join(errors[:6]) + more)
+
+
+# ------------------------------------------------------------------------ replacements
+@torch.no_grad()
+def effective_affine(mod: nn.Module, in_features: int) -> tuple[Tensor, Tensor | None]:
+    """``(Ŵ (m, n), b̂ (m,) or None)`` with ``mod(x) == x Ŵᵀ + b̂`` (up to float rounding)."""
+    if isinstance(mod, nn.Linear):
+        return mod.weight.detach(), None if mod.bias is None else mod.bias.detach()
+    if isinstance(mod, QuantLinear):
+        b = None if mod.bias is None else mod.bias.detach()
+        return mod.dequantized_weight(b.dtype if b is not None else torch.float32), b
+    ref = next(iter(mod.parameters()), None)
+    if ref is None:
+        ref = next(iter(mod.buffers()))
+    dtype = ref.dtype if ref.dtype.is_floating_point else torch.float32
+    eye = torch.eye(in_features, dtype=dtype, device=ref.device)
+    if isinstance(mod, LowRankLinear):
+        w = mod.B(mod.A(eye)).T.contiguous()
+        return w, None if mod.bias is None else mod.bias.detach()
+    b = mod(torch.zeros(1, in_features, dtype=dtype, device=ref.device))[0]  # generic affine module
+    w = (mod(eye) - b).T.contiguous()
+    return w, b if bool(b.any()) else None
+
+
+@contextmanager
+def _single_thread(device: torch.device):
+    """One intra-op thread for the factorisations on CPU. LAPACK's SVD / eigh of these
+    sizes gains little from a second thread, and on a busy 2-core machine OpenMP barriers
+    made a 576 x 1536 float64 SVD take 16 s with 2 threads against 0.27 s with one."""
+    before = torch.get_num_threads()
+    if device.type == "cpu" and before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+@torch.no_grad()
+def truncated_weights(linear: nn.Linear, ranks: Sequence[int], stats: LinearStats | None,
+                      method: str) -> list[Tensor] | None:
+    """``B @ A`` of the svd / svd-llm handlers at several ranks from *one* decomposition
+    (their factors are truncations of one SVD: of ``W``, or of ``W S`` with ``S = chol(X Xᵀ)``).
+    Same maths as ``compression.lowrank`` (float64, then the weight's dtype); None for
+    other methods, which go through their handler once per rank."""
+    if method not in ("svd", "svd-llm"):
+        return None
+    w = linear.weight.detach()
+    m, n = w.shape
+    for k in ranks:
+        SVDConfig(rank=k).check(m, n)
+    w64 = w.double()
+    if method == "svd":
+        u, sig, vh = torch.linalg.svd(w64, full_matrices=False)
+        right = vh
+    else:
+        if stats is None or stats.n_tokens <= 0 or stats.inputs.xxt.shape != (n, n):
+            raise ValueError(f"svd-llm needs calibration statistics of this linear ({n} inputs): profile first")
+        s = whitening_factor(stats.inputs.xxt.to(w.device, torch.float64), WhitenedSVDConfig(rank=1).damp)
+        u, sig, vh = torch.linalg.svd(w64 @ s, full_matrices=False)
+        kmax = max(ranks)
+        right = torch.linalg.solve_triangular(s, vh[:kmax], upper=False, left=False)  # (kmax, n) = V_kᵀ S⁻¹
+        if not bool(torch.isfinite(right).all()):
+            raise ValueError("svd-llm: the factors are not finite (X Xᵀ too ill-conditioned); raise damp")
+    return [((u[:, :k] * sig[:k]) @ right[:k]).to(w.dtype) for k in ranks]
+
+
+@torch.no_grad()
+def compressed_affines(linear: nn.Module, li: LinearInfo, settings: list[tuple[str, int]], stats: LinearStats | None,
+                       method: str, quant: str, group_size: int) -> list[tuple[Tensor, Tensor | None]]:
+    """The effective ``(Ŵ, b̂)`` of each setting: each built once with the registry handler,
+    except the ranks of svd / svd-llm, which share one decomposition (``truncated_weights``)."""
+    out: dict[tuple[str, int], tuple[Tensor, Tensor | None]] = {}
+    with _single_thread(linear.weight.device):
+        ranks = [s for kind, s in settings if kind == "rank"]
+        fast = truncated_weights(linear, ranks, stats, method) if ranks and isinstance(linear, nn.Linear) else None
+        if fast is not None:
+            bias = None if linear.bias is None else linear.bias.detach()
+            out.update({("rank", k): (w, bias) for k, w in zip(ranks, fast)})
+        for kind, s in settings:
+            if (kind, s) in out:
+                continue
+            spec = setting_spec(kind, s, method, quant, group_size)
+            cfg = spec.lowrank_config() if kind == "rank" else spec.quant_config()
+            mod = handler_for(cfg)(linear, cfg, stats)
+            w, b = effective_affine(mod, li.in_features)
+            out[(kind, s)] = (w.to(linear.weight.dtype), None if b is None else b.to(linear.weight.dtype))
+    return [out[ks] for ks in settings]
+
+
+class _Stacked(nn.Module):
+    """Applies weight ``s`` to rows ``s*C .. (s+1)*C`` of a batch of ``S*C`` rows."""
+
+    def __init__(self, weights: Tensor, bias: Tensor | None):
+        super().__init__()
+        self.weight_t = weights.transpose(1, 2)  # (S, n, m)
+        self.bias = bias  # (S, 1, m) or None
+        self.in_features, self.out_features = weights.shape[2], weights.shape[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.weight_t.shape[0]
+        xs = x.reshape(s, -1, self.in_features)  # (S, C*L, n)
+        y = torch.bmm(xs, self.weight_t) if self.bias is None else torch.baddbmm(self.bias, xs, self.weight_t)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def _stack(affines: list[tuple[Tensor, Tensor | None]]) -> _Stacked:
+    w = torch.stack([a for a, _ in affines])  # (S, m, n)
+    if all(b is None for _, b in affines):
+        return _Stacked(w, None)
+    m = w.shape[1]
+    b = torch.stack([torch.zeros(m, dtype=w.dtype, device=w.device) if b is None else b for _, b in affines])
+    return _Stacked(w, b[:, None, :])
+
+
+# ------------------------------------------------------------------------ layer replay
+@torch.no_grad()
+def _capture(model: nn.Module, adapter: Adapter, ids: Tensor) -> tuple[Tensor, list[tuple[tuple, dict]]]:
+    """Like ``analysis.layerwise.capture`` but stops at the last layer (no head on the batch)."""
+    layers = adapter.layers(model)
+    originals = list(layers)
+    recorders = [_Recorder(layer, stop=i == len(originals) - 1) for i, layer in enumerate(originals)]
+    try:
+        for i, r in enumerate(recorders):
+            layers[i] = r
+        try:
+            model(input_ids=ids.to(next(model.parameters()).device), use_cache=False)
+        except _Stop:
+            pass
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    calls = [(r.args, {k: v for k, v in r.kwargs.items() if k not in ("past_key_values", "past_key_value")})
+             for r in recorders]
+    return recorders[0].hidden, calls
+
+
+def _window_nll(model: nn.Module, adapter: Adapter, hidden: Tensor, targets: Tensor,
+                chunk_tokens: int = HEAD_CHUNK_TOKENS) -> Tensor:
+    """Summed next-token NLL per window (B,) float64, from the last hidden state (B, L, D)
+    and ``targets`` = ids[:, 1:] (B, L-1). Logits are made a few windows at a time."""
+    b, length = hidden.shape[:2]
+    rows = max(1, chunk_tokens // length)
+    out = []
+    for i in range(0, b, rows):
+        logits = run_head(model, adapter, hidden[i:i + rows, :-1])  # (r, L-1, V)
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets[i:i + rows].flatten(), reduction="none")
+        out.append(nll.view(-1, length - 1).double().sum(1))
+    return torch.cat(out)
+
+
+def _check_stop(should_stop: Callable[[], bool] | None, what: str) -> None:
+    if should_stop is not None and should_stop():
+        raise InterruptedError(f"{what} cancelled; the model is unchanged")
+
+
+@contextmanager
+def _frozen(model: nn.Module):
+    """Parameters temporarily not requiring grad: activation gradients only, no ``.grad``."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _layer_output_grads(model: nn.Module, adapter: Adapter, h0: Tensor, ids: Tensor, count: int,
+                        chunk_tokens: int = 512) -> list[Tensor]:
+    """Gradient of the mean token NLL (over ``count`` predicted tokens) w.r.t. every decoder
+    layer's output, (C, L, D) each; windows are processed a few at a time."""
+    layers = adapter.layers(model)
+    grads = [torch.empty_like(h0) for _ in layers]
+    rows = max(1, chunk_tokens // ids.shape[1])
+    calls_by_rows: dict[int, list] = {}
+    for i in range(0, ids.shape[0], rows):
+        batch = ids[i:i + rows]
+        n = batch.shape[0]
+        if n not in calls_by_rows:
+            calls_by_rows[n] = _capture(model, adapter, batch)[1]
+        calls = calls_by_rows[n]
+        with torch.enable_grad():
+            x = h0[i:i + rows].detach().requires_grad_(True)
+            outs = []
+            for j, layer in enumerate(layers):
+                x = run_layer(layer, x, calls[j])
+                outs.append(x)
+            logits = run_head(model, adapter, x[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum") / count
+            for j, g in enumerate(torch.autograd.grad(loss, outs)):
+                grads[j][i:i + rows] = g
+    return grads
+
+
+def _layer_weight_grads(layer: nn.Module, modules: dict[str, nn.Module], x_in: Tensor, call: tuple[tuple, dict],
+                        grad_out: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+    """For the linears ``modules`` of one layer: ``(∂L/∂W, ∂L/∂b)`` = ``(Σ_t g_t x_tᵀ, Σ_t g_t)``
+    with ``g_t`` the loss gradient at the linear's output, from the layer's dense input and the
+    gradient at its output (a local backward; no parameter ``.grad`` is written)."""
+    seen: dict[str, tuple[Tensor, Tensor]] = {}
+    handles = [mod.register_forward_hook(lambda _m, a, o, name=name: seen.__setitem__(name, (a[0], o)))
+               for name, mod in modules.items()]
+    try:
+        with torch.enable_grad():
+            x = x_in.detach().requires_grad_(True)
+            out = run_layer(layer, x, call)
+            names = [n for n in modules if n in seen]
+            gys = torch.autograd.grad(out, [seen[n][1] for n in names], grad_outputs=grad_out, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    res = {}
+    for name, gy in zip(names, gys):
+        xin = seen[name][0].detach()
+        m, n = modules[name].out_features, modules[name].in_features
+        if gy is None:
+            res[name] = (torch.zeros(m, n, dtype=torch.float64, device=x_in.device),
+                         torch.zeros(m, dtype=torch.float64, device=x_in.device))
+            continue
+        g2 = gy.reshape(-1, m).double()
+        res[name] = (g2.T @ xin.reshape(-1, n).double(), g2.sum(0))
+    return res
+
+
+def first_order_terms(weight: Tensor, bias: Tensor | None, affines: list[tuple[Tensor, Tensor | None]],
+                      grad_w: Tensor, grad_b: Tensor) -> list[float]:
+    """``<Ŵ - W, ∂L/∂W> + <b̂ - b, ∂L/∂b>`` per setting: the first-order part of each dloss."""
+    w = weight.detach().double()
+    b = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device) if bias is None else bias.detach().double()
+    out = []
+    for wh, bh in affines:
+        db = (torch.zeros_like(b) if bh is None else bh.double()) - b
+        out.append(float(((wh.double() - w) * grad_w).sum() + (db * grad_b).sum()))
+    return out
+
+
+# ------------------------------------------------------------------------ the grid artifact
+@dataclass
+class SensitivityGrid:
+    """Measured (or proxy) loss increases per linear and setting, with how they were made."""
+
+    meta: dict
+    table: pd.DataFrame  # TABLE_COLUMNS
+    proxy: pd.DataFrame | None = None  # same schema: the gradient proxy, when computed alongside
+    first_order: pd.DataFrame | None = None  # FIRST_ORDER_COLUMNS: the first-order part of each measured dloss
+    folder: str | None = field(default=None, compare=False)
+
+    @property
+    def dense_loss(self) -> float:
+        return float(self.meta["dense_loss"])
+
+    def save(self, folder: str | Path) -> None:
+        """Write atomically: a temp folder renamed into place, ``meta.json`` written last."""
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+        try:
+            self.table[TABLE_COLUMNS].to_csv(tmp / "table.csv", index=False)
+            if self.proxy is not None:
+                self.proxy[TABLE_COLUMNS].to_csv(tmp / "proxy.csv", index=False)
+            if self.first_order is not None:
+                self.first_order[FIRST_ORDER_COLUMNS].to_csv(tmp / "first_order.csv", index=False)
+            (tmp / "meta.json").write_text(json.dumps(self.meta, indent=2))
+            if folder.exists():
+                shutil.rmtree(folder)
+            tmp.rename(folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        self.folder = str(folder)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> SensitivityGrid:
+        folder = Path(folder)
+        if not (folder / "meta.json").exists():
+            raise FileNotFoundError(f"{folder} holds no complete sensitivity grid (meta.json missing); "
+                                    "measure one with `python -m analysis sensitivity --out FOLDER`")
+        meta = json.loads((folder / "meta.json").read_text())
+        if meta.get("format") != SENSITIVITY_FORMAT:
+            raise ValueError(f"{folder}: sensitivity format {meta.get('format')} is not {SENSITIVITY_FORMAT}; "
+                             "measure it again")
+        table = _read_table(folder / "table.csv")
+        proxy = _read_table(folder / "proxy.csv") if (folder / "proxy.csv").exists() else None
+        first = None
+        if (folder / "first_order.csv").exists():
+            first = pd.read_csv(folder / "first_order.csv", dtype={"name": str, "kind": str})
+            first = first.astype({"setting": int, "dloss_first": float})[FIRST_ORDER_COLUMNS]
+        return cls(meta, table, proxy, first, str(folder))
+
+    def curvature_table(self) -> pd.DataFrame:
+        """The table with ``dloss`` minus its first-order part ``<Ŵ - W, ∂L/∂W>``: the second-
+        and higher-order part, which is what carries over to other text (the first-order part
+        on a finite calibration sample is mostly sampling noise; see the module docstring)."""
+        if self.first_order is None:
+            raise ValueError("this sensitivity grid holds no first-order terms; measure it again "
+                             "(measure_sensitivity(first_order=True))")
+        t = self.table.merge(self.first_order, on=["name", "kind", "setting"], how="left", validate="one_to_one")
+        if t["dloss_first"].isna().any():
+            raise ValueError("the first-order terms do not cover every row of the table")
+        t["dloss"] = t["dloss"] - t.pop("dloss_first")
+        return t[TABLE_COLUMNS]
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    t = pd.read_csv(path, dtype={"name": str, "role": str, "kind": str})
+    missing = [c for c in TABLE_COLUMNS if c not in t.columns]
+    if missing:
+        raise ValueError(f"{path} lacks columns {missing}")
+    return t.astype({"layer": int, "setting": int, "dloss": float, "bytes": "int64"})[TABLE_COLUMNS]
+
+
+def sensitivity_key(fingerprint: str, data_digest: str, n_tokens: int, method: str, quant: str,
+                    group_size: int) -> str:
+    return f"{fingerprint}-{data_digest}-{n_tokens}-{method}-{quant}-g{group_size}"
+
+
+def check_compatible(grid: SensitivityGrid, fingerprint: str, data_digest: str | None = None) -> None:
+    """Raise ``ValueError`` saying why ``grid`` does not belong to this model (or data)."""
+    where = grid.folder or "the sensitivity grid"
+    got = grid.meta.get("fingerprint")
+    if got != fingerprint:
+        raise ValueError(f"{where} was measured on another model (fingerprint {got}, this model is {fingerprint}); "
+                         "measure the sensitivity of this model with `python -m analysis sensitivity`")
+    if data_digest is not None and grid.meta.get("data_digest") != data_digest:
+        raise ValueError(f"{where} was measured on other calibration data ({grid.meta.get('data')}, digest "
+                         f"{grid.meta.get('data_digest')}; expected digest {data_digest}); measure it again")
+
+
+def _meta(kind: str, model: nn.Module, calib_ids: Tensor, *, method: str, quant: str, group_size: int,
+          fractions: Sequence[float], bits: Sequence[int], dense_loss: float, seconds: float, device,
+          fingerprint: str | None, data_label: str | None, data_digest: str | None,
+          stats: dict[str, LinearStats], **extra) -> dict:
+    n_stats = max((s.n_tokens for s in stats.values()), default=0)
+    return dict(format=SENSITIVITY_FORMAT, estimator=kind, fingerprint=fingerprint, data=data_label,
+                data_digest=data_digest, n_tokens=int(calib_ids.numel()), windows=int(calib_ids.shape[0]),
+                seqlen=int(calib_ids.shape[1]), stats_tokens=int(n_stats), method=method, quant=quant,
+                group_size=int(group_size), fractions=[float(f) for f in fractions], bits=[int(b) for b in bits],
+                dense_loss=float(dense_loss), seconds=round(float(seconds), 3), device=str(device),
+                dtype=str(next(model.parameters()).dtype).replace("torch.", ""), torch_threads=torch.get_num_threads(),
+                date=_dt.datetime.now().isoformat(timespec="seconds"), **extra)
+
+
+# ------------------------------------------------------------------------ measurement
+@torch.no_grad()
+def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, stats: dict[str, LinearStats], *,
+                        method: str = "svd-llm", quant: str = "rtn", group_size: int = 128,
+                        fractions: Sequence[float] = FRACTIONS, bits: Sequence[int] = BITS_GRID,
+                        device: torch.device | str | None = None, names: Sequence[str] | None = None,
+                        fingerprint: str | None = None, data_label: str | None = None,
+                        data_digest: str | None = None, max_batch_tokens: int = MAX_BATCH_TOKENS,
+                        first_order: bool = True, progress: Progress | None = None,
+                        should_stop: Callable[[], bool] | None = None) -> SensitivityGrid:
+    """Loss increase of compressing each decoder linear alone, on windows ``calib_ids`` (C, L).
+
+    ``stats`` (``Profile.all_stats()``) feeds svd-llm / act-pca / gptq. ``names`` limits the
+    probes to some linears (default: all). The model is modified only while a probe runs (its
+    linear swapped for a stacked stand-in, restored in ``finally``) and is unchanged after.
+    ``first_order`` also records each dloss's first-order part ``<Ŵ - W, ∂L/∂W>`` (one extra
+    backward pass, under 1 % of the time) in ``grid.first_order``."""
+    t0 = time.perf_counter()
+    say = progress or (lambda f, m: None)
+    orig_dev = next(model.parameters()).device
+    dev = torch.device(device) if device is not None else orig_dev
+    all_linears = adapter.linears(model)
+    linears = all_linears if names is None else [li for li in all_linears if li.name in set(names)]
+    if names is not None and len(linears) != len(set(names)):
+        unknown = sorted(set(names) - {li.name for li in linears})
+        raise ValueError(f"unknown linears {unknown[:3]}; names look like {all_linears[0].name}")
+    grid = {li.name: settings_for(li, fractions, bits) for li in linears}
+    _check_settings(linears, grid, method, quant, group_size)
+    if calib_ids.dim() != 2 or calib_ids.shape[1] < 2:
+        raise ValueError(f"calib_ids must be (windows, seqlen >= 2), got {tuple(calib_ids.shape)}")
+    dtype_bytes = next(model.parameters()).element_size()
+    n_probes = sum(len(v) for v in grid.values())
+    moved = dev != orig_dev
+    rows: list[dict] = []
+    first_rows: list[dict] = []
+    try:
+        if moved:
+            model.to(dev)
+        ids = calib_ids.to(dev)
+        c, length = ids.shape
+        layers = adapter.layers(model)
+        # 1) dense inputs of every layer, once
+        h0, calls_c = _capture(model, adapter, ids)
+        calls = {1: calls_c}
+        inputs = [h0]
+        for j, layer in enumerate(layers):
+            inputs.append(run_layer(layer, inputs[-1], calls_c[j]))
+        targets = ids[:, 1:]
+        dense_loss = float(_window_nll(model, adapter, inputs[-1], targets).sum()) / targets.numel()
+        del inputs[-1]  # only layer inputs are needed from here on
+        out_grads = None
+        if first_order:
+            with _frozen(model):
+                out_grads = _layer_output_grads(model, adapter, h0, ids, targets.numel())
+        say(0.0, f"dense loss {dense_loss:.4f}; probing {len(linears)} linears x settings ({n_probes} probes)")
+        layer_grads: dict[int, dict[str, tuple[Tensor, Tensor]]] = {}
+        per_pass = max(1, max_batch_tokens // (c * length))
+        t_probe, cpu_probe = time.perf_counter(), time.process_time()
+        for j, li in enumerate(linears):
+            _check_stop(should_stop, "sensitivity measurement")
+            settings = grid[li.name]
+            orig = get_submodule(model, li.name)
+            affines = compressed_affines(orig, li, settings, stats.get(li.name), method, quant, group_size)
+            if out_grads is not None:
+                if li.layer not in layer_grads:  # one local backward per layer, for all its probed linears
+                    layer_grads.clear()
+                    mods = {x.name: get_submodule(model, x.name) for x in linears if x.layer == li.layer}
+                    with _frozen(model):
+                        layer_grads[li.layer] = _layer_weight_grads(layers[li.layer], mods, inputs[li.layer],
+                                                                    calls_c[li.layer], out_grads[li.layer])
+                gw, gb = layer_grads[li.layer][li.name]
+                firsts = first_order_terms(orig.weight, orig.bias, affines, gw, gb)
+                first_rows += [dict(name=li.name, kind=k, setting=int(s), dloss_first=f)
+                               for (k, s), f in zip(settings, firsts)]
+            losses: list[float] = []
+            for g0 in range(0, len(settings), per_pass):
+                group = affines[g0:g0 + per_pass]
+                g = len(group)
+                if g not in calls:
+                    calls[g] = _capture(model, adapter, ids.repeat(g, 1))[1]
+                stacked = _stack(group)
+                h = inputs[li.layer].repeat(g, 1, 1)  # (g*C, L, D), setting-major
+                set_submodule(model, li.name, stacked)
+                try:
+                    h = run_layer(layers[li.layer], h, calls[g][li.layer])
+                finally:
+                    set_submodule(model, li.name, orig)
+                for k in range(li.layer + 1, len(layers)):
+                    h = run_layer(layers[k], h, calls[g][k])
+                nll = _window_nll(model, adapter, h, targets.repeat(g, 1)).view(g, c).sum(1)
+                losses += (nll / targets.numel()).tolist()
+                del h
+            for (kind, s), loss in zip(settings, losses):
+                spec = setting_spec(kind, s, method, quant, group_size)
+                rows.append(dict(name=li.name, layer=li.layer, role=li.role, kind=kind, setting=int(s),
+                                 dloss=loss - dense_loss, bytes=int(weight_bytes(spec, li, dtype_bytes))))
+            say((j + 1) / len(linears), f"sensitivity {li.name} ({len(settings)} settings)")
+        t_probes, cpu_probes = time.perf_counter() - t_probe, time.process_time() - cpu_probe
+    finally:
+        if moved:
+            model.to(orig_dev)
+    seconds = time.perf_counter() - t0
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    meta = _meta("measured", model, calib_ids, method=method, quant=quant, group_size=group_size,
+                 fractions=fractions, bits=bits, dense_loss=dense_loss, seconds=seconds, device=dev,
+                 fingerprint=fingerprint, data_label=data_label, data_digest=data_digest, stats=stats,
+                 probes=n_probes, seconds_per_probe=round(t_probes / max(n_probes, 1), 4),
+                 cpu_seconds_per_probe=round(cpu_probes / max(n_probes, 1), 4),
+                 linears=len(linears), first_order=bool(first_order))
+    first = pd.DataFrame(first_rows, columns=FIRST_ORDER_COLUMNS) if first_order else None
+    return SensitivityGrid(meta, table, first_order=first)
+
+
+def load_or_measure(model: nn.Module, adapter: Adapter, calib_ids: Tensor, stats: dict[str, LinearStats], *,
+                    fingerprint: str, data_label: str, data_digest: str, cache_root: str | Path,
+                    method: str = "svd-llm", quant: str = "rtn", group_size: int = 128,
+                    fractions: Sequence[float] = FRACTIONS, bits: Sequence[int] = BITS_GRID,
+                    **kw) -> tuple[SensitivityGrid, bool]:
+    """The cached grid for (model, data, token count, method, quant, group size) if one is
+    complete and made with the same grid, else a new one (saved). Returns (grid, reused)."""
+    key = sensitivity_key(fingerprint, data_digest, calib_ids.numel(), method, quant, group_size)
+    folder = Path(cache_root) / "sensitivity" / key
+    if (folder / "meta.json").exists():
+        try:
+            grid = SensitivityGrid.load(folder)
+        except (ValueError, OSError):
+            grid = None
+        if grid is not None and grid.meta.get("fingerprint") == fingerprint \
+                and grid.meta.get("n_tokens") == calib_ids.numel() \
+                and grid.meta.get("fractions") == [float(f) for f in fractions] \
+                and grid.meta.get("bits") == [int(b) for b in bits] \
+                and grid.meta.get("stats_tokens") == max((s.n_tokens for s in stats.values()), default=0) \
+                and (grid.first_order is not None or not kw.get("first_order", True)):
+            return grid, True
+    grid = measure_sensitivity(model, adapter, calib_ids, stats, method=method, quant=quant, group_size=group_size,
+                               fractions=fractions, bits=bits, fingerprint=fingerprint, data_label=data_label,
+                               data_digest=data_digest, **kw)
+    grid.save(folder)
+    return grid, False
+
+
+# ------------------------------------------------------------------------ gradient proxy
+def output_fisher(model: nn.Module, adapter: Adapter, calib_ids: Tensor, *, windows: int | None = None,
+                  chunk_tokens: int = 1024, device: torch.device | str | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> tuple[dict[str, Tensor], float, int]:
+    """Mean over tokens of the squared gradient of the *summed* token NLL w.r.t. each decoder
+    linear's output: ``F_y[name]`` (m,) float64. Returns (fisher, mean NLL, tokens predicted).
+
+    Parameters are frozen for the pass (and restored), so no ``.grad`` is written."""
+    orig_dev = next(model.parameters()).device
+    dev = torch.device(device) if device is not None else orig_dev
+    ids = calib_ids[:windows] if windows else calib_ids
+    linears = adapter.linears(model)
+    modules = {li.name: get_submodule(model, li.name) for li in linears}
+    acc = {li.name: torch.zeros(li.out_features, dtype=torch.float64, device=dev) for li in linears}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    handles = []
+
+    def make_hook(name):
+        def grad_hook(g: Tensor) -> None:
+            acc[name].add_(g.detach().double().pow(2).flatten(0, -2).sum(0))
+
+        def hook(_mod, _args, out):
+            if out.requires_grad:
+                out.register_hook(grad_hook)
+        return hook
+
+    total, count = 0.0, 0
+    moved = dev != orig_dev
+    try:
+        if moved:
+            model.to(dev)
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for name, mod in modules.items():
+            handles.append(mod.register_forward_hook(make_hook(name)))
+        layers = adapter.layers(model)
+        rows = max(1, chunk_tokens // ids.shape[1])
+        for i in range(0, ids.shape[0], rows):
+            _check_stop(should_stop, "sensitivity proxy")
+            batch = ids[i:i + rows].to(dev)
+            h0, calls = _capture(model, adapter, batch)
+            with torch.enable_grad():
+                h = h0.detach().requires_grad_(True)
+                x = h
+                for j, layer in enumerate(layers):
+                    x = run_layer(layer, x, calls[j])
+                logits = run_head(model, adapter, x[:, :-1])
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
+                torch.autograd.grad(loss, [h])
+            total += float(loss.detach())
+            count += batch[:, 1:].numel()
+    finally:
+        for hd in handles:
+            hd.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        if moved:
+            model.to(orig_dev)
+    # per predicted token: the measured dloss is a mean over the ``count`` predicted tokens
+    return {k: v / max(count, 1) for k, v in acc.items()}, total / max(count, 1), count
+
+
+@torch.no_grad()
+def proxy_dloss(fisher: Tensor, weight: Tensor, bias: Tensor | None,
+                affines: list[tuple[Tensor, Tensor | None]], stats: LinearStats) -> list[float]:
+    """``½ Σ_i F_i [ΔW̃ Σ̃ ΔW̃ᵀ]_ii`` per setting, ``ΔW̃ = [W - Ŵ, b - b̂]``, ``Σ̃ = E[[x;1][x;1]ᵀ]``.
+
+    All settings in one float32 matmul ``(S m, n) @ (n, n)`` (a float64 one costs twice as
+    much; a proxy does not need it); the quadratic forms are clamped at 0 (round-off)."""
+    dev = fisher.device
+    w = weight.detach().to(dev, torch.float32)  # (m, n)
+    m = w.shape[0]
+    zero = torch.zeros(m, dtype=torch.float32, device=dev)
+    b = zero if bias is None else bias.detach().to(dev, torch.float32)
+    dw = torch.stack([w - wh.to(dev, torch.float32) for wh, _ in affines])  # (S, m, n)
+    db = torch.stack([b - (zero if bh is None else bh.to(dev, torch.float32)) for _, bh in affines])  # (S, m)
+    s2 = stats.inputs.second_moment.to(dev, torch.float32)  # (n, n) E[x xᵀ]
+    mu = stats.inputs.mean.to(dev, torch.float32)  # (n,)
+    quad = ((dw @ s2) * dw).sum(-1)  # (S, m)
+    diag = (quad.double() + 2 * (dw @ mu).double() * db.double() + db.double() ** 2).clamp_min(0)  # E[(Δy_i)²]
+    return (0.5 * (diag * fisher.to(torch.float64)).sum(-1)).tolist()
+
+
+def proxy_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, stats: dict[str, LinearStats], *,
+                      method: str = "svd-llm", quant: str = "rtn", group_size: int = 128,
+                      fractions: Sequence[float] = FRACTIONS, bits: Sequence[int] = BITS_GRID,
+                      windows: int | None = None, device: torch.device | str | None = None,
+                      fingerprint: str | None = None, data_label: str | None = None,
+                      data_digest: str | None = None, progress: Progress | None = None,
+                      should_stop: Callable[[], bool] | None = None) -> SensitivityGrid:
+    """Predicted loss increase per linear and setting from one forward + backward over (the
+    first ``windows`` of) ``calib_ids``: the output-Fisher quadratic form (module docstring).
+    Same table schema as ``measure_sensitivity``; no forward per setting."""
+    t0 = time.perf_counter()
+    say = progress or (lambda f, m: None)
+    linears = adapter.linears(model)
+    grid = {li.name: settings_for(li, fractions, bits) for li in linears}
+    _check_settings(linears, grid, method, quant, group_size)
+    say(0.0, "gradient pass for the sensitivity proxy")
+    fisher, dense_loss, _ = output_fisher(model, adapter, calib_ids, windows=windows, device=device,
+                                          should_stop=should_stop)
+    dtype_bytes = next(model.parameters()).element_size()
+    rows = []
+    for j, li in enumerate(linears):
+        _check_stop(should_stop, "sensitivity proxy")
+        lin = get_submodule(model, li.name)
+        st = stats.get(li.name)
+        if st is None:
+            raise ValueError(f"the proxy needs input statistics of {li.name}: profile the model first")
+        affines = compressed_affines(lin, li, grid[li.name], st, method, quant, group_size)
+        dl = proxy_dloss(fisher[li.name], lin.weight, lin.bias, affines, st)
+        for (kind, s), d in zip(grid[li.name], dl):
+            spec = setting_spec(kind, s, method, quant, group_size)
+            rows.append(dict(name=li.name, layer=li.layer, role=li.role, kind=kind, setting=int(s), dloss=d,
+                             bytes=int(weight_bytes(spec, li, dtype_bytes))))
+        say(0.2 + 0.8 * (j + 1) / len(linears), f"proxy {li.name}")
+    n_used = int((calib_ids[:windows] if windows else calib_ids).numel())
+    meta = _meta("proxy-fisher", model, calib_ids, method=method, quant=quant, group_size=group_size,
+                 fractions=fractions, bits=bits, dense_loss=dense_loss, seconds=time.perf_counter() - t0,
+                 device=device or next(model.parameters()).device, fingerprint=fingerprint, data_label=data_label,
+                 data_digest=data_digest, stats=stats, gradient_tokens=n_used)
+    return SensitivityGrid(meta, pd.DataFrame(rows, columns=TABLE_COLUMNS))
+
+
+def agreement(proxy: SensitivityGrid | pd.DataFrame, measured: SensitivityGrid | pd.DataFrame) -> dict:
+    """Spearman rank correlation of proxy vs measured dloss over the settings both hold,
+    overall and per kind: ``{"spearman", "n", "by_kind": {kind: {"spearman", "n"}}}``."""
+    from scipy.stats import spearmanr
+
+    p = proxy.table if isinstance(proxy, SensitivityGrid) else proxy
+    m = measured.table if isinstance(measured, SensitivityGrid) else measured
+    j = p.merge(m, on=["name", "kind", "setting"], suffixes=("_proxy", "_measured"))
+
+    def rho(d: pd.DataFrame) -> dict:
+        n = len(d)
+        if n < 3 or d["dloss_proxy"].nunique() < 2 or d["dloss_measured"].nunique() < 2:
+            return dict(spearman=float("nan"), n=n)
+        return dict(spearman=float(spearmanr(d["dloss_proxy"], d["dloss_measured"]).statistic), n=n)
+
+    out = rho(j)
+    out["by_kind"] = {k: rho(d) for k, d in j.groupby("kind", sort=True)}
+    if isinstance(measured, SensitivityGrid) and measured.first_order is not None:
+        c = p.merge(measured.curvature_table(), on=["name", "kind", "setting"], suffixes=("_proxy", "_measured"))
+        out["curvature"] = rho(c)  # against the measurement without its first-order part
+    return out
+
+
+# ------------------------------------------------------------------------ command line
+def cli_sensitivity(args, progress: Progress | None = None, say: Callable[[str], None] | None = None) -> dict:
+    """``python -m analysis sensitivity``: measure the grid (cached), add the proxy and its
+    agreement, save everything to ``args.out``; returns a summary dict."""
+    from analysis.data import calibration_windows, load_corpus, tokenize
+    from analysis.loading import cache_dir, load_model
+    from analysis.profile import load_or_profile
+
+    say = say or (lambda _m: None)
+    t0 = time.perf_counter()
+    lm = load_model(args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code, progress=say)
+    if lm.max_positions and args.seqlen > lm.max_positions:
+        raise ValueError(f"seqlen {args.seqlen} exceeds the model's maximum of {lm.max_positions} positions; "
+                         f"use --seqlen {lm.max_positions} or less")
+    corpus = load_corpus(args.text)
+    tokens = tokenize(lm.tokenizer, corpus)
+    n_win = max(1, -(-args.tokens // args.seqlen))
+    # the replacements are fitted on a profile of at least PROFILE_TOKENS tokens; its first
+    # n_win windows are exactly the probe windows (same seed, same draw order)
+    profile_tokens = getattr(args, "profile_tokens", None) or max(args.tokens, PROFILE_TOKENS)
+    n_prof = max(n_win, -(-profile_tokens // args.seqlen))
+    prof_ids = calibration_windows(tokens, args.seqlen, n_prof, args.seed)
+    ids = prof_ids[:n_win]
+    digest = f"{corpus.digest}-{args.seqlen}-{args.seed}"
+    prof_label = f"{corpus.label}, {n_prof} x {args.seqlen} tokens (seed {args.seed})"
+    prof, reused_prof = load_or_profile(lm.model, lm.adapter, prof_ids, fingerprint=lm.fingerprint,
+                                        data_label=prof_label, data_digest=digest, cache_root=cache_dir(),
+                                        progress=progress)
+    say(("reused cached profile " if reused_prof else "profiled ") + prof_label)
+    stats = prof.all_stats()
+    label = f"{corpus.label}, {n_win} x {args.seqlen} tokens (seed {args.seed})"
+    common = dict(method=args.method, quant=args.quant, group_size=args.group_size)
+    say(f"measuring sensitivity on {ids.numel()} tokens ({label}) on {lm.device}")
+    grid, reused = load_or_measure(lm.model, lm.adapter, ids, stats, fingerprint=lm.fingerprint, data_label=label,
+                                   data_digest=digest, cache_root=cache_dir(), progress=progress, **common)
+    if grid.proxy is None or "agreement" not in grid.meta:  # the cached grid keeps its proxy too
+        say("gradient proxy and its agreement with the measurement")
+        proxy = proxy_sensitivity(lm.model, lm.adapter, ids, stats, fingerprint=lm.fingerprint, data_label=label,
+                                  data_digest=digest, **common)
+        grid.proxy = proxy.table
+        grid.meta = {**grid.meta, "agreement": agreement(proxy, grid), "proxy_seconds": proxy.meta["seconds"],
+                     "profile_data": prof_label}
+        if grid.folder:
+            grid.save(Path(grid.folder))
+    agree = grid.meta["agreement"]
+    cached_at = grid.folder
+    grid.save(Path(args.out))
+    return dict(out=str(args.out), reused=reused, cache=cached_at, seconds=round(time.perf_counter() - t0, 2),
+                seconds_measure=grid.meta["seconds"], seconds_proxy=grid.meta["proxy_seconds"],
+                probes=int(len(grid.table)), seconds_per_probe=grid.meta.get("seconds_per_probe"),
+                linears=int(grid.table["name"].nunique()), dense_loss=grid.dense_loss,
+                dense_ppl=float(np.exp(grid.dense_loss)), n_tokens=int(ids.numel()), data=label,
+                method=args.method, quant=args.quant, group_size=args.group_size, device=str(lm.device),
+                agreement=dict(spearman=agree["spearman"], n=agree["n"],
+                               **{f"spearman_{k}": v["spearman"] for k, v in agree["by_kind"].items()},
+                               **({"spearman_curvature": agree["curvature"]["spearman"]}
+                                  if "curvature" in agree else {})))

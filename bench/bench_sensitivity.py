@@ -1,0 +1,123 @@
+"""Issue 5 benchmark (compression benchmark's protocol: calibration from the tokenised
+validation split, ppl16 on the raw test split).
+
+(a) Spearman correlation between predicted and measured ppl16 over random plans spanning
+    light to heavy compression; (b) at 4.25 / 3.25 / 2.5 average bits per decoder-linear
+    weight, the allocated plan vs uniform rtn/gptq g128 plans; (c) wall time of the grid.
+
+    python bench/bench_sensitivity.py [--device auto] [--tokens 1024] [--seqlen 256] [--plans 14] [--tag gpu]
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import time
+import warnings
+
+from common import CALIB_SPEC, EVAL_SPEC, MODEL, log, save  # noqa: I001
+from scipy.stats import spearmanr
+
+from analysis.data import calibration_windows, load_corpus, tokenize, windows
+from analysis.loading import cache_dir, load_model
+from analysis.metrics import model_bytes, perplexity
+from analysis.profile import load_or_profile
+from analysis.sensitivity import agreement, measure_sensitivity, proxy_sensitivity, rank_grid
+from compression.allocate import Predictor, allocate
+from compression.apply import apply_plan
+from compression.plan import ModuleSpec, Plan, PlanWarning
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--tokens", type=int, default=1024, help="sensitivity calibration tokens")
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--plans", type=int, default=14)
+    ap.add_argument("--grid-only", action="store_true", help="only (c): time the grid")
+    ap.add_argument("--targets", default="4.25,3.25,2.5")
+    ap.add_argument("--tag", default="")
+    a = ap.parse_args()
+    warnings.simplefilter("ignore", PlanWarning)
+    lm = load_model(MODEL, a.device)
+    linears = lm.adapter.linears(lm.model)
+    ev_c, cal_c = load_corpus(EVAL_SPEC), load_corpus(CALIB_SPEC)
+    cal_tok = tokenize(lm.tokenizer, cal_c)
+    cal32 = calibration_windows(cal_tok, 2048, 32, 0)
+    prof, _ = load_or_profile(lm.model, lm.adapter, cal32, fingerprint=lm.fingerprint,
+                              data_label=f"{cal_c.label} 32x2048 seed 0", data_digest=f"{cal_c.digest}-2048-0",
+                              cache_root=cache_dir(), batch_size=2)
+    stats = prof.all_stats()
+    sens_ids = calibration_windows(cal_tok, a.seqlen, max(1, a.tokens // a.seqlen), 0)
+    t = time.perf_counter()
+    grid = measure_sensitivity(lm.model, lm.adapter, sens_ids, stats, method="svd-llm", quant="rtn", group_size=128)
+    t_grid = time.perf_counter() - t
+    t = time.perf_counter()
+    proxy = proxy_sensitivity(lm.model, lm.adapter, sens_ids, stats, method="svd-llm", quant="rtn", group_size=128)
+    t_proxy = time.perf_counter() - t
+    out = dict(protocol=f"sensitivity: {cal_c.label} {sens_ids.shape[0]} x {a.seqlen} tokens (seed 0), svd-llm + "
+                        f"rtn g128, profile 32 x 2048; ppl16: {ev_c.label} first 16 x 2048; fp32; {lm.device}",
+               grid_seconds=t_grid, probes=len(grid.table), proxy_seconds=t_proxy,
+               proxy_agreement=agreement(proxy, grid))
+    log(f"grid {t_grid:.1f}s ({len(grid.table)} probes), proxy {t_proxy:.1f}s, agreement {out['proxy_agreement']}")
+    save("sensitivity" + (f"_{a.tag}" if a.tag else ""), out)
+    if a.grid_only:
+        return
+    ev = windows(tokenize(lm.tokenizer, ev_c), 2048, 16)
+    dense_bytes = model_bytes(lm.model).weight_bytes
+    mods = dict(lm.model.named_modules())
+    pred = Predictor(grid, linears, dense_bytes, 4, {li.name: mods[li.name].bias is not None for li in linears})
+
+    def measure(plan: Plan) -> dict:
+        comp, _ = apply_plan(lm.model, lm.adapter, plan, stats, device=lm.device, calib_ids=cal32)
+        p = perplexity(comp, ev, ev_c.label).ppl
+        pr = pred.predict(plan)
+        return dict(ppl16=p, predicted_ppl=pr.ppl, bits_per_weight=pr.bits_per_weight,
+                    bytes=model_bytes(comp).weight_bytes)
+
+    rng = random.Random(0)
+    randoms = []
+    for i in range(a.plans):
+        density = 0.1 + 0.9 * i / max(1, a.plans - 1)
+        mods_ = {}
+        for li in linears:
+            if rng.random() < density:
+                if rng.random() < 0.5:
+                    mods_[li.name] = ModuleSpec(rank=rng.choice(rank_grid(li)), lowrank="svd-llm")
+                else:
+                    mods_[li.name] = ModuleSpec(bits=rng.choice([2, 3, 4, 8]), group_size=128)
+        r = measure(Plan(modules=mods_))
+        r["density"] = density
+        randoms.append(r)
+        log(f"random plan {i}: density {density:.2f} predicted {r['predicted_ppl']:.2f} measured {r['ppl16']:.2f}")
+        out["random_plans"] = randoms
+        xs, ys = [x["predicted_ppl"] for x in randoms], [x["ppl16"] for x in randoms]
+        out["spearman"] = spearmanr(xs, ys).statistic if len(randoms) > 2 else None
+        save("sensitivity" + (f"_{a.tag}" if a.tag else ""), out)
+    alloc = []
+    for target in [float(x) for x in a.targets.split(",")]:
+        variants = (("ranks+bits rtn", {}), ("ranks+bits gptq", {"quant": "gptq"}),
+                    ("bits only gptq", {"quant": "gptq", "only": "bits"}))
+        for variant, kw in variants:
+            try:
+                plan = allocate(pred, target_bits=target, **kw)
+            except ValueError as e:
+                alloc.append(dict(target_bits=target, variant=variant, error=str(e)))
+                continue
+            r = measure(plan)
+            n_rank = sum(1 for s in plan.modules.values() if s.rank)
+            n_bits = {b: sum(1 for s in plan.modules.values() if s.bits == b) for b in (2, 3, 4, 8)}
+            r.update(target_bits=target, variant=variant, modules_with_rank=n_rank, modules_by_bits=n_bits)
+            alloc.append(r)
+            log(f"target {target} {variant}: ppl16 {r['ppl16']:.2f} (pred {r['predicted_ppl']:.2f}) "
+                f"bpw {r['bits_per_weight']:.3f}")
+            out["allocated"] = alloc
+            save("sensitivity" + (f"_{a.tag}" if a.tag else ""), out)
+    for quant in ("rtn", "gptq"):
+        r = measure(Plan(default=ModuleSpec(bits=2, group_size=128, quant=quant)))
+        r.update(uniform=f"{quant} 2-bit g128")
+        out.setdefault("uniform_2bit", []).append(r)
+    save("sensitivity" + (f"_{a.tag}" if a.tag else ""), out)
+
+
+if __name__ == "__main__":
+    main()

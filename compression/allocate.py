@@ -1,0 +1,451 @@
+"""Per-linear ranks and bits that meet a size target, from a measured sensitivity grid.
+
+``Predictor`` turns a sensitivity grid (``analysis.sensitivity``) into a predicted loss
+for any plan: ``loss = dense_loss + Σ dloss(linear, spec)``, sizes from
+``compression.plan.plan_size``. Per linear:
+
+* rank ``r``: linear interpolation of the measured dloss between the grid ranks, with
+  ``dloss = 0`` at full rank ``min(m, n)``; below the smallest grid rank the value of the
+  smallest is used (flat: an optimistic clamp), above full rank 0;
+* bits ``b``: the grid value at ``b``; an off-grid width uses the nearest *lower* grid
+  width (5-7 bits read the 4-bit value), a width below the grid the lowest grid width;
+* rank and bits together: ``dloss_rank + dloss_bits``. This is an approximation: it
+  assumes the error of quantising the two factors costs what quantising the dense weight
+  did, and that the two errors add (both were only measured alone);
+* the spec's ``lowrank`` / ``quant`` method is not looked at: the grid's own methods are
+  what the numbers describe (``allocate`` uses them).
+
+``allocate`` solves the multiple-choice knapsack "one option per linear, minimise Σ dloss,
+size ≤ target" over the options dense, grid ranks (never above break-even), grid bits and
+(unless ``only``) every rank x bits pair:
+
+* ``solver="exact"``: dynamic programming over the Pareto front of (cost, dloss) of the
+  linears seen so far (pruned by feasibility). Exact; ``"auto"`` uses it for up to
+  ``EXACT_MAX_LINEARS`` linears while the front stays below ``max_front`` points (tiny
+  models, and the tests' brute-force check). On SmolLM2's 210 linears the front reaches
+  ~10^5 points (a minute): too slow for an interactive allocator;
+* ``solver="lagrangian"``: each linear's options reduced to their lower convex hull in
+  (bytes, dloss); starting from every linear's best option, hull steps are taken in order
+  of increasing "dloss added per byte saved" until the target is met; that is exactly the
+  Lagrangian sweep over λ (each prefix of steps is the minimiser of ``Σ dloss + λ Σ bytes``
+  for the λ of its last step), without needing a bisection. The last step usually saves
+  more than needed, so a greedy fill then upgrades single linears (to any option, hull or
+  not) while the budget allows, largest dloss reduction first. It can miss the optimum by
+  the "gap" of the knapsack (at most about one step's dloss; on a synthetic SmolLM2-shaped
+  grid 0-0.3 % of the total dloss); it never exceeds the target.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from analysis.adapters import LinearInfo
+from analysis.sensitivity import SensitivityGrid
+from compression.configs import break_even_rank
+from compression.plan import ModuleSpec, Plan, SizeReport, keeps_bias, plan_size, weight_bytes
+
+EXACT_MAX_LINEARS = 48  # "auto" tries the exact solver on problems up to this many linears ...
+MAX_FRONT = 20000  # ... and falls back to the Lagrangian sweep if its Pareto front grows past this
+
+
+@dataclass(frozen=True)
+class Prediction:
+    loss: float  # predicted mean token NLL (nats)
+    ppl: float  # exp(loss)
+    dloss: float  # loss - dense loss
+    bytes: int  # whole model after compression
+    bits_per_weight: float  # over the decoder linears (SizeReport.bits_per_weight)
+    ratio: float  # bytes / dense bytes
+
+
+@dataclass(frozen=True)
+class Option:
+    """One choice for one linear: its spec, weight bytes, model-bytes change, predicted dloss."""
+
+    spec: ModuleSpec
+    weight_bytes: int  # compressed weight (factors, codes, scales; no bias)
+    delta_bytes: int  # change of the whole model's bytes vs dense (bias changes included)
+    dloss: float
+
+
+class Predictor:
+    """Predicted loss and size of plans from a sensitivity grid (see the module docstring).
+
+    ``linears`` are the model's decoder linears, ``dense_total_bytes`` its ``model_bytes``,
+    ``dtype_bytes`` the bytes of its float dtype, ``biases`` which linears have a bias;
+    ``base_plan`` is the template allocated plans start from (its ``lillama`` / ``slicegpt``
+    options and meta are kept). ``curvature_only`` predicts from ``dloss`` minus its first-order
+    part (``SensitivityGrid.curvature_table``): less noisy on a small calibration sample, but no
+    longer the calibration loss itself (see ``analysis.sensitivity``)."""
+
+    def __init__(self, grid: SensitivityGrid, linears: list[LinearInfo], dense_total_bytes: int, dtype_bytes: int,
+                 biases: dict[str, bool], base_plan: Plan | None = None, curvature_only: bool = False):
+        self.grid = grid
+        self.linears = list(linears)
+        self.by_name = {li.name: li for li in self.linears}
+        self.dense_total_bytes = int(dense_total_bytes)
+        self.dtype_bytes = int(dtype_bytes)
+        self.biases = dict(biases)
+        self.base_plan = base_plan or Plan()
+        self.dense_loss = float(grid.meta["dense_loss"])
+        self.method = grid.meta.get("method", "svd-llm")
+        self.quant = grid.meta.get("quant", "rtn")
+        self.group_size = int(grid.meta.get("group_size", 128))
+        self.dense_linear_params = sum(li.out_features * li.in_features for li in self.linears)
+        self.curvature_only = curvature_only
+        t = grid.curvature_table() if curvature_only else grid.table
+        self._ranks: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._bits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for (name, kind), d in t.groupby(["name", "kind"], sort=False):
+            if name not in self.by_name:
+                continue
+            d = d.sort_values("setting")
+            xs, ys = d["setting"].to_numpy(dtype=np.int64), d["dloss"].to_numpy(dtype=np.float64)
+            if kind == "rank":
+                li = self.by_name[name]
+                full = min(li.out_features, li.in_features)
+                keep = xs < full
+                self._ranks[name] = (np.append(xs[keep], full).astype(np.float64), np.append(ys[keep], 0.0))
+            elif kind == "bits":
+                self._bits[name] = (xs, ys)
+        self._cache: dict[tuple[str, ModuleSpec], float] = {}
+
+    # -------------------------------------------------------------------- per linear
+    def grid_ranks(self, name: str) -> list[int]:
+        if name not in self._ranks:
+            return []
+        li = self.by_name[name]
+        full = min(li.out_features, li.in_features)
+        return [int(r) for r in self._ranks[name][0] if r < full]
+
+    def grid_bits(self, name: str) -> list[int]:
+        return [int(b) for b in self._bits[name][0]] if name in self._bits else []
+
+    def rank_dloss(self, name: str, rank: int) -> float:
+        if name not in self._ranks:
+            raise ValueError(f"the sensitivity grid has no rank settings for {name}")
+        xs, ys = self._ranks[name]
+        return float(np.interp(float(rank), xs, ys))  # flat below the grid, 0 at and above full rank
+
+    def bits_dloss(self, name: str, bits: int) -> float:
+        if name not in self._bits:
+            raise ValueError(f"the sensitivity grid has no bit-width settings for {name}")
+        xs, ys = self._bits[name]
+        i = int(np.searchsorted(xs, bits, side="right")) - 1  # nearest lower grid width
+        return float(ys[max(i, 0)])
+
+    def dloss(self, name: str, spec: ModuleSpec) -> float:
+        if spec.is_dense:
+            return 0.0
+        key = (name, spec)
+        hit = self._cache.get(key)
+        if hit is None:
+            if name not in self.by_name:
+                raise ValueError(f"{name} is not a decoder linear of this model")
+            hit = 0.0
+            if spec.rank is not None:
+                hit += self.rank_dloss(name, spec.rank)
+            if spec.bits is not None:
+                hit += self.bits_dloss(name, spec.bits)
+            self._cache[key] = hit
+        return hit
+
+    def option(self, li: LinearInfo, spec: ModuleSpec) -> Option:
+        lil = self.base_plan.lillama
+        w = weight_bytes(spec, li, self.dtype_bytes, lil)
+        hb = self.biases.get(li.name, False)
+        bias_delta = (int(keeps_bias(spec, hb, lil)) - int(hb)) * li.out_features * self.dtype_bytes
+        delta = w - li.out_features * li.in_features * self.dtype_bytes + bias_delta
+        return Option(spec, int(w), int(delta), self.dloss(li.name, spec))
+
+    # -------------------------------------------------------------------- whole plans
+    def size(self, plan: Plan) -> SizeReport:
+        return plan_size(plan, self.linears, self.dense_total_bytes, self.dtype_bytes, self.biases)
+
+    def predict(self, plan: Plan) -> Prediction:
+        d = math.fsum(self.dloss(li.name, plan.spec_for(li.name)) for li in self.linears)
+        rep = self.size(plan)
+        loss = self.dense_loss + d
+        return Prediction(loss, math.exp(loss), d, rep.total_bytes, rep.bits_per_weight, rep.ratio)
+
+
+# ------------------------------------------------------------------------ options
+def _valid(spec: ModuleSpec, li: LinearInfo) -> bool:
+    """The checks ``compression.plan.validate`` makes for one module."""
+    try:
+        lr, q = spec.lowrank_config(), spec.quant_config()
+        if lr is not None:
+            lr.check(li.out_features, li.in_features)
+        if q is not None:
+            if lr is None:
+                q.check(li.in_features)
+            else:
+                from compression.configs import factor_group
+
+                q.with_group(factor_group(q.group_size, li.in_features) if q.group_size else 0).check(li.in_features)
+    except ValueError:
+        return False
+    return True
+
+
+def candidate_options(predictor: Predictor, *, only: str | None = None, group_size: int | None = None,
+                      quant: str | None = None, lowrank: str | None = None) -> dict[str, list[Option]]:
+    """Each linear's options: dense, grid ranks (never above break-even), grid bits and, unless
+    ``only`` is 'rank' or 'bits', every rank x bits pair. Invalid settings are left out."""
+    if only not in (None, "rank", "bits"):
+        raise ValueError(f"only must be 'rank', 'bits' or None, got {only!r}")
+    gs = predictor.group_size if group_size is None else int(group_size)
+    qm = quant or predictor.quant
+    lm = lowrank or predictor.method
+    out = {}
+    for li in predictor.linears:
+        be = break_even_rank(li.out_features, li.in_features)
+        ranks = [r for r in predictor.grid_ranks(li.name) if r <= be] if only != "bits" else []
+        bits = predictor.grid_bits(li.name) if only != "rank" else []
+        specs = [ModuleSpec(lowrank=lm, quant=qm, group_size=gs)]
+        specs += [ModuleSpec(rank=r, lowrank=lm, quant=qm, group_size=gs) for r in ranks]
+        specs += [ModuleSpec(bits=b, lowrank=lm, quant=qm, group_size=gs) for b in bits]
+        if only is None:
+            specs += [ModuleSpec(rank=r, bits=b, lowrank=lm, quant=qm, group_size=gs) for r in ranks for b in bits]
+        out[li.name] = [predictor.option(li, s) for s in specs if s.is_dense or _valid(s, li)]
+    return out
+
+
+# ------------------------------------------------------------------------ solvers
+def _solve_exact(costs: list[np.ndarray], dls: list[np.ndarray], cap: int, max_front: int) -> list[int] | None:
+    """Exact multiple-choice knapsack by Pareto-front DP; None when the front grows past
+    ``max_front``. Returns the chosen option index per item."""
+    n = len(costs)
+    suffix_min = np.zeros(n + 1, dtype=np.int64)
+    for i in range(n - 1, -1, -1):
+        suffix_min[i] = suffix_min[i + 1] + int(costs[i].min())
+    f_cost = np.zeros(1, dtype=np.int64)
+    f_d = np.zeros(1, dtype=np.float64)
+    back: list[tuple[np.ndarray, np.ndarray]] = []
+    for i in range(n):
+        k = len(costs[i])
+        c = (f_cost[:, None] + costs[i][None, :]).ravel()
+        d = (f_d[:, None] + dls[i][None, :]).ravel()
+        parent = np.repeat(np.arange(len(f_cost)), k)
+        choice = np.tile(np.arange(k), len(f_cost))
+        ok = c + suffix_min[i + 1] <= cap
+        c, d, parent, choice = c[ok], d[ok], parent[ok], choice[ok]
+        order = np.lexsort((d, c))  # by cost, then dloss
+        c, d, parent, choice = c[order], d[order], parent[order], choice[order]
+        best_before = np.minimum.accumulate(np.concatenate([[np.inf], d[:-1]]))
+        keep = d < best_before  # strictly better than every cheaper (or equal-cost earlier) point
+        c, d, parent, choice = c[keep], d[keep], parent[keep], choice[keep]
+        if len(c) > max_front:
+            return None
+        back.append((parent, choice))
+        f_cost, f_d = c, d
+    j = int(np.argmin(f_d))
+    picks = [0] * n
+    for i in range(n - 1, -1, -1):
+        parent, choice = back[i]
+        picks[i] = int(choice[j])
+        j = int(parent[j])
+    return picks
+
+
+def _lower_hull(cost: np.ndarray, d: np.ndarray, start: int) -> list[int]:
+    """Indices of the lower convex hull of the options no dearer than ``start`` (the best
+    one), from the cheapest to ``start``: dloss falls and slopes rise along it."""
+    idx = [i for i in range(len(cost)) if cost[i] <= cost[start]]
+    idx.sort(key=lambda i: (cost[i], d[i], i != start))
+    pts: list[int] = []
+    for i in idx:
+        if pts and cost[pts[-1]] == cost[i]:
+            continue  # same cost, worse (or equal) dloss
+        while len(pts) >= 2:
+            a, b = pts[-2], pts[-1]
+            # drop b if it lies on or above the segment a -> i
+            if (d[b] - d[a]) * (cost[i] - cost[a]) >= (d[i] - d[a]) * (cost[b] - cost[a]):
+                pts.pop()
+            else:
+                break
+        pts.append(i)
+    while pts and pts[-1] != start and d[pts[-1]] >= d[start]:
+        pts.pop()
+    if not pts or pts[-1] != start:
+        pts.append(start)
+    return pts
+
+
+def _solve_lagrangian(costs: list[np.ndarray], dls: list[np.ndarray], cap: int) -> list[int]:
+    """Hull sweep in order of dloss added per byte saved, then a greedy fill (module docstring)."""
+    n = len(costs)
+    picks = [int(np.lexsort((costs[i], dls[i]))[0]) for i in range(n)]  # best dloss, cheapest on ties
+    total = sum(int(costs[i][picks[i]]) for i in range(n))
+    if total > cap:
+        steps = []  # (rate, item, position along the chain, target option)
+        for i in range(n):
+            hull = _lower_hull(costs[i], dls[i], picks[i])
+            for pos in range(len(hull) - 1, 0, -1):
+                hi, lo = hull[pos], hull[pos - 1]
+                saved = int(costs[i][hi] - costs[i][lo])
+                rate = float(dls[i][lo] - dls[i][hi]) / saved
+                steps.append((rate, i, len(hull) - pos, lo, saved))
+        steps.sort(key=lambda s: (s[0], s[1], s[2]))
+        for _, i, _, lo, saved in steps:
+            if total <= cap:
+                break
+            picks[i] = lo
+            total -= saved
+    # greedy fill: single upgrades that fit, largest dloss reduction first
+    while True:
+        slack = cap - total
+        best = None
+        for i in range(n):
+            cur_c, cur_d = costs[i][picks[i]], dls[i][picks[i]]
+            gain = cur_d - dls[i]
+            fits = (costs[i] - cur_c) <= slack
+            cand = np.where(fits & (gain > 1e-15))[0]
+            if len(cand):
+                k = int(cand[np.argmax(gain[cand])])
+                if best is None or gain[k] > best[0]:
+                    best = (float(gain[k]), i, k)
+        if best is None:
+            break
+        _, i, k = best
+        total += int(costs[i][k] - costs[i][picks[i]])
+        picks[i] = k
+    return picks
+
+
+# ------------------------------------------------------------------------ allocation
+def allocate(predictor: Predictor, *, target_bytes: int | None = None, target_ratio: float | None = None,
+             target_bits: float | None = None, only: str | None = None, group_size: int | None = None,
+             quant: str | None = None, lowrank: str | None = None, solver: str = "auto",
+             max_front: int = MAX_FRONT) -> Plan:
+    """The plan with the least predicted loss whose size meets exactly one target: whole-model
+    bytes, a fraction of the dense bytes, or average bits per decoder-linear weight
+    (``SizeReport.bits_per_weight``). ``group_size`` / ``quant`` / ``lowrank`` default to the
+    grid's (what its dloss describes). Never exceeds the target; the dense plan when it fits;
+    ``ValueError`` naming the smallest reachable size when nothing fits."""
+    t0 = time.perf_counter()
+    given = [(k, v) for k, v in (("bytes", target_bytes), ("ratio", target_ratio), ("bits", target_bits))
+             if v is not None]
+    if len(given) != 1:
+        raise ValueError("give exactly one of target_bytes, target_ratio, target_bits")
+    kind, value = given[0]
+    if solver not in ("auto", "exact", "lagrangian"):
+        raise ValueError(f"solver must be auto, exact or lagrangian, got {solver!r}")
+    p = predictor
+    opts = candidate_options(p, only=only, group_size=group_size, quant=quant, lowrank=lowrank)
+    names = [li.name for li in p.linears]
+    dense_linear_bytes = p.dense_linear_params * p.dtype_bytes
+    if kind == "bits":
+        if not value > 0:
+            raise ValueError(f"target bits per weight must be positive, got {value}")
+        cap = math.floor(value * p.dense_linear_params / 8 + 1e-9)
+        costs = [np.array([o.weight_bytes for o in opts[nm]], dtype=np.int64) for nm in names]
+        dense_cost = dense_linear_bytes
+    else:
+        if kind == "ratio":
+            if not value > 0:
+                raise ValueError(f"target ratio must be positive, got {value}")
+            total_cap = math.floor(value * p.dense_total_bytes + 1e-9)
+        else:
+            total_cap = int(value)
+        cap = total_cap - p.dense_total_bytes
+        costs = [np.array([o.delta_bytes for o in opts[nm]], dtype=np.int64) for nm in names]
+        dense_cost = 0
+    dls = [np.array([o.dloss for o in opts[nm]], dtype=np.float64) for nm in names]
+    target = {"kind": kind, "value": value}
+    base = p.base_plan
+    meta_common = dict(method="allocate", target=target, only=only, sensitivity=p.grid.folder,
+                       sensitivity_fingerprint=p.grid.meta.get("fingerprint"), dense_loss=p.dense_loss,
+                       curvature_only=p.curvature_only)
+
+    if dense_cost <= cap:  # the dense model already meets the target
+        plan = replace(base, modules={}, meta={**base.meta, **meta_common, "solver": "dense"})
+        return _finish(p, plan, t0)
+
+    min_cost = sum(int(c.min()) for c in costs)
+    if min_cost > cap:
+        smallest = replace(base, modules={nm: opts[nm][int(np.argmin(c))].spec for nm, c in zip(names, costs)
+                                          if not opts[nm][int(np.argmin(c))].spec.is_dense})
+        rep = p.size(smallest)
+        want = {"bytes": f"{value} bytes", "ratio": f"ratio {value}", "bits": f"{value} bits per weight"}[kind]
+        raise ValueError(f"the target ({want}) is below the smallest plan these options reach: "
+                         f"{rep.total_bytes} bytes (ratio {rep.ratio:.4f} of {p.dense_total_bytes} dense bytes, "
+                         f"{rep.bits_per_weight:.3f} bits per weight); aim at or above that"
+                         + ("" if only is None else ", or drop --only to allow rank x bits combinations"))
+
+    picks = None
+    used = "lagrangian"
+    if solver == "exact" or (solver == "auto" and len(names) <= EXACT_MAX_LINEARS):
+        picks = _solve_exact(costs, dls, cap, max_front if solver == "auto" else 10**9)
+        used = "exact"
+    if picks is None:
+        picks = _solve_lagrangian(costs, dls, cap)
+        used = "lagrangian"
+    modules = {nm: opts[nm][k].spec for nm, k in zip(names, picks) if not opts[nm][k].spec.is_dense}
+    plan = replace(base, modules=modules, meta={**base.meta, **meta_common, "solver": used})
+    plan = _finish(p, plan, t0)
+    rep = p.size(plan)
+    over = (rep.bits_per_weight > value + 1e-12) if kind == "bits" else (rep.total_bytes > cap + p.dense_total_bytes)
+    if over:  # would be a bug in the solvers: refuse rather than return a plan over target
+        raise RuntimeError(f"internal error: the allocated plan exceeds the target {target}")
+    return plan
+
+
+def _finish(p: Predictor, plan: Plan, t0: float) -> Plan:
+    pred = p.predict(plan)
+    plan.meta.update(predicted_loss=pred.loss, predicted_ppl=pred.ppl, predicted_dloss=pred.dloss,
+                     predicted_bytes=pred.bytes, bits_per_weight=pred.bits_per_weight, ratio=pred.ratio,
+                     seconds=round(time.perf_counter() - t0, 4))
+    return plan
+
+
+def module_kinds(plan: Plan, linears: list[LinearInfo]) -> dict[str, int]:
+    """How many linears a plan keeps dense, low-rank, quantised, or both."""
+    out = {"dense": 0, "rank": 0, "bits": 0, "rank+bits": 0}
+    for li in linears:
+        s = plan.spec_for(li.name)
+        out["dense" if s.is_dense else "rank+bits" if s.rank is not None and s.bits is not None
+            else "rank" if s.rank is not None else "bits"] += 1
+    return out
+
+
+# ------------------------------------------------------------------------ command line
+def cli_allocate(args, say=None) -> dict:
+    """``python -m compression allocate``: load the model and the sensitivity grid (refusing a
+    grid of another model), allocate, write the plan JSON; returns a summary dict."""
+    from pathlib import Path
+
+    from analysis.loading import load_model
+    from analysis.metrics import model_bytes
+    from analysis.sensitivity import check_compatible
+    from compression.plan import validate
+
+    say = say or (lambda _m: None)
+    grid = SensitivityGrid.load(args.sensitivity)
+    lm = load_model(args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code, progress=say)
+    check_compatible(grid, lm.fingerprint)
+    linears = lm.adapter.linears(lm.model)
+    mods = dict(lm.model.named_modules())
+    biases = {li.name: mods[li.name].bias is not None for li in linears}
+    dense = model_bytes(lm.model).weight_bytes
+    dtype_bytes = next(lm.model.parameters()).element_size()
+    pred = Predictor(grid, linears, dense, dtype_bytes, biases,
+                     base_plan=Plan(meta={"base_fingerprint": lm.fingerprint, "model": args.model}),
+                     curvature_only=bool(getattr(args, "curvature_only", False)))
+    plan = allocate(pred, target_bytes=getattr(args, "target_bytes", None),
+                    target_ratio=getattr(args, "target_ratio", None), target_bits=getattr(args, "target_bits", None),
+                    only=getattr(args, "only", None))
+    validate(plan, linears)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plan.save(out)
+    m = plan.meta
+    say(f"allocated {len(plan.modules)} of {len(linears)} linears ({m['solver']} solver): predicted perplexity "
+        f"{m['predicted_ppl']:.3f} (dense {math.exp(pred.dense_loss):.3f}) at {m['predicted_bytes']} bytes")
+    return dict(out=str(out), target=m["target"], solver=m["solver"], predicted_loss=m["predicted_loss"],
+                predicted_ppl=m["predicted_ppl"], dense_ppl=math.exp(pred.dense_loss), bytes=m["predicted_bytes"],
+                dense_bytes=dense, ratio=m["ratio"], bits_per_weight=m["bits_per_weight"],
+                modules=module_kinds(plan, linears), seconds=m["seconds"], sensitivity=str(args.sensitivity))

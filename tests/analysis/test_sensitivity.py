@@ -1,0 +1,356 @@
+"""Sensitivity grid on a tiny llama: exact against applying the plan, zero-ish at full rank /
+8 bits, growing as rank and bits fall, the model untouched, artifacts, proxy, CLI."""
+import copy
+from argparse import Namespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from analysis.adapters import LinearInfo
+from analysis.loading import wrap_model
+from analysis.metrics import window_nll
+from analysis.profile import collect_input_stats
+from analysis.sensitivity import (
+    BITS_GRID,
+    TABLE_COLUMNS,
+    SensitivityGrid,
+    agreement,
+    check_compatible,
+    load_or_measure,
+    measure_sensitivity,
+    proxy_sensitivity,
+    rank_grid,
+    setting_spec,
+    settings_for,
+)
+from analysis.stats import LinearStats
+from compression.apply import apply_plan
+from compression.plan import Plan, weight_bytes
+from tests.conftest import CharTokenizer, tiny_model
+
+GS = 32  # the tiny models are 64 wide: the default group size 128 does not fit
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one thread avoids OpenMP barrier stalls on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+FRACTIONS = (0.25, 0.5, 2.0)  # 2.0 x break-even is clamped to full rank: dloss must vanish there
+
+
+@torch.no_grad()
+def _peaked_llama():
+    """A tiny random llama whose layers matter (weights scaled up) and whose calibration text
+    is sampled from the model itself: the model is then the best predictor of its data, so
+    compressing a linear can only raise the expected loss (a KL divergence)."""
+    model = tiny_model("llama")
+    for n, p in model.named_parameters():
+        if "layers" in n and n.endswith("proj.weight"):
+            p.mul_(5.0)
+        if n.startswith("lm_head"):
+            p.mul_(10.0)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 128, (32, 1), generator=g)
+    for _ in range(31):
+        probs = torch.softmax(model(input_ids=ids).logits[:, -1].float(), -1)
+        ids = torch.cat([ids, torch.multinomial(probs, 1, generator=g)], 1)
+    return model, ids
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """The peaked tiny llama, 8 calibration windows, statistics from 32 windows."""
+    model, all_ids = _peaked_llama()
+    lm = wrap_model(model, CharTokenizer(), spec="peaked-tiny")
+    ids = all_ids[:8]
+    inputs = collect_input_stats(lm.model, lm.adapter, all_ids)
+    stats = {li.name: LinearStats(inputs[li.input_key]) for li in lm.adapter.linears(lm.model)}
+    return lm, ids, stats
+
+
+@pytest.fixture(scope="module")
+def grid(trained):
+    lm, ids, stats = trained
+    return measure_sensitivity(lm.model, lm.adapter, ids, stats, group_size=GS, fractions=FRACTIONS,
+                               fingerprint=lm.fingerprint, data_label="bigram", data_digest="bigram-32-0")
+
+
+def test_rank_grid():
+    li = LinearInfo("q", 0, "q", "attn_in", 576, 576)  # SmolLM2 q: break-even 288
+    assert rank_grid(li) == [72, 144, 216]
+    assert rank_grid(LinearInfo("k", 0, "k", "attn_in", 192, 576)) == [40, 72, 112]
+    assert rank_grid(LinearInfo("t", 0, "t", "g", 8, 8)) == [8]  # at least 8, at most min(m, n)
+    assert rank_grid(LinearInfo("t", 0, "t", "g", 64, 64), FRACTIONS) == [8, 16, 64]
+    assert BITS_GRID == (2, 3, 4, 8)
+
+
+def test_table_schema_and_bytes(trained, grid):
+    lm, ids, _ = trained
+    t = grid.table
+    assert list(t.columns) == TABLE_COLUMNS
+    linears = lm.adapter.linears(lm.model)
+    assert set(t["name"]) == {li.name for li in linears}
+    by = {li.name: li for li in linears}
+    for row in t.itertuples():
+        spec = setting_spec(row.kind, row.setting, "svd-llm", "rtn", GS)
+        assert row.bytes == weight_bytes(spec, by[row.name], 4)
+    assert grid.meta["n_tokens"] == ids.numel() and grid.meta["method"] == "svd-llm"
+    s, c = window_nll(lm.model, ids)
+    assert grid.dense_loss == pytest.approx(s / c, abs=1e-5)
+
+
+def test_measured_dloss_equals_applying_that_one_setting(trained, grid):
+    """The stacked probe is exact: same loss as really compressing the linear with apply_plan,
+    and the allocator's additive prediction of that one-linear plan is the grid value."""
+    from compression.allocate import Predictor
+
+    lm, ids, stats = trained
+    linears = lm.adapter.linears(lm.model)
+    pred = Predictor(grid, linears, 10**6, 4, {li.name: False for li in linears})
+    t = grid.table
+    for name, kind, setting in [(linears[0].name, "rank", 8), (linears[6].name, "bits", 2),
+                                (linears[12].name, "rank", 24), (linears[9].name, "bits", 3)]:
+        spec = setting_spec(kind, setting, "svd-llm", "rtn", GS)
+        comp, _ = apply_plan(lm.model, lm.adapter, Plan(modules={name: spec}), stats)
+        s, c = window_nll(comp, ids)
+        row = t[(t["name"] == name) & (t["kind"] == kind) & (t["setting"] == setting)]
+        assert len(row) == 1
+        assert s / c - grid.dense_loss == pytest.approx(row["dloss"].item(), abs=2e-5)
+        assert pred.predict(Plan(modules={name: spec})).dloss == row["dloss"].item()  # exactly
+
+
+def test_probes_are_exact_in_every_family(family):
+    """Stacked probes against apply_plan + window_nll in every family (fused qkv, biases,
+    Gemma 3's sliding-window layers with windows longer than the window)."""
+    lm = wrap_model(tiny_model(family))
+    ids = torch.randint(0, 128, (3, 48), generator=torch.Generator().manual_seed(0))
+    inputs = collect_input_stats(lm.model, lm.adapter, ids)
+    linears = lm.adapter.linears(lm.model)
+    stats = {li.name: LinearStats(inputs[li.input_key]) for li in linears}
+    g = measure_sensitivity(lm.model, lm.adapter, ids, stats, group_size=16, names=[linears[0].name, linears[-1].name],
+                            fractions=(0.5,), bits=(2,))
+    s, c = window_nll(lm.model, ids)
+    assert g.dense_loss == pytest.approx(s / c, abs=2e-6)
+    for row in g.table.itertuples():
+        spec = setting_spec(row.kind, row.setting, "svd-llm", "rtn", 16)
+        comp, _ = apply_plan(lm.model, lm.adapter, Plan(modules={row.name: spec}), stats)
+        s2, c2 = window_nll(comp, ids)
+        assert s2 / c2 - s / c == pytest.approx(row.dloss, abs=5e-6)
+
+
+def test_dloss_vanishes_at_full_rank_and_8_bits_and_grows_as_they_fall(trained, grid):
+    lm, _, _ = trained
+    t = grid.table
+    full_rank = {li.name: min(li.out_features, li.in_features) for li in lm.adapter.linears(lm.model)}
+    ranks = t[t["kind"] == "rank"]
+    full = ranks[ranks["setting"] == ranks["name"].map(full_rank)]
+    assert len(full) == len(full_rank) and full["dloss"].abs().max() < 1e-5
+    bits = t[t["kind"] == "bits"].pivot(index="name", columns="setting", values="dloss")
+    assert bits[8].abs().max() < 5e-3
+    mean = bits.mean()
+    assert mean[2] > mean[3] > mean[4] > mean[8]
+    assert (bits[2] > bits[4]).mean() >= 0.8  # mostly, per linear
+    low = ranks.loc[ranks.groupby("name")["setting"].idxmin()].set_index("name")["dloss"]
+    mid = ranks[ranks["setting"] < ranks["name"].map(full_rank)]
+    mid = mid.loc[mid.groupby("name")["setting"].idxmax()].set_index("name")["dloss"]
+    assert low.mean() > mid.mean() > full["dloss"].mean()
+    assert (low >= mid).mean() >= 0.8
+    assert t["dloss"].max() > 0.05  # compression is noticed
+
+
+def test_first_order_terms_are_the_weight_gradient_inner_products(trained, grid):
+    """grid.first_order = <Ŵ - W, ∂L/∂W> (+ bias part) with ∂L/∂W from a plain backward of the
+    mean token NLL; the curvature table is dloss minus it."""
+    from analysis.adapters import get_submodule
+    from analysis.sensitivity import compressed_affines
+
+    lm, ids, stats = trained
+    model = copy.deepcopy(lm.model)
+    logits = model(input_ids=ids).logits
+    F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    fo = grid.first_order.set_index(["name", "kind", "setting"])["dloss_first"]
+    for li in lm.adapter.linears(lm.model)[::3]:
+        lin = get_submodule(model, li.name)
+        settings = settings_for(li, FRACTIONS)
+        affines = compressed_affines(get_submodule(lm.model, li.name), li, settings, stats[li.name], "svd-llm", "rtn",
+                                     GS)
+        for (kind, s), (w_hat, _) in zip(settings, affines):
+            ref = float(((w_hat.double() - lin.weight.detach().double()) * lin.weight.grad.double()).sum())
+            assert fo.loc[(li.name, kind, s)] == pytest.approx(ref, rel=1e-3, abs=1e-7)
+    curv = grid.curvature_table()
+    assert list(curv.columns) == TABLE_COLUMNS
+    np.testing.assert_allclose(curv["dloss"], grid.table["dloss"] - grid.first_order["dloss_first"])
+
+
+def test_model_unchanged_after_measuring_and_after_cancel(trained):
+    lm, ids, stats = trained
+    before = lm.model(input_ids=ids).logits
+    state = copy.deepcopy(lm.model.state_dict())
+    mods = [type(m) for m in lm.model.modules()]
+    names = [li.name for li in lm.adapter.linears(lm.model)][:2]
+    measure_sensitivity(lm.model, lm.adapter, ids, stats, group_size=GS, names=names, max_batch_tokens=64)
+    calls = iter(range(100))
+    with pytest.raises(InterruptedError):
+        measure_sensitivity(lm.model, lm.adapter, ids, stats, group_size=GS, should_stop=lambda: next(calls) >= 1)
+    assert torch.equal(lm.model(input_ids=ids).logits, before)
+    assert [type(m) for m in lm.model.modules()] == mods
+    for k, v in lm.model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert all(p.grad is None and p.requires_grad for p in lm.model.parameters())
+
+
+def test_split_passes_equal_one_pass(trained, grid):
+    lm, ids, stats = trained
+    name = lm.adapter.linears(lm.model)[5].name
+    small = measure_sensitivity(lm.model, lm.adapter, ids, stats, group_size=GS, names=[name],
+                                fractions=FRACTIONS, max_batch_tokens=ids.numel() * 2)
+    ref = grid.table[grid.table["name"] == name].reset_index(drop=True)
+    np.testing.assert_allclose(small.table["dloss"], ref["dloss"], atol=2e-6)
+
+
+@pytest.mark.parametrize("method", ["svd", "svd-llm"])
+def test_one_decomposition_for_all_ranks_equals_the_handler(trained, method):
+    from analysis.adapters import get_submodule
+    from analysis.sensitivity import effective_affine, truncated_weights
+    from compression.registry import handler_for
+
+    lm, _, stats = trained
+    for li in lm.adapter.linears(lm.model)[:7]:
+        lin = get_submodule(lm.model, li.name)
+        ranks = rank_grid(li, FRACTIONS)
+        fast = truncated_weights(lin, ranks, stats[li.name], method)
+        for k, w in zip(ranks, fast):
+            cfg = setting_spec("rank", k, method, "rtn", GS).lowrank_config()
+            ref, _ = effective_affine(handler_for(cfg)(lin, cfg, stats[li.name]), li.in_features)
+            torch.testing.assert_close(w, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_group_size_is_refused_before_running(trained):
+    lm, ids, stats = trained
+    with pytest.raises(ValueError, match="group size 12 must be"):
+        measure_sensitivity(lm.model, lm.adapter, ids, stats, group_size=12)
+
+
+def test_save_load_round_trip_and_compatibility(tmp_path, trained, grid):
+    lm, ids, stats = trained
+    grid.save(tmp_path / "sens")
+    back = SensitivityGrid.load(tmp_path / "sens")
+    assert back.meta == grid.meta
+    assert back.table.equals(grid.table) and back.first_order.equals(grid.first_order)
+    check_compatible(back, lm.fingerprint, "bigram-32-0")
+    other = wrap_model(tiny_model("llama", seed=1))
+    with pytest.raises(ValueError, match="another model") as e:
+        check_compatible(back, other.fingerprint)
+    assert other.fingerprint in str(e.value) and str(tmp_path / "sens") in str(e.value)
+    with pytest.raises(ValueError, match="other calibration data"):
+        check_compatible(back, lm.fingerprint, "another-digest")
+    with pytest.raises(FileNotFoundError, match="meta.json"):
+        SensitivityGrid.load(tmp_path / "nothing")
+
+
+def test_load_or_measure_reuses_the_cache(tmp_path, trained):
+    lm, ids, stats = trained
+    names = [lm.adapter.linears(lm.model)[3].name]
+    kw = dict(fingerprint=lm.fingerprint, data_label="bigram", data_digest="d", cache_root=tmp_path, group_size=GS,
+              names=names)
+    first, reused = load_or_measure(lm.model, lm.adapter, ids, stats, **kw)
+    assert not reused
+    again, reused = load_or_measure(lm.model, lm.adapter, ids, stats, **kw)
+    assert reused and again.table.equals(first.table)
+    _, reused = load_or_measure(lm.model, lm.adapter, ids, stats, **{**kw, "group_size": 16})
+    assert not reused
+
+
+def test_proxy_has_the_same_schema_and_ranks_like_the_measurement(trained, grid):
+    lm, ids, stats = trained
+    before = lm.model(input_ids=ids).logits
+    proxy = proxy_sensitivity(lm.model, lm.adapter, ids, stats, group_size=GS, fractions=FRACTIONS)
+    assert list(proxy.table.columns) == TABLE_COLUMNS
+    assert proxy.table[["name", "kind", "setting", "bytes"]].equals(grid.table[["name", "kind", "setting", "bytes"]])
+    assert (proxy.table["dloss"] >= 0).all()
+    assert proxy.meta["dense_loss"] == pytest.approx(grid.dense_loss, abs=1e-5)
+    a = agreement(proxy, grid)
+    assert a["n"] == len(grid.table) and set(a["by_kind"]) == {"rank", "bits"}
+    assert a["spearman"] > 0.5
+    assert torch.equal(lm.model(input_ids=ids).logits, before)
+    assert all(p.grad is None and p.requires_grad for p in lm.model.parameters())
+
+
+def test_proxy_fisher_matches_autograd(trained):
+    """F_y of one linear against a direct computation with a retained output gradient."""
+    from analysis.sensitivity import output_fisher
+
+    lm, ids, _ = trained
+    fisher, loss, count = output_fisher(lm.model, lm.adapter, ids)
+    name = "model.layers.1.mlp.down_proj"
+    mod = dict(lm.model.named_modules())[name]
+    outs = []
+
+    def keep(_m, _a, o):
+        o.retain_grad()
+        outs.append(o)
+
+    h = mod.register_forward_hook(keep)
+    try:
+        logits = lm.model(input_ids=ids).logits
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+        nll.backward()
+    finally:
+        h.remove()
+        lm.model.zero_grad(set_to_none=True)
+    g = outs[0].grad.double()
+    ref = g.pow(2).flatten(0, -2).sum(0) / count
+    torch.testing.assert_close(fisher[name], ref, rtol=1e-4, atol=1e-10)
+    assert loss == pytest.approx(nll.item() / count, rel=1e-5)
+
+
+def test_proxy_quadratic_form_matches_explicit_outputs():
+    """½ Σ_i F_i E[(Δy_i)²] from the input moments equals the average over explicit tokens."""
+    from torch import nn
+
+    from analysis.sensitivity import proxy_dloss
+
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)
+    x = torch.randn(500, 16) * torch.linspace(0.2, 3, 16) + 0.5
+    st = LinearStats.from_inputs(x)
+    settings = [(lin.weight + 0.05 * torch.randn(8, 16), lin.bias + 0.1 * torch.randn(8)),
+                (lin.weight.detach().clone(), None), (0.5 * lin.weight.detach(), lin.bias.detach())]
+    f = torch.rand(8, dtype=torch.float64)
+    got = proxy_dloss(f, lin.weight, lin.bias, settings, st)
+    with torch.no_grad():
+        for (w_hat, b_hat), g in zip(settings, got):
+            dy = lin(x) - (x @ w_hat.T + (0 if b_hat is None else b_hat))
+            assert g == pytest.approx(float(0.5 * (f * dy.double().pow(2).mean(0)).sum()), rel=1e-4)
+
+
+def test_cli_sensitivity_then_allocate(tmp_path, monkeypatch, trained):
+    from analysis.sensitivity import cli_sensitivity
+    from compression.allocate import cli_allocate
+
+    lm, _, _ = trained
+    monkeypatch.setenv("RANKLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("analysis.loading.load_model", lambda spec, *a, **k: lm)
+    args = Namespace(model="tiny", text="default", tokens=96, seqlen=32, seed=0, method="svd-llm", quant="rtn",
+                     group_size=GS, out=str(tmp_path / "sens"), device="cpu", dtype="float32",
+                     trust_remote_code=False, json=True, profile_tokens=512)
+    out = cli_sensitivity(args, progress=lambda f, m: None, say=lambda m: None)
+    assert out["probes"] == sum(len(settings_for(li)) for li in lm.adapter.linears(lm.model))
+    assert out["n_tokens"] == 96
+    assert {"seconds", "dense_loss", "agreement", "seconds_per_probe"} <= set(out)
+    grid = SensitivityGrid.load(tmp_path / "sens")
+    assert grid.proxy is not None and "agreement" in grid.meta and grid.meta["stats_tokens"] == 512
+    again = cli_sensitivity(args, progress=None, say=None)  # cached measurement
+    assert again["reused"]
+    plan_out = cli_allocate(Namespace(model="tiny", sensitivity=str(tmp_path / "sens"), target_bytes=None,
+                                      target_ratio=None, target_bits=12.0, only="bits",
+                                      out=str(tmp_path / "plan.json"), device="cpu", dtype="float32",
+                                      trust_remote_code=False), say=lambda m: None)
+    assert plan_out["bits_per_weight"] <= 12.0 and plan_out["modules"]["rank"] == 0
