@@ -12,8 +12,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 from torch import nn
 
 from analysis.adapters import Adapter, adapter_for
+from analysis.atomic import atomic_folder
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -123,9 +122,7 @@ def _gguf_cached_folder(gguf: Path, progress: Progress) -> Path:
     if (folder / "done").exists():
         return folder
     progress(f"dequantising {gguf.name} once (cached afterwards in {folder})")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
-    try:
+    with atomic_folder(folder) as tmp:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         # the GGUF loader marks the model as "quantised"; its weights are plain dense tensors now
@@ -135,12 +132,6 @@ def _gguf_cached_folder(gguf: Path, progress: Progress) -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "done").write_text(str(gguf))
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)  # atomic: a crash never leaves a half-written cache that looks complete
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

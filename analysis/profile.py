@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -24,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from analysis.adapters import Adapter, LinearInfo
+from analysis.atomic import atomic_folder
 from analysis.layerwise import capture, run_layer
 from analysis.stats import InputStats, LinearStats
 
@@ -116,9 +115,7 @@ class Profile:
         """Write atomically: a temp folder renamed into place, ``meta.json`` last inside it,
         so an interrupted save never leaves an artifact that reads as complete."""
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-        try:
+        with atomic_folder(folder) as tmp:
             arrays = {}
             for key, s in self.inputs.items():
                 arrays[f"in.{key}.xxt"] = s.xxt.float().cpu().contiguous()
@@ -133,12 +130,6 @@ class Profile:
             meta = {**self.meta, "linears": [li.__dict__ for li in self.linears],
                     "n_tokens_by_input": {k: s.n_tokens for k, s in self.inputs.items()}}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-            if folder.exists():
-                shutil.rmtree(folder)
-            tmp.rename(folder)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
     def load(cls, folder: Path, device: torch.device | str = "cpu") -> Profile:

@@ -44,8 +44,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -61,6 +59,7 @@ from torch import Tensor, nn
 import compression.lowrank  # noqa: F401  (registers the low-rank handlers)
 import compression.quant  # noqa: F401  (registers the quantisation handlers)
 from analysis.adapters import Adapter, LinearInfo, get_submodule, set_submodule
+from analysis.atomic import atomic_folder
 from analysis.layerwise import _Recorder, _Stop, run_head, run_layer
 from analysis.stats import LinearStats
 from compression.configs import SVDConfig, WhitenedSVDConfig
@@ -386,21 +385,13 @@ class SensitivityGrid:
     def save(self, folder: str | Path) -> None:
         """Write atomically: a temp folder renamed into place, ``meta.json`` written last."""
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-        try:
+        with atomic_folder(folder) as tmp:
             self.table[TABLE_COLUMNS].to_csv(tmp / "table.csv", index=False)
             if self.proxy is not None:
                 self.proxy[TABLE_COLUMNS].to_csv(tmp / "proxy.csv", index=False)
             if self.first_order is not None:
                 self.first_order[FIRST_ORDER_COLUMNS].to_csv(tmp / "first_order.csv", index=False)
             (tmp / "meta.json").write_text(json.dumps(self.meta, indent=2))
-            if folder.exists():
-                shutil.rmtree(folder)
-            tmp.rename(folder)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         self.folder = str(folder)
 
     @classmethod

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 from torch import nn
 
+from analysis.atomic import atomic_folder
 from analysis.loading import COMPRESSED_MARKER, LoadedModel, model_fingerprint
 from compression import configs as C
 from compression.lowrank import LowRankLinear
@@ -68,9 +67,7 @@ def save_compressed(model: nn.Module, folder: str | Path, *, plan_json: str, tok
                     extra_modules: dict[str, dict] | None = None) -> Path:
     """Write the compressed model atomically (temp folder renamed into place)."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    try:
+    with atomic_folder(folder) as tmp:
         st_save_model(model, str(tmp / "model.safetensors"))
         dtype = next(p for p in model.parameters() if p.dtype.is_floating_point).dtype
         info = {"format": SAVE_FORMAT, "config": model.config.to_dict(), "dtype": str(dtype).replace("torch.", ""),
@@ -79,12 +76,6 @@ def save_compressed(model: nn.Module, folder: str | Path, *, plan_json: str, tok
         (tmp / COMPRESSED_MARKER).write_text(json.dumps(info, indent=1, default=str))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
