@@ -46,6 +46,15 @@ def tiny_model(model_type: str = "llama", seed: int = 0, dtype=torch.float32, **
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread avoids OpenMP barrier stalls on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param

@@ -33,13 +33,7 @@ from tests.conftest import CharTokenizer, tiny_model
 GS = 32  # the tiny models are 64 wide: the default group size 128 does not fit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread avoids OpenMP barrier stalls on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FRACTIONS = (0.25, 0.5, 2.0)  # 2.0 x break-even is clamped to full rank: dloss must vanish there

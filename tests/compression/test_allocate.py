@@ -16,13 +16,7 @@ from compression.plan import ModuleSpec, Plan, plan_size, validate, weight_bytes
 DT = 4  # float32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread avoids OpenMP barrier stalls on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _linears(shapes=((64, 64), (32, 64), (128, 64), (64, 128))) -> list[LinearInfo]:
