@@ -1,0 +1,75 @@
+"""The command lines, end to end on a tiny model folder with a real (character-level) tokenizer."""
+import json
+
+import pandas as pd
+import pytest
+
+from tests.conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i): i - 32 for i in range(32, 127)}
+    vocab["\n"], vocab["[UNK]"] = 95, 96
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]")
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny_model("llama").save_pretrained(folder)
+    tok.save_pretrained(folder)
+    text = folder / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog.\n" * 200)
+    return folder, text
+
+
+def _run(main, argv, capsys) -> dict:
+    assert main(argv) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+def test_eval_profile_apply_reload(model_dir, tmp_path, capsys, monkeypatch):
+    from analysis.__main__ import main as analysis_main
+    from compression.__main__ import main as compression_main
+
+    monkeypatch.setenv("RANKLAB_CACHE", str(tmp_path / "cache"))
+    folder, text = model_dir
+    out = _run(analysis_main, ["eval", "--model", str(folder), "--text", str(text), "--seqlen", "32",
+                               "--windows", "4", "--json", "--latency-runs", "1", "--latency-seqlen", "16"], capsys)
+    for key in ("model", "ppl", "tokens", "seqlen", "windows", "weight_bytes", "prefill_tok_s",
+                "decode_ms_per_token", "device"):
+        assert key in out
+    assert out["windows"] == 4 and out["tokens"] == 4 * 31 and out["ppl"] > 1
+
+    _run(analysis_main, ["profile", "--model", str(folder), "--text", str(text), "--tokens", "512", "--seqlen", "32",
+                         "--out", str(tmp_path / "prof")], capsys)
+    summary = pd.read_csv(tmp_path / "prof" / "summary.csv")
+    assert {"name", "layer", "role", "out_features", "in_features", "eff_rank_act", "eff_rank_weight", "rank90",
+            "rank95", "rank99", "break_even"} <= set(summary.columns)
+    assert (tmp_path / "prof" / "meta.json").exists()
+
+    comp = _run(compression_main, ["apply", "--model", str(folder), "--text", str(text), "--method", "gptq",
+                                   "--bits", "4", "--group-size", "32", "--calib-tokens", "256", "--seqlen", "32",
+                                   "--out", str(tmp_path / "c")], capsys)
+    assert {"method", "weight_bytes", "dense_weight_bytes", "bits_per_weight", "seconds"} <= set(comp)
+    assert comp["weight_bytes"] == comp["predicted_weight_bytes"] < comp["dense_weight_bytes"]
+    assert comp["bits_per_weight"] == pytest.approx(4 + 32 / 32)
+    again = _run(analysis_main, ["eval", "--model", str(tmp_path / "c"), "--text", str(text), "--seqlen", "32",
+                                 "--windows", "4", "--json", "--no-latency"], capsys)
+    assert again["weight_bytes"] == comp["weight_bytes"] and again["ppl"] > 1
+
+
+def test_bad_input_is_one_clear_line(model_dir, capsys):
+    from analysis.__main__ import main as analysis_main
+    from compression.__main__ import main as compression_main
+
+    folder, text = model_dir
+    assert analysis_main(["eval", "--model", "org/missing-model", "--no-latency"]) == 2
+    assert "not on disk" in capsys.readouterr().err
+    assert analysis_main(["eval", "--model", str(folder), "--text", str(text), "--seqlen", "100000"]) == 2
+    assert "exceeds the model's maximum" in capsys.readouterr().err
+    assert compression_main(["apply", "--model", str(folder), "--text", str(text), "--method", "svd-llm",
+                             "--out", "/tmp/x"]) == 2
+    assert "--param-ratio" in capsys.readouterr().err
