@@ -2,18 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-import warnings
 
-
-def _progress_stderr(frac: float, msg: str) -> None:
-    print(f"\r[{frac * 100:5.1f}%] {msg}\033[K", end="" if frac < 1 else "\n", file=sys.stderr, flush=True)
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+from analysis.cli import progress_stderr, run_command, say
 
 
 def cmd_eval(a: argparse.Namespace) -> dict:
@@ -21,14 +13,14 @@ def cmd_eval(a: argparse.Namespace) -> dict:
     from analysis.loading import load_model
     from analysis.metrics import latency, model_bytes, perplexity
 
-    lm = load_model(a.model, a.device, a.dtype, trust_remote_code=a.trust_remote_code, progress=_say)
+    lm = load_model(a.model, a.device, a.dtype, trust_remote_code=a.trust_remote_code, progress=say)
     if lm.max_positions and a.seqlen > lm.max_positions:
         raise ValueError(f"seqlen {a.seqlen} exceeds the model's maximum of {lm.max_positions} positions; "
                          f"use --seqlen {lm.max_positions} or less")
     corpus = load_corpus(a.text)
     ids = windows(tokenize(lm.tokenizer, corpus), a.seqlen, a.windows)
     t = time.perf_counter()
-    ppl = perplexity(lm.model, ids, corpus.label, progress=_progress_stderr)
+    ppl = perplexity(lm.model, ids, corpus.label, progress=progress_stderr)
     ppl_s = time.perf_counter() - t
     mem = model_bytes(lm.model)
     out = dict(model=a.model, source=lm.source, fingerprint=lm.fingerprint, ppl=ppl.ppl, nll=ppl.nll,
@@ -51,14 +43,14 @@ def cmd_profile(a: argparse.Namespace) -> dict:
     from analysis.loading import load_model
     from analysis.profile import profile_model
 
-    lm = load_model(a.model, a.device, a.dtype, trust_remote_code=a.trust_remote_code, progress=_say)
+    lm = load_model(a.model, a.device, a.dtype, trust_remote_code=a.trust_remote_code, progress=say)
     corpus = load_corpus(a.text)
     n_win = max(1, -(-a.tokens // a.seqlen))
     ids = calibration_windows(tokenize(lm.tokenizer, corpus), a.seqlen, n_win, a.seed)
-    _say(f"profiling {ids.numel()} tokens ({n_win} x {a.seqlen}) of {corpus.label} on {lm.device}")
+    say(f"profiling {ids.numel()} tokens ({n_win} x {a.seqlen}) of {corpus.label} on {lm.device}")
     prof = profile_model(lm.model, lm.adapter, ids, fingerprint=lm.fingerprint, data_label=corpus.label,
                          data_digest=f"{corpus.digest}-{a.seqlen}-{a.seed}", batch_size=a.batch_size,
-                         layerwise=a.layerwise, progress=_progress_stderr)
+                         layerwise=a.layerwise, progress=progress_stderr)
     prof.save(Path(a.out))
     return dict(out=a.out, linears=len(prof.linears), **{k: prof.meta[k] for k in
                                                          ("n_tokens", "seconds_stats", "seconds_eig", "device")})
@@ -67,7 +59,7 @@ def cmd_profile(a: argparse.Namespace) -> dict:
 def cmd_sensitivity(a: argparse.Namespace) -> dict:
     from analysis.sensitivity import cli_sensitivity
 
-    return cli_sensitivity(a, progress=_progress_stderr, say=_say)
+    return cli_sensitivity(a, progress=progress_stderr, say=say)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,16 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(fn=cmd_sensitivity)
 
     a = p.parse_args(argv)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("default")
-            out = a.fn(a)
-    except (ValueError, FileNotFoundError, InterruptedError, KeyError) as ex:
-        print(f"error: {ex}", file=sys.stderr)
-        return 2
-    print(json.dumps(out) if a.json else json.dumps(out, indent=2))
-    return 0
-
+    return run_command(a, indent=None if a.json else 2)
 
 if __name__ == "__main__":
     sys.exit(main())

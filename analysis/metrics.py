@@ -148,3 +148,18 @@ def latency(model: nn.Module, seqlen: int = 2048, decode_tokens: int = 32, runs:
 
 def as_dict(obj) -> dict:
     return asdict(obj)
+
+
+def linear_weight_bytes(model: nn.Module, linears) -> int:
+    """Bytes held by the weights of the given linears (factors, packed codes, scales and
+    zeros; biases excluded): the numerator of bits per decoder-linear weight."""
+    mods = dict(model.named_modules())
+    return sum(t.numel() * t.element_size() for li in linears
+               for n, t in [*mods[li.name].named_parameters(), *mods[li.name].named_buffers()]
+               if not n.endswith("bias"))
+
+
+def linear_biases(model: nn.Module, linears) -> dict[str, bool]:
+    """Which of the given linears hold a bias (size accounting needs it)."""
+    mods = dict(model.named_modules())
+    return {li.name: getattr(mods[li.name], "bias", None) is not None for li in linears}

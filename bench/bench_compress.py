@@ -18,20 +18,13 @@ from common import CALIB_SPEC, EVAL_SPEC, MODEL, log, save  # noqa: I001
 
 from analysis.data import calibration_windows, load_corpus, tokenize, windows
 from analysis.loading import cache_dir, load_model
-from analysis.metrics import model_bytes, perplexity
+from analysis.metrics import linear_weight_bytes, model_bytes, perplexity
 from analysis.profile import load_or_profile
 from compression.apply import apply_plan
 from compression.plan import LillamaOptions, PlanWarning, plan_size, uniform_plan
 
 DEFAULT_ROWS = ("dense,svd:0.8,svd:0.6,act-pca:0.8,act-pca:0.6,svd-llm:0.8,svd-llm:0.6,rtn:4,rtn:3,gptq:4,gptq:3,"
                 "ternary,fp8,mxfp4")
-
-
-def linear_bytes(model, adapter) -> int:
-    mods = dict(model.named_modules())
-    return sum(t.numel() * t.element_size() for li in adapter.linears(model)
-               for n, t in list(mods[li.name].named_parameters()) + list(mods[li.name].named_buffers())
-               if not n.endswith("bias"))
 
 
 def main() -> None:
@@ -89,7 +82,7 @@ def main() -> None:
         wb = model_bytes(model).weight_bytes
         peak = torch.cuda.max_memory_allocated() if lm.device.type == "cuda" else None
         row = dict(row=spec, ppl16=ppl, peak_cuda_bytes=peak, weight_bytes=wb, bytes_ratio=wb / dense_bytes,
-                   bits_per_weight=linear_bytes(model, lm.adapter) * 8 / dense_params, seconds=secs)
+                   bits_per_weight=linear_weight_bytes(model, linears) * 8 / dense_params, seconds=secs)
         if method == "lillama":
             row.update(lillama=dict(init=a.lillama_init, order=a.lillama_order, granularity=a.lillama_granularity,
                                     steps=a.lillama_steps, lr=a.lillama_lr, tokens=a.lillama_tokens,

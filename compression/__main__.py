@@ -2,19 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
-
-def _progress(frac: float, msg: str) -> None:
-    print(f"\r[{frac * 100:5.1f}%] {msg}\033[K", end="" if frac < 1 else "\n", file=sys.stderr, flush=True)
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+from analysis.cli import progress_stderr, run_command, say
 
 
 def prepare_calibration(lm, text: str, calib_tokens: int, seqlen: int, seed: int, cache: bool = True):
@@ -29,19 +21,19 @@ def prepare_calibration(lm, text: str, calib_tokens: int, seqlen: int, seed: int
     label = f"{corpus.label}, {n_win} x {seqlen} tokens (seed {seed})"
     prof, reused = load_or_profile(lm.model, lm.adapter, ids, fingerprint=lm.fingerprint, data_label=label,
                                    data_digest=f"{corpus.digest}-{seqlen}-{seed}", cache_root=cache_dir(),
-                                   progress=_progress)
-    _say(("reused cached profile " if reused else "profiled ") + label)
+                                   progress=progress_stderr)
+    say(("reused cached profile " if reused else "profiled ") + label)
     return ids, prof, label
 
 
 def cmd_apply(a: argparse.Namespace) -> dict:
     from analysis.loading import load_model
-    from analysis.metrics import model_bytes
+    from analysis.metrics import linear_biases, linear_weight_bytes, model_bytes
     from compression.apply import apply_plan
     from compression.plan import LillamaOptions, Plan, plan_size, uniform_plan
     from compression.saved import save_compressed
 
-    lm = load_model(a.model, a.device, a.dtype, trust_remote_code=a.trust_remote_code, progress=_say)
+    lm = load_model(a.model, a.device, a.dtype, trust_remote_code=a.trust_remote_code, progress=say)
     linears = lm.adapter.linears(lm.model)
     if a.plan:
         plan = Plan.load(a.plan)
@@ -63,10 +55,10 @@ def cmd_apply(a: argparse.Namespace) -> dict:
     ids, prof, label = prepare_calibration(lm, a.text, a.calib_tokens, a.seqlen, a.seed)
     t_prof = time.perf_counter() - t0
     comp, rep = apply_plan(lm.model, lm.adapter, plan, prof.all_stats(), device=lm.device, calib_ids=ids,
-                           progress=_progress)
+                           progress=progress_stderr)
     seconds = time.perf_counter() - t0
     mem = model_bytes(comp)
-    linear_bytes = _decoder_linear_bytes(comp, lm.adapter)
+    linear_bytes = linear_weight_bytes(comp, lm.adapter.linears(comp))
     dense_params = sum(li.out_features * li.in_features for li in linears)
     out = dict(method=method, weight_bytes=mem.weight_bytes, dense_weight_bytes=dense.weight_bytes,
                bits_per_weight=linear_bytes * 8 / dense_params, seconds=round(seconds, 2),
@@ -74,7 +66,7 @@ def cmd_apply(a: argparse.Namespace) -> dict:
                device=str(lm.device), dtype=str(lm.dtype).replace("torch.", ""), out=a.out)
     if plan.slicegpt is None:
         out["predicted_weight_bytes"] = plan_size(plan, linears, dense.weight_bytes, dtype_bytes,
-                                                  _biases(lm)).total_bytes
+                                                  linear_biases(lm.model, linears)).total_bytes
     if rep.slicegpt is not None:
         out["slicegpt"] = {k: v for k, v in rep.slicegpt.__dict__.items() if isinstance(v, (int, float, bool, str))}
     if rep.lillama is not None:
@@ -86,25 +78,10 @@ def cmd_apply(a: argparse.Namespace) -> dict:
     return out
 
 
-def _biases(lm) -> dict[str, bool]:
-    mods = dict(lm.model.named_modules())
-    return {li.name: mods[li.name].bias is not None for li in lm.adapter.linears(lm.model)}
-
-
-def _decoder_linear_bytes(model, adapter) -> int:
-    """Bytes of the decoder linears' weights (factors, codes, scales; biases excluded)."""
-    total = 0
-    for li in adapter.linears(model):
-        mod = dict(model.named_modules())[li.name]
-        total += sum(t.numel() * t.element_size() for n, t in list(mod.named_parameters()) + list(mod.named_buffers())
-                     if not n.endswith("bias"))
-    return total
-
-
 def cmd_allocate(a: argparse.Namespace) -> dict:
     from compression.allocate import cli_allocate
 
-    return cli_allocate(a, say=_say)
+    return cli_allocate(a, say=say)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,16 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     al.set_defaults(fn=cmd_allocate)
 
     a = p.parse_args(argv)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("default")
-            out = a.fn(a)
-    except (ValueError, FileNotFoundError, InterruptedError, KeyError, NotImplementedError) as ex:
-        print(f"error: {ex}", file=sys.stderr)
-        return 2
-    print(json.dumps(out))
-    return 0
-
+    return run_command(a)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -24,7 +24,7 @@ from torch import nn
 
 from analysis.data import Corpus, load_corpus, make_split
 from analysis.loading import LoadedModel, cache_dir, load_model
-from analysis.metrics import latency, model_bytes, perplexity
+from analysis.metrics import latency, linear_biases, linear_weight_bytes, model_bytes, perplexity
 from analysis.profile import Profile, load_or_profile, rank_for_energy
 from compression.apply import apply_plan
 from compression.plan import ModuleSpec, Plan, PlanWarning, plan_size, validate
@@ -282,8 +282,7 @@ class Lab:
                                    next(lm.model.parameters()).element_size(), self._biases())
 
     def _biases(self) -> dict[str, bool]:
-        mods = dict(self.require_model().model.named_modules())
-        return {li.name: mods[li.name].bias is not None for li in self.linears}
+        return linear_biases(self.require_model().model, self.linears)
 
     # ----------------------------------------------------------------- plans
     def plan_from_sliders(self, rank_pcts: list[float], bits_idx: list[int], lowrank: str = "svd-llm",
@@ -379,13 +378,8 @@ class Lab:
         lat = latency(model, seqlen=min(s.latency_seqlen, s.seqlen), decode_tokens=s.decode_tokens,
                       runs=s.latency_runs, warmup=1)
         mem = model_bytes(model)
-        lin_bytes, params = 0, 0
-        mods = dict(model.named_modules())
-        for li in self.linears:
-            mod = mods[li.name]
-            lin_bytes += sum(t.numel() * t.element_size() for n, t in
-                             list(mod.named_parameters()) + list(mod.named_buffers()) if not n.endswith("bias"))
-            params += li.out_features * li.in_features
+        lin_bytes = linear_weight_bytes(model, self.linears)
+        params = sum(li.out_features * li.in_features for li in self.linears)
         return dict(ppl=ppl.ppl, nll=ppl.nll, bytes=mem.weight_bytes, bits_per_weight=lin_bytes * 8 / params,
                     prefill_tok_s=lat.prefill_tok_s, decode_ms_per_token=lat.decode_ms_per_token,
                     peak_allocated=mem.peak_allocated,
