@@ -238,7 +238,8 @@ def build_sensitivity_tab(state):
 
     def _show(lab: Lab, msg: str):
         table, kind = lab.sensitivity_table()
-        proto = f"{lab.split.calib_label}; {lab.lm.device}; {kind}"
+        data = lab.sensitivity.meta.get("data") if lab.sensitivity is not None else None
+        proto = f"{data or lab.split.calib_label}; {lab.lm.device}; {kind}"
         layers = sorted(table.layer.unique().tolist())
         return (lab, msg, F.sensitivity_heatmap(table, proto), gr.update(choices=layers, value=layers[0]),
                 F.sensitivity_curves(table, int(layers[0]), proto))

@@ -63,6 +63,8 @@ def cmd_sensitivity(a: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from analysis import sensitivity as sens  # its defaults are the CLI's
+
     p = argparse.ArgumentParser(prog="python -m analysis", description="RankLab analysis: evaluate and profile models")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -95,9 +97,13 @@ def main(argv: list[str] | None = None) -> int:
 
     s = sub.add_parser("sensitivity", help="per-linear loss increase on a grid of ranks and bits")
     common(s)
-    s.add_argument("--tokens", type=int, default=1024, help="probe tokens (the grid costs ~1470 probes on 135M)")
-    s.add_argument("--seqlen", type=int, default=256)
-    s.add_argument("--profile-tokens", type=int, default=8192, help="tokens of the profile that fits svd-llm/gptq")
+    s.add_argument("--tokens", type=int, default=sens.DEFAULT_TOKENS,
+                   help="probe tokens (cost is linear in them; the grid is ~1470 probes on 135M)")
+    s.add_argument("--seqlen", type=int, default=sens.DEFAULT_SEQLEN)
+    s.add_argument("--profile-tokens", type=int, default=sens.PROFILE_TOKENS,
+                   help="tokens of the profile that fits svd-llm/gptq")
+    s.add_argument("--head-top-k", type=int, default=sens.HEAD_TOP_K,
+                   help="probes' head on the union of the dense top-k next tokens (0: whole vocabulary)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--method", default="svd-llm", help="low-rank method probed: svd | act-pca | svd-llm")
     s.add_argument("--quant", default="rtn", help="quantiser probed: rtn | gptq")

@@ -60,7 +60,7 @@ import compression.lowrank  # noqa: F401  (registers the low-rank handlers)
 import compression.quant  # noqa: F401  (registers the quantisation handlers)
 from analysis.adapters import Adapter, LinearInfo, get_submodule, set_submodule
 from analysis.atomic import atomic_folder
-from analysis.layerwise import _Recorder, _Stop, run_head, run_layer
+from analysis.layerwise import _Recorder, _Stop, head_features, head_logits, run_head, run_layer
 from analysis.stats import LinearStats
 from compression.configs import SVDConfig, WhitenedSVDConfig
 from compression.lowrank import LowRankLinear, whitening_factor
@@ -82,6 +82,7 @@ DEFAULT_SEQLEN = 256
 PROFILE_TOKENS = 8192
 MAX_BATCH_TOKENS = 16384  # tokens per stacked probe pass (settings are split beyond it)
 HEAD_CHUNK_TOKENS = 1024  # tokens per logits chunk
+HEAD_TOP_K = 0  # probes' head on the union of the dense top-k next tokens (0: whole vocabulary)
 
 
 # ------------------------------------------------------------------------ grid
@@ -266,17 +267,69 @@ def _capture(model: nn.Module, adapter: Adapter, ids: Tensor) -> tuple[Tensor, l
     return recorders[0].hidden, calls
 
 
+@dataclass
+class HeadSubset:
+    """Next-token NLL on a shared vocabulary subset ``S`` (the probes' head shortcut).
+
+    ``S`` is the union over the calibration tokens of the dense model's top-k next tokens
+    and the targets. A probe computes the logits of ``S`` only and keeps, for the rest of
+    the vocabulary, the dense model's exp-logit mass ``tail`` (held fixed)::
+
+        NLL' = logaddexp(logsumexp_S(z'), tail) - z'[target]
+
+    Exact for the dense model; for a compressed one the error is the change of the tail's
+    mass, at most ``tail_mass`` (the dense probability outside ``S``) times the relative
+    change of the tail logits. The head is then ``|S| / V`` of its full cost."""
+
+    rows: Tensor  # (S,) int64 sorted vocabulary ids
+    tail: Tensor  # (C, L-1) float64: log sum of exp(dense logits) outside S (-inf when none)
+    tpos: Tensor  # (C, L-1) int64: index of each target within ``rows``
+    tail_mass: float  # mean dense probability outside S
+
+
+@torch.no_grad()
+def head_subset(model: nn.Module, adapter: Adapter, hidden: Tensor, targets: Tensor, top_k: int,
+                chunk_tokens: int = HEAD_CHUNK_TOKENS) -> HeadSubset:
+    """The ``HeadSubset`` of the dense last hidden state ``hidden`` (C, L, D), targets (C, L-1)."""
+    c, length = hidden.shape[:2]
+    rows_per = max(1, chunk_tokens // length)
+    picked, lse_full = [targets.flatten()], []
+    for i in range(0, c, rows_per):
+        logits = head_logits(model, adapter, head_features(model, adapter, hidden[i:i + rows_per, :-1])).float()
+        picked.append(logits.topk(min(top_k, logits.shape[-1]), dim=-1).indices.flatten())
+        lse_full.append(torch.logsumexp(logits, -1).double())  # (r, L-1)
+    rows = torch.unique(torch.cat(picked))  # (S,) sorted
+    lse_full_t = torch.cat(lse_full)  # (C, L-1)
+    lse_s = torch.cat([torch.logsumexp(head_logits(model, adapter, head_features(
+        model, adapter, hidden[i:i + rows_per, :-1]), rows).float(), -1).double() for i in range(0, c, rows_per)])
+    frac_out = -torch.expm1((lse_s - lse_full_t).clamp(max=0.0))  # (C, L-1) dense probability outside S
+    tail = torch.where(frac_out > 0, lse_full_t + torch.log(frac_out), torch.full_like(frac_out, -math.inf))
+    tpos = torch.searchsorted(rows, targets.contiguous())
+    return HeadSubset(rows, tail, tpos, float(frac_out.mean()))
+
+
 def _window_nll(model: nn.Module, adapter: Adapter, hidden: Tensor, targets: Tensor,
-                chunk_tokens: int = HEAD_CHUNK_TOKENS) -> Tensor:
+                subset: HeadSubset | None = None, chunk_tokens: int = HEAD_CHUNK_TOKENS) -> Tensor:
     """Summed next-token NLL per window (B,) float64, from the last hidden state (B, L, D)
-    and ``targets`` = ids[:, 1:] (B, L-1). Logits are made a few windows at a time."""
+    and ``targets`` = ids[:, 1:] (C, L-1), where ``B`` is a multiple of ``C`` (a stacked
+    probe batch: window ``i`` is calibration window ``i % C``). Logits are made a few
+    windows at a time, over the whole vocabulary or only ``subset.rows``."""
     b, length = hidden.shape[:2]
+    c = targets.shape[0]
     rows = max(1, chunk_tokens // length)
     out = []
     for i in range(0, b, rows):
-        logits = run_head(model, adapter, hidden[i:i + rows, :-1])  # (r, L-1, V)
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets[i:i + rows].flatten(), reduction="none")
-        out.append(nll.view(-1, length - 1).double().sum(1))
+        idx = torch.arange(i, min(i + rows, b), device=targets.device) % c  # calibration window of each row
+        feats = head_features(model, adapter, hidden[i:i + rows, :-1])
+        if subset is None:
+            logits = head_logits(model, adapter, feats)  # (r, L-1, V)
+            nll = F.cross_entropy(logits.flatten(0, 1).float(), targets[idx].flatten(), reduction="none")
+            out.append(nll.view(-1, length - 1).double().sum(1))
+        else:
+            logits = head_logits(model, adapter, feats, subset.rows).float()  # (r, L-1, S)
+            lse = torch.logaddexp(torch.logsumexp(logits, -1).double(), subset.tail[idx])  # (r, L-1)
+            nll = lse - logits.gather(-1, subset.tpos[idx].unsqueeze(-1)).squeeze(-1).double()
+            out.append(nll.sum(1))
     return torch.cat(out)
 
 
@@ -473,7 +526,7 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, s
                         device: torch.device | str | None = None, names: Sequence[str] | None = None,
                         fingerprint: str | None = None, data_label: str | None = None,
                         data_digest: str | None = None, max_batch_tokens: int = MAX_BATCH_TOKENS,
-                        first_order: bool = True, progress: Progress | None = None,
+                        head_top_k: int = HEAD_TOP_K, first_order: bool = True, progress: Progress | None = None,
                         should_stop: Callable[[], bool] | None = None) -> SensitivityGrid:
     """Loss increase of compressing each decoder linear alone, on windows ``calib_ids`` (C, L).
 
@@ -481,7 +534,8 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, s
     probes to some linears (default: all). The model is modified only while a probe runs (its
     linear swapped for a stacked stand-in, restored in ``finally``) and is unchanged after.
     ``first_order`` also records each dloss's first-order part ``<Ŵ - W, ∂L/∂W>`` (one extra
-    backward pass, under 1 % of the time) in ``grid.first_order``."""
+    backward pass, under 1 % of the time) in ``grid.first_order``. ``head_top_k`` > 0 runs the
+    probes' head on a shared vocabulary subset (``HeadSubset``; 0: the whole vocabulary)."""
     t0 = time.perf_counter()
     say = progress or (lambda f, m: None)
     orig_dev = next(model.parameters()).device
@@ -500,6 +554,7 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, s
     moved = dev != orig_dev
     rows: list[dict] = []
     first_rows: list[dict] = []
+    subset: HeadSubset | None = None
     try:
         if moved:
             model.to(dev)
@@ -514,6 +569,7 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, s
             inputs.append(run_layer(layer, inputs[-1], calls_c[j]))
         targets = ids[:, 1:]
         dense_loss = float(_window_nll(model, adapter, inputs[-1], targets).sum()) / targets.numel()
+        subset = head_subset(model, adapter, inputs[-1], targets, head_top_k) if head_top_k > 0 else None
         del inputs[-1]  # only layer inputs are needed from here on
         out_grads = None
         if first_order:
@@ -554,7 +610,7 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, s
                     set_submodule(model, li.name, orig)
                 for k in range(li.layer + 1, len(layers)):
                     h = run_layer(layers[k], h, calls[g][k])
-                nll = _window_nll(model, adapter, h, targets.repeat(g, 1)).view(g, c).sum(1)
+                nll = _window_nll(model, adapter, h, targets, subset).view(g, c).sum(1)
                 losses += (nll / targets.numel()).tolist()
                 del h
             for (kind, s), loss in zip(settings, losses):
@@ -573,7 +629,9 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, s
                  fingerprint=fingerprint, data_label=data_label, data_digest=data_digest, stats=stats,
                  probes=n_probes, seconds_per_probe=round(t_probes / max(n_probes, 1), 4),
                  cpu_seconds_per_probe=round(cpu_probes / max(n_probes, 1), 4),
-                 linears=len(linears), first_order=bool(first_order))
+                 linears=len(linears), first_order=bool(first_order), head_top_k=int(head_top_k),
+                 head_vocab=None if subset is None else int(subset.rows.numel()),
+                 head_tail_mass=None if subset is None else subset.tail_mass)
     first = pd.DataFrame(first_rows, columns=FIRST_ORDER_COLUMNS) if first_order else None
     return SensitivityGrid(meta, table, first_order=first)
 
@@ -597,6 +655,7 @@ def load_or_measure(model: nn.Module, adapter: Adapter, calib_ids: Tensor, stats
                 and grid.meta.get("fractions") == [float(f) for f in fractions] \
                 and grid.meta.get("bits") == [int(b) for b in bits] \
                 and grid.meta.get("stats_tokens") == max((s.n_tokens for s in stats.values()), default=0) \
+                and grid.meta.get("head_top_k", 0) == kw.get("head_top_k", HEAD_TOP_K) \
                 and (grid.first_order is not None or not kw.get("first_order", True)):
             return grid, True
     grid = measure_sensitivity(model, adapter, calib_ids, stats, method=method, quant=quant, group_size=group_size,
@@ -785,9 +844,11 @@ def cli_sensitivity(args, progress: Progress | None = None, say: Callable[[str],
     stats = prof.all_stats()
     label = f"{corpus.label}, {n_win} x {args.seqlen} tokens (seed {args.seed})"
     common = dict(method=args.method, quant=args.quant, group_size=args.group_size)
+    head_top_k = getattr(args, "head_top_k", HEAD_TOP_K)
     say(f"measuring sensitivity on {ids.numel()} tokens ({label}) on {lm.device}")
     grid, reused = load_or_measure(lm.model, lm.adapter, ids, stats, fingerprint=lm.fingerprint, data_label=label,
-                                   data_digest=digest, cache_root=cache_dir(), progress=progress, **common)
+                                   data_digest=digest, cache_root=cache_dir(), progress=progress,
+                                   head_top_k=head_top_k, **common)
     if grid.proxy is None or "agreement" not in grid.meta:  # the cached grid keeps its proxy too
         say("gradient proxy and its agreement with the measurement")
         proxy = proxy_sensitivity(lm.model, lm.adapter, ids, stats, fingerprint=lm.fingerprint, data_label=label,
@@ -806,6 +867,8 @@ def cli_sensitivity(args, progress: Progress | None = None, say: Callable[[str],
                 linears=int(grid.table["name"].nunique()), dense_loss=grid.dense_loss,
                 dense_ppl=float(np.exp(grid.dense_loss)), n_tokens=int(ids.numel()), data=label,
                 method=args.method, quant=args.quant, group_size=args.group_size, device=str(lm.device),
+                head_top_k=head_top_k, head_vocab=grid.meta.get("head_vocab"),
+                head_tail_mass=grid.meta.get("head_tail_mass"),
                 agreement=dict(spearman=agree["spearman"], n=agree["n"],
                                **{f"spearman_{k}": v["spearman"] for k, v in agree["by_kind"].items()},
                                **({"spearman_curvature": agree["curvature"]["spearman"]}

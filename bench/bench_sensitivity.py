@@ -5,7 +5,10 @@ validation split, ppl16 on the raw test split).
     light to heavy compression; (b) at 4.25 / 3.25 / 2.5 average bits per decoder-linear
     weight, the allocated plan vs uniform rtn/gptq g128 plans; (c) wall time of the grid.
 
-    python bench/bench_sensitivity.py [--device auto] [--tokens 1024] [--seqlen 256] [--plans 14] [--tag gpu]
+    python bench/bench_sensitivity.py [--device auto] [--tokens N] [--seqlen L] [--head-top-k K] [--plans 14]
+        [--targets 4.25,3.25,2.5] [--variants "ranks+bits gptq,bits only gptq"] [--uniform-2bit] [--tag cpu]
+
+Defaults for the grid are the CLI's (``analysis.sensitivity.DEFAULT_TOKENS`` ...).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import warnings
 from common import CALIB_SPEC, EVAL_SPEC, MODEL, log, save  # noqa: I001
 from scipy.stats import spearmanr
 
+from analysis import sensitivity as sens
 from analysis.data import calibration_windows, load_corpus, tokenize, windows
 from analysis.loading import cache_dir, load_model
 from analysis.metrics import model_bytes, perplexity
@@ -30,11 +34,14 @@ from compression.plan import ModuleSpec, Plan, PlanWarning
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--tokens", type=int, default=1024, help="sensitivity calibration tokens")
-    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--tokens", type=int, default=sens.DEFAULT_TOKENS, help="sensitivity calibration tokens")
+    ap.add_argument("--seqlen", type=int, default=sens.DEFAULT_SEQLEN)
+    ap.add_argument("--head-top-k", type=int, default=sens.HEAD_TOP_K)
     ap.add_argument("--plans", type=int, default=14)
     ap.add_argument("--grid-only", action="store_true", help="only (c): time the grid")
     ap.add_argument("--targets", default="4.25,3.25,2.5")
+    ap.add_argument("--variants", default="ranks+bits rtn,ranks+bits gptq,bits only gptq")
+    ap.add_argument("--uniform-2bit", action="store_true", help="also measure uniform rtn/gptq 2-bit g128")
     ap.add_argument("--tag", default="")
     a = ap.parse_args()
     warnings.simplefilter("ignore", PlanWarning)
@@ -49,14 +56,18 @@ def main() -> None:
     stats = prof.all_stats()
     sens_ids = calibration_windows(cal_tok, a.seqlen, max(1, a.tokens // a.seqlen), 0)
     t = time.perf_counter()
-    grid = measure_sensitivity(lm.model, lm.adapter, sens_ids, stats, method="svd-llm", quant="rtn", group_size=128)
+    grid = measure_sensitivity(lm.model, lm.adapter, sens_ids, stats, method="svd-llm", quant="rtn", group_size=128,
+                               head_top_k=a.head_top_k)
     t_grid = time.perf_counter() - t
     t = time.perf_counter()
     proxy = proxy_sensitivity(lm.model, lm.adapter, sens_ids, stats, method="svd-llm", quant="rtn", group_size=128)
     t_proxy = time.perf_counter() - t
     out = dict(protocol=f"sensitivity: {cal_c.label} {sens_ids.shape[0]} x {a.seqlen} tokens (seed 0), svd-llm + "
-                        f"rtn g128, profile 32 x 2048; ppl16: {ev_c.label} first 16 x 2048; fp32; {lm.device}",
-               grid_seconds=t_grid, probes=len(grid.table), proxy_seconds=t_proxy,
+                        f"rtn g128, head top-k {a.head_top_k}, profile 32 x 2048; ppl16: {ev_c.label} first 16 x 2048; "
+                        f"fp32; {lm.device}",
+               grid_seconds=t_grid, grid_cpu_seconds_per_probe=grid.meta.get("cpu_seconds_per_probe"),
+               head_vocab=grid.meta.get("head_vocab"), head_tail_mass=grid.meta.get("head_tail_mass"),
+               probes=len(grid.table), proxy_seconds=t_proxy,
                proxy_agreement=agreement(proxy, grid))
     log(f"grid {t_grid:.1f}s ({len(grid.table)} probes), proxy {t_proxy:.1f}s, agreement {out['proxy_agreement']}")
     save("sensitivity" + (f"_{a.tag}" if a.tag else ""), out)
@@ -95,9 +106,10 @@ def main() -> None:
         save("sensitivity" + (f"_{a.tag}" if a.tag else ""), out)
     alloc = []
     for target in [float(x) for x in a.targets.split(",")]:
-        variants = (("ranks+bits rtn", {}), ("ranks+bits gptq", {"quant": "gptq"}),
-                    ("bits only gptq", {"quant": "gptq", "only": "bits"}))
-        for variant, kw in variants:
+        variants = {"ranks+bits rtn": {}, "ranks+bits gptq": {"quant": "gptq"},
+                    "bits only gptq": {"quant": "gptq", "only": "bits"}}
+        for variant in a.variants.split(","):
+            kw = variants[variant]
             try:
                 plan = allocate(pred, target_bits=target, **kw)
             except ValueError as e:
@@ -112,7 +124,7 @@ def main() -> None:
                 f"bpw {r['bits_per_weight']:.3f}")
             out["allocated"] = alloc
             save("sensitivity" + (f"_{a.tag}" if a.tag else ""), out)
-    for quant in ("rtn", "gptq"):
+    for quant in ("rtn", "gptq") if a.uniform_2bit else ():
         r = measure(Plan(default=ModuleSpec(bits=2, group_size=128, quant=quant)))
         r.update(uniform=f"{quant} 2-bit g128")
         out.setdefault("uniform_2bit", []).append(r)

@@ -26,6 +26,7 @@ from analysis.data import Corpus, load_corpus, make_split
 from analysis.loading import LoadedModel, cache_dir, load_model
 from analysis.metrics import latency, linear_biases, linear_weight_bytes, model_bytes, perplexity
 from analysis.profile import Profile, load_or_profile, rank_for_energy
+from analysis.sensitivity import DEFAULT_TOKENS as SENSITIVITY_TOKENS
 from compression.apply import apply_plan
 from compression.plan import ModuleSpec, Plan, PlanWarning, plan_size, validate
 
@@ -41,6 +42,7 @@ class LabSettings:
     seqlen: int = 256
     calib_windows: int = 16
     eval_windows: int = 4
+    sensitivity_tokens: int = SENSITIVITY_TOKENS  # probe tokens of the measured grid: the first windows of the calibration
     seed: int = 0
     batch_size: int = 4
     latency_seqlen: int = 128
@@ -248,17 +250,25 @@ class Lab:
         self._refresh_predictor()
         return self.proxy
 
+    def sensitivity_ids(self) -> tuple[torch.Tensor, str]:
+        """The measured grid's probe windows: the first ``settings.sensitivity_tokens`` tokens'
+        worth of calibration windows (the whole calibration profiles; probes cost per token)."""
+        sp = self.split
+        n = max(1, min(sp.calib_ids.shape[0], -(-self.settings.sensitivity_tokens // sp.calib_ids.shape[1])))
+        return sp.calib_ids[:n], f"{sp.calib_label}; probes on its first {n} x {sp.calib_ids.shape[1]} tokens"
+
     def run_sensitivity(self, method: str = "svd-llm", quant: str = "rtn", group_size: int = 128,
                         progress: Progress | None = None) -> object:
         from analysis.sensitivity import load_or_measure
 
         lm, prof = self.require_model(), self.require_profile()
         self._stop = False
-        self.sensitivity, _reused = load_or_measure(lm.model, lm.adapter, self.split.calib_ids, prof.all_stats(),
-                                           fingerprint=lm.fingerprint, data_label=self.split.calib_label,
-                                           data_digest=self.split.digest, cache_root=cache_dir(), method=method,
-                                           quant=quant, group_size=group_size, progress=progress,
-                                           should_stop=self.should_stop)
+        ids, label = self.sensitivity_ids()
+        self.sensitivity, _reused = load_or_measure(lm.model, lm.adapter, ids, prof.all_stats(),
+                                                    fingerprint=lm.fingerprint, data_label=label,
+                                                    data_digest=self.split.digest, cache_root=cache_dir(),
+                                                    method=method, quant=quant, group_size=group_size,
+                                                    progress=progress, should_stop=self.should_stop)
         self._refresh_predictor()
         return self.sensitivity
 

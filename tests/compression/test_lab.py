@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from compression.lab import BITS_CHOICES, Lab, RunHistory
 from compression.plan import ModuleSpec, Plan
@@ -86,3 +87,15 @@ def test_first_view_makes_predictions_and_allocation_meets_target(tiny_lab):
     assert heavy["ppl"] >= dense["ppl"] and heavy["bytes"] < dense["bytes"]
     plan = tiny_lab.plan_allocate(0.6)
     assert tiny_lab.predict(plan)["ratio"] <= 0.6
+
+
+def test_measured_grid_probes_the_first_calibration_windows(tiny_lab):
+    tiny_lab.settings.sensitivity_tokens = 70  # 3 windows of 32 (rounded up), of the 8 calibration windows
+    ids, label = tiny_lab.sensitivity_ids()
+    assert torch.equal(ids, tiny_lab.split.calib_ids[:3]) and "first 3 x 32" in label
+    tiny_lab.run_profile()
+    grid = tiny_lab.run_sensitivity(group_size=32)
+    assert grid.meta["windows"] == 3 and grid.meta["n_tokens"] == 96 and grid.meta["data"] == label
+    table, kind = tiny_lab.sensitivity_table()
+    assert kind == "measured" and len(table) == len(grid.table) > 0
+    assert tiny_lab.profile.meta["n_tokens"] == tiny_lab.split.calib_ids.numel()  # the profile uses all 8

@@ -103,10 +103,26 @@ def test_rtn_error_falls_with_bits() -> None:
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_rtn_is_lossless_on_its_grid(bits: int) -> None:
-    W = torch.randn(32, 128, generator=gen(bits))
-    Wq = dequantize_affine(*quantize_rtn(W, bits, 32), 32)
-    codes2, scale2, zero2 = quantize_rtn(Wq, bits, 32)
-    assert torch.equal(dequantize_affine(codes2, scale2, zero2, 32), Wq)
+    """Weights on an integer-zero grid (power-of-two scales, every group using codes 0 and
+    qmax) come back exactly, with the same codes and zero points."""
+    qmax, g = 2**bits - 1, 32
+    q = torch.randint(0, qmax + 1, (32, 4, g), generator=gen(bits))  # (m, G, g)
+    q[..., 0], q[..., 1] = 0, qmax
+    z = torch.randint(0, qmax + 1, (32, 4, 1), generator=gen(bits + 10)).float()  # (m, G, 1)
+    s = 2.0 ** -torch.randint(2, 9, (32, 4, 1), generator=gen(bits + 20)).float()  # (m, G, 1)
+    W = ((q.float() - z) * s).reshape(32, 4 * g)
+    codes, scale, zero = quantize_rtn(W, bits, g)
+    assert torch.equal(dequantize_affine(codes, scale, zero, g), W)
+    assert torch.equal(zero.float(), z[..., 0]) and torch.equal(codes.reshape(32, 4, g).long(), q)
+
+
+def test_rtn_zero_point_is_an_integer_and_keeps_zero_exact() -> None:
+    W = torch.randn(16, 128, generator=gen(3))
+    W[:, ::5] = 0.0
+    for bits in (2, 3, 4, 8):
+        codes, scale, zero = quantize_rtn(W, bits, 32)
+        assert torch.equal(zero, zero.round()) and float(zero.min()) >= 0 and float(zero.max()) <= 2**bits - 1
+        assert torch.equal(dequantize_affine(codes, scale, zero, 32)[:, ::5], W[:, ::5])
 
 
 def test_rtn_constant_and_zero_groups() -> None:
