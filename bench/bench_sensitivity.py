@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--targets", default="4.25,3.25,2.5")
     ap.add_argument("--variants", default="ranks+bits rtn,ranks+bits gptq,bits only gptq")
     ap.add_argument("--uniform-2bit", action="store_true", help="also measure uniform rtn/gptq 2-bit g128")
+    ap.add_argument("--curvature", action="store_true",
+                    help="allocate with the curvature-only predictor (dloss minus its first-order part)")
     ap.add_argument("--tag", default="")
     a = ap.parse_args()
     warnings.simplefilter("ignore", PlanWarning)
@@ -76,14 +78,17 @@ def main() -> None:
     ev = windows(tokenize(lm.tokenizer, ev_c), 2048, 16)
     dense_bytes = model_bytes(lm.model).weight_bytes
     mods = dict(lm.model.named_modules())
-    pred = Predictor(grid, linears, dense_bytes, 4, {li.name: mods[li.name].bias is not None for li in linears})
+    biases = {li.name: mods[li.name].bias is not None for li in linears}
+    pred_raw = Predictor(grid, linears, dense_bytes, 4, biases)
+    pred_curv = Predictor(grid, linears, dense_bytes, 4, biases, curvature_only=True)
+    pred = pred_curv if a.curvature else pred_raw
 
     def measure(plan: Plan) -> dict:
         comp, _ = apply_plan(lm.model, lm.adapter, plan, stats, device=lm.device, calib_ids=cal32)
         p = perplexity(comp, ev, ev_c.label).ppl
-        pr = pred.predict(plan)
-        return dict(ppl16=p, predicted_ppl=pr.ppl, bits_per_weight=pr.bits_per_weight,
-                    bytes=model_bytes(comp).weight_bytes)
+        pr = pred_raw.predict(plan)
+        return dict(ppl16=p, predicted_ppl=pr.ppl, predicted_ppl_curvature=pred_curv.predict(plan).ppl,
+                    bits_per_weight=pr.bits_per_weight, bytes=model_bytes(comp).weight_bytes)
 
     rng = random.Random(0)
     randoms = []
@@ -103,6 +108,8 @@ def main() -> None:
         out["random_plans"] = randoms
         xs, ys = [x["predicted_ppl"] for x in randoms], [x["ppl16"] for x in randoms]
         out["spearman"] = spearmanr(xs, ys).statistic if len(randoms) > 2 else None
+        xc = [x["predicted_ppl_curvature"] for x in randoms]
+        out["spearman_curvature"] = spearmanr(xc, ys).statistic if len(randoms) > 2 else None
         save("sensitivity" + (f"_{a.tag}" if a.tag else ""), out)
     alloc = []
     for target in [float(x) for x in a.targets.split(",")]:
@@ -118,7 +125,8 @@ def main() -> None:
             r = measure(plan)
             n_rank = sum(1 for s in plan.modules.values() if s.rank)
             n_bits = {b: sum(1 for s in plan.modules.values() if s.bits == b) for b in (2, 3, 4, 8)}
-            r.update(target_bits=target, variant=variant, modules_with_rank=n_rank, modules_by_bits=n_bits)
+            r.update(target_bits=target, variant=variant, modules_with_rank=n_rank, modules_by_bits=n_bits,
+                     allocated_with="curvature" if a.curvature else "dloss")
             alloc.append(r)
             log(f"target {target} {variant}: ppl16 {r['ppl16']:.2f} (pred {r['predicted_ppl']:.2f}) "
                 f"bpw {r['bits_per_weight']:.3f}")

@@ -96,6 +96,9 @@ class GPTQConfig(QuantConfig):
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = True  # columns by decreasing Hessian diagonal, groups fixed up front (static groups)
+    # sequential GPTQ counts each window's first token ``max(1, sink_weight * L)`` times in
+    # X Xᵀ (windows of L tokens): it is the attention sink that every later token reads
+    sink_weight: float = 1 / 128
     allowed_bits: ClassVar[tuple[int, ...]] = (2, 3, 4, 8)
     name: ClassVar[str] = "gptq"
 

@@ -21,7 +21,7 @@ Conventions
   RTN": a weight of exactly 0 stays exactly 0. A float zero point (``-min / scale``) has a
   slightly lower weight error, but on SmolLM2 (weights dequantised from a GGUF grid, many of
   them shared values such as 0) its rounding errors are correlated within a group, and
-  ppl16 at 4-bit g128 was 34.3 against 27.8 with the integer zero (bench/RESULTS.md).
+  ppl16 at 4-bit g128 was 34.3 against 27.86 with the integer zero (bench/RESULTS.md).
 * Binary: code 1 -> +alpha, 0 -> -alpha. Ternary: codes {0, 1, 2} -> {-alpha, 0, +alpha}.
 * FP8: ``w ≈ float(qweight) * scale[row]`` with ``scale = amax(row) / 448``.
 * MXFP4: code = ``sign << 3 | index`` into the E2M1 table, low nibble first; the block

@@ -187,3 +187,23 @@ def test_sequential_gptq_beats_rtn_and_keeps_exact_bytes():
         if quant == "gptq":
             assert all("sequential" in label for _, label, _ in rep.modules)
     assert errs["gptq"] < errs["rtn"]
+
+
+def test_first_token_weight_counts_the_first_token_w_times():
+    from analysis.stats import InputStats
+    from compression.apply import weighted_first_token
+
+    x = torch.randn(3, 10, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)  # (B, L, n)
+    rest, first, repeated = InputStats.zeros(8), InputStats.zeros(8), InputStats.zeros(8)
+    rest.update(x[:, 1:])
+    first.update(x[:, :1])
+    repeated.update(torch.cat([x[:, :1]] * 5 + [x[:, 1:]], 1))  # the first token 5 times
+    w = weighted_first_token(rest, first, 5.0)
+    assert w.n_tokens == repeated.n_tokens == 3 * 14
+    torch.testing.assert_close(w.xxt, repeated.xxt)
+    torch.testing.assert_close(w.x_sum, repeated.x_sum)
+    one = weighted_first_token(rest, first, 1.0)
+    whole = InputStats.zeros(8)
+    whole.update(x)
+    torch.testing.assert_close(one.xxt, whole.xxt)
+
