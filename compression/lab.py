@@ -42,7 +42,7 @@ class LabSettings:
     seqlen: int = 256
     calib_windows: int = 16
     eval_windows: int = 4
-    sensitivity_tokens: int = SENSITIVITY_TOKENS  # probe tokens of the measured grid: the first windows of the calibration
+    sensitivity_tokens: int = SENSITIVITY_TOKENS  # probe tokens of the measured grid (first calibration windows)
     seed: int = 0
     batch_size: int = 4
     latency_seqlen: int = 128
