@@ -32,6 +32,13 @@ first-order part 0.88; 27 % vs 8 % of settings negative), i.e. it is mostly samp
 pass) and ``SensitivityGrid.curvature_table`` removes it; ``dloss`` itself stays the plain
 calibration-loss increase.
 
+KL. Each probe also records the mean ``KL(dense || probe)`` over the predicted tokens
+(``grid.kl``, same forward pass; the dense distributions are kept, tokens x vocabulary
+floats). It is the loss increase expected on text drawn from the dense model: never
+negative, no first-order term, and it compares whole next-token distributions instead of
+one sampled target, so it is far less noisy on a few hundred tokens. ``Predictor`` can add
+up ``dloss``, ``curvature`` or ``kl`` (``SensitivityGrid.estimate``).
+
 Cost and defaults. A probe (one setting of one linear) re-runs on average half the model
 plus the head, so the grid's cost is ~1470 probes x (tokens x ~0.18 GFLOP) on SmolLM2-135M
 and is linear in the number of tokens. Measured on the 2-core CPU (both threads): 0.40 s per
@@ -76,6 +83,7 @@ Progress = Callable[[float, str], None]
 SENSITIVITY_FORMAT = 1
 TABLE_COLUMNS = ["name", "layer", "role", "kind", "setting", "dloss", "bytes"]
 FIRST_ORDER_COLUMNS = ["name", "kind", "setting", "dloss_first"]
+KL_COLUMNS = ["name", "kind", "setting", "kl"]
 FRACTIONS = (0.25, 0.5, 0.75)
 BITS_GRID = (2, 3, 4, 8)
 # Defaults that keep the full grid of SmolLM2-135M to ~10 minutes on a 2-core CPU
@@ -312,29 +320,65 @@ def head_subset(model: nn.Module, adapter: Adapter, hidden: Tensor, targets: Ten
     return HeadSubset(rows, tail, tpos, float(frac_out.mean()))
 
 
+@dataclass
+class DenseDist:
+    """The dense model's next-token distributions on the calibration windows, for the KL of a
+    probe: ``KL(p || q) = -H(p) - sum_v p_v log q_v`` per predicted token."""
+
+    probs: Tensor  # (C, L-1, V) float32
+    neg_entropy: Tensor  # (C, L-1) float64: sum_v p_v log p_v
+
+
+@torch.no_grad()
+def dense_dist(model: nn.Module, adapter: Adapter, hidden: Tensor,
+               chunk_tokens: int = HEAD_CHUNK_TOKENS) -> DenseDist:
+    """``DenseDist`` from the dense last hidden state (C, L, D). Memory: C x (L-1) x V floats."""
+    c, length = hidden.shape[:2]
+    rows = max(1, chunk_tokens // length)
+    probs, neg_h = [], []
+    for i in range(0, c, rows):
+        logp = torch.log_softmax(run_head(model, adapter, hidden[i:i + rows, :-1]).float(), -1)  # (r, L-1, V)
+        p = logp.exp()
+        probs.append(p)
+        neg_h.append((p * logp).sum(-1).double())
+    return DenseDist(torch.cat(probs), torch.cat(neg_h))
+
+
 def _window_nll(model: nn.Module, adapter: Adapter, hidden: Tensor, targets: Tensor,
                 subset: HeadSubset | None = None, chunk_tokens: int = HEAD_CHUNK_TOKENS) -> Tensor:
+    """Summed next-token NLL per window (B,) float64 (see ``_window_losses``)."""
+    return _window_losses(model, adapter, hidden, targets, subset, None, chunk_tokens)[0]
+
+
+def _window_losses(model: nn.Module, adapter: Adapter, hidden: Tensor, targets: Tensor,
+                   subset: HeadSubset | None = None, dense: DenseDist | None = None,
+                   chunk_tokens: int = HEAD_CHUNK_TOKENS) -> tuple[Tensor, Tensor | None]:
     """Summed next-token NLL per window (B,) float64, from the last hidden state (B, L, D)
     and ``targets`` = ids[:, 1:] (C, L-1), where ``B`` is a multiple of ``C`` (a stacked
-    probe batch: window ``i`` is calibration window ``i % C``). Logits are made a few
-    windows at a time, over the whole vocabulary or only ``subset.rows``."""
+    probe batch: window ``i`` is calibration window ``i % C``); and, given the dense model's
+    distributions ``dense``, the summed KL(dense || this) per window (B,) (else None).
+    Logits are made a few windows at a time, over the whole vocabulary or only ``subset.rows``
+    (no KL then)."""
     b, length = hidden.shape[:2]
     c = targets.shape[0]
     rows = max(1, chunk_tokens // length)
-    out = []
+    out, kls = [], []
     for i in range(0, b, rows):
         idx = torch.arange(i, min(i + rows, b), device=targets.device) % c  # calibration window of each row
         feats = head_features(model, adapter, hidden[i:i + rows, :-1])
         if subset is None:
-            logits = head_logits(model, adapter, feats)  # (r, L-1, V)
-            nll = F.cross_entropy(logits.flatten(0, 1).float(), targets[idx].flatten(), reduction="none")
-            out.append(nll.view(-1, length - 1).double().sum(1))
+            logq = torch.log_softmax(head_logits(model, adapter, feats).float(), -1)  # (r, L-1, V)
+            nll = -logq.gather(-1, targets[idx].unsqueeze(-1)).squeeze(-1)  # (r, L-1)
+            out.append(nll.double().sum(1))
+            if dense is not None:
+                cross = (dense.probs[idx] * logq).sum(-1).double()  # (r, L-1): sum_v p_v log q_v
+                kls.append((dense.neg_entropy[idx] - cross).sum(1))
         else:
             logits = head_logits(model, adapter, feats, subset.rows).float()  # (r, L-1, S)
             lse = torch.logaddexp(torch.logsumexp(logits, -1).double(), subset.tail[idx])  # (r, L-1)
             nll = lse - logits.gather(-1, subset.tpos[idx].unsqueeze(-1)).squeeze(-1).double()
             out.append(nll.sum(1))
-    return torch.cat(out)
+    return torch.cat(out), (torch.cat(kls) if kls else None)
 
 
 def _check_stop(should_stop: Callable[[], bool] | None, what: str) -> None:
@@ -433,6 +477,7 @@ class SensitivityGrid:
     table: pd.DataFrame  # TABLE_COLUMNS
     proxy: pd.DataFrame | None = None  # same schema: the gradient proxy, when computed alongside
     first_order: pd.DataFrame | None = None  # FIRST_ORDER_COLUMNS: the first-order part of each measured dloss
+    kl: pd.DataFrame | None = None  # KL_COLUMNS: mean KL(dense || probe) per predicted token
     folder: str | None = field(default=None, compare=False)
 
     @property
@@ -448,6 +493,8 @@ class SensitivityGrid:
                 self.proxy[TABLE_COLUMNS].to_csv(tmp / "proxy.csv", index=False)
             if self.first_order is not None:
                 self.first_order[FIRST_ORDER_COLUMNS].to_csv(tmp / "first_order.csv", index=False)
+            if self.kl is not None:
+                self.kl[KL_COLUMNS].to_csv(tmp / "kl.csv", index=False)
             (tmp / "meta.json").write_text(json.dumps(self.meta, indent=2))
         self.folder = str(folder)
 
@@ -467,7 +514,11 @@ class SensitivityGrid:
         if (folder / "first_order.csv").exists():
             first = pd.read_csv(folder / "first_order.csv", dtype={"name": str, "kind": str})
             first = first.astype({"setting": int, "dloss_first": float})[FIRST_ORDER_COLUMNS]
-        return cls(meta, table, proxy, first, str(folder))
+        kl = None
+        if (folder / "kl.csv").exists():
+            kl = pd.read_csv(folder / "kl.csv", dtype={"name": str, "kind": str})
+            kl = kl.astype({"setting": int, "kl": float})[KL_COLUMNS]
+        return cls(meta, table, proxy, first, kl, str(folder))
 
     def curvature_table(self) -> pd.DataFrame:
         """The table with ``dloss`` minus its first-order part ``<Ŵ - W, ∂L/∂W>``: the second-
@@ -481,6 +532,27 @@ class SensitivityGrid:
             raise ValueError("the first-order terms do not cover every row of the table")
         t["dloss"] = t["dloss"] - t.pop("dloss_first")
         return t[TABLE_COLUMNS]
+
+    def kl_table(self) -> pd.DataFrame:
+        """The table with ``dloss`` replaced by the mean KL(dense || probe) per predicted token:
+        the loss increase expected on text drawn from the dense model itself. It is never
+        negative and has no first-order term, so a few hundred tokens give a stable estimate."""
+        if self.kl is None:
+            raise ValueError("this sensitivity grid holds no KL divergences; measure it again "
+                             "(measure_sensitivity(kl=True))")
+        t = self.table.drop(columns="dloss").merge(self.kl, on=["name", "kind", "setting"], how="left",
+                                                    validate="one_to_one")
+        if t["kl"].isna().any():
+            raise ValueError("the KL divergences do not cover every row of the table")
+        return t.rename(columns={"kl": "dloss"})[TABLE_COLUMNS]
+
+    def estimate(self, estimator: str) -> pd.DataFrame:
+        """The table a predictor adds up: ``dloss`` (measured loss increase), ``curvature``
+        (minus its first-order part) or ``kl``."""
+        tables = {"dloss": lambda: self.table, "curvature": self.curvature_table, "kl": self.kl_table}
+        if estimator not in tables:
+            raise ValueError(f"unknown estimator {estimator!r}; use one of {', '.join(tables)}")
+        return tables[estimator]()
 
 
 def _read_table(path: Path) -> pd.DataFrame:
@@ -530,7 +602,8 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, s
                         device: torch.device | str | None = None, names: Sequence[str] | None = None,
                         fingerprint: str | None = None, data_label: str | None = None,
                         data_digest: str | None = None, max_batch_tokens: int = MAX_BATCH_TOKENS,
-                        head_top_k: int = HEAD_TOP_K, first_order: bool = True, progress: Progress | None = None,
+                        head_top_k: int = HEAD_TOP_K, first_order: bool = True, kl: bool = True,
+                        progress: Progress | None = None,
                         should_stop: Callable[[], bool] | None = None) -> SensitivityGrid:
     """Loss increase of compressing each decoder linear alone, on windows ``calib_ids`` (C, L).
 
@@ -539,7 +612,9 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, s
     linear swapped for a stacked stand-in, restored in ``finally``) and is unchanged after.
     ``first_order`` also records each dloss's first-order part ``<Ŵ - W, ∂L/∂W>`` (one extra
     backward pass, under 1 % of the time) in ``grid.first_order``. ``head_top_k`` > 0 runs the
-    probes' head on a shared vocabulary subset (``HeadSubset``; 0: the whole vocabulary)."""
+    probes' head on a shared vocabulary subset (``HeadSubset``; 0: the whole vocabulary).
+    ``kl`` also records each probe's mean KL(dense || probe) per token (``grid.kl``; needs the
+    whole vocabulary; memory: tokens x vocabulary floats for the dense distributions)."""
     t0 = time.perf_counter()
     say = progress or (lambda f, m: None)
     orig_dev = next(model.parameters()).device
@@ -558,7 +633,9 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, s
     moved = dev != orig_dev
     rows: list[dict] = []
     first_rows: list[dict] = []
+    kl_rows: list[dict] = []
     subset: HeadSubset | None = None
+    dense: DenseDist | None = None
     try:
         if moved:
             model.to(dev)
@@ -574,6 +651,7 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, s
         targets = ids[:, 1:]
         dense_loss = float(_window_nll(model, adapter, inputs[-1], targets).sum()) / targets.numel()
         subset = head_subset(model, adapter, inputs[-1], targets, head_top_k) if head_top_k > 0 else None
+        dense = dense_dist(model, adapter, inputs[-1]) if kl and subset is None else None
         del inputs[-1]  # only layer inputs are needed from here on
         out_grads = None
         if first_order:
@@ -600,6 +678,7 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, s
                 first_rows += [dict(name=li.name, kind=k, setting=int(s), dloss_first=f)
                                for (k, s), f in zip(settings, firsts)]
             losses: list[float] = []
+            kl_values: list[float] = []
             for g0 in range(0, len(settings), per_pass):
                 group = affines[g0:g0 + per_pass]
                 g = len(group)
@@ -614,9 +693,12 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, s
                     set_submodule(model, li.name, orig)
                 for k in range(li.layer + 1, len(layers)):
                     h = run_layer(layers[k], h, calls[g][k])
-                nll = _window_nll(model, adapter, h, targets, subset).view(g, c).sum(1)
-                losses += (nll / targets.numel()).tolist()
+                nll, kls = _window_losses(model, adapter, h, targets, subset, dense)
+                losses += (nll.view(g, c).sum(1) / targets.numel()).tolist()
+                if kls is not None:
+                    kl_values += (kls.view(g, c).sum(1) / targets.numel()).tolist()
                 del h
+            kl_rows += [dict(name=li.name, kind=k, setting=int(s), kl=v) for (k, s), v in zip(settings, kl_values)]
             for (kind, s), loss in zip(settings, losses):
                 spec = setting_spec(kind, s, method, quant, group_size)
                 rows.append(dict(name=li.name, layer=li.layer, role=li.role, kind=kind, setting=int(s),
@@ -633,11 +715,13 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, s
                  fingerprint=fingerprint, data_label=data_label, data_digest=data_digest, stats=stats,
                  probes=n_probes, seconds_per_probe=round(t_probes / max(n_probes, 1), 4),
                  cpu_seconds_per_probe=round(cpu_probes / max(n_probes, 1), 4),
-                 linears=len(linears), first_order=bool(first_order), head_top_k=int(head_top_k),
+                 linears=len(linears), first_order=bool(first_order), kl=dense is not None,
+                 head_top_k=int(head_top_k),
                  head_vocab=None if subset is None else int(subset.rows.numel()),
                  head_tail_mass=None if subset is None else subset.tail_mass)
     first = pd.DataFrame(first_rows, columns=FIRST_ORDER_COLUMNS) if first_order else None
-    return SensitivityGrid(meta, table, first_order=first)
+    kl_table = pd.DataFrame(kl_rows, columns=KL_COLUMNS) if dense is not None else None
+    return SensitivityGrid(meta, table, first_order=first, kl=kl_table)
 
 
 def load_or_measure(model: nn.Module, adapter: Adapter, calib_ids: Tensor, stats: dict[str, LinearStats], *,
@@ -660,7 +744,8 @@ def load_or_measure(model: nn.Module, adapter: Adapter, calib_ids: Tensor, stats
                 and grid.meta.get("bits") == [int(b) for b in bits] \
                 and grid.meta.get("stats_tokens") == max((s.n_tokens for s in stats.values()), default=0) \
                 and grid.meta.get("head_top_k", 0) == kw.get("head_top_k", HEAD_TOP_K) \
-                and (grid.first_order is not None or not kw.get("first_order", True)):
+                and (grid.first_order is not None or not kw.get("first_order", True)) \
+                and (grid.kl is not None or not kw.get("kl", True) or kw.get("head_top_k", HEAD_TOP_K) > 0):
             return grid, True
     grid = measure_sensitivity(model, adapter, calib_ids, stats, method=method, quant=quant, group_size=group_size,
                                fractions=fractions, bits=bits, fingerprint=fingerprint, data_label=data_label,

@@ -17,6 +17,7 @@ import random
 import time
 import warnings
 
+import torch
 from common import CALIB_SPEC, EVAL_SPEC, MODEL, log, save  # noqa: I001
 from scipy.stats import spearmanr
 
@@ -30,11 +31,15 @@ from compression.allocate import Predictor, allocate
 from compression.apply import apply_plan
 from compression.plan import ModuleSpec, Plan, PlanWarning
 
+ESTIMATORS = ("dloss", "curvature", "kl")
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--tokens", type=int, default=sens.DEFAULT_TOKENS, help="sensitivity calibration tokens")
+    ap.add_argument("--tokens", default=str(sens.DEFAULT_TOKENS),
+                    help="sensitivity calibration tokens; several (comma-separated) measure one grid each, "
+                         "the first one allocates")
     ap.add_argument("--seqlen", type=int, default=sens.DEFAULT_SEQLEN)
     ap.add_argument("--head-top-k", type=int, default=sens.HEAD_TOP_K)
     ap.add_argument("--plans", type=int, default=14)
@@ -42,11 +47,11 @@ def main() -> None:
     ap.add_argument("--targets", default="4.25,3.25,2.5")
     ap.add_argument("--variants", default="ranks+bits rtn,ranks+bits gptq,bits only gptq")
     ap.add_argument("--uniform-2bit", action="store_true", help="also measure uniform rtn/gptq 2-bit g128")
-    ap.add_argument("--curvature", action="store_true",
-                    help="allocate with the curvature-only predictor (dloss minus its first-order part)")
+    ap.add_argument("--estimator", default="dloss", choices=ESTIMATORS, help="what the allocating predictor adds up")
     ap.add_argument("--tag", default="")
     a = ap.parse_args()
     warnings.simplefilter("ignore", PlanWarning)
+    name = "sensitivity" + (f"_{a.tag}" if a.tag else "")
     lm = load_model(MODEL, a.device)
     linears = lm.adapter.linears(lm.model)
     ev_c, cal_c = load_corpus(EVAL_SPEC), load_corpus(CALIB_SPEC)
@@ -56,39 +61,46 @@ def main() -> None:
                               data_label=f"{cal_c.label} 32x2048 seed 0", data_digest=f"{cal_c.digest}-2048-0",
                               cache_root=cache_dir(), batch_size=2)
     stats = prof.all_stats()
-    sens_ids = calibration_windows(cal_tok, a.seqlen, max(1, a.tokens // a.seqlen), 0)
-    t = time.perf_counter()
-    grid = measure_sensitivity(lm.model, lm.adapter, sens_ids, stats, method="svd-llm", quant="rtn", group_size=128,
-                               head_top_k=a.head_top_k)
-    t_grid = time.perf_counter() - t
-    t = time.perf_counter()
-    proxy = proxy_sensitivity(lm.model, lm.adapter, sens_ids, stats, method="svd-llm", quant="rtn", group_size=128)
-    t_proxy = time.perf_counter() - t
-    out = dict(protocol=f"sensitivity: {cal_c.label} {sens_ids.shape[0]} x {a.seqlen} tokens (seed 0), svd-llm + "
-                        f"rtn g128, head top-k {a.head_top_k}, profile 32 x 2048; ppl16: {ev_c.label} first 16 x 2048; "
-                        f"fp32; {lm.device}",
-               grid_seconds=t_grid, grid_cpu_seconds_per_probe=grid.meta.get("cpu_seconds_per_probe"),
-               head_vocab=grid.meta.get("head_vocab"), head_tail_mass=grid.meta.get("head_tail_mass"),
-               probes=len(grid.table), proxy_seconds=t_proxy,
-               proxy_agreement=agreement(proxy, grid))
-    log(f"grid {t_grid:.1f}s ({len(grid.table)} probes), proxy {t_proxy:.1f}s, agreement {out['proxy_agreement']}")
-    save("sensitivity" + (f"_{a.tag}" if a.tag else ""), out)
+    out = dict(protocol=f"sensitivity: {cal_c.label} windows of {a.seqlen} tokens (seed 0), svd-llm + rtn g128, "
+                        f"head top-k {a.head_top_k}, profile 32 x 2048; ppl16: {ev_c.label} first 16 x 2048; "
+                        f"fp32; {lm.device}; torch threads {torch.get_num_threads()}", grids={})
+    grids = {}
+    for n_tok in [int(x) for x in a.tokens.split(",")]:
+        sens_ids = calibration_windows(cal_tok, a.seqlen, max(1, n_tok // a.seqlen), 0)
+        t = time.perf_counter()
+        grid = measure_sensitivity(lm.model, lm.adapter, sens_ids, stats, method="svd-llm", quant="rtn",
+                                   group_size=128, head_top_k=a.head_top_k)
+        t_grid = time.perf_counter() - t
+        t = time.perf_counter()
+        proxy = proxy_sensitivity(lm.model, lm.adapter, sens_ids, stats, method="svd-llm", quant="rtn", group_size=128)
+        t_proxy = time.perf_counter() - t
+        grids[n_tok] = grid
+        out["grids"][n_tok] = dict(tokens=int(sens_ids.numel()), windows=int(sens_ids.shape[0]), grid_seconds=t_grid,
+                                   seconds_per_probe=grid.meta.get("seconds_per_probe"),
+                                   cpu_seconds_per_probe=grid.meta.get("cpu_seconds_per_probe"),
+                                   head_vocab=grid.meta.get("head_vocab"),
+                                   head_tail_mass=grid.meta.get("head_tail_mass"), probes=len(grid.table),
+                                   proxy_seconds=t_proxy, proxy_agreement=agreement(proxy, grid))
+        log(f"grid on {sens_ids.numel()} tokens: {t_grid:.1f}s ({len(grid.table)} probes), proxy {t_proxy:.1f}s")
+        save(name, out)
     if a.grid_only:
         return
     ev = windows(tokenize(lm.tokenizer, ev_c), 2048, 16)
     dense_bytes = model_bytes(lm.model).weight_bytes
     mods = dict(lm.model.named_modules())
     biases = {li.name: mods[li.name].bias is not None for li in linears}
-    pred_raw = Predictor(grid, linears, dense_bytes, 4, biases)
-    pred_curv = Predictor(grid, linears, dense_bytes, 4, biases, curvature_only=True)
-    pred = pred_curv if a.curvature else pred_raw
+    preds = {(n, e): Predictor(g, linears, dense_bytes, 4, biases, estimator=e)
+             for n, g in grids.items() for e in ESTIMATORS if e != "kl" or g.kl is not None}
+    main_tokens = next(iter(grids))
+    pred = preds[(main_tokens, a.estimator)]
 
     def measure(plan: Plan) -> dict:
         comp, _ = apply_plan(lm.model, lm.adapter, plan, stats, device=lm.device, calib_ids=cal32)
         p = perplexity(comp, ev, ev_c.label).ppl
-        pr = pred_raw.predict(plan)
-        return dict(ppl16=p, predicted_ppl=pr.ppl, predicted_ppl_curvature=pred_curv.predict(plan).ppl,
-                    bits_per_weight=pr.bits_per_weight, bytes=model_bytes(comp).weight_bytes)
+        pr = pred.predict(plan)
+        return dict(ppl16=p, predicted_ppl=pr.ppl, bits_per_weight=pr.bits_per_weight,
+                    bytes=model_bytes(comp).weight_bytes,
+                    predictions={f"{n}:{e}": q.predict(plan).ppl for (n, e), q in preds.items()})
 
     rng = random.Random(0)
     randoms = []
@@ -104,13 +116,12 @@ def main() -> None:
         r = measure(Plan(modules=mods_))
         r["density"] = density
         randoms.append(r)
-        log(f"random plan {i}: density {density:.2f} predicted {r['predicted_ppl']:.2f} measured {r['ppl16']:.2f}")
+        log(f"random plan {i}: density {density:.2f} measured {r['ppl16']:.2f} predicted {r['predictions']}")
         out["random_plans"] = randoms
-        xs, ys = [x["predicted_ppl"] for x in randoms], [x["ppl16"] for x in randoms]
-        out["spearman"] = spearmanr(xs, ys).statistic if len(randoms) > 2 else None
-        xc = [x["predicted_ppl_curvature"] for x in randoms]
-        out["spearman_curvature"] = spearmanr(xc, ys).statistic if len(randoms) > 2 else None
-        save("sensitivity" + (f"_{a.tag}" if a.tag else ""), out)
+        ys = [x["ppl16"] for x in randoms]
+        out["spearman"] = {k: spearmanr([x["predictions"][k] for x in randoms], ys).statistic
+                           for k in randoms[0]["predictions"]} if len(randoms) > 2 else None
+        save(name, out)
     alloc = []
     for target in [float(x) for x in a.targets.split(",")]:
         variants = {"ranks+bits rtn": {}, "ranks+bits gptq": {"quant": "gptq"},
@@ -126,17 +137,17 @@ def main() -> None:
             n_rank = sum(1 for s in plan.modules.values() if s.rank)
             n_bits = {b: sum(1 for s in plan.modules.values() if s.bits == b) for b in (2, 3, 4, 8)}
             r.update(target_bits=target, variant=variant, modules_with_rank=n_rank, modules_by_bits=n_bits,
-                     allocated_with="curvature" if a.curvature else "dloss")
+                     allocated_with=f"{main_tokens}:{a.estimator}")
             alloc.append(r)
             log(f"target {target} {variant}: ppl16 {r['ppl16']:.2f} (pred {r['predicted_ppl']:.2f}) "
                 f"bpw {r['bits_per_weight']:.3f}")
             out["allocated"] = alloc
-            save("sensitivity" + (f"_{a.tag}" if a.tag else ""), out)
+            save(name, out)
     for quant in ("rtn", "gptq") if a.uniform_2bit else ():
         r = measure(Plan(default=ModuleSpec(bits=2, group_size=128, quant=quant)))
         r.update(uniform=f"{quant} 2-bit g128")
         out.setdefault("uniform_2bit", []).append(r)
-    save("sensitivity" + (f"_{a.tag}" if a.tag else ""), out)
+    save(name, out)
 
 
 if __name__ == "__main__":

@@ -77,12 +77,15 @@ class Predictor:
     ``linears`` are the model's decoder linears, ``dense_total_bytes`` its ``model_bytes``,
     ``dtype_bytes`` the bytes of its float dtype, ``biases`` which linears have a bias;
     ``base_plan`` is the template allocated plans start from (its ``lillama`` / ``slicegpt``
-    options and meta are kept). ``curvature_only`` predicts from ``dloss`` minus its first-order
-    part (``SensitivityGrid.curvature_table``): less noisy on a small calibration sample, but no
-    longer the calibration loss itself (see ``analysis.sensitivity``)."""
+    options and meta are kept). ``estimator`` picks what is added up (``SensitivityGrid.estimate``):
+    ``dloss``, the measured calibration-loss increases; ``curvature``, ``dloss`` minus its
+    first-order part (less noisy on a small calibration sample, but no longer the calibration
+    loss itself); ``kl``, the KL(dense || probe) per token (never negative, stable on a few
+    hundred tokens). ``curvature_only=True`` is the same as ``estimator="curvature"``."""
 
     def __init__(self, grid: SensitivityGrid, linears: list[LinearInfo], dense_total_bytes: int, dtype_bytes: int,
-                 biases: dict[str, bool], base_plan: Plan | None = None, curvature_only: bool = False):
+                 biases: dict[str, bool], base_plan: Plan | None = None, curvature_only: bool = False,
+                 estimator: str = "dloss"):
         self.grid = grid
         self.linears = list(linears)
         self.by_name = {li.name: li for li in self.linears}
@@ -95,8 +98,9 @@ class Predictor:
         self.quant = grid.meta.get("quant", "rtn")
         self.group_size = int(grid.meta.get("group_size", 128))
         self.dense_linear_params = sum(li.out_features * li.in_features for li in self.linears)
-        self.curvature_only = curvature_only
-        t = grid.curvature_table() if curvature_only else grid.table
+        self.estimator = "curvature" if curvature_only else estimator
+        self.curvature_only = self.estimator == "curvature"
+        t = grid.estimate(self.estimator)
         self._ranks: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._bits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for (name, kind), d in t.groupby(["name", "kind"], sort=False):
@@ -359,7 +363,7 @@ def allocate(predictor: Predictor, *, target_bytes: int | None = None, target_ra
     base = p.base_plan
     meta_common = dict(method="allocate", target=target, only=only, sensitivity=p.grid.folder,
                        sensitivity_fingerprint=p.grid.meta.get("fingerprint"), dense_loss=p.dense_loss,
-                       curvature_only=p.curvature_only)
+                       curvature_only=p.curvature_only, estimator=p.estimator)
 
     if dense_cost <= cap:  # the dense model already meets the target
         plan = replace(base, modules={}, meta={**base.meta, **meta_common, "solver": "dense"})
@@ -434,7 +438,8 @@ def cli_allocate(args, say=None) -> dict:
     dtype_bytes = next(lm.model.parameters()).element_size()
     pred = Predictor(grid, linears, dense, dtype_bytes, biases,
                      base_plan=Plan(meta={"base_fingerprint": lm.fingerprint, "model": args.model}),
-                     curvature_only=bool(getattr(args, "curvature_only", False)))
+                     curvature_only=bool(getattr(args, "curvature_only", False)),
+                     estimator=getattr(args, "estimator", None) or "dloss")
     plan = allocate(pred, target_bytes=getattr(args, "target_bytes", None),
                     target_ratio=getattr(args, "target_ratio", None), target_bits=getattr(args, "target_bits", None),
                     only=getattr(args, "only", None))

@@ -118,6 +118,20 @@ def test_curvature_only_predictor_subtracts_the_first_order_part():
         Predictor(p.grid, p.linears, p.dense_total_bytes, DT, {}, curvature_only=True)
 
 
+def test_kl_predictor_adds_the_kl_table():
+    p = _predictor()
+    t = p.grid.table
+    p.grid.kl = pd.DataFrame({"name": t["name"], "kind": t["kind"], "setting": t["setting"], "kl": 2.0 * t["dloss"]})
+    pk = Predictor(p.grid, p.linears, p.dense_total_bytes, DT, {}, estimator="kl")
+    for row in t.itertuples():
+        spec = ModuleSpec(rank=int(row.setting)) if row.kind == "rank" else ModuleSpec(bits=int(row.setting))
+        assert pk.dloss(row.name, spec) == pytest.approx(2.0 * row.dloss)
+    assert allocate(pk, target_ratio=0.6).meta["estimator"] == "kl"
+    p.grid.kl = None
+    with pytest.raises(ValueError, match="no KL"):
+        Predictor(p.grid, p.linears, p.dense_total_bytes, DT, {}, estimator="kl")
+
+
 # ---------------------------------------------------------------------------- allocator
 TARGETS = [("ratio", r) for r in (0.95, 0.8, 0.6, 0.45)] + [("bits", b) for b in (24.0, 12.0, 6.0, 3.2)]
 
