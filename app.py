@@ -224,7 +224,11 @@ def build_sensitivity_tab(state):
     gr.Markdown("**How fragile is each layer?** The measured sensitivity of a linear at a setting is the increase "
                 "of the calibration loss when *only that linear* is compressed to that setting. Summed over layers "
                 "it predicts the loss of a whole plan, which is what makes the Budget sliders live. The *first "
-                "view* needs one gradient pass and no probe per setting; the measured grid probes every setting.")
+                "view* needs one gradient pass and no probe per setting; the measured grid probes every setting "
+                "and also records the KL divergence between the dense and the probed model's next-token "
+                "predictions, which is what the heatmap shows and the predictions add up: never negative, and "
+                "stable on the few hundred probe tokens a CPU can afford (the loss increase itself is mostly "
+                "sampling noise at that size).")
     with gr.Row():
         proxy_btn = gr.Button("Quick first view", elem_id="proxy-btn")
         method = gr.Dropdown(["svd-llm", "act-pca", "svd"], value="svd-llm", label="Low-rank method probed")

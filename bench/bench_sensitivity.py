@@ -26,7 +26,7 @@ from analysis.data import calibration_windows, load_corpus, tokenize, windows
 from analysis.loading import cache_dir, load_model
 from analysis.metrics import model_bytes, perplexity
 from analysis.profile import load_or_profile
-from analysis.sensitivity import agreement, measure_sensitivity, proxy_sensitivity, rank_grid
+from analysis.sensitivity import SensitivityGrid, agreement, measure_sensitivity, proxy_sensitivity, rank_grid
 from compression.allocate import Predictor, allocate
 from compression.apply import apply_plan
 from compression.plan import ModuleSpec, Plan, PlanWarning
@@ -48,7 +48,10 @@ def main() -> None:
     ap.add_argument("--variants", default="ranks+bits rtn,ranks+bits gptq,bits only gptq")
     ap.add_argument("--uniform-2bit", action="store_true", help="also measure uniform rtn/gptq 2-bit g128")
     ap.add_argument("--estimator", default="dloss", choices=ESTIMATORS, help="what the allocating predictor adds up")
+    ap.add_argument("--reuse-grids", action="store_true",
+                    help="load the grids a previous run with the same tag saved (under the model cache)")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--grid-tag", default=None, help="tag of the run whose grids --reuse-grids loads (default: --tag)")
     a = ap.parse_args()
     warnings.simplefilter("ignore", PlanWarning)
     name = "sensitivity" + (f"_{a.tag}" if a.tag else "")
@@ -61,12 +64,19 @@ def main() -> None:
                               data_label=f"{cal_c.label} 32x2048 seed 0", data_digest=f"{cal_c.digest}-2048-0",
                               cache_root=cache_dir(), batch_size=2)
     stats = prof.all_stats()
-    out = dict(protocol=f"sensitivity: {cal_c.label} windows of {a.seqlen} tokens (seed 0), svd-llm + rtn g128, "
+    out = dict(protocol=f"sensitivity: {cal_c.label} windows of up to {a.seqlen} tokens (seed 0), svd-llm + rtn g128, "
                         f"head top-k {a.head_top_k}, profile 32 x 2048; ppl16: {ev_c.label} first 16 x 2048; "
                         f"fp32; {lm.device}; torch threads {torch.get_num_threads()}", grids={})
     grids = {}
     for n_tok in [int(x) for x in a.tokens.split(",")]:
-        sens_ids = calibration_windows(cal_tok, a.seqlen, max(1, n_tok // a.seqlen), 0)
+        sl = min(a.seqlen, n_tok)  # fewer tokens than a window: one shorter window
+        sens_ids = calibration_windows(cal_tok, sl, max(1, n_tok // sl), 0)
+        grid_name = "sensitivity" + (f"_{a.grid_tag}" if a.grid_tag else "") if a.grid_tag is not None else name
+        folder = cache_dir() / "bench-grids" / f"{grid_name}-{n_tok}-{sl}-{a.head_top_k}"
+        if a.reuse_grids and (folder / "meta.json").exists():
+            grids[n_tok] = SensitivityGrid.load(folder)
+            log(f"grid on {n_tok} tokens reused from {folder}")
+            continue
         t = time.perf_counter()
         grid = measure_sensitivity(lm.model, lm.adapter, sens_ids, stats, method="svd-llm", quant="rtn",
                                    group_size=128, head_top_k=a.head_top_k)
@@ -75,7 +85,9 @@ def main() -> None:
         proxy = proxy_sensitivity(lm.model, lm.adapter, sens_ids, stats, method="svd-llm", quant="rtn", group_size=128)
         t_proxy = time.perf_counter() - t
         grids[n_tok] = grid
-        out["grids"][n_tok] = dict(tokens=int(sens_ids.numel()), windows=int(sens_ids.shape[0]), grid_seconds=t_grid,
+        grid.save(folder)
+        out["grids"][n_tok] = dict(tokens=int(sens_ids.numel()), windows=int(sens_ids.shape[0]), seqlen=sl,
+                                   grid_seconds=t_grid,
                                    seconds_per_probe=grid.meta.get("seconds_per_probe"),
                                    cpu_seconds_per_probe=grid.meta.get("cpu_seconds_per_probe"),
                                    head_vocab=grid.meta.get("head_vocab"),
@@ -83,7 +95,7 @@ def main() -> None:
                                    proxy_seconds=t_proxy, proxy_agreement=agreement(proxy, grid))
         log(f"grid on {sens_ids.numel()} tokens: {t_grid:.1f}s ({len(grid.table)} probes), proxy {t_proxy:.1f}s")
         save(name, out)
-    if a.grid_only:
+    if a.grid_only or a.plans + len(a.targets) == 0:
         return
     ev = windows(tokenize(lm.tokenizer, ev_c), 2048, 16)
     dense_bytes = model_bytes(lm.model).weight_bytes
@@ -123,7 +135,7 @@ def main() -> None:
                            for k in randoms[0]["predictions"]} if len(randoms) > 2 else None
         save(name, out)
     alloc = []
-    for target in [float(x) for x in a.targets.split(",")]:
+    for target in [float(x) for x in a.targets.split(",") if x]:
         variants = {"ranks+bits rtn": {}, "ranks+bits gptq": {"quant": "gptq"},
                     "bits only gptq": {"quant": "gptq", "only": "bits"}}
         for variant in a.variants.split(","):

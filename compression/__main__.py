@@ -117,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--target-ratio", type=float)
     g.add_argument("--target-bits", type=float)
     al.add_argument("--only", choices=["rank", "bits"])
-    al.add_argument("--estimator", choices=["dloss", "curvature", "kl"], default="dloss",
+    al.add_argument("--estimator", choices=["auto", "dloss", "curvature", "kl"], default="auto",
                     help="what the predictor adds up: measured loss increases, minus their first-order part, "
-                         "or KL(dense || probe)")
+                         "or KL(dense || probe); auto: kl when the grid has it, else dloss")
     al.add_argument("--out", required=True)
     al.add_argument("--device", default="auto")
     al.add_argument("--dtype", default="float32")

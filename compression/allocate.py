@@ -417,6 +417,13 @@ def module_kinds(plan: Plan, linears: list[LinearInfo]) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------ command line
+def _cli_estimator(grid: SensitivityGrid, choice: str) -> str:
+    """``auto``: the KL divergences when the grid has them, else the measured loss increases."""
+    if choice != "auto":
+        return choice
+    return "kl" if grid.kl is not None else "dloss"
+
+
 def cli_allocate(args, say=None) -> dict:
     """``python -m compression allocate``: load the model and the sensitivity grid (refusing a
     grid of another model), allocate, write the plan JSON; returns a summary dict."""
@@ -439,7 +446,7 @@ def cli_allocate(args, say=None) -> dict:
     pred = Predictor(grid, linears, dense, dtype_bytes, biases,
                      base_plan=Plan(meta={"base_fingerprint": lm.fingerprint, "model": args.model}),
                      curvature_only=bool(getattr(args, "curvature_only", False)),
-                     estimator=getattr(args, "estimator", None) or "dloss")
+                     estimator=_cli_estimator(grid, getattr(args, "estimator", None) or "auto"))
     plan = allocate(pred, target_bytes=getattr(args, "target_bytes", None),
                     target_ratio=getattr(args, "target_ratio", None), target_bits=getattr(args, "target_bits", None),
                     only=getattr(args, "only", None))

@@ -35,6 +35,12 @@ BITS_CHOICES = [2, 3, 4, 8, None]  # slider index -> bits (None = keep the dtype
 DENSE_PCT = 100  # rank slider value meaning "keep full rank"
 
 
+def default_estimator(grid) -> str:
+    """What predictions add up: the KL divergences when the grid has them (stable on a few
+    hundred probe tokens, never negative), else the grid's loss increases."""
+    return "kl" if getattr(grid, "kl", None) is not None else "dloss"
+
+
 @dataclass
 class LabSettings:
     calib_text: str = "default"
@@ -275,7 +281,9 @@ class Lab:
     def sensitivity_table(self) -> tuple[pd.DataFrame | None, str]:
         """The measured grid if there is one, else the cheap first view; and which it is."""
         if self.sensitivity is not None:
-            return self.sensitivity.table, "measured"
+            est = default_estimator(self.sensitivity)
+            what = "KL(dense || compressed) per token" if est == "kl" else "calibration-loss increase"
+            return self.sensitivity.estimate(est), f"measured: {what}"
         if self.proxy is not None:
             return self.proxy.table, "first view (gradient-weighted estimate, not measured)"
         return None, "none"
@@ -289,7 +297,8 @@ class Lab:
             self.predictor = None
             return
         self.predictor = Predictor(grid, self.linears, model_bytes(lm.model).weight_bytes,
-                                   next(lm.model.parameters()).element_size(), self._biases())
+                                   next(lm.model.parameters()).element_size(), self._biases(),
+                                   estimator=default_estimator(grid))
 
     def _biases(self) -> dict[str, bool]:
         return linear_biases(self.require_model().model, self.linears)

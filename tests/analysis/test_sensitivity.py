@@ -349,6 +349,7 @@ def test_cli_sensitivity_then_allocate(tmp_path, monkeypatch, trained):
                                       out=str(tmp_path / "plan.json"), device="cpu", dtype="float32",
                                       trust_remote_code=False), say=lambda m: None)
     assert plan_out["bits_per_weight"] <= 12.0 and plan_out["modules"]["rank"] == 0
+    assert Plan.load(tmp_path / "plan.json").meta["estimator"] == "kl"  # auto: the measured grid has KL
 
 
 # ----------------------------------------------------------------------------- head on a vocabulary subset

@@ -300,6 +300,7 @@ def test_cli_allocate_writes_a_loadable_plan_and_refuses_another_model(tmp_path,
     assert out["bytes"] <= 0.6 * model_bytes(lm.model).weight_bytes
     assert sum(out["modules"].values()) == len(linears)
     assert plan.meta["sensitivity_fingerprint"] == lm.fingerprint and "predicted_ppl" in plan.meta
+    assert plan.meta["estimator"] == "dloss"  # auto, and this grid has no KL
     with pytest.raises(ValueError, match="another model"):
         cli_allocate(Namespace(**{**vars(args), "model": "other"}), say=lambda m: None)
     # the plan applies with `python -m compression apply --plan` semantics

@@ -1,6 +1,7 @@
 """The app's session object, without the UI: plans from sliders, runs, persistent history."""
 import json
 
+import pandas as pd
 import pytest
 import torch
 
@@ -97,5 +98,7 @@ def test_measured_grid_probes_the_first_calibration_windows(tiny_lab):
     grid = tiny_lab.run_sensitivity(group_size=32)
     assert grid.meta["windows"] == 3 and grid.meta["n_tokens"] == 96 and grid.meta["data"] == label
     table, kind = tiny_lab.sensitivity_table()
-    assert kind == "measured" and len(table) == len(grid.table) > 0
+    assert kind.startswith("measured: KL") and len(table) == len(grid.table) > 0
+    pd.testing.assert_frame_equal(table, grid.kl_table())
+    assert tiny_lab.predictor.estimator == "kl"
     assert tiny_lab.profile.meta["n_tokens"] == tiny_lab.split.calib_ids.numel()  # the profile uses all 8
