@@ -102,8 +102,6 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--seqlen", type=int, default=sens.DEFAULT_SEQLEN)
     s.add_argument("--profile-tokens", type=int, default=sens.PROFILE_TOKENS,
                    help="tokens of the profile that fits svd-llm/gptq")
-    s.add_argument("--head-top-k", type=int, default=sens.HEAD_TOP_K,
-                   help="probes' head on the union of the dense top-k next tokens (0: whole vocabulary)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--method", default="svd-llm", help="low-rank method probed: svd | act-pca | svd-llm")
     s.add_argument("--quant", default="rtn", help="quantiser probed: rtn | gptq")

@@ -72,34 +72,18 @@ def run_layer(layer: nn.Module, hidden: Tensor, call: tuple[tuple, dict]) -> Ten
     return out[0] if isinstance(out, tuple) else out
 
 
-def head_features(model: nn.Module, adapter: Adapter, hidden: Tensor) -> Tensor:
-    """What the LM head's linear sees: final norm (and OPT's ``project_out``) of ``hidden`` (B, L, D)."""
+def run_head(model: nn.Module, adapter: Adapter, hidden: Tensor) -> Tensor:
+    """Final norm and LM head on the last hidden state: logits (B, L, V)."""
     norm = adapter.final_norm(model)
     h = norm(hidden) if norm is not None else hidden
     proj_out = getattr(getattr(getattr(model, "model", None), "decoder", None), "project_out", None)
     if proj_out is not None:  # OPT variants with a projection before the head
         h = proj_out(h)
-    return h
-
-
-def head_logits(model: nn.Module, adapter: Adapter, feats: Tensor, rows: Tensor | None = None) -> Tensor:
-    """Logits from ``head_features`` (B, L, D'): all (B, L, V), or only the vocabulary
-    entries ``rows`` (S,) -> (B, L, S). Final-logit soft-capping (elementwise) included."""
-    head = adapter.head(model)
-    if rows is None:
-        logits = head(feats)
-    else:
-        bias = None if head.bias is None else head.bias[rows]
-        logits = torch.nn.functional.linear(feats, head.weight[rows], bias)
+    logits = adapter.head(model)(h)
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
-
-
-def run_head(model: nn.Module, adapter: Adapter, hidden: Tensor) -> Tensor:
-    """Final norm and LM head on the last hidden state: logits (B, L, V)."""
-    return head_logits(model, adapter, head_features(model, adapter, hidden))
 
 
 def _device_of(model: nn.Module) -> torch.device:

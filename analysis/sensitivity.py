@@ -45,10 +45,10 @@ and is linear in the number of tokens. Measured on the 2-core CPU (both threads)
 probe at 256 tokens (linears of layers 1, 14, 27), i.e. ~10 min for the full grid; 1,024
 tokens (the earlier default) took ~35-45 min. ``DEFAULT_TOKENS`` is therefore 256: at that
 size the first-order part is mostly noise, which is why ``curvature_table`` exists and why
-the benchmark reports predictions from both. A vocabulary-subset head (``HeadSubset``,
-``head_top_k``) cuts ~35 % of a probe but its error was up to 0.002 nats even at top-512
-(0.8 % of the probability outside the subset), comparable to small settings' dloss, so it
-is off by default.
+the benchmark reports predictions from all three estimators. A head restricted to the union
+of the dense top-k next tokens (the rest of the vocabulary held at its dense mass) was tried:
+it cut ~35 % of a probe, but its error reached 0.002 nats even at top-512 (0.8 % of the
+probability outside the subset), the size of small settings' dloss, so it was dropped.
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ import compression.lowrank  # noqa: F401  (registers the low-rank handlers)
 import compression.quant  # noqa: F401  (registers the quantisation handlers)
 from analysis.adapters import Adapter, LinearInfo, get_submodule, set_submodule
 from analysis.atomic import atomic_folder
-from analysis.layerwise import _Recorder, _Stop, head_features, head_logits, run_head, run_layer
+from analysis.layerwise import _Recorder, _Stop, run_head, run_layer
 from analysis.stats import LinearStats
 from compression.configs import SVDConfig, WhitenedSVDConfig
 from compression.lowrank import LowRankLinear, whitening_factor
@@ -94,7 +94,6 @@ DEFAULT_SEQLEN = 256
 PROFILE_TOKENS = 8192
 MAX_BATCH_TOKENS = 16384  # tokens per stacked probe pass (settings are split beyond it)
 HEAD_CHUNK_TOKENS = 1024  # tokens per logits chunk
-HEAD_TOP_K = 0  # probes' head on the union of the dense top-k next tokens (0: whole vocabulary)
 
 
 # ------------------------------------------------------------------------ grid
@@ -280,47 +279,6 @@ def _capture(model: nn.Module, adapter: Adapter, ids: Tensor) -> tuple[Tensor, l
 
 
 @dataclass
-class HeadSubset:
-    """Next-token NLL on a shared vocabulary subset ``S`` (the probes' head shortcut).
-
-    ``S`` is the union over the calibration tokens of the dense model's top-k next tokens
-    and the targets. A probe computes the logits of ``S`` only and keeps, for the rest of
-    the vocabulary, the dense model's exp-logit mass ``tail`` (held fixed)::
-
-        NLL' = logaddexp(logsumexp_S(z'), tail) - z'[target]
-
-    Exact for the dense model; for a compressed one the error is the change of the tail's
-    mass, at most ``tail_mass`` (the dense probability outside ``S``) times the relative
-    change of the tail logits. The head is then ``|S| / V`` of its full cost."""
-
-    rows: Tensor  # (S,) int64 sorted vocabulary ids
-    tail: Tensor  # (C, L-1) float64: log sum of exp(dense logits) outside S (-inf when none)
-    tpos: Tensor  # (C, L-1) int64: index of each target within ``rows``
-    tail_mass: float  # mean dense probability outside S
-
-
-@torch.no_grad()
-def head_subset(model: nn.Module, adapter: Adapter, hidden: Tensor, targets: Tensor, top_k: int,
-                chunk_tokens: int = HEAD_CHUNK_TOKENS) -> HeadSubset:
-    """The ``HeadSubset`` of the dense last hidden state ``hidden`` (C, L, D), targets (C, L-1)."""
-    c, length = hidden.shape[:2]
-    rows_per = max(1, chunk_tokens // length)
-    picked, lse_full = [targets.flatten()], []
-    for i in range(0, c, rows_per):
-        logits = head_logits(model, adapter, head_features(model, adapter, hidden[i:i + rows_per, :-1])).float()
-        picked.append(logits.topk(min(top_k, logits.shape[-1]), dim=-1).indices.flatten())
-        lse_full.append(torch.logsumexp(logits, -1).double())  # (r, L-1)
-    rows = torch.unique(torch.cat(picked))  # (S,) sorted
-    lse_full_t = torch.cat(lse_full)  # (C, L-1)
-    lse_s = torch.cat([torch.logsumexp(head_logits(model, adapter, head_features(
-        model, adapter, hidden[i:i + rows_per, :-1]), rows).float(), -1).double() for i in range(0, c, rows_per)])
-    frac_out = -torch.expm1((lse_s - lse_full_t).clamp(max=0.0))  # (C, L-1) dense probability outside S
-    tail = torch.where(frac_out > 0, lse_full_t + torch.log(frac_out), torch.full_like(frac_out, -math.inf))
-    tpos = torch.searchsorted(rows, targets.contiguous())
-    return HeadSubset(rows, tail, tpos, float(frac_out.mean()))
-
-
-@dataclass
 class DenseDist:
     """The dense model's next-token distributions on the calibration windows, for the KL of a
     probe: ``KL(p || q) = -H(p) - sum_v p_v log q_v`` per predicted token."""
@@ -345,39 +303,31 @@ def dense_dist(model: nn.Module, adapter: Adapter, hidden: Tensor,
 
 
 def _window_nll(model: nn.Module, adapter: Adapter, hidden: Tensor, targets: Tensor,
-                subset: HeadSubset | None = None, chunk_tokens: int = HEAD_CHUNK_TOKENS) -> Tensor:
+                chunk_tokens: int = HEAD_CHUNK_TOKENS) -> Tensor:
     """Summed next-token NLL per window (B,) float64 (see ``_window_losses``)."""
-    return _window_losses(model, adapter, hidden, targets, subset, None, chunk_tokens)[0]
+    return _window_losses(model, adapter, hidden, targets, None, chunk_tokens)[0]
 
 
 def _window_losses(model: nn.Module, adapter: Adapter, hidden: Tensor, targets: Tensor,
-                   subset: HeadSubset | None = None, dense: DenseDist | None = None,
+                   dense: DenseDist | None = None,
                    chunk_tokens: int = HEAD_CHUNK_TOKENS) -> tuple[Tensor, Tensor | None]:
     """Summed next-token NLL per window (B,) float64, from the last hidden state (B, L, D)
     and ``targets`` = ids[:, 1:] (C, L-1), where ``B`` is a multiple of ``C`` (a stacked
     probe batch: window ``i`` is calibration window ``i % C``); and, given the dense model's
     distributions ``dense``, the summed KL(dense || this) per window (B,) (else None).
-    Logits are made a few windows at a time, over the whole vocabulary or only ``subset.rows``
-    (no KL then)."""
+    Logits are made a few windows at a time."""
     b, length = hidden.shape[:2]
     c = targets.shape[0]
     rows = max(1, chunk_tokens // length)
     out, kls = [], []
     for i in range(0, b, rows):
         idx = torch.arange(i, min(i + rows, b), device=targets.device) % c  # calibration window of each row
-        feats = head_features(model, adapter, hidden[i:i + rows, :-1])
-        if subset is None:
-            logq = torch.log_softmax(head_logits(model, adapter, feats).float(), -1)  # (r, L-1, V)
-            nll = -logq.gather(-1, targets[idx].unsqueeze(-1)).squeeze(-1)  # (r, L-1)
-            out.append(nll.double().sum(1))
-            if dense is not None:
-                cross = (dense.probs[idx] * logq).sum(-1).double()  # (r, L-1): sum_v p_v log q_v
-                kls.append((dense.neg_entropy[idx] - cross).sum(1))
-        else:
-            logits = head_logits(model, adapter, feats, subset.rows).float()  # (r, L-1, S)
-            lse = torch.logaddexp(torch.logsumexp(logits, -1).double(), subset.tail[idx])  # (r, L-1)
-            nll = lse - logits.gather(-1, subset.tpos[idx].unsqueeze(-1)).squeeze(-1).double()
-            out.append(nll.sum(1))
+        logq = torch.log_softmax(run_head(model, adapter, hidden[i:i + rows, :-1]).float(), -1)  # (r, L-1, V)
+        nll = -logq.gather(-1, targets[idx].unsqueeze(-1)).squeeze(-1)  # (r, L-1)
+        out.append(nll.double().sum(1))
+        if dense is not None:
+            cross = (dense.probs[idx] * logq).sum(-1).double()  # (r, L-1): sum_v p_v log q_v
+            kls.append((dense.neg_entropy[idx] - cross).sum(1))
     return torch.cat(out), (torch.cat(kls) if kls else None)
 
 
@@ -546,6 +496,11 @@ class SensitivityGrid:
             raise ValueError("the KL divergences do not cover every row of the table")
         return t.rename(columns={"kl": "dloss"})[TABLE_COLUMNS]
 
+    def default_estimator(self) -> str:
+        """What predictions add up by default: ``kl`` when the grid has it (stable on a few
+        hundred probe tokens, never negative), else ``dloss``."""
+        return "kl" if self.kl is not None else "dloss"
+
     def estimate(self, estimator: str) -> pd.DataFrame:
         """The table a predictor adds up: ``dloss`` (measured loss increase), ``curvature``
         (minus its first-order part) or ``kl``."""
@@ -602,7 +557,7 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, s
                         device: torch.device | str | None = None, names: Sequence[str] | None = None,
                         fingerprint: str | None = None, data_label: str | None = None,
                         data_digest: str | None = None, max_batch_tokens: int = MAX_BATCH_TOKENS,
-                        head_top_k: int = HEAD_TOP_K, first_order: bool = True, kl: bool = True,
+                        first_order: bool = True, kl: bool = True,
                         progress: Progress | None = None,
                         should_stop: Callable[[], bool] | None = None) -> SensitivityGrid:
     """Loss increase of compressing each decoder linear alone, on windows ``calib_ids`` (C, L).
@@ -611,10 +566,9 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, s
     probes to some linears (default: all). The model is modified only while a probe runs (its
     linear swapped for a stacked stand-in, restored in ``finally``) and is unchanged after.
     ``first_order`` also records each dloss's first-order part ``<Ŵ - W, ∂L/∂W>`` (one extra
-    backward pass, under 1 % of the time) in ``grid.first_order``. ``head_top_k`` > 0 runs the
-    probes' head on a shared vocabulary subset (``HeadSubset``; 0: the whole vocabulary).
-    ``kl`` also records each probe's mean KL(dense || probe) per token (``grid.kl``; needs the
-    whole vocabulary; memory: tokens x vocabulary floats for the dense distributions)."""
+    backward pass, under 1 % of the time) in ``grid.first_order``.
+    ``kl`` also records each probe's mean KL(dense || probe) per token (``grid.kl``; memory:
+    tokens x vocabulary floats for the dense distributions)."""
     t0 = time.perf_counter()
     say = progress or (lambda f, m: None)
     orig_dev = next(model.parameters()).device
@@ -634,7 +588,6 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, s
     rows: list[dict] = []
     first_rows: list[dict] = []
     kl_rows: list[dict] = []
-    subset: HeadSubset | None = None
     dense: DenseDist | None = None
     try:
         if moved:
@@ -650,8 +603,7 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, s
             inputs.append(run_layer(layer, inputs[-1], calls_c[j]))
         targets = ids[:, 1:]
         dense_loss = float(_window_nll(model, adapter, inputs[-1], targets).sum()) / targets.numel()
-        subset = head_subset(model, adapter, inputs[-1], targets, head_top_k) if head_top_k > 0 else None
-        dense = dense_dist(model, adapter, inputs[-1]) if kl and subset is None else None
+        dense = dense_dist(model, adapter, inputs[-1]) if kl else None
         del inputs[-1]  # only layer inputs are needed from here on
         out_grads = None
         if first_order:
@@ -693,7 +645,7 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, s
                     set_submodule(model, li.name, orig)
                 for k in range(li.layer + 1, len(layers)):
                     h = run_layer(layers[k], h, calls[g][k])
-                nll, kls = _window_losses(model, adapter, h, targets, subset, dense)
+                nll, kls = _window_losses(model, adapter, h, targets, dense)
                 losses += (nll.view(g, c).sum(1) / targets.numel()).tolist()
                 if kls is not None:
                     kl_values += (kls.view(g, c).sum(1) / targets.numel()).tolist()
@@ -715,10 +667,7 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, s
                  fingerprint=fingerprint, data_label=data_label, data_digest=data_digest, stats=stats,
                  probes=n_probes, seconds_per_probe=round(t_probes / max(n_probes, 1), 4),
                  cpu_seconds_per_probe=round(cpu_probes / max(n_probes, 1), 4),
-                 linears=len(linears), first_order=bool(first_order), kl=dense is not None,
-                 head_top_k=int(head_top_k),
-                 head_vocab=None if subset is None else int(subset.rows.numel()),
-                 head_tail_mass=None if subset is None else subset.tail_mass)
+                 linears=len(linears), first_order=bool(first_order), kl=dense is not None)
     first = pd.DataFrame(first_rows, columns=FIRST_ORDER_COLUMNS) if first_order else None
     kl_table = pd.DataFrame(kl_rows, columns=KL_COLUMNS) if dense is not None else None
     return SensitivityGrid(meta, table, first_order=first, kl=kl_table)
@@ -743,9 +692,8 @@ def load_or_measure(model: nn.Module, adapter: Adapter, calib_ids: Tensor, stats
                 and grid.meta.get("fractions") == [float(f) for f in fractions] \
                 and grid.meta.get("bits") == [int(b) for b in bits] \
                 and grid.meta.get("stats_tokens") == max((s.n_tokens for s in stats.values()), default=0) \
-                and grid.meta.get("head_top_k", 0) == kw.get("head_top_k", HEAD_TOP_K) \
                 and (grid.first_order is not None or not kw.get("first_order", True)) \
-                and (grid.kl is not None or not kw.get("kl", True) or kw.get("head_top_k", HEAD_TOP_K) > 0):
+                and (grid.kl is not None or not kw.get("kl", True)):
             return grid, True
     grid = measure_sensitivity(model, adapter, calib_ids, stats, method=method, quant=quant, group_size=group_size,
                                fractions=fractions, bits=bits, fingerprint=fingerprint, data_label=data_label,
@@ -933,11 +881,9 @@ def cli_sensitivity(args, progress: Progress | None = None, say: Callable[[str],
     stats = prof.all_stats()
     label = f"{corpus.label}, {n_win} x {args.seqlen} tokens (seed {args.seed})"
     common = dict(method=args.method, quant=args.quant, group_size=args.group_size)
-    head_top_k = getattr(args, "head_top_k", HEAD_TOP_K)
     say(f"measuring sensitivity on {ids.numel()} tokens ({label}) on {lm.device}")
     grid, reused = load_or_measure(lm.model, lm.adapter, ids, stats, fingerprint=lm.fingerprint, data_label=label,
-                                   data_digest=digest, cache_root=cache_dir(), progress=progress,
-                                   head_top_k=head_top_k, **common)
+                                   data_digest=digest, cache_root=cache_dir(), progress=progress, **common)
     if grid.proxy is None or "agreement" not in grid.meta:  # the cached grid keeps its proxy too
         say("gradient proxy and its agreement with the measurement")
         proxy = proxy_sensitivity(lm.model, lm.adapter, ids, stats, fingerprint=lm.fingerprint, data_label=label,
@@ -956,8 +902,6 @@ def cli_sensitivity(args, progress: Progress | None = None, say: Callable[[str],
                 linears=int(grid.table["name"].nunique()), dense_loss=grid.dense_loss,
                 dense_ppl=float(np.exp(grid.dense_loss)), n_tokens=int(ids.numel()), data=label,
                 method=args.method, quant=args.quant, group_size=args.group_size, device=str(lm.device),
-                head_top_k=head_top_k, head_vocab=grid.meta.get("head_vocab"),
-                head_tail_mass=grid.meta.get("head_tail_mass"),
                 agreement=dict(spearman=agree["spearman"], n=agree["n"],
                                **{f"spearman_{k}": v["spearman"] for k, v in agree["by_kind"].items()},
                                **({"spearman_curvature": agree["curvature"]["spearman"]}

@@ -5,7 +5,7 @@ validation split, ppl16 on the raw test split).
     light to heavy compression; (b) at 4.25 / 3.25 / 2.5 average bits per decoder-linear
     weight, the allocated plan vs uniform rtn/gptq g128 plans; (c) wall time of the grid.
 
-    python bench/bench_sensitivity.py [--device auto] [--tokens N] [--seqlen L] [--head-top-k K] [--plans 14]
+    python bench/bench_sensitivity.py [--device auto] [--tokens N] [--seqlen L] [--plans 14]
         [--targets 4.25,3.25,2.5] [--variants "ranks+bits gptq,bits only gptq"] [--uniform-2bit] [--tag cpu]
 
 Defaults for the grid are the CLI's (``analysis.sensitivity.DEFAULT_TOKENS`` ...).
@@ -41,7 +41,6 @@ def main() -> None:
                     help="sensitivity calibration tokens; several (comma-separated) measure one grid each, "
                          "the first one allocates")
     ap.add_argument("--seqlen", type=int, default=sens.DEFAULT_SEQLEN)
-    ap.add_argument("--head-top-k", type=int, default=sens.HEAD_TOP_K)
     ap.add_argument("--plans", type=int, default=14)
     ap.add_argument("--grid-only", action="store_true", help="only (c): time the grid")
     ap.add_argument("--targets", default="4.25,3.25,2.5")
@@ -65,21 +64,21 @@ def main() -> None:
                               cache_root=cache_dir(), batch_size=2)
     stats = prof.all_stats()
     out = dict(protocol=f"sensitivity: {cal_c.label} windows of up to {a.seqlen} tokens (seed 0), svd-llm + rtn g128, "
-                        f"head top-k {a.head_top_k}, profile 32 x 2048; ppl16: {ev_c.label} first 16 x 2048; "
+                        f"profile 32 x 2048; ppl16: {ev_c.label} first 16 x 2048; "
                         f"fp32; {lm.device}; torch threads {torch.get_num_threads()}", grids={})
     grids = {}
     for n_tok in [int(x) for x in a.tokens.split(",")]:
         sl = min(a.seqlen, n_tok)  # fewer tokens than a window: one shorter window
         sens_ids = calibration_windows(cal_tok, sl, max(1, n_tok // sl), 0)
-        grid_name = "sensitivity" + (f"_{a.grid_tag}" if a.grid_tag else "") if a.grid_tag is not None else name
-        folder = cache_dir() / "bench-grids" / f"{grid_name}-{n_tok}-{sl}-{a.head_top_k}"
+        grid_tag = a.tag if a.grid_tag is None else a.grid_tag
+        folder = cache_dir() / "bench-grids" / f"sensitivity_{grid_tag}-{n_tok}-{sl}"
         if a.reuse_grids and (folder / "meta.json").exists():
             grids[n_tok] = SensitivityGrid.load(folder)
             log(f"grid on {n_tok} tokens reused from {folder}")
             continue
         t = time.perf_counter()
         grid = measure_sensitivity(lm.model, lm.adapter, sens_ids, stats, method="svd-llm", quant="rtn",
-                                   group_size=128, head_top_k=a.head_top_k)
+                                   group_size=128)
         t_grid = time.perf_counter() - t
         t = time.perf_counter()
         proxy = proxy_sensitivity(lm.model, lm.adapter, sens_ids, stats, method="svd-llm", quant="rtn", group_size=128)
@@ -90,8 +89,7 @@ def main() -> None:
                                    grid_seconds=t_grid,
                                    seconds_per_probe=grid.meta.get("seconds_per_probe"),
                                    cpu_seconds_per_probe=grid.meta.get("cpu_seconds_per_probe"),
-                                   head_vocab=grid.meta.get("head_vocab"),
-                                   head_tail_mass=grid.meta.get("head_tail_mass"), probes=len(grid.table),
+                                   probes=len(grid.table),
                                    proxy_seconds=t_proxy, proxy_agreement=agreement(proxy, grid))
         log(f"grid on {sens_ids.numel()} tokens: {t_grid:.1f}s ({len(grid.table)} probes), proxy {t_proxy:.1f}s")
         save(name, out)

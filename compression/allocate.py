@@ -417,13 +417,6 @@ def module_kinds(plan: Plan, linears: list[LinearInfo]) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------ command line
-def _cli_estimator(grid: SensitivityGrid, choice: str) -> str:
-    """``auto``: the KL divergences when the grid has them, else the measured loss increases."""
-    if choice != "auto":
-        return choice
-    return "kl" if grid.kl is not None else "dloss"
-
-
 def cli_allocate(args, say=None) -> dict:
     """``python -m compression allocate``: load the model and the sensitivity grid (refusing a
     grid of another model), allocate, write the plan JSON; returns a summary dict."""
@@ -443,10 +436,11 @@ def cli_allocate(args, say=None) -> dict:
     biases = {li.name: mods[li.name].bias is not None for li in linears}
     dense = model_bytes(lm.model).weight_bytes
     dtype_bytes = next(lm.model.parameters()).element_size()
+    estimator = getattr(args, "estimator", None)
     pred = Predictor(grid, linears, dense, dtype_bytes, biases,
                      base_plan=Plan(meta={"base_fingerprint": lm.fingerprint, "model": args.model}),
                      curvature_only=bool(getattr(args, "curvature_only", False)),
-                     estimator=_cli_estimator(grid, getattr(args, "estimator", None) or "auto"))
+                     estimator=grid.default_estimator() if estimator in (None, "auto") else estimator)
     plan = allocate(pred, target_bytes=getattr(args, "target_bytes", None),
                     target_ratio=getattr(args, "target_ratio", None), target_bits=getattr(args, "target_bits", None),
                     only=getattr(args, "only", None))

@@ -35,12 +35,6 @@ BITS_CHOICES = [2, 3, 4, 8, None]  # slider index -> bits (None = keep the dtype
 DENSE_PCT = 100  # rank slider value meaning "keep full rank"
 
 
-def default_estimator(grid) -> str:
-    """What predictions add up: the KL divergences when the grid has them (stable on a few
-    hundred probe tokens, never negative), else the grid's loss increases."""
-    return "kl" if getattr(grid, "kl", None) is not None else "dloss"
-
-
 @dataclass
 class LabSettings:
     calib_text: str = "default"
@@ -281,7 +275,7 @@ class Lab:
     def sensitivity_table(self) -> tuple[pd.DataFrame | None, str]:
         """The measured grid if there is one, else the cheap first view; and which it is."""
         if self.sensitivity is not None:
-            est = default_estimator(self.sensitivity)
+            est = self.sensitivity.default_estimator()
             what = "KL(dense || compressed) per token" if est == "kl" else "calibration-loss increase"
             return self.sensitivity.estimate(est), f"measured: {what}"
         if self.proxy is not None:
@@ -298,7 +292,7 @@ class Lab:
             return
         self.predictor = Predictor(grid, self.linears, model_bytes(lm.model).weight_bytes,
                                    next(lm.model.parameters()).element_size(), self._biases(),
-                                   estimator=default_estimator(grid))
+                                   estimator=grid.default_estimator())
 
     def _biases(self) -> dict[str, bool]:
         return linear_biases(self.require_model().model, self.linears)

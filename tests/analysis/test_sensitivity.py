@@ -352,46 +352,6 @@ def test_cli_sensitivity_then_allocate(tmp_path, monkeypatch, trained):
     assert Plan.load(tmp_path / "plan.json").meta["estimator"] == "kl"  # auto: the measured grid has KL
 
 
-# ----------------------------------------------------------------------------- head on a vocabulary subset
-def _dense_last_hidden(lm, ids):
-    from analysis.layerwise import capture, run_layer
-    li = capture(lm.model, lm.adapter, ids)
-    h = li.hidden
-    for layer, call in zip(lm.adapter.layers(lm.model), li.calls):
-        h = run_layer(layer, h, call)
-    return h
-
-
-@torch.no_grad()
-def test_head_subset_is_exact_for_the_dense_model(trained):
-    from analysis.sensitivity import _window_nll, head_subset
-    lm, ids, _ = trained
-    h, targets = _dense_last_hidden(lm, ids), ids[:, 1:]
-    full = _window_nll(lm.model, lm.adapter, h, targets)
-    sub = head_subset(lm.model, lm.adapter, h, targets, top_k=4)
-    assert 4 <= sub.rows.numel() < lm.model.config.vocab_size and 0 < sub.tail_mass < 1
-    torch.testing.assert_close(_window_nll(lm.model, lm.adapter, h, targets, sub), full, rtol=1e-6, atol=1e-6)
-    # a stacked batch (two settings x C windows) maps row i to calibration window i % C
-    twice = _window_nll(lm.model, lm.adapter, h.repeat(2, 1, 1), targets, sub)
-    torch.testing.assert_close(twice, full.repeat(2), rtol=1e-6, atol=1e-6)
-
-
-def test_head_subset_grid_matches_the_full_vocabulary(trained, grid):
-    lm, ids, stats = trained
-    kw = dict(group_size=GS, fractions=FRACTIONS, first_order=False)
-    everything = measure_sensitivity(lm.model, lm.adapter, ids, stats, head_top_k=lm.model.config.vocab_size, **kw)
-    np.testing.assert_allclose(everything.table.dloss, grid.table.dloss, rtol=1e-5, atol=1e-6)
-    assert everything.meta["head_tail_mass"] == 0.0
-    # top-1: a tenth of the probability left outside the subset, and still close
-    few = measure_sensitivity(lm.model, lm.adapter, ids, stats, head_top_k=1, **kw)
-    assert few.meta["head_vocab"] < lm.model.config.vocab_size and few.meta["head_tail_mass"] > 0.05
-    ref = grid.table.dloss.to_numpy()
-    err = np.abs(few.table.dloss.to_numpy() - ref)
-    assert err.max() <= few.meta["head_tail_mass"] * np.abs(ref).max()
-    rho = pd.Series(few.table.dloss.to_numpy()).corr(pd.Series(ref), method="spearman")
-    assert rho > 0.98
-
-
 # ----------------------------------------------------------------------------- KL estimator
 @torch.no_grad()
 def test_kl_matches_a_direct_computation_and_is_nonnegative(trained, grid):
