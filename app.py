@@ -225,6 +225,7 @@ def build_sensitivity_tab(state):
                 "of the calibration loss when *only that linear* is compressed to that setting. Summed over layers "
                 "it predicts the loss of a whole plan, which is what makes the Budget sliders live. The *first "
                 "view* needs one gradient pass and no probe per setting; the measured grid probes every setting "
+                "(8 bits excepted: scaled from the 4-bit probe by the gradient view's ratio, a ~1e-5 nats effect) "
                 "and also records the KL divergence between the dense and the probed model's next-token "
                 "predictions, which is what the heatmap shows and the predictions add up: never negative, and "
                 "stable on the few hundred probe tokens a CPU can afford (the loss increase itself is mostly "
@@ -266,7 +267,11 @@ def build_sensitivity_tab(state):
             grid = lab.run_sensitivity(m, q, int(g), _progress(p))
         except Exception as e:
             raise _err(e) from e
-        msg = f"Measured grid: {len(grid.table)} probes in {grid.meta.get('seconds', 0):.0f} s."
+        derived = (grid.meta.get("derived") or {}).get("settings", 0)
+        msg = (f"Measured grid: {grid.meta.get('probes', len(grid.table))} probes"
+               + (f" (+{derived} 8-bit settings scaled from 4 bits)" if derived else "")
+               + f" on {grid.meta.get('n_tokens')} tokens in {grid.meta.get('seconds', 0):.0f} s "
+               f"({grid.meta.get('workers', 1)} worker(s), {grid.meta.get('device')}).")
         if lab.proxy is not None:
             from analysis.sensitivity import agreement
 
@@ -431,7 +436,10 @@ def _readout(lab: Lab, plan: Plan):
             f"{pr['bits_per_weight']:.2f} bits/weight · perplexity {ppl}\n"
             f"Decoder-linear parameters: {pr['params'] / 1e6:.2f} M · dense {_fmt_bytes(pr['dense_bytes'])}"
             f"{' · measured dense perplexity ' + format(dense['ppl'], '.2f') if dense else ''}  \n"
-            f"Perplexity predicted from the calibration loss{src}; bytes are exact.")
+            + ("Perplexity predicted as the measured dense perplexity of the evaluation text x exp(sum of the "
+               f"per-linear increases){src}; bytes are exact." if pr.get("ppl_basis") == "evaluation" else
+               f"Perplexity predicted from the calibration loss{src} (measure the dense model to put it on the "
+               "evaluation text's scale); bytes are exact."))
     if pr["notes"]:
         shown = "\n".join(f"- {n}" for n in pr["notes"][:5])
         more = f"\n- … and {len(pr['notes']) - 5} more" if len(pr["notes"]) > 5 else ""

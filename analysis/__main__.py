@@ -106,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--method", default="svd-llm", help="low-rank method probed: svd | act-pca | svd-llm")
     s.add_argument("--quant", default="rtn", help="quantiser probed: rtn | gptq")
     s.add_argument("--group-size", type=int, default=128)
+    s.add_argument("--derive-bits", default=",".join(map(str, sens.DERIVED_BITS)),
+                   help="bit widths scaled from the next lower probed width instead of probed "
+                        "('' probes every setting)")
+    s.add_argument("--workers", type=int, default=None,
+                   help="parallel probe workers (default: one per CPU thread, one on a GPU)")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_sensitivity)
 

@@ -16,7 +16,18 @@ Speed (this is the expensive part of RankLab on a CPU):
 * all settings of one linear run as one batch of ``S x C`` windows: a ``_Stacked`` module
   applies setting ``s``'s weight to rows ``s*C .. (s+1)*C`` with one ``bmm``, and every
   layer above sees one big batch (bigger matmuls, one Python pass instead of ``S``);
-* logits are formed in token chunks (a 49k vocabulary would otherwise need GBs).
+* logits are formed in token chunks (a 49k vocabulary would otherwise need GBs) and turned
+  into log-probabilities in place;
+* probes never modify the model (the probed layer runs as a shallow copy holding the stacked
+  stand-in, ``with_module``), so on a CPU several run at once: one single-threaded worker
+  per core (``workers``). Small element-wise ops and attention parallelise badly over
+  OpenMP threads on a 2-core machine; whole probes parallelise perfectly;
+* derived widths (``DERIVED_BITS``: 8 bits): not probed but scaled from the 4-bit probe by
+  the ratio of the output-Fisher quadratic forms of the two settings (``derive_ratio``, the
+  first view's formula, which needs no forward). In the quadratic regime a probe's KL is that
+  form, and 8-bit rounding noise is 4-bit noise scaled down: on SmolLM2 (256 tokens) the
+  derived 8-bit KL was 0.96x the probed one at the median (0.71-1.21x for 80 % of linears)
+  and the 8-bit KLs of all 210 linears add up to 0.0017 nats, 0.4 % of the 4-bit ones.
 
 ``proxy_sensitivity`` is the cheap first view: one forward + backward gives the mean
 squared gradient of the loss w.r.t. every linear's output (a diagonal Fisher ``F_y``), and
@@ -40,23 +51,29 @@ one sampled target, so it is far less noisy on a few hundred tokens. ``Predictor
 up ``dloss``, ``curvature`` or ``kl`` (``SensitivityGrid.estimate``).
 
 Cost and defaults. A probe (one setting of one linear) re-runs on average half the model
-plus the head, so the grid's cost is ~1470 probes x (tokens x ~0.18 GFLOP) on SmolLM2-135M
-and is linear in the number of tokens. Measured on the 2-core CPU (both threads): 0.40 s per
-probe at 256 tokens (linears of layers 1, 14, 27), i.e. ~10 min for the full grid; 1,024
-tokens (the earlier default) took ~35-45 min. ``DEFAULT_TOKENS`` is therefore 256: at that
-size the first-order part is mostly noise, which is why ``curvature_table`` exists and why
-the benchmark reports predictions from all three estimators. A head restricted to the union
-of the dense top-k next tokens (the rest of the vocabulary held at its dense mass) was tried:
-it cut ~35 % of a probe, but its error reached 0.002 nats even at top-512 (0.8 % of the
-probability outside the subset), the size of small settings' dloss, so it was dropped.
+plus the head, so the grid's cost is ~1470 settings x (tokens x ~0.18 GFLOP) on SmolLM2-135M
+and is linear in the number of tokens. On the 2-core CPU (bench/RESULTS.md section 4): the
+full grid took 701 s at 256 tokens and 346 s at 128 with one 2-thread worker and every
+setting probed; with 2 single-thread workers, 8 bits derived and the in-place head, 227 s
+at 128 tokens (1.37x on the same linears in one interleaved run: 1.07x head, 1.15x workers,
+1.10x derived widths). ``DEFAULT_TOKENS`` is therefore 128 (one window): the KL estimator
+ranked 12 random plans with Spearman 0.986 there against 0.993 at 256 tokens. At that size
+the first-order part of a raw dloss is mostly noise, which is why ``curvature_table`` and the
+KL exist. A head restricted to the union of the dense top-k next tokens (the rest of the
+vocabulary held at its dense mass) was tried: it cut ~35 % of a probe, but its error reached
+0.002 nats even at top-512 (0.8 % of the probability outside the subset), the size of small
+settings' dloss, so it was dropped.
 """
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +86,7 @@ from torch import Tensor, nn
 
 import compression.lowrank  # noqa: F401  (registers the low-rank handlers)
 import compression.quant  # noqa: F401  (registers the quantisation handlers)
-from analysis.adapters import Adapter, LinearInfo, get_submodule, set_submodule
+from analysis.adapters import Adapter, LinearInfo, get_submodule
 from analysis.atomic import atomic_folder
 from analysis.layerwise import _Recorder, _Stop, run_head, run_layer
 from analysis.stats import LinearStats
@@ -86,14 +103,15 @@ FIRST_ORDER_COLUMNS = ["name", "kind", "setting", "dloss_first"]
 KL_COLUMNS = ["name", "kind", "setting", "kl"]
 FRACTIONS = (0.25, 0.5, 0.75)
 BITS_GRID = (2, 3, 4, 8)
+DERIVED_BITS = (8,)  # not probed by default: scaled from the 4-bit probe (module docstring)
 # Defaults that keep the full grid of SmolLM2-135M to ~10 minutes on a 2-core CPU
 # (see ``cli_sensitivity``): probes run on DEFAULT_TOKENS tokens, the statistics the
 # compressed replacements are fitted on come from a (cached) profile of PROFILE_TOKENS.
-DEFAULT_TOKENS = 256
+DEFAULT_TOKENS = 128
 DEFAULT_SEQLEN = 256
 PROFILE_TOKENS = 8192
 MAX_BATCH_TOKENS = 16384  # tokens per stacked probe pass (settings are split beyond it)
-HEAD_CHUNK_TOKENS = 1024  # tokens per logits chunk
+HEAD_CHUNK_TOKENS = 512  # tokens per logits chunk (per probe worker)
 
 
 # ------------------------------------------------------------------------ grid
@@ -295,10 +313,11 @@ def dense_dist(model: nn.Module, adapter: Adapter, hidden: Tensor,
     rows = max(1, chunk_tokens // length)
     probs, neg_h = [], []
     for i in range(0, c, rows):
-        logp = torch.log_softmax(run_head(model, adapter, hidden[i:i + rows, :-1]).float(), -1)  # (r, L-1, V)
+        logp = run_head(model, adapter, hidden[i:i + rows, :-1]).float()  # (r, L-1, V)
+        logp -= torch.logsumexp(logp, -1, keepdim=True)
         p = logp.exp()
         probs.append(p)
-        neg_h.append((p * logp).sum(-1).double())
+        neg_h.append((p * logp).sum(-1).double())  # the same sum as a probe's cross term
     return DenseDist(torch.cat(probs), torch.cat(neg_h))
 
 
@@ -315,19 +334,27 @@ def _window_losses(model: nn.Module, adapter: Adapter, hidden: Tensor, targets: 
     and ``targets`` = ids[:, 1:] (C, L-1), where ``B`` is a multiple of ``C`` (a stacked
     probe batch: window ``i`` is calibration window ``i % C``); and, given the dense model's
     distributions ``dense``, the summed KL(dense || this) per window (B,) (else None).
-    Logits are made a few windows at a time."""
+
+    Logits are made a few windows at a time and turned into log-probabilities in place (no
+    vocabulary-sized temporaries beyond the logits, logsumexp's and one window's product buffer).
+    ``Σ_v p_v log q_v`` is a float32 cascade sum of ``p * log q``: ``p·z - lse`` would skip the
+    in-place pass but subtracts numbers ~20x larger, and a ``bmm`` dot product sums sequentially;
+    both lost ~1e-4 nats against a float64 reference, this keeps ~1e-5."""
     b, length = hidden.shape[:2]
     c = targets.shape[0]
     rows = max(1, chunk_tokens // length)
     out, kls = [], []
     for i in range(0, b, rows):
         idx = torch.arange(i, min(i + rows, b), device=targets.device) % c  # calibration window of each row
-        logq = torch.log_softmax(run_head(model, adapter, hidden[i:i + rows, :-1]).float(), -1)  # (r, L-1, V)
+        logq = run_head(model, adapter, hidden[i:i + rows, :-1]).float()  # (r, L-1, V) logits ...
+        logq -= torch.logsumexp(logq, -1, keepdim=True)  # ... now log q, in place
         nll = -logq.gather(-1, targets[idx].unsqueeze(-1)).squeeze(-1)  # (r, L-1)
         out.append(nll.double().sum(1))
         if dense is not None:
-            cross = (dense.probs[idx] * logq).sum(-1).double()  # (r, L-1): sum_v p_v log q_v
-            kls.append((dense.neg_entropy[idx] - cross).sum(1))
+            buf = torch.empty_like(logq[0])  # (L-1, V), reused row after row
+            for k, w in enumerate(idx.tolist()):
+                cross = torch.mul(dense.probs[w], logq[k], out=buf).sum(-1)  # (L-1,) Σ_v p_v log q_v
+                kls.append((dense.neg_entropy[w] - cross.double()).sum().view(1))
     return torch.cat(out), (torch.cat(kls) if kls else None)
 
 
@@ -376,33 +403,44 @@ def _layer_output_grads(model: nn.Module, adapter: Adapter, h0: Tensor, ids: Ten
     return grads
 
 
-def _layer_weight_grads(layer: nn.Module, modules: dict[str, nn.Module], x_in: Tensor, call: tuple[tuple, dict],
-                        grad_out: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
-    """For the linears ``modules`` of one layer: ``(∂L/∂W, ∂L/∂b)`` = ``(Σ_t g_t x_tᵀ, Σ_t g_t)``
-    with ``g_t`` the loss gradient at the linear's output, from the layer's dense input and the
-    gradient at its output (a local backward; no parameter ``.grad`` is written)."""
+class _Tap(nn.Module):
+    """Runs ``inner`` and records ``(input, output)`` under ``name`` in ``seen``."""
+
+    def __init__(self, inner: nn.Module, name: str, seen: dict):
+        super().__init__()
+        self.inner, self.name, self.seen = inner, name, seen
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.inner(x)
+        self.seen[self.name] = (x, y)
+        return y
+
+
+def _layer_weight_grads(layer: nn.Module, modules: dict[str, nn.Module], rel_paths: dict[str, str], x_in: Tensor,
+                        call: tuple[tuple, dict], grad_out: Tensor) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+    """For the linears ``modules`` of one layer: ``(∂L/∂W, ∂L/∂b, F)`` = ``(Σ_t g_t x_tᵀ, Σ_t g_t,
+    Σ_t g_t²)`` with ``g_t`` the loss gradient at the linear's output, from the layer's dense
+    input and the gradient at its output (a local backward; no parameter ``.grad`` is written).
+    ``F`` (m,) is the diagonal output Fisher up to a constant (what ``derive_ratio`` needs)."""
     seen: dict[str, tuple[Tensor, Tensor]] = {}
-    handles = [mod.register_forward_hook(lambda _m, a, o, name=name: seen.__setitem__(name, (a[0], o)))
-               for name, mod in modules.items()]
-    try:
-        with torch.enable_grad():
-            x = x_in.detach().requires_grad_(True)
-            out = run_layer(layer, x, call)
-            names = [n for n in modules if n in seen]
-            gys = torch.autograd.grad(out, [seen[n][1] for n in names], grad_outputs=grad_out, allow_unused=True)
-    finally:
-        for h in handles:
-            h.remove()
+    twin = layer
+    for name, mod in modules.items():  # taps on a private copy: no hooks on shared modules
+        twin = with_module(twin, rel_paths[name], _Tap(mod, name, seen))
+    with torch.enable_grad():
+        x = x_in.detach().requires_grad_(True)
+        out = run_layer(twin, x, call)
+        names = [n for n in modules if n in seen]
+        gys = torch.autograd.grad(out, [seen[n][1] for n in names], grad_outputs=grad_out, allow_unused=True)
     res = {}
     for name, gy in zip(names, gys):
         xin = seen[name][0].detach()
         m, n = modules[name].out_features, modules[name].in_features
         if gy is None:
-            res[name] = (torch.zeros(m, n, dtype=torch.float64, device=x_in.device),
-                         torch.zeros(m, dtype=torch.float64, device=x_in.device))
+            zero = torch.zeros(m, dtype=torch.float64, device=x_in.device)
+            res[name] = (torch.zeros(m, n, dtype=torch.float64, device=x_in.device), zero, zero)
             continue
         g2 = gy.reshape(-1, m).double()
-        res[name] = (g2.T @ xin.reshape(-1, n).double(), g2.sum(0))
+        res[name] = (g2.T @ xin.reshape(-1, n).double(), g2.sum(0), g2.pow(2).sum(0))
     return res
 
 
@@ -550,25 +588,92 @@ def _meta(kind: str, model: nn.Module, calib_ids: Tensor, *, method: str, quant:
 
 
 # ------------------------------------------------------------------------ measurement
+def with_module(layer: nn.Module, path: str, module: nn.Module) -> nn.Module:
+    """A shallow copy of ``layer`` whose submodule at ``path`` (e.g. ``"mlp.down_proj"``) is
+    ``module``; every other submodule and parameter is shared, ``layer`` is left unchanged.
+    Probes run through such copies, so several can run at once on one model."""
+    head, _, rest = path.partition(".")
+    twin = copy.copy(layer)
+    twin._modules = dict(layer._modules)
+    if head not in twin._modules:
+        raise KeyError(f"{type(layer).__name__} has no submodule {head!r}")
+    twin._modules[head] = module if not rest else with_module(layer._modules[head], rest, module)
+    return twin
+
+
+def default_workers(device: torch.device) -> int:
+    """Probe workers: on a CPU, one single-threaded worker per intra-op thread (on the 2-core
+    machine this beat one worker with 2 threads, see the module docstring); on a GPU one."""
+    return max(1, torch.get_num_threads()) if device.type == "cpu" else 1
+
+
+class _LayerGrads:
+    """``_layer_weight_grads`` of one layer at a time, computed on first use by whichever
+    worker needs it (under a lock) and dropped when that layer's last linear is done."""
+
+    def __init__(self, compute: Callable[[int], dict], counts: dict[int, int]):
+        self._compute, self._left = compute, dict(counts)
+        self._done: dict[int, dict] = {}
+        self._lock = threading.Lock()
+
+    def get(self, layer: int) -> dict:
+        with self._lock:
+            if layer not in self._done:
+                self._done[layer] = self._compute(layer)
+            return self._done[layer]
+
+    def release(self, layer: int) -> None:
+        with self._lock:
+            self._left[layer] -= 1
+            if self._left[layer] == 0:
+                self._done.pop(layer, None)
+
+
+def derived_widths(bits: Sequence[int], derive_bits: Sequence[int]) -> dict[int, int]:
+    """``{derived width: probed width it is scaled from}``: each width of ``derive_bits`` in
+    ``bits`` with a lower width in ``bits`` that is itself probed (the largest such)."""
+    derive = {int(b) for b in derive_bits} & {int(b) for b in bits}
+    out = {}
+    for b in sorted(derive):
+        lower = [int(x) for x in bits if int(x) < b and int(x) not in derive]
+        if lower:
+            out[b] = max(lower)
+    return out
+
+
+def derive_ratio(fisher: Tensor, weight: Tensor, bias: Tensor | None, base: tuple[Tensor, Tensor | None],
+                 target: tuple[Tensor, Tensor | None], stats: LinearStats) -> float | None:
+    """``proxy(target) / proxy(base)``: how much smaller the output-Fisher quadratic form
+    ``½ Σ_i F_i E[(Δy_i)²]`` of one setting is than another's (None when the base's is 0).
+    Used to scale a measured 4-bit probe to 8 bits (module docstring, "Derived widths")."""
+    lo, hi = proxy_dloss(fisher, weight, bias, [base, target], stats)
+    return None if lo <= 0 else hi / lo
+
+
 @torch.no_grad()
 def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, stats: dict[str, LinearStats], *,
                         method: str = "svd-llm", quant: str = "rtn", group_size: int = 128,
                         fractions: Sequence[float] = FRACTIONS, bits: Sequence[int] = BITS_GRID,
+                        derive_bits: Sequence[int] = DERIVED_BITS,
                         device: torch.device | str | None = None, names: Sequence[str] | None = None,
                         fingerprint: str | None = None, data_label: str | None = None,
                         data_digest: str | None = None, max_batch_tokens: int = MAX_BATCH_TOKENS,
-                        first_order: bool = True, kl: bool = True,
+                        first_order: bool = True, kl: bool = True, workers: int | None = None,
                         progress: Progress | None = None,
                         should_stop: Callable[[], bool] | None = None) -> SensitivityGrid:
     """Loss increase of compressing each decoder linear alone, on windows ``calib_ids`` (C, L).
 
     ``stats`` (``Profile.all_stats()``) feeds svd-llm / act-pca / gptq. ``names`` limits the
-    probes to some linears (default: all). The model is modified only while a probe runs (its
-    linear swapped for a stacked stand-in, restored in ``finally``) and is unchanged after.
+    probes to some linears (default: all). The model is never modified: a probe runs its layer
+    as a shallow copy holding the stacked stand-in (``with_module``).
     ``first_order`` also records each dloss's first-order part ``<Ŵ - W, ∂L/∂W>`` (one extra
     backward pass, under 1 % of the time) in ``grid.first_order``.
     ``kl`` also records each probe's mean KL(dense || probe) per token (``grid.kl``; memory:
-    tokens x vocabulary floats for the dense distributions)."""
+    tokens x vocabulary floats for the dense distributions).
+    ``derive_bits``: widths in ``bits`` that are not probed but scaled from the next lower
+    probed width (``derive_ratio``; listed in ``meta["derived"]``); ``()`` probes every setting.
+    ``workers``: probes run in parallel by this many threads (default ``default_workers``),
+    each with one intra-op thread on a CPU; results do not depend on it beyond float rounding."""
     t0 = time.perf_counter()
     say = progress or (lambda f, m: None)
     orig_dev = next(model.parameters()).device
@@ -582,12 +687,10 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, s
     _check_settings(linears, grid, method, quant, group_size)
     if calib_ids.dim() != 2 or calib_ids.shape[1] < 2:
         raise ValueError(f"calib_ids must be (windows, seqlen >= 2), got {tuple(calib_ids.shape)}")
+    derived_from = derived_widths(bits, derive_bits)
     dtype_bytes = next(model.parameters()).element_size()
-    n_probes = sum(len(v) for v in grid.values())
+    n_workers = max(1, min(int(workers) if workers else default_workers(dev), len(linears)))
     moved = dev != orig_dev
-    rows: list[dict] = []
-    first_rows: list[dict] = []
-    kl_rows: list[dict] = []
     dense: DenseDist | None = None
     try:
         if moved:
@@ -597,7 +700,6 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, s
         layers = adapter.layers(model)
         # 1) dense inputs of every layer, once
         h0, calls_c = _capture(model, adapter, ids)
-        calls = {1: calls_c}
         inputs = [h0]
         for j, layer in enumerate(layers):
             inputs.append(run_layer(layer, inputs[-1], calls_c[j]))
@@ -605,61 +707,133 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, s
         dense_loss = float(_window_nll(model, adapter, inputs[-1], targets).sum()) / targets.numel()
         dense = dense_dist(model, adapter, inputs[-1]) if kl else None
         del inputs[-1]  # only layer inputs are needed from here on
+        need_grads = first_order or bool(derived_from)
         out_grads = None
-        if first_order:
+        if need_grads:
             with _frozen(model):
                 out_grads = _layer_output_grads(model, adapter, h0, ids, targets.numel())
-        say(0.0, f"dense loss {dense_loss:.4f}; probing {len(linears)} linears x settings ({n_probes} probes)")
-        layer_grads: dict[int, dict[str, tuple[Tensor, Tensor]]] = {}
+        probed = {li.name: [ks for ks in grid[li.name] if not (ks[0] == "bits" and ks[1] in derived_from)]
+                  for li in linears}
+        n_probes = sum(len(v) for v in probed.values())
         per_pass = max(1, max_batch_tokens // (c * length))
-        t_probe, cpu_probe = time.perf_counter(), time.process_time()
-        for j, li in enumerate(linears):
+        calls = {1: calls_c}
+        sizes = set()  # every batch size a probe pass may use (a derived width can fall back to a probe) ...
+        for li in linears:
+            for n in range(len(probed[li.name]), len(grid[li.name]) + 1):
+                sizes |= {min(per_pass, n), n % per_pass} - {0}
+        for g in sorted(sizes - set(calls)):  # ... recorded now: _capture swaps the model's layers, workers can't
+            calls[g] = _capture(model, adapter, ids.repeat(g, 1))[1]
+
+        def compute_grads(layer: int) -> dict:
+            mods = {x.name: get_submodule(model, x.name) for x in linears if x.layer == layer}
+            with _frozen(model):
+                return _layer_weight_grads(layers[layer], mods, {n: rel_path(n, layer) for n in mods}, inputs[layer],
+                                           calls_c[layer], out_grads[layer])
+
+        def rel_path(name: str, layer: int) -> str:  # "model.layers.3.mlp.up_proj" -> "mlp.up_proj"
+            prefix = adapter.layer_name(layer) + "."
+            if not name.startswith(prefix):
+                raise ValueError(f"{name} is not under {prefix}: the adapter's layer names do not match")
+            return name[len(prefix):]
+
+        counts: dict[int, int] = {}
+        for li in linears:
+            counts[li.layer] = counts.get(li.layer, 0) + 1
+        layer_grads = _LayerGrads(compute_grads, counts)
+
+        def probe(li: LinearInfo) -> tuple[list[dict], list[dict], list[dict], int]:
+            """Every setting of one linear: (table rows, first-order rows, KL rows, derived)."""
             _check_stop(should_stop, "sensitivity measurement")
             settings = grid[li.name]
             orig = get_submodule(model, li.name)
-            affines = compressed_affines(orig, li, settings, stats.get(li.name), method, quant, group_size)
+            affines = dict(zip(settings, compressed_affines(orig, li, settings, stats.get(li.name), method, quant,
+                                                            group_size)))
+            firsts: dict[tuple[str, int], float] = {}
+            fisher = None
             if out_grads is not None:
-                if li.layer not in layer_grads:  # one local backward per layer, for all its probed linears
-                    layer_grads.clear()
-                    mods = {x.name: get_submodule(model, x.name) for x in linears if x.layer == li.layer}
-                    with _frozen(model):
-                        layer_grads[li.layer] = _layer_weight_grads(layers[li.layer], mods, inputs[li.layer],
-                                                                    calls_c[li.layer], out_grads[li.layer])
-                gw, gb = layer_grads[li.layer][li.name]
-                firsts = first_order_terms(orig.weight, orig.bias, affines, gw, gb)
-                first_rows += [dict(name=li.name, kind=k, setting=int(s), dloss_first=f)
-                               for (k, s), f in zip(settings, firsts)]
-            losses: list[float] = []
-            kl_values: list[float] = []
-            for g0 in range(0, len(settings), per_pass):
-                group = affines[g0:g0 + per_pass]
+                grads = layer_grads.get(li.layer)
+                gw, gb, fisher = grads[li.name]
+                firsts = dict(zip(settings, first_order_terms(orig.weight, orig.bias, list(affines.values()), gw, gb)))
+                layer_grads.release(li.layer)
+            todo = list(probed[li.name])
+            ratios: dict[tuple[str, int], tuple[tuple[str, int], float]] = {}
+            st = stats.get(li.name)
+            for b, lo in derived_from.items():
+                r = None if st is None or fisher is None else derive_ratio(
+                    fisher, orig.weight, orig.bias, affines[("bits", lo)], affines[("bits", b)], st)
+                if r is None:  # nothing to scale from: probe it after all
+                    todo.append(("bits", b))
+                else:
+                    ratios[("bits", b)] = (("bits", lo), r)
+            losses: dict[tuple[str, int], float] = {}
+            kls: dict[tuple[str, int], float] = {}
+            rel = rel_path(li.name, li.layer)
+            for g0 in range(0, len(todo), per_pass):
+                group = todo[g0:g0 + per_pass]
                 g = len(group)
-                if g not in calls:
-                    calls[g] = _capture(model, adapter, ids.repeat(g, 1))[1]
-                stacked = _stack(group)
                 h = inputs[li.layer].repeat(g, 1, 1)  # (g*C, L, D), setting-major
-                set_submodule(model, li.name, stacked)
-                try:
-                    h = run_layer(layers[li.layer], h, calls[g][li.layer])
-                finally:
-                    set_submodule(model, li.name, orig)
+                h = run_layer(with_module(layers[li.layer], rel, _stack([affines[k] for k in group])), h,
+                              calls[g][li.layer])
                 for k in range(li.layer + 1, len(layers)):
                     h = run_layer(layers[k], h, calls[g][k])
-                nll, kls = _window_losses(model, adapter, h, targets, dense)
-                losses += (nll.view(g, c).sum(1) / targets.numel()).tolist()
-                if kls is not None:
-                    kl_values += (kls.view(g, c).sum(1) / targets.numel()).tolist()
+                nll, kl_sum = _window_losses(model, adapter, h, targets, dense)
+                losses.update(zip(group, (nll.view(g, c).sum(1) / targets.numel() - dense_loss).tolist()))
+                if kl_sum is not None:
+                    kls.update(zip(group, (kl_sum.view(g, c).sum(1) / targets.numel()).tolist()))
                 del h
-            kl_rows += [dict(name=li.name, kind=k, setting=int(s), kl=v) for (k, s), v in zip(settings, kl_values)]
-            for (kind, s), loss in zip(settings, losses):
-                spec = setting_spec(kind, s, method, quant, group_size)
-                rows.append(dict(name=li.name, layer=li.layer, role=li.role, kind=kind, setting=int(s),
-                                 dloss=loss - dense_loss, bytes=int(weight_bytes(spec, li, dtype_bytes))))
-            say((j + 1) / len(linears), f"sensitivity {li.name} ({len(settings)} settings)")
+            for ks, (lo, r) in ratios.items():  # scaled from the lower width: first-order part kept exact
+                curv = losses[lo] - firsts.get(lo, 0.0)
+                losses[ks] = firsts.get(ks, 0.0) + curv * r
+                if lo in kls:
+                    kls[ks] = kls[lo] * r
+            rows = [dict(name=li.name, layer=li.layer, role=li.role, kind=kind, setting=int(s),
+                         dloss=losses[(kind, s)],
+                         bytes=int(weight_bytes(setting_spec(kind, s, method, quant, group_size), li, dtype_bytes)))
+                    for kind, s in settings]
+            first_rows = [dict(name=li.name, kind=k, setting=int(s), dloss_first=firsts[(k, s)])
+                          for k, s in settings] if first_order else []
+            kl_rows = [dict(name=li.name, kind=k, setting=int(s), kl=kls[(k, s)]) for k, s in settings] \
+                if dense is not None else []
+            return rows, first_rows, kl_rows, len(ratios)
+
+        say(0.0, f"dense loss {dense_loss:.4f}; probing {len(linears)} linears x settings ({n_probes} probes, "
+                 f"{n_workers} worker{'s' if n_workers > 1 else ''})")
+        t_probe, cpu_probe = time.perf_counter(), time.process_time()
+        results: dict[str, tuple] = {}
+        if n_workers == 1:
+            for j, li in enumerate(linears):
+                results[li.name] = probe(li)
+                say((j + 1) / len(linears), f"sensitivity {li.name} ({len(grid[li.name])} settings)")
+        else:
+            def run(li: LinearInfo):  # grad mode is per thread
+                with torch.no_grad():
+                    return probe(li)
+
+            threads_before = torch.get_num_threads()
+            one = dict(initializer=torch.set_num_threads, initargs=(1,)) if dev.type == "cpu" else {}
+            try:
+                with ThreadPoolExecutor(n_workers, thread_name_prefix="ranklab-probe", **one) as pool:
+                    futures = {pool.submit(run, li): li for li in linears}
+                    try:
+                        for j, fut in enumerate(as_completed(futures)):
+                            li = futures[fut]
+                            results[li.name] = fut.result()
+                            say((j + 1) / len(linears), f"sensitivity {li.name} ({len(grid[li.name])} settings)")
+                    except BaseException:
+                        for f in futures:
+                            f.cancel()
+                        raise
+            finally:  # the workers' set_num_threads(1) is process-wide for MKL: restore it
+                torch.set_num_threads(threads_before)
         t_probes, cpu_probes = time.perf_counter() - t_probe, time.process_time() - cpu_probe
     finally:
         if moved:
             model.to(orig_dev)
+    rows = [r for li in linears for r in results[li.name][0]]
+    first_rows = [r for li in linears for r in results[li.name][1]]
+    kl_rows = [r for li in linears for r in results[li.name][2]]
+    n_derived = sum(results[li.name][3] for li in linears)
+    n_probes = len(rows) - n_derived  # some derived widths may have fallen back to a probe
     seconds = time.perf_counter() - t0
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     meta = _meta("measured", model, calib_ids, method=method, quant=quant, group_size=group_size,
@@ -667,7 +841,10 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, s
                  fingerprint=fingerprint, data_label=data_label, data_digest=data_digest, stats=stats,
                  probes=n_probes, seconds_per_probe=round(t_probes / max(n_probes, 1), 4),
                  cpu_seconds_per_probe=round(cpu_probes / max(n_probes, 1), 4),
-                 linears=len(linears), first_order=bool(first_order), kl=dense is not None)
+                 linears=len(linears), first_order=bool(first_order), kl=dense is not None, workers=n_workers,
+                 derived=dict(bits=sorted(derived_from), settings=n_derived,
+                              rule="scaled from the next lower probed width by the ratio of the output-Fisher "
+                                   "quadratic forms (first-order part exact)") if derived_from else None)
     first = pd.DataFrame(first_rows, columns=FIRST_ORDER_COLUMNS) if first_order else None
     kl_table = pd.DataFrame(kl_rows, columns=KL_COLUMNS) if dense is not None else None
     return SensitivityGrid(meta, table, first_order=first, kl=kl_table)
@@ -677,11 +854,12 @@ def load_or_measure(model: nn.Module, adapter: Adapter, calib_ids: Tensor, stats
                     fingerprint: str, data_label: str, data_digest: str, cache_root: str | Path,
                     method: str = "svd-llm", quant: str = "rtn", group_size: int = 128,
                     fractions: Sequence[float] = FRACTIONS, bits: Sequence[int] = BITS_GRID,
-                    **kw) -> tuple[SensitivityGrid, bool]:
+                    derive_bits: Sequence[int] = DERIVED_BITS, **kw) -> tuple[SensitivityGrid, bool]:
     """The cached grid for (model, data, token count, method, quant, group size) if one is
     complete and made with the same grid, else a new one (saved). Returns (grid, reused)."""
     key = sensitivity_key(fingerprint, data_digest, calib_ids.numel(), method, quant, group_size)
     folder = Path(cache_root) / "sensitivity" / key
+    derived = sorted(derived_widths(bits, derive_bits))
     if (folder / "meta.json").exists():
         try:
             grid = SensitivityGrid.load(folder)
@@ -693,11 +871,12 @@ def load_or_measure(model: nn.Module, adapter: Adapter, calib_ids: Tensor, stats
                 and grid.meta.get("bits") == [int(b) for b in bits] \
                 and grid.meta.get("stats_tokens") == max((s.n_tokens for s in stats.values()), default=0) \
                 and (grid.first_order is not None or not kw.get("first_order", True)) \
-                and (grid.kl is not None or not kw.get("kl", True)):
+                and (grid.kl is not None or not kw.get("kl", True)) \
+                and sorted((grid.meta.get("derived") or {}).get("bits", [])) == derived:
             return grid, True
     grid = measure_sensitivity(model, adapter, calib_ids, stats, method=method, quant=quant, group_size=group_size,
-                               fractions=fractions, bits=bits, fingerprint=fingerprint, data_label=data_label,
-                               data_digest=data_digest, **kw)
+                               fractions=fractions, bits=bits, derive_bits=derive_bits, fingerprint=fingerprint,
+                               data_label=data_label, data_digest=data_digest, **kw)
     grid.save(folder)
     return grid, False
 
@@ -850,6 +1029,18 @@ def agreement(proxy: SensitivityGrid | pd.DataFrame, measured: SensitivityGrid |
 
 
 # ------------------------------------------------------------------------ command line
+def parse_bits(text: str) -> tuple[int, ...]:
+    """``"8"`` / ``"4,8"`` / ``""`` -> bit widths; says what is wrong otherwise."""
+    try:
+        out = tuple(int(x) for x in str(text).replace(" ", "").split(",") if x)
+    except ValueError:
+        raise ValueError(f"--derive-bits {text!r}: give comma-separated bit widths such as 8 or 4,8, "
+                         "or '' to probe every setting") from None
+    if any(b < 1 or b > 16 for b in out):
+        raise ValueError(f"--derive-bits {text!r}: widths must be between 1 and 16")
+    return out
+
+
 def cli_sensitivity(args, progress: Progress | None = None, say: Callable[[str], None] | None = None) -> dict:
     """``python -m analysis sensitivity``: measure the grid (cached), add the proxy and its
     agreement, save everything to ``args.out``; returns a summary dict."""
@@ -871,7 +1062,7 @@ def cli_sensitivity(args, progress: Progress | None = None, say: Callable[[str],
     profile_tokens = getattr(args, "profile_tokens", None) or max(args.tokens, PROFILE_TOKENS)
     n_prof = max(n_win, -(-profile_tokens // args.seqlen))
     prof_ids = calibration_windows(tokens, args.seqlen, n_prof, args.seed)
-    ids = prof_ids[:n_win]
+    ids = prof_ids[:n_win, :args.tokens] if args.tokens < args.seqlen else prof_ids[:n_win]  # N tokens: N tokens
     digest = f"{corpus.digest}-{args.seqlen}-{args.seed}"
     prof_label = f"{corpus.label}, {n_prof} x {args.seqlen} tokens (seed {args.seed})"
     prof, reused_prof = load_or_profile(lm.model, lm.adapter, prof_ids, fingerprint=lm.fingerprint,
@@ -879,11 +1070,13 @@ def cli_sensitivity(args, progress: Progress | None = None, say: Callable[[str],
                                         progress=progress)
     say(("reused cached profile " if reused_prof else "profiled ") + prof_label)
     stats = prof.all_stats()
-    label = f"{corpus.label}, {n_win} x {args.seqlen} tokens (seed {args.seed})"
+    label = f"{corpus.label}, {ids.shape[0]} x {ids.shape[1]} tokens (seed {args.seed})"
     common = dict(method=args.method, quant=args.quant, group_size=args.group_size)
+    derive = parse_bits(getattr(args, "derive_bits", ",".join(map(str, DERIVED_BITS))))
     say(f"measuring sensitivity on {ids.numel()} tokens ({label}) on {lm.device}")
     grid, reused = load_or_measure(lm.model, lm.adapter, ids, stats, fingerprint=lm.fingerprint, data_label=label,
-                                   data_digest=digest, cache_root=cache_dir(), progress=progress, **common)
+                                   data_digest=digest, cache_root=cache_dir(), progress=progress,
+                                   derive_bits=derive, workers=getattr(args, "workers", None), **common)
     if grid.proxy is None or "agreement" not in grid.meta:  # the cached grid keeps its proxy too
         say("gradient proxy and its agreement with the measurement")
         proxy = proxy_sensitivity(lm.model, lm.adapter, ids, stats, fingerprint=lm.fingerprint, data_label=label,
@@ -898,7 +1091,9 @@ def cli_sensitivity(args, progress: Progress | None = None, say: Callable[[str],
     grid.save(Path(args.out))
     return dict(out=str(args.out), reused=reused, cache=cached_at, seconds=round(time.perf_counter() - t0, 2),
                 seconds_measure=grid.meta["seconds"], seconds_proxy=grid.meta["proxy_seconds"],
-                probes=int(len(grid.table)), seconds_per_probe=grid.meta.get("seconds_per_probe"),
+                probes=int(len(grid.table)), probed=int(grid.meta.get("probes", len(grid.table))),
+                derived=int((grid.meta.get("derived") or {}).get("settings", 0)),
+                workers=grid.meta.get("workers"), seconds_per_probe=grid.meta.get("seconds_per_probe"),
                 linears=int(grid.table["name"].nunique()), dense_loss=grid.dense_loss,
                 dense_ppl=float(np.exp(grid.dense_loss)), n_tokens=int(ids.numel()), data=label,
                 method=args.method, quant=args.quant, group_size=args.group_size, device=str(lm.device),

@@ -14,12 +14,11 @@ import time
 import warnings
 
 import torch
-from common import CALIB_SPEC, EVAL_SPEC, MODEL, log, save  # noqa: I001
+from common import EVAL_SPEC, MODEL, calibration, log, save  # noqa: I001
 
-from analysis.data import calibration_windows, load_corpus, tokenize, windows
-from analysis.loading import cache_dir, load_model
+from analysis.data import load_corpus, tokenize, windows
+from analysis.loading import load_model
 from analysis.metrics import linear_weight_bytes, model_bytes, perplexity
-from analysis.profile import load_or_profile
 from compression.apply import apply_plan
 from compression.plan import LillamaOptions, PlanWarning, plan_size, uniform_plan
 
@@ -43,13 +42,10 @@ def main() -> None:
     a = ap.parse_args()
     lm = load_model(MODEL, a.device)
     linears = lm.adapter.linears(lm.model)
-    ev_c, cal_c = load_corpus(EVAL_SPEC), load_corpus(CALIB_SPEC)
+    ev_c = load_corpus(EVAL_SPEC)
     ev = windows(tokenize(lm.tokenizer, ev_c), 2048, a.eval_windows)
-    cal = calibration_windows(tokenize(lm.tokenizer, cal_c), 2048, 32, 0)
     t = time.perf_counter()
-    prof, reused = load_or_profile(lm.model, lm.adapter, cal, fingerprint=lm.fingerprint,
-                                   data_label=f"{cal_c.label} 32x2048 seed 0", data_digest=f"{cal_c.digest}-2048-0",
-                                   cache_root=cache_dir(), batch_size=2)
+    cal_c, _, cal, prof, reused = calibration(lm)
     t_prof = time.perf_counter() - t
     stats = prof.all_stats()
     dense_bytes = model_bytes(lm.model).weight_bytes

@@ -13,19 +13,21 @@ Defaults for the grid are the CLI's (``analysis.sensitivity.DEFAULT_TOKENS`` ...
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import random
 import time
 import warnings
+from pathlib import Path
 
 import torch
-from common import CALIB_SPEC, EVAL_SPEC, MODEL, log, save  # noqa: I001
+from common import EVAL_SPEC, MODEL, calibration, log, save  # noqa: I001
 from scipy.stats import spearmanr
 
 from analysis import sensitivity as sens
 from analysis.data import calibration_windows, load_corpus, tokenize, windows
 from analysis.loading import cache_dir, load_model
 from analysis.metrics import model_bytes, perplexity
-from analysis.profile import load_or_profile
 from analysis.sensitivity import SensitivityGrid, agreement, measure_sensitivity, proxy_sensitivity, rank_grid
 from compression.allocate import Predictor, allocate
 from compression.apply import apply_plan
@@ -46,9 +48,14 @@ def main() -> None:
     ap.add_argument("--targets", default="4.25,3.25,2.5")
     ap.add_argument("--variants", default="ranks+bits rtn,ranks+bits gptq,bits only gptq")
     ap.add_argument("--uniform-2bit", action="store_true", help="also measure uniform rtn/gptq 2-bit g128")
+    ap.add_argument("--grid-quant", default="rtn", choices=("rtn", "gptq"),
+                    help="quantiser of the grid's bit settings (gptq: what the allocated gptq plans apply)")
     ap.add_argument("--estimator", default="dloss", choices=ESTIMATORS, help="what the allocating predictor adds up")
     ap.add_argument("--reuse-grids", action="store_true",
                     help="load the grids a previous run with the same tag saved (under the model cache)")
+    ap.add_argument("--reuse-measured", default=None,
+                    help="a previous run's JSON: reuse its measured ppl16 of the random plans (same seed, so the "
+                         "same plans; checked by their size) and only recompute the predictions")
     ap.add_argument("--tag", default="")
     ap.add_argument("--grid-tag", default=None, help="tag of the run whose grids --reuse-grids loads (default: --tag)")
     a = ap.parse_args()
@@ -56,14 +63,11 @@ def main() -> None:
     name = "sensitivity" + (f"_{a.tag}" if a.tag else "")
     lm = load_model(MODEL, a.device)
     linears = lm.adapter.linears(lm.model)
-    ev_c, cal_c = load_corpus(EVAL_SPEC), load_corpus(CALIB_SPEC)
-    cal_tok = tokenize(lm.tokenizer, cal_c)
-    cal32 = calibration_windows(cal_tok, 2048, 32, 0)
-    prof, _ = load_or_profile(lm.model, lm.adapter, cal32, fingerprint=lm.fingerprint,
-                              data_label=f"{cal_c.label} 32x2048 seed 0", data_digest=f"{cal_c.digest}-2048-0",
-                              cache_root=cache_dir(), batch_size=2)
+    ev_c = load_corpus(EVAL_SPEC)
+    cal_c, cal_tok, cal32, prof, _ = calibration(lm)
     stats = prof.all_stats()
-    out = dict(protocol=f"sensitivity: {cal_c.label} windows of up to {a.seqlen} tokens (seed 0), svd-llm + rtn g128, "
+    out = dict(protocol=f"sensitivity: {cal_c.label} windows of up to {a.seqlen} tokens (seed 0), "
+                        f"svd-llm + {a.grid_quant} g128, "
                         f"profile 32 x 2048; ppl16: {ev_c.label} first 16 x 2048; "
                         f"fp32; {lm.device}; torch threads {torch.get_num_threads()}", grids={})
     grids = {}
@@ -71,17 +75,19 @@ def main() -> None:
         sl = min(a.seqlen, n_tok)  # fewer tokens than a window: one shorter window
         sens_ids = calibration_windows(cal_tok, sl, max(1, n_tok // sl), 0)
         grid_tag = a.tag if a.grid_tag is None else a.grid_tag
-        folder = cache_dir() / "bench-grids" / f"sensitivity_{grid_tag}-{n_tok}-{sl}"
+        suffix = "" if a.grid_quant == "rtn" else f"-{a.grid_quant}"
+        folder = cache_dir() / "bench-grids" / f"sensitivity_{grid_tag}-{n_tok}-{sl}{suffix}"
         if a.reuse_grids and (folder / "meta.json").exists():
             grids[n_tok] = SensitivityGrid.load(folder)
             log(f"grid on {n_tok} tokens reused from {folder}")
             continue
         t = time.perf_counter()
-        grid = measure_sensitivity(lm.model, lm.adapter, sens_ids, stats, method="svd-llm", quant="rtn",
+        grid = measure_sensitivity(lm.model, lm.adapter, sens_ids, stats, method="svd-llm", quant=a.grid_quant,
                                    group_size=128)
         t_grid = time.perf_counter() - t
         t = time.perf_counter()
-        proxy = proxy_sensitivity(lm.model, lm.adapter, sens_ids, stats, method="svd-llm", quant="rtn", group_size=128)
+        proxy = proxy_sensitivity(lm.model, lm.adapter, sens_ids, stats, method="svd-llm", quant=a.grid_quant,
+                                  group_size=128)
         t_proxy = time.perf_counter() - t
         grids[n_tok] = grid
         grid.save(folder)
@@ -104,15 +110,24 @@ def main() -> None:
     main_tokens = next(iter(grids))
     pred = preds[(main_tokens, a.estimator)]
 
-    def measure(plan: Plan) -> dict:
-        comp, _ = apply_plan(lm.model, lm.adapter, plan, stats, device=lm.device, calib_ids=cal32)
-        p = perplexity(comp, ev, ev_c.label).ppl
+    dense_ppl16 = perplexity(lm.model, ev, ev_c.label).ppl
+    out["dense_ppl16"] = dense_ppl16
+
+    def predicted(plan: Plan) -> dict:
+        """The allocating predictor's ppl (calibration scale), the same increase on the ppl16
+        scale (dense ppl16 x exp(Σ)), and every grid x estimator's ppl (only their ranks compare)."""
         pr = pred.predict(plan)
-        return dict(ppl16=p, predicted_ppl=pr.ppl, bits_per_weight=pr.bits_per_weight,
-                    bytes=model_bytes(comp).weight_bytes,
+        return dict(predicted_ppl=pr.ppl, predicted_ppl16=dense_ppl16 * math.exp(pr.dloss),
+                    bits_per_weight=pr.bits_per_weight,
                     predictions={f"{n}:{e}": q.predict(plan).ppl for (n, e), q in preds.items()})
 
-    rng = random.Random(0)
+    def measure(plan: Plan) -> dict:
+        comp, _ = apply_plan(lm.model, lm.adapter, plan, stats, device=lm.device, calib_ids=cal32)
+        return dict(ppl16=perplexity(comp, ev, ev_c.label).ppl, bytes=model_bytes(comp).weight_bytes,
+                    **predicted(plan))
+
+    earlier = json.loads(Path(a.reuse_measured).read_text()).get("random_plans", []) if a.reuse_measured else []
+    rng = random.Random(0)  # the same plans in every run: their measured ppl16 can be reused
     randoms = []
     for i in range(a.plans):
         density = 0.1 + 0.9 * i / max(1, a.plans - 1)
@@ -123,7 +138,11 @@ def main() -> None:
                     mods_[li.name] = ModuleSpec(rank=rng.choice(rank_grid(li)), lowrank="svd-llm")
                 else:
                     mods_[li.name] = ModuleSpec(bits=rng.choice([2, 3, 4, 8]), group_size=128)
-        r = measure(Plan(modules=mods_))
+        plan = Plan(modules=mods_)
+        if i < len(earlier) and abs(earlier[i]["bits_per_weight"] - pred.predict(plan).bits_per_weight) < 1e-9:
+            r = dict(ppl16=earlier[i]["ppl16"], measured_in=a.reuse_measured, **predicted(plan))
+        else:
+            r = measure(plan)
         r["density"] = density
         randoms.append(r)
         log(f"random plan {i}: density {density:.2f} measured {r['ppl16']:.2f} predicted {r['predictions']}")

@@ -39,3 +39,19 @@ def save(name: str, payload: dict) -> Path:
 
 def log(*a) -> None:
     print(*a, file=sys.stderr, flush=True)
+
+
+def calibration(lm, windows: int = 32, seqlen: int = 2048, seed: int = 0):
+    """The compression benchmark's calibration: ``windows`` x ``seqlen`` windows of the tokenised
+    validation split, and their profile (cached). Returns (corpus, tokens, ids, profile, reused)."""
+    from analysis.data import calibration_windows, load_corpus, tokenize
+    from analysis.loading import cache_dir
+    from analysis.profile import load_or_profile
+
+    cal_c = load_corpus(CALIB_SPEC)
+    cal_tok = tokenize(lm.tokenizer, cal_c)
+    ids = calibration_windows(cal_tok, seqlen, windows, seed)
+    prof, reused = load_or_profile(lm.model, lm.adapter, ids, fingerprint=lm.fingerprint,
+                                   data_label=f"{cal_c.label} {windows}x{seqlen} seed {seed}",
+                                   data_digest=f"{cal_c.digest}-{seqlen}-{seed}", cache_root=cache_dir(), batch_size=2)
+    return cal_c, cal_tok, ids, prof, reused

@@ -254,8 +254,10 @@ class Lab:
         """The measured grid's probe windows: the first ``settings.sensitivity_tokens`` tokens'
         worth of calibration windows (the whole calibration profiles; probes cost per token)."""
         sp = self.split
-        n = max(1, min(sp.calib_ids.shape[0], -(-self.settings.sensitivity_tokens // sp.calib_ids.shape[1])))
-        return sp.calib_ids[:n], f"{sp.calib_label}; probes on its first {n} x {sp.calib_ids.shape[1]} tokens"
+        tokens, seqlen = self.settings.sensitivity_tokens, sp.calib_ids.shape[1]
+        n = max(1, min(sp.calib_ids.shape[0], -(-tokens // seqlen)))
+        ids = sp.calib_ids[:n, :tokens] if tokens < seqlen else sp.calib_ids[:n]  # fewer than a window: its start
+        return ids, f"{sp.calib_label}; probes on its first {ids.shape[0]} x {ids.shape[1]} tokens"
 
     def run_sensitivity(self, method: str = "svd-llm", quant: str = "rtn", group_size: int = 128,
                         progress: Progress | None = None) -> object:
@@ -367,7 +369,11 @@ class Lab:
                    params=self._plan_params(plan), notes=notes, ppl=None, loss=None)
         if self.predictor is not None:
             pr = self.predictor.predict(plan)
-            out.update(ppl=pr.ppl, loss=pr.loss)
+            out.update(ppl=pr.ppl, loss=pr.loss, dloss=pr.dloss, ppl_basis="calibration")
+            if self.dense_eval is not None and self.dense_eval.get("ppl"):
+                # on the evaluation text: its measured dense perplexity times exp(predicted increase),
+                # so that predicted and measured runs share one scale
+                out.update(ppl=float(self.dense_eval["ppl"]) * math.exp(pr.dloss), ppl_basis="evaluation")
         return out
 
     def _plan_params(self, plan: Plan) -> int:

@@ -339,11 +339,16 @@ def test_cli_sensitivity_then_allocate(tmp_path, monkeypatch, trained):
     out = cli_sensitivity(args, progress=lambda f, m: None, say=lambda m: None)
     assert out["probes"] == sum(len(settings_for(li)) for li in lm.adapter.linears(lm.model))
     assert out["n_tokens"] == 96
+    n_lin = len(lm.adapter.linears(lm.model))
+    assert out["derived"] == n_lin and out["probed"] == out["probes"] - n_lin  # 8 bits scaled from 4 bits
     assert {"seconds", "dense_loss", "agreement", "seconds_per_probe"} <= set(out)
     grid = SensitivityGrid.load(tmp_path / "sens")
     assert grid.proxy is not None and "agreement" in grid.meta and grid.meta["stats_tokens"] == 512
     again = cli_sensitivity(args, progress=None, say=None)  # cached measurement
     assert again["reused"]
+    short = cli_sensitivity(Namespace(**{**vars(args), "tokens": 20, "out": str(tmp_path / "short")}),
+                            progress=None, say=None)  # fewer tokens than a window: the start of one window
+    assert short["n_tokens"] == 20 and "1 x 20 tokens" in short["data"] and not short["reused"]
     plan_out = cli_allocate(Namespace(model="tiny", sensitivity=str(tmp_path / "sens"), target_bytes=None,
                                       target_ratio=None, target_bits=12.0, only="bits",
                                       out=str(tmp_path / "plan.json"), device="cpu", dtype="float32",
@@ -378,3 +383,82 @@ def test_kl_survives_save_and_load(tmp_path, grid):
     grid.save(tmp_path / "g")
     back = SensitivityGrid.load(tmp_path / "g")
     pd.testing.assert_frame_equal(back.kl_table(), grid.kl_table(), check_exact=False, rtol=1e-9)
+
+
+def test_with_module_shares_everything_but_the_swapped_linear(trained):
+    from analysis.sensitivity import with_module
+
+    lm, ids, _ = trained
+    layer = lm.adapter.layers(lm.model)[0]
+    old = layer.mlp.down_proj
+    new = torch.nn.Linear(old.in_features, old.out_features, bias=False)
+    twin = with_module(layer, "mlp.down_proj", new)
+    assert layer.mlp.down_proj is old and twin.mlp.down_proj is new
+    assert twin.mlp is not layer.mlp and twin.self_attn is layer.self_attn and twin.mlp.up_proj is layer.mlp.up_proj
+    with pytest.raises(KeyError, match="nope"):
+        with_module(layer, "nope.down_proj", new)
+
+
+def test_parallel_workers_give_the_one_worker_grid(trained, grid):
+    lm, ids, stats = trained
+    before = lm.model(input_ids=ids).logits
+    two = measure_sensitivity(lm.model, lm.adapter, ids, stats, group_size=GS, fractions=FRACTIONS, workers=3,
+                              fingerprint=lm.fingerprint, data_label="bigram", data_digest="bigram-32-0")
+    assert two.meta["workers"] == 3 and grid.meta["workers"] == 1
+    np.testing.assert_allclose(two.table["dloss"], grid.table["dloss"], atol=2e-6)
+    np.testing.assert_allclose(two.kl["kl"], grid.kl["kl"], atol=2e-6)
+    np.testing.assert_allclose(two.first_order["dloss_first"], grid.first_order["dloss_first"], atol=1e-9)
+    assert torch.equal(lm.model(input_ids=ids).logits, before)
+    calls = iter(range(100))
+    with pytest.raises(InterruptedError):  # a stop request reaches the workers
+        measure_sensitivity(lm.model, lm.adapter, ids, stats, group_size=GS, workers=2,
+                            should_stop=lambda: next(calls) >= 2)
+
+
+def test_derived_widths():
+    from analysis.sensitivity import derived_widths
+
+    assert derived_widths((2, 3, 4, 8), (8,)) == {8: 4}
+    assert derived_widths((8,), (8,)) == {}  # nothing below to scale from: probed
+    assert derived_widths((2, 4, 8), (4, 8)) == {4: 2, 8: 2}
+    assert derived_widths((2, 3, 4), (8,)) == {}
+
+
+def test_derived_8_bits_track_the_probed_ones(trained, grid):
+    """8 bits are scaled from the 4-bit probe by the ratio of the Fisher quadratic forms: close
+    to probing them, far below 4 bits; the 4-bit rows themselves are probes."""
+    lm, ids, stats = trained
+    assert grid.meta["derived"]["bits"] == [8] and grid.meta["derived"]["settings"] == len(grid.table.name.unique())
+    probed = measure_sensitivity(lm.model, lm.adapter, ids, stats, group_size=GS, fractions=(), bits=(4, 8),
+                                 derive_bits=())
+    assert probed.meta["derived"] is None and probed.meta["probes"] == len(probed.table)
+    key = ["name", "setting"]
+    d = grid.kl[grid.kl.kind == "bits"].merge(probed.kl, on=key, suffixes=("", "_probed"))
+    d8, d4 = d[d.setting == 8], d[d.setting == 4]
+    np.testing.assert_allclose(d4["kl"], d4["kl_probed"], rtol=1e-5, atol=1e-9)
+    ratio = d8["kl"].to_numpy() / d8["kl_probed"].to_numpy()
+    assert 0.5 < np.median(ratio) < 2.0, ratio
+    assert (d8["kl"].to_numpy() < 0.05 * d4["kl"].to_numpy()).all()
+
+
+def test_parse_derive_bits():
+    from analysis.sensitivity import parse_bits
+
+    assert parse_bits("8") == (8,) and parse_bits("4, 8") == (4, 8) and parse_bits("") == ()
+    with pytest.raises(ValueError, match="comma-separated"):
+        parse_bits("eight")
+    with pytest.raises(ValueError, match="between 1 and 16"):
+        parse_bits("32")
+
+
+def test_a_width_without_statistics_to_scale_from_is_probed(trained):
+    lm, ids, stats = trained
+    names = [li.name for li in lm.adapter.linears(lm.model)][:3]
+    some = {k: v for k, v in stats.items() if k != names[0]}  # no statistics: 8 bits cannot be derived
+    g = measure_sensitivity(lm.model, lm.adapter, ids, some, group_size=GS, fractions=(), bits=(4, 8), names=names,
+                            workers=2)
+    exact = measure_sensitivity(lm.model, lm.adapter, ids, stats, group_size=GS, fractions=(), bits=(4, 8),
+                                names=names[:1], derive_bits=())
+    assert g.meta["derived"]["settings"] == 2 and g.meta["probes"] == 4
+    row = g.kl[(g.kl.name == names[0]) & (g.kl.setting == 8)]["kl"].item()
+    assert row == pytest.approx(exact.kl[exact.kl.setting == 8]["kl"].item(), rel=1e-5, abs=1e-9)

@@ -1,5 +1,6 @@
 """The app's session object, without the UI: plans from sliders, runs, persistent history."""
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -88,12 +89,23 @@ def test_first_view_makes_predictions_and_allocation_meets_target(tiny_lab):
     assert heavy["ppl"] >= dense["ppl"] and heavy["bytes"] < dense["bytes"]
     plan = tiny_lab.plan_allocate(0.6)
     assert tiny_lab.predict(plan)["ratio"] <= 0.6
+    assert dense["ppl_basis"] == "calibration" and dense["ppl"] == pytest.approx(math.exp(dense["loss"]))
+    # once the dense model is measured, predictions are on the evaluation text's scale
+    measured = tiny_lab.evaluate_dense()["ppl"]
+    on_eval, heavy_eval = tiny_lab.predict(Plan()), tiny_lab.predict(tiny_lab.plan_from_sliders([25, 25], [0, 0],
+                                                                                                 group_size=32))
+    assert on_eval["ppl_basis"] == "evaluation" and on_eval["ppl"] == pytest.approx(measured)
+    assert heavy_eval["ppl"] == pytest.approx(measured * math.exp(heavy["dloss"]))
 
 
 def test_measured_grid_probes_the_first_calibration_windows(tiny_lab):
     tiny_lab.settings.sensitivity_tokens = 70  # 3 windows of 32 (rounded up), of the 8 calibration windows
     ids, label = tiny_lab.sensitivity_ids()
     assert torch.equal(ids, tiny_lab.split.calib_ids[:3]) and "first 3 x 32" in label
+    tiny_lab.settings.sensitivity_tokens = 20  # fewer than one window: the start of the first
+    short, label20 = tiny_lab.sensitivity_ids()
+    assert torch.equal(short, tiny_lab.split.calib_ids[:1, :20]) and "first 1 x 20" in label20
+    tiny_lab.settings.sensitivity_tokens = 70
     tiny_lab.run_profile()
     grid = tiny_lab.run_sensitivity(group_size=32)
     assert grid.meta["windows"] == 3 and grid.meta["n_tokens"] == 96 and grid.meta["data"] == label
