@@ -233,7 +233,8 @@ def build_sensitivity_tab(state):
     with gr.Row():
         proxy_btn = gr.Button("Quick first view", elem_id="proxy-btn")
         method = gr.Dropdown(["svd-llm", "act-pca", "svd"], value="svd-llm", label="Low-rank method probed")
-        quant = gr.Dropdown(["rtn", "gptq"], value="rtn", label="Quantiser probed")
+        quant = gr.Dropdown(["rtn", "gptq"], value="rtn", label="Quantiser probed",
+                            info="allocating for GPTQ? probe with gptq: an RTN grid overstates GPTQ's damage")
         group = gr.Number(128, label="Group size", precision=0)
         grid_btn = gr.Button("Measure the full grid", variant="primary", elem_id="grid-btn")
     info = gr.Markdown(elem_id="sens-info")
