@@ -84,6 +84,13 @@ class Adapter:
     def layer_name(self, i: int) -> str:
         return f"{self.layers_path}.{i}"
 
+    def role_path(self, role: str) -> str:
+        """Attribute path of the linear ``role`` inside a decoder layer, e.g. ``"mlp.up_proj"``."""
+        for r in self.roles:
+            if r.role == role:
+                return r.path
+        raise KeyError(f"{type(self).__name__} has no role {role!r}; roles: {', '.join(r.role for r in self.roles)}")
+
     def linears(self, model: nn.Module) -> list[LinearInfo]:
         """Every decoder linear in depth order, then role order."""
         out = []

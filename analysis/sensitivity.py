@@ -416,7 +416,7 @@ class _Tap(nn.Module):
         return y
 
 
-def _layer_weight_grads(layer: nn.Module, modules: dict[str, nn.Module], rel_paths: dict[str, str], x_in: Tensor,
+def _layer_weight_grads(layer: nn.Module, modules: dict[str, nn.Module], paths: dict[str, str], x_in: Tensor,
                         call: tuple[tuple, dict], grad_out: Tensor) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
     """For the linears ``modules`` of one layer: ``(∂L/∂W, ∂L/∂b, F)`` = ``(Σ_t g_t x_tᵀ, Σ_t g_t,
     Σ_t g_t²)`` with ``g_t`` the loss gradient at the linear's output, from the layer's dense
@@ -425,7 +425,7 @@ def _layer_weight_grads(layer: nn.Module, modules: dict[str, nn.Module], rel_pat
     seen: dict[str, tuple[Tensor, Tensor]] = {}
     twin = layer
     for name, mod in modules.items():  # taps on a private copy: no hooks on shared modules
-        twin = with_module(twin, rel_paths[name], _Tap(mod, name, seen))
+        twin = with_module(twin, paths[name], _Tap(mod, name, seen))
     with torch.enable_grad():
         x = x_in.detach().requires_grad_(True)
         out = run_layer(twin, x, call)
@@ -727,14 +727,10 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, s
         def compute_grads(layer: int) -> dict:
             mods = {x.name: get_submodule(model, x.name) for x in linears if x.layer == layer}
             with _frozen(model):
-                return _layer_weight_grads(layers[layer], mods, {n: rel_path(n, layer) for n in mods}, inputs[layer],
-                                           calls_c[layer], out_grads[layer])
+                return _layer_weight_grads(layers[layer], mods, paths, inputs[layer], calls_c[layer],
+                                           out_grads[layer])
 
-        def rel_path(name: str, layer: int) -> str:  # "model.layers.3.mlp.up_proj" -> "mlp.up_proj"
-            prefix = adapter.layer_name(layer) + "."
-            if not name.startswith(prefix):
-                raise ValueError(f"{name} is not under {prefix}: the adapter's layer names do not match")
-            return name[len(prefix):]
+        paths = {li.name: adapter.role_path(li.role) for li in linears}  # inside the layer: "mlp.up_proj"
 
         counts: dict[int, int] = {}
         for li in linears:
@@ -767,12 +763,11 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, s
                     ratios[("bits", b)] = (("bits", lo), r)
             losses: dict[tuple[str, int], float] = {}
             kls: dict[tuple[str, int], float] = {}
-            rel = rel_path(li.name, li.layer)
             for g0 in range(0, len(todo), per_pass):
                 group = todo[g0:g0 + per_pass]
                 g = len(group)
                 h = inputs[li.layer].repeat(g, 1, 1)  # (g*C, L, D), setting-major
-                h = run_layer(with_module(layers[li.layer], rel, _stack([affines[k] for k in group])), h,
+                h = run_layer(with_module(layers[li.layer], paths[li.name], _stack([affines[k] for k in group])), h,
                               calls[g][li.layer])
                 for k in range(li.layer + 1, len(layers)):
                     h = run_layer(layers[k], h, calls[g][k])

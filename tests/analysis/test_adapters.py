@@ -28,6 +28,9 @@ def test_contract(family):
         assert (mod.out_features, mod.in_features) == (li.out_features, li.in_features)
         assert mod.weight.shape == (li.out_features, li.in_features)
         assert 0 < li.break_even < min(li.out_features, li.in_features)
+        assert get_submodule(layers[li.layer], ad.role_path(li.role)) is mod  # the role's path inside its layer
+    with pytest.raises(KeyError, match="no role"):
+        ad.role_path("nope")
     # every input group that has a norm in front of it finds a real norm module
     for group in ("attn_in", "mlp_in"):
         norm = ad.norm_for(layers[0], group)
