@@ -346,7 +346,8 @@ def build_budget_tab(state):
         if lr == "lillama":
             from compression.plan import LillamaOptions
 
-            plan.lillama = LillamaOptions(steps=30, calib_tokens=4096)
+            # refined from whitened SVD (a run profiles first): plain SVD starts far off on real models
+            plan.lillama = LillamaOptions(init="svd-llm", steps=30, calib_tokens=4096)
         return plan
 
     def on_predict(lab, lr, q, g, ov, *vals):

@@ -5,6 +5,11 @@ SmolLM2-135M; calibration: 32 x 2048 tokens of wikitext2:valid.txt drawn GPTQ-st
 Rows: dense; svd / act-pca / svd-llm at param-ratio 0.8 and 0.6; rtn and gptq at 4 and 3
 bits, group 128; ternary; fp8; mxfp4 (plus any extra rows asked for).
 
+``alloc-METHOD:R`` rows (e.g. ``alloc-lillama:0.8``) spend the bytes of the uniform plan at
+param-ratio R on ranks chosen by the allocator (rank only) from a sensitivity grid: the
+issue-5 benchmark's default grid (svd-llm ranks, 128 tokens of the validation split, KL),
+reused from the bench cache or measured.
+
     python bench/bench_compress.py [--device auto] [--rows svd-llm:0.8,rtn:4] [--tag gpu]
 """
 from __future__ import annotations
@@ -12,13 +17,17 @@ from __future__ import annotations
 import argparse
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from common import EVAL_SPEC, MODEL, calibration, log, save  # noqa: I001
 
-from analysis.data import load_corpus, tokenize, windows
-from analysis.loading import load_model
-from analysis.metrics import linear_weight_bytes, model_bytes, perplexity
+from analysis import sensitivity as sens
+from analysis.data import calibration_windows, load_corpus, tokenize, windows
+from analysis.loading import cache_dir, load_model
+from analysis.metrics import linear_biases, linear_weight_bytes, model_bytes, perplexity
+from analysis.sensitivity import SensitivityGrid, measure_sensitivity
+from compression.allocate import Predictor, allocate, module_kinds
 from compression.apply import apply_plan
 from compression.plan import LillamaOptions, PlanWarning, plan_size, uniform_plan
 
@@ -38,6 +47,9 @@ def main() -> None:
     ap.add_argument("--lillama-order", default="bottom-first")
     ap.add_argument("--lillama-granularity", default="linear")
     ap.add_argument("--lillama-lr", type=float, default=1e-3)
+    ap.add_argument("--grid", default=None, help="sensitivity grid folder for alloc-* rows (default: the "
+                                                  "issue-5 bench's default grid, measured if missing)")
+    ap.add_argument("--grid-estimator", default="kl")
     ap.add_argument("--tag", default="")
     a = ap.parse_args()
     lm = load_model(MODEL, a.device)
@@ -51,6 +63,25 @@ def main() -> None:
     dense_bytes = model_bytes(lm.model).weight_bytes
     dense_params = sum(li.out_features * li.in_features for li in linears)
     rows = []
+    predictor = None
+
+    def rank_allocator() -> Predictor:
+        nonlocal predictor
+        if predictor is None:
+            n_tok = sens.DEFAULT_TOKENS
+            default = cache_dir() / "bench-grids" / f"sensitivity_cpu_default-{n_tok}-{n_tok}"
+            folder = Path(a.grid) if a.grid else default
+            if (folder / "meta.json").exists():
+                grid = SensitivityGrid.load(folder)
+            else:
+                log(f"measuring the sensitivity grid into {folder}")
+                sens_ids = calibration_windows(tokenize(lm.tokenizer, cal_c), n_tok, 1, 0)
+                grid = measure_sensitivity(lm.model, lm.adapter, sens_ids, stats, method="svd-llm", quant="rtn",
+                                           group_size=128)
+                grid.save(folder)
+            predictor = Predictor(grid, linears, dense_bytes, 4, linear_biases(lm.model, linears),
+                                  estimator=a.grid_estimator)
+        return predictor
     for spec in a.rows.split(","):
         method, _, arg = spec.partition(":")
         t0 = time.perf_counter()
@@ -63,13 +94,22 @@ def main() -> None:
                                  calib_tokens=a.lillama_tokens, granularity=a.lillama_granularity,
                                  order=a.lillama_order) if method == "lillama" else None
             kw = {}
-            if method in ("svd", "act-pca", "svd-llm", "lillama"):
+            if method in ("svd", "act-pca", "svd-llm", "lillama") or method.startswith("alloc-"):
                 kw["param_ratio"] = float(arg)
             elif method == "slicegpt":
                 kw["slice_fraction"] = float(arg)
             elif arg:
                 kw["bits"] = int(arg)
-            plan = uniform_plan(method, linears, group_size=a.group_size, lillama=lil, **kw)
+            if method.startswith("alloc-"):
+                p = rank_allocator()
+                target = plan_size(uniform_plan("svd-llm", linears, **kw), linears, dense_bytes, 4, {}).total_bytes
+                plan = allocate(p, target_bytes=target, only="rank", lowrank=method.removeprefix("alloc-"))
+                if plan.lillama is not None:
+                    plan.lillama = LillamaOptions(init=a.lillama_init, steps=a.lillama_steps, lr=a.lillama_lr,
+                                                  calib_tokens=a.lillama_tokens,
+                                                  granularity=a.lillama_granularity, order=a.lillama_order)
+            else:
+                plan = uniform_plan(method, linears, group_size=a.group_size, lillama=lil, **kw)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", PlanWarning)
                 model, rep = apply_plan(lm.model, lm.adapter, plan, stats, device=lm.device, calib_ids=cal)
@@ -79,7 +119,12 @@ def main() -> None:
         peak = torch.cuda.max_memory_allocated() if lm.device.type == "cuda" else None
         row = dict(row=spec, ppl16=ppl, peak_cuda_bytes=peak, weight_bytes=wb, bytes_ratio=wb / dense_bytes,
                    bits_per_weight=linear_weight_bytes(model, linears) * 8 / dense_params, seconds=secs)
-        if method == "lillama":
+        if method.startswith("alloc-"):
+            row.update(allocation=dict(grid=str(predictor.grid.folder), estimator=a.grid_estimator,
+                                       modules=module_kinds(plan, linears),
+                                       predicted_ppl_calibration_scale=plan.meta["predicted_ppl"],
+                                       ranks={nm: sp.rank for nm, sp in plan.modules.items()}))
+        if plan is not None and plan.lillama is not None:
             row.update(lillama=dict(init=a.lillama_init, order=a.lillama_order, granularity=a.lillama_granularity,
                                     steps=a.lillama_steps, lr=a.lillama_lr, tokens=a.lillama_tokens,
                                     init_loss=rep.lillama.init_loss, final_loss=rep.lillama.final_loss,

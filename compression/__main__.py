@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=100, help="Lillama: Adam steps per module")
     ap.add_argument("--lr", type=float, default=1e-3, help="Lillama: learning rate")
     ap.add_argument("--granularity", default="linear", help="Lillama: linear | mlp | layer")
-    ap.add_argument("--lillama-init", default="svd", help="Lillama: svd | act-pca")
+    ap.add_argument("--lillama-init", default="svd", help="Lillama initialisation: svd | act-pca | svd-llm")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--trust-remote-code", action="store_true")
@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--target-ratio", type=float)
     g.add_argument("--target-bits", type=float)
     al.add_argument("--only", choices=["rank", "bits"])
+    al.add_argument("--lowrank", help="low-rank method the plan applies its ranks with (default: the grid's); "
+                                      "lillama refines them from the grid's method (e.g. svd-llm), whose "
+                                      "sensitivities the prediction still uses")
     al.add_argument("--estimator", choices=["auto", "dloss", "curvature", "kl"], default="auto",
                     help="what the predictor adds up: measured loss increases, minus their first-order part, "
                          "or KL(dense || probe); auto: kl when the grid has it, else dloss")

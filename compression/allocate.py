@@ -36,6 +36,7 @@ size ≤ target" over the options dense, grid ranks (never above break-even), gr
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, replace
@@ -45,7 +46,18 @@ import numpy as np
 from analysis.adapters import LinearInfo
 from analysis.sensitivity import SensitivityGrid
 from compression.configs import break_even_rank
-from compression.plan import ModuleSpec, Plan, SizeReport, keeps_bias, plan_size, weight_bytes
+from compression.lillama import INITS as LILLAMA_INITS
+from compression.plan import (
+    LOWRANK_METHODS,
+    QUANT_METHODS,
+    LillamaOptions,
+    ModuleSpec,
+    Plan,
+    SizeReport,
+    keeps_bias,
+    plan_size,
+    weight_bytes,
+)
 
 EXACT_MAX_LINEARS = 48  # "auto" tries the exact solver on problems up to this many linears ...
 MAX_FRONT = 20000  # ... and falls back to the Lagrangian sweep if its Pareto front grows past this
@@ -339,6 +351,14 @@ def allocate(predictor: Predictor, *, target_bytes: int | None = None, target_ra
     if solver not in ("auto", "exact", "lagrangian"):
         raise ValueError(f"solver must be auto, exact or lagrangian, got {solver!r}")
     p = predictor
+    for what, name, known in (("low-rank method", lowrank, LOWRANK_METHODS), ("quantiser", quant, QUANT_METHODS)):
+        if name is not None and name not in known:
+            raise ValueError(f"unknown {what} {name!r}; use one of {', '.join(sorted(known))}")
+    if (lowrank or p.method) == "lillama" and p.base_plan.lillama is None:
+        # the ranks are refined from the grid's closed-form method (its dloss is the init's)
+        p = copy.copy(p)
+        p.base_plan = replace(p.base_plan, lillama=LillamaOptions(init=p.method if p.method in LILLAMA_INITS
+                                                                  else LillamaOptions().init))
     opts = candidate_options(p, only=only, group_size=group_size, quant=quant, lowrank=lowrank)
     names = [li.name for li in p.linears]
     dense_linear_bytes = p.dense_linear_params * p.dtype_bytes
@@ -443,7 +463,7 @@ def cli_allocate(args, say=None) -> dict:
                      estimator=grid.default_estimator() if estimator in (None, "auto") else estimator)
     plan = allocate(pred, target_bytes=getattr(args, "target_bytes", None),
                     target_ratio=getattr(args, "target_ratio", None), target_bits=getattr(args, "target_bits", None),
-                    only=getattr(args, "only", None))
+                    only=getattr(args, "only", None), lowrank=getattr(args, "lowrank", None))
     validate(plan, linears)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -451,6 +471,10 @@ def cli_allocate(args, say=None) -> dict:
     m = plan.meta
     say(f"allocated {len(plan.modules)} of {len(linears)} linears ({m['solver']} solver): predicted perplexity "
         f"{m['predicted_ppl']:.3f} (dense {math.exp(pred.dense_loss):.3f}) at {m['predicted_bytes']} bytes")
+    lowrank = getattr(args, "lowrank", None)
+    if lowrank and lowrank != pred.method:
+        say(f"the prediction is for {pred.method} (the grid's method); the plan applies its ranks with {lowrank}"
+            + (f", initialised from {pred.method}" if plan.lillama is not None else ""))
     return dict(out=str(out), target=m["target"], solver=m["solver"], predicted_loss=m["predicted_loss"],
                 predicted_ppl=m["predicted_ppl"], dense_ppl=math.exp(pred.dense_loss), bytes=m["predicted_bytes"],
                 dense_bytes=dense, ratio=m["ratio"], bits_per_weight=m["bits_per_weight"],

@@ -60,6 +60,7 @@ INITS = ("svd", "act-pca", "svd-llm")
 TOKENS_PER_STEP = 1024  # tokens in one Adam step (for 'layer': whole sequences adding up to about this)
 EVAL_TOKENS = 4096  # fixed subset the initial / final losses are measured on
 FORWARD_TOKENS = 4096  # tokens per no-grad forward chunk (also bounds the logits capture() computes)
+TOP_FIRST_CACHE_BYTES = 4 << 30  # 'top-first' keeps every target layer's inputs up to this size
 LOG_EVERY = 10  # a curve point every this many steps (plus the first and the last)
 _F32 = torch.float32
 
@@ -484,7 +485,7 @@ def _limit_ids(calib_ids: Tensor, calib_tokens: int) -> Tensor:
 def refine(teacher: nn.Module, student: nn.Module, adapter: Adapter, names: list[str], options: LillamaOptions,
            calib_ids: Tensor, *, device: torch.device | str, progress: Progress | None = None,
            should_stop: StopCheck | None = None, tokens_per_step: int = TOKENS_PER_STEP,
-           seed: int = 0) -> LillamaReport:
+           seed: int = 0, cache_bytes: int = TOP_FIRST_CACHE_BYTES) -> LillamaReport:
     """Local feature distillation of the student's modules ``names`` (already LowRankLinear,
     e.g. from ``init_student``) towards the dense ``teacher`` (read-only).
 
@@ -494,7 +495,8 @@ def refine(teacher: nn.Module, student: nn.Module, adapter: Adapter, names: list
     ``options.order``: 'bottom-first' refines layer 0, 1, ... so each layer's student input
     comes from the refined stack below; 'top-first' (ablation) goes from the last layer
     down, its student inputs coming from the initialised, not yet refined, stack below
-    (the stack is re-run for every layer: quadratic in depth, no extra memory).
+    (those inputs are computed once and kept when they fit in ``cache_bytes``; otherwise
+    the stack is re-run for every layer: quadratic in depth, no extra memory).
 
     The first ``options.calib_tokens`` tokens of ``calib_ids`` (C, L) are used (whole
     sequences, or a prefix of the first one). Each module gets ``options.steps`` Adam steps
@@ -635,13 +637,34 @@ def refine(teacher: nn.Module, student: nn.Module, adapter: Adapter, names: list
                 h_t = t_next
             del t_layer, s_layer, t_next
     else:
-        for i in sorted(targets, reverse=True):
+        # Going down, refining layer i never changes the stack below it, so every layer's
+        # inputs are those of the initialised model: computed in one bottom-up pass and kept
+        # when they fit in ``cache_bytes``, else the stack below is re-run for every layer.
+        order = sorted(targets, reverse=True)
+        need = 2 * h0_t.numel() * h0_t.element_size() * len(order)
+        inputs: dict[int, tuple[Tensor, Tensor]] = {}
+        if need <= cache_bytes:
+            tell(f"lillama: caching the inputs of {len(order)} layers ({need / 2**20:.0f} MiB)")
             h_t, h_s = h0_t, h0_s
-            for j in range(i):  # the stack below, as it is now (initialised, not refined)
+            for j in range(order[0]):
+                if j in targets:
+                    inputs[j] = (h_t, h_s)
                 stop_check()
                 t_layer, s_layer = copies(j)
                 h_t, h_s = _forward(t_layer, h_t, calls, j, chunk), _forward(s_layer, h_s, calls, j, chunk)
                 del t_layer, s_layer
+            inputs[order[0]] = (h_t, h_s)
+            peak.note(list(inputs.values()))
+        for i in order:
+            if i in inputs:
+                h_t, h_s = inputs.pop(i)
+            else:
+                h_t, h_s = h0_t, h0_s
+                for j in range(i):  # the stack below, as it is now (initialised, not refined)
+                    stop_check()
+                    t_layer, s_layer = copies(j)
+                    h_t, h_s = _forward(t_layer, h_t, calls, j, chunk), _forward(s_layer, h_s, calls, j, chunk)
+                    del t_layer, s_layer
             t_layer, s_layer = copies(i)
             refine_layer(i, t_layer, s_layer, h_t, h_s)
             del t_layer, s_layer, h_t, h_s

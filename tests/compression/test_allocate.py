@@ -263,6 +263,25 @@ def test_act_pca_bias_bytes_are_counted():
         assert plan.meta["predicted_bytes"] == total
 
 
+def test_lillama_allocation_keeps_the_grid_method_choices_and_initialises_from_it():
+    """``lowrank='lillama'``: the same ranks and bytes as the grid's method (svd-llm, no bias),
+    refined by Lillama initialised from that method; the caller's predictor is not changed."""
+    p = _predictor()
+    ref = allocate(p, target_ratio=0.8, only="rank")
+    lil = allocate(p, target_ratio=0.8, only="rank", lowrank="lillama")
+    assert p.base_plan.lillama is None
+    assert lil.lillama is not None and lil.lillama.init == "svd-llm"
+    assert ref.modules and {n: s.rank for n, s in ref.modules.items()} == {n: s.rank for n, s in lil.modules.items()}
+    assert {s.lowrank for s in lil.modules.values()} == {"lillama"}
+    assert lil.meta["predicted_bytes"] == ref.meta["predicted_bytes"] == _bytes_of(p, lil)[0]
+    assert Plan.from_json(lil.to_json()).lillama == lil.lillama
+    validate(lil, p.linears)
+    with pytest.raises(ValueError, match="unknown low-rank method 'lilama'; use one of .*lillama"):
+        allocate(p, target_ratio=0.8, only="rank", lowrank="lilama")
+    with pytest.raises(ValueError, match="unknown quantiser 'gtpq'"):
+        allocate(p, target_ratio=0.8, quant="gtpq")
+
+
 def test_lagrangian_on_a_larger_problem_is_fast_and_feasible():
     rng = np.random.default_rng(0)
     shapes = [tuple(int(x) for x in rng.choice([64, 128, 192], 2)) for _ in range(60)]

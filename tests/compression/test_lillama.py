@@ -218,6 +218,24 @@ def test_refine_tiny_llama_lowers_logit_error(granularity: str, order: str) -> N
     assert fracs == sorted(fracs) and fracs[-1] == 1.0 and len(seen) > n_keys
 
 
+def test_top_first_cached_inputs_match_rerunning_the_stack() -> None:
+    """Top-first keeps each layer's inputs from one bottom-up pass when they fit; the result
+    is the same as re-running the (unchanged) stack below for every layer."""
+    lm = wrap_model(tiny_model("llama", layers=3))
+    plan = _plan(lm, steps=5, lr=3e-3, order="top-first")
+    states, msgs = [], []
+    for cache_bytes in (0, 1 << 30):
+        student, names = init_student(lm.model, lm.adapter, plan)
+        seen: list[str] = []
+        refine(lm.model, student, lm.adapter, names, plan.lillama, CALIB[:4], device="cpu", cache_bytes=cache_bytes,
+               progress=lambda _f, m, seen=seen: seen.append(m))
+        states.append(student.state_dict())
+        msgs.append(seen)
+    assert not any("caching" in m for m in msgs[0]) and any("caching the inputs of 3 layers" in m for m in msgs[1])
+    for k, v in states[0].items():
+        torch.testing.assert_close(states[1][k], v, rtol=0, atol=1e-6, msg=k)
+
+
 def test_refine_one_module_only_touches_it() -> None:
     lm = wrap_model(tiny_model("llama"))
     plan = _plan(lm, steps=10, lr=3e-3)
