@@ -641,30 +641,28 @@ def refine(teacher: nn.Module, student: nn.Module, adapter: Adapter, names: list
         # inputs are those of the initialised model: computed in one bottom-up pass and kept
         # when they fit in ``cache_bytes``, else the stack below is re-run for every layer.
         order = sorted(targets, reverse=True)
-        need = 2 * h0_t.numel() * h0_t.element_size() * len(order)
-        inputs: dict[int, tuple[Tensor, Tensor]] = {}
-        if need <= cache_bytes:
-            tell(f"lillama: caching the inputs of {len(order)} layers ({need / 2**20:.0f} MiB)")
+
+        def stack_inputs(upto: int, keep: dict[int, tuple[Tensor, Tensor]] | None = None) -> tuple[Tensor, Tensor]:
+            """(teacher, student) inputs of layer ``upto`` from the stack below as it is now
+            (initialised, not refined); with ``keep``, also those of every target on the way."""
             h_t, h_s = h0_t, h0_s
-            for j in range(order[0]):
-                if j in targets:
-                    inputs[j] = (h_t, h_s)
+            for j in range(upto):
+                if keep is not None and j in targets:
+                    keep[j] = (h_t, h_s)
                 stop_check()
                 t_layer, s_layer = copies(j)
                 h_t, h_s = _forward(t_layer, h_t, calls, j, chunk), _forward(s_layer, h_s, calls, j, chunk)
                 del t_layer, s_layer
-            inputs[order[0]] = (h_t, h_s)
+            return h_t, h_s
+
+        inputs: dict[int, tuple[Tensor, Tensor]] = {}
+        need = 2 * h0_t.numel() * h0_t.element_size() * len(order)
+        if need <= cache_bytes:
+            tell(f"lillama: caching the inputs of {len(order)} layers ({need / 2**20:.0f} MiB)")
+            inputs[order[0]] = stack_inputs(order[0], keep=inputs)
             peak.note(list(inputs.values()))
         for i in order:
-            if i in inputs:
-                h_t, h_s = inputs.pop(i)
-            else:
-                h_t, h_s = h0_t, h0_s
-                for j in range(i):  # the stack below, as it is now (initialised, not refined)
-                    stop_check()
-                    t_layer, s_layer = copies(j)
-                    h_t, h_s = _forward(t_layer, h_t, calls, j, chunk), _forward(s_layer, h_s, calls, j, chunk)
-                    del t_layer, s_layer
+            h_t, h_s = inputs.pop(i) if i in inputs else stack_inputs(i)
             t_layer, s_layer = copies(i)
             refine_layer(i, t_layer, s_layer, h_t, h_s)
             del t_layer, s_layer, h_t, h_s
