@@ -724,13 +724,13 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, s
         for g in sorted(sizes - set(calls)):  # ... recorded now: _capture swaps the model's layers, workers can't
             calls[g] = _capture(model, adapter, ids.repeat(g, 1))[1]
 
+        paths = {li.name: adapter.role_path(li.role) for li in linears}  # inside the layer: "mlp.up_proj"
+
         def compute_grads(layer: int) -> dict:
             mods = {x.name: get_submodule(model, x.name) for x in linears if x.layer == layer}
             with _frozen(model):
                 return _layer_weight_grads(layers[layer], mods, paths, inputs[layer], calls_c[layer],
                                            out_grads[layer])
-
-        paths = {li.name: adapter.role_path(li.role) for li in linears}  # inside the layer: "mlp.up_proj"
 
         counts: dict[int, int] = {}
         for li in linears:

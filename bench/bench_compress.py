@@ -20,11 +20,11 @@ import warnings
 from pathlib import Path
 
 import torch
-from common import EVAL_SPEC, MODEL, calibration, log, save  # noqa: I001
+from common import EVAL_SPEC, MODEL, calibration, grid_folder, grid_windows, log, save  # noqa: I001
 
 from analysis import sensitivity as sens
-from analysis.data import calibration_windows, load_corpus, tokenize, windows
-from analysis.loading import cache_dir, load_model
+from analysis.data import load_corpus, tokenize, windows
+from analysis.loading import load_model
 from analysis.metrics import linear_biases, linear_weight_bytes, model_bytes, perplexity
 from analysis.sensitivity import SensitivityGrid, measure_sensitivity
 from compression.allocate import Predictor, allocate, module_kinds
@@ -57,7 +57,7 @@ def main() -> None:
     ev_c = load_corpus(EVAL_SPEC)
     ev = windows(tokenize(lm.tokenizer, ev_c), 2048, a.eval_windows)
     t = time.perf_counter()
-    cal_c, _, cal, prof, reused = calibration(lm)
+    cal_c, cal_tok, cal, prof, reused = calibration(lm)
     t_prof = time.perf_counter() - t
     stats = prof.all_stats()
     dense_bytes = model_bytes(lm.model).weight_bytes
@@ -69,13 +69,12 @@ def main() -> None:
         nonlocal predictor
         if predictor is None:
             n_tok = sens.DEFAULT_TOKENS
-            default = cache_dir() / "bench-grids" / f"sensitivity_cpu_default-{n_tok}-{n_tok}"
-            folder = Path(a.grid) if a.grid else default
+            folder = Path(a.grid) if a.grid else grid_folder("cpu_default", n_tok, sens.DEFAULT_SEQLEN)
             if (folder / "meta.json").exists():
                 grid = SensitivityGrid.load(folder)
             else:
                 log(f"measuring the sensitivity grid into {folder}")
-                sens_ids = calibration_windows(tokenize(lm.tokenizer, cal_c), n_tok, 1, 0)
+                sens_ids = grid_windows(cal_tok, n_tok, sens.DEFAULT_SEQLEN)
                 grid = measure_sensitivity(lm.model, lm.adapter, sens_ids, stats, method="svd-llm", quant="rtn",
                                            group_size=128)
                 grid.save(folder)

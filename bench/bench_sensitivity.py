@@ -21,13 +21,13 @@ import warnings
 from pathlib import Path
 
 import torch
-from common import EVAL_SPEC, MODEL, calibration, log, save  # noqa: I001
+from common import EVAL_SPEC, MODEL, calibration, grid_folder, grid_windows, log, save  # noqa: I001
 from scipy.stats import spearmanr
 
 from analysis import sensitivity as sens
-from analysis.data import calibration_windows, load_corpus, tokenize, windows
-from analysis.loading import cache_dir, load_model
-from analysis.metrics import model_bytes, perplexity
+from analysis.data import load_corpus, tokenize, windows
+from analysis.loading import load_model
+from analysis.metrics import linear_biases, model_bytes, perplexity
 from analysis.sensitivity import SensitivityGrid, agreement, measure_sensitivity, proxy_sensitivity, rank_grid
 from compression.allocate import Predictor, allocate
 from compression.apply import apply_plan
@@ -72,11 +72,9 @@ def main() -> None:
                         f"fp32; {lm.device}; torch threads {torch.get_num_threads()}", grids={})
     grids = {}
     for n_tok in [int(x) for x in a.tokens.split(",")]:
-        sl = min(a.seqlen, n_tok)  # fewer tokens than a window: one shorter window
-        sens_ids = calibration_windows(cal_tok, sl, max(1, n_tok // sl), 0)
-        grid_tag = a.tag if a.grid_tag is None else a.grid_tag
-        suffix = "" if a.grid_quant == "rtn" else f"-{a.grid_quant}"
-        folder = cache_dir() / "bench-grids" / f"sensitivity_{grid_tag}-{n_tok}-{sl}{suffix}"
+        sens_ids = grid_windows(cal_tok, n_tok, a.seqlen)
+        sl = sens_ids.shape[1]
+        folder = grid_folder(a.tag if a.grid_tag is None else a.grid_tag, n_tok, a.seqlen, a.grid_quant)
         if a.reuse_grids and (folder / "meta.json").exists():
             grids[n_tok] = SensitivityGrid.load(folder)
             log(f"grid on {n_tok} tokens reused from {folder}")
@@ -103,8 +101,7 @@ def main() -> None:
         return
     ev = windows(tokenize(lm.tokenizer, ev_c), 2048, 16)
     dense_bytes = model_bytes(lm.model).weight_bytes
-    mods = dict(lm.model.named_modules())
-    biases = {li.name: mods[li.name].bias is not None for li in linears}
+    biases = linear_biases(lm.model, linears)
     preds = {(n, e): Predictor(g, linears, dense_bytes, 4, biases, estimator=e)
              for n, g in grids.items() for e in ESTIMATORS if e != "kl" or g.kl is not None}
     main_tokens = next(iter(grids))

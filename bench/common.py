@@ -55,3 +55,21 @@ def calibration(lm, windows: int = 32, seqlen: int = 2048, seed: int = 0):
                                    data_label=f"{cal_c.label} {windows}x{seqlen} seed {seed}",
                                    data_digest=f"{cal_c.digest}-{seqlen}-{seed}", cache_root=cache_dir(), batch_size=2)
     return cal_c, cal_tok, ids, prof, reused
+
+
+def grid_windows(cal_tok, n_tok: int, seqlen: int):
+    """The issue-5 bench's sensitivity windows: ``n_tok`` tokens of the calibration split in
+    windows of ``min(seqlen, n_tok)`` (fewer tokens than a window: one shorter window), seed 0.
+    Returns (C, L) ids."""
+    from analysis.data import calibration_windows
+
+    sl = min(seqlen, n_tok)
+    return calibration_windows(cal_tok, sl, max(1, n_tok // sl), 0)
+
+
+def grid_folder(tag: str, n_tok: int, seqlen: int, quant: str = "rtn") -> Path:
+    """Where the issue-5 bench caches the grid measured on ``n_tok`` tokens (tag, quantiser)."""
+    from analysis.loading import cache_dir
+
+    suffix = "" if quant == "rtn" else f"-{quant}"
+    return cache_dir() / "bench-grids" / f"sensitivity_{tag}-{n_tok}-{min(seqlen, n_tok)}{suffix}"

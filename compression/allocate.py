@@ -443,7 +443,7 @@ def cli_allocate(args, say=None) -> dict:
     from pathlib import Path
 
     from analysis.loading import load_model
-    from analysis.metrics import model_bytes
+    from analysis.metrics import linear_biases, model_bytes
     from analysis.sensitivity import check_compatible
     from compression.plan import validate
 
@@ -452,8 +452,7 @@ def cli_allocate(args, say=None) -> dict:
     lm = load_model(args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code, progress=say)
     check_compatible(grid, lm.fingerprint)
     linears = lm.adapter.linears(lm.model)
-    mods = dict(lm.model.named_modules())
-    biases = {li.name: mods[li.name].bias is not None for li in linears}
+    biases = linear_biases(lm.model, linears)
     dense = model_bytes(lm.model).weight_bytes
     dtype_bytes = next(lm.model.parameters()).element_size()
     estimator = getattr(args, "estimator", None)
