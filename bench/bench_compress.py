@@ -111,7 +111,10 @@ def main() -> None:
                 plan = uniform_plan(method, linears, group_size=a.group_size, lillama=lil, **kw)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", PlanWarning)
-                model, rep = apply_plan(lm.model, lm.adapter, plan, stats, device=lm.device, calib_ids=cal)
+                # Lillama runs take tens of minutes on a CPU: log each module's loss as it finishes
+                prog = (lambda f, m: log(f"  [{f * 100:5.1f}%] {m}")) if plan.lillama is not None else None
+                model, rep = apply_plan(lm.model, lm.adapter, plan, stats, device=lm.device, calib_ids=cal,
+                                        progress=prog)
         secs = time.perf_counter() - t0
         ppl = perplexity(model, ev, ev_c.label).ppl
         wb = model_bytes(model).weight_bytes

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -70,8 +71,8 @@ def cmd_apply(a: argparse.Namespace) -> dict:
     if rep.slicegpt is not None:
         out["slicegpt"] = {k: v for k, v in rep.slicegpt.__dict__.items() if isinstance(v, (int, float, bool, str))}
     if rep.lillama is not None:
-        out["lillama"] = {"init_loss": rep.lillama.init_loss, "final_loss": rep.lillama.final_loss,
-                          "seconds": rep.lillama.seconds}
+        out["lillama"] = {**dataclasses.asdict(plan.lillama), "init_loss": rep.lillama.init_loss,
+                          "final_loss": rep.lillama.final_loss, "seconds": rep.lillama.seconds}
     meta = dict(base_model=a.model, base_fingerprint=lm.fingerprint, calibration=label, summary=out)
     save_compressed(comp, Path(a.out), plan_json=plan.to_json(), tokenizer=lm.tokenizer, meta=meta,
                     extra_modules=getattr(rep.slicegpt, "manifest", None))
@@ -103,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=100, help="Lillama: Adam steps per module")
     ap.add_argument("--lr", type=float, default=1e-3, help="Lillama: learning rate")
     ap.add_argument("--granularity", default="linear", help="Lillama: linear | mlp | layer")
-    ap.add_argument("--lillama-init", default="svd", help="Lillama initialisation: svd | act-pca | svd-llm")
+    ap.add_argument("--lillama-init", default="svd-llm",
+                    help="Lillama initialisation: svd-llm (default: on SmolLM2 plain svd starts at ppl 1.8e8 and "
+                         "ends worse, bench/RESULTS.md §5) | svd | act-pca")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--trust-remote-code", action="store_true")

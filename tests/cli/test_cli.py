@@ -61,6 +61,26 @@ def test_eval_profile_apply_reload(model_dir, tmp_path, capsys, monkeypatch):
     assert again["weight_bytes"] == comp["weight_bytes"] and again["ppl"] > 1
 
 
+def test_apply_lillama_defaults_to_svd_llm_and_reports_its_options(model_dir, tmp_path, capsys, monkeypatch):
+    from analysis.__main__ import main as analysis_main
+    from compression.__main__ import main as compression_main
+
+    monkeypatch.setenv("RANKLAB_CACHE", str(tmp_path / "cache"))
+    folder, text = model_dir
+    comp = _run(compression_main, ["apply", "--model", str(folder), "--text", str(text), "--method", "lillama",
+                                   "--param-ratio", "0.8", "--steps", "3", "--granularity", "mlp",
+                                   "--calib-tokens", "256", "--seqlen", "32", "--out", str(tmp_path / "l")], capsys)
+    lil = comp["lillama"]
+    assert (lil["init"], lil["granularity"], lil["steps"], lil["order"]) == ("svd-llm", "mlp", 3, "bottom-first")
+    assert lil["init_loss"] > 0 and lil["final_loss"] > 0
+    assert comp["weight_bytes"] == comp["predicted_weight_bytes"] < comp["dense_weight_bytes"]
+    saved = json.loads((tmp_path / "l" / "ranklab.json").read_text())
+    assert saved["plan"]["lillama"]["init"] == "svd-llm"
+    again = _run(analysis_main, ["eval", "--model", str(tmp_path / "l"), "--text", str(text), "--seqlen", "32",
+                                 "--windows", "4", "--json", "--no-latency"], capsys)
+    assert again["weight_bytes"] == comp["weight_bytes"] and again["ppl"] > 1
+
+
 def test_bad_input_is_one_clear_line(model_dir, capsys):
     from analysis.__main__ import main as analysis_main
     from compression.__main__ import main as compression_main
