@@ -64,6 +64,8 @@ def main() -> None:
     dense_params = sum(li.out_features * li.in_features for li in linears)
     rows = []
     predictor = None
+    lillama = LillamaOptions(init=a.lillama_init, steps=a.lillama_steps, lr=a.lillama_lr, calib_tokens=a.lillama_tokens,
+                             granularity=a.lillama_granularity, order=a.lillama_order)  # lillama and alloc-lillama rows
 
     def rank_allocator() -> Predictor:
         nonlocal predictor
@@ -89,9 +91,6 @@ def main() -> None:
         if method == "dense":
             model, plan = lm.model, None
         else:
-            lil = LillamaOptions(init=a.lillama_init, steps=a.lillama_steps, lr=a.lillama_lr,
-                                 calib_tokens=a.lillama_tokens, granularity=a.lillama_granularity,
-                                 order=a.lillama_order) if method == "lillama" else None
             kw = {}
             if method in ("svd", "act-pca", "svd-llm", "lillama") or method.startswith("alloc-"):
                 kw["param_ratio"] = float(arg)
@@ -104,11 +103,10 @@ def main() -> None:
                 target = plan_size(uniform_plan("svd-llm", linears, **kw), linears, dense_bytes, 4, {}).total_bytes
                 plan = allocate(p, target_bytes=target, only="rank", lowrank=method.removeprefix("alloc-"))
                 if plan.lillama is not None:
-                    plan.lillama = LillamaOptions(init=a.lillama_init, steps=a.lillama_steps, lr=a.lillama_lr,
-                                                  calib_tokens=a.lillama_tokens,
-                                                  granularity=a.lillama_granularity, order=a.lillama_order)
+                    plan.lillama = lillama
             else:
-                plan = uniform_plan(method, linears, group_size=a.group_size, lillama=lil, **kw)
+                plan = uniform_plan(method, linears, group_size=a.group_size,
+                                    lillama=lillama if method == "lillama" else None, **kw)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", PlanWarning)
                 # Lillama runs take tens of minutes on a CPU: log each module's loss as it finishes
