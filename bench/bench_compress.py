@@ -128,7 +128,7 @@ def main() -> None:
             row.update(lillama=dict(init=a.lillama_init, order=a.lillama_order, granularity=a.lillama_granularity,
                                     steps=a.lillama_steps, lr=a.lillama_lr, tokens=a.lillama_tokens,
                                     init_loss=rep.lillama.init_loss, final_loss=rep.lillama.final_loss,
-                                    peak_bytes=rep.lillama.peak_bytes))
+                                    kept_init=rep.lillama.kept_init, peak_bytes=rep.lillama.peak_bytes))
         if method == "slicegpt":
             row.update(slicegpt={k: v for k, v in vars(rep.slicegpt).items() if isinstance(v, (int, float, bool))})
         if plan is not None and plan.slicegpt is None:

@@ -72,7 +72,8 @@ def cmd_apply(a: argparse.Namespace) -> dict:
         out["slicegpt"] = {k: v for k, v in rep.slicegpt.__dict__.items() if isinstance(v, (int, float, bool, str))}
     if rep.lillama is not None:
         out["lillama"] = {**dataclasses.asdict(plan.lillama), "init_loss": rep.lillama.init_loss,
-                          "final_loss": rep.lillama.final_loss, "seconds": rep.lillama.seconds}
+                          "final_loss": rep.lillama.final_loss, "seconds": rep.lillama.seconds,
+                          "kept_init": sorted(rep.lillama.kept_init)}
     meta = dict(base_model=a.model, base_fingerprint=lm.fingerprint, calibration=label, summary=out)
     save_compressed(comp, Path(a.out), plan_json=plan.to_json(), tokenizer=lm.tokenizer, meta=meta,
                     extra_modules=getattr(rep.slicegpt, "manifest", None))

@@ -134,20 +134,25 @@ def init_student(teacher: nn.Module, adapter: Adapter, plan: Plan,
 class FitResult:
     """One distillation run. ``curve``: minibatch loss at step 0, every ``LOG_EVERY`` steps
     and at the last step; ``init_loss`` / ``final_loss``: the objective on a fixed subset of
-    the calibration tokens before / after training."""
+    the calibration tokens before / after training. When training ended with a higher loss
+    than it started from (Adam's first steps overshoot on short runs), the initial weights
+    are kept: ``final_loss`` is then ``init_loss`` and ``trained_loss`` what training reached."""
 
     curve: list[float]
     init_loss: float
     final_loss: float
     seconds: float
     steps: int
+    trained_loss: float | None = None  # set when training ended above ``init_loss`` and was undone
 
 
 @dataclass
 class LillamaReport:
     """What ``refine`` did. Keys are module names: a linear's for granularity 'linear', the
     MLP block's (e.g. ``model.layers.3.mlp``) for 'mlp', the layer's for 'layer'.
-    ``init_loss`` / ``final_loss`` average the per-target losses. ``peak_bytes`` is the CUDA
+    ``init_loss`` / ``final_loss`` average the per-target losses; ``kept_init`` maps the
+    modules whose training ended above their initial loss (and were left as initialised) to
+    the loss training reached. ``peak_bytes`` is the CUDA
     peak allocation on a GPU; on the CPU, an estimate of the working set (hidden-state
     caches, captured inputs, layer copies, gradients and Adam moments)."""
 
@@ -158,6 +163,7 @@ class LillamaReport:
     peak_bytes: int
     losses: dict[str, tuple[float, float]] = field(default_factory=dict)  # key -> (init, final)
     module_seconds: dict[str, float] = field(default_factory=dict)  # key -> training seconds
+    kept_init: dict[str, float] = field(default_factory=dict)  # key -> trained (rejected) loss
 
 
 # ----------------------------------------------------------------------------- the fitting loop
@@ -186,6 +192,7 @@ def _fit(student_fn: Callable[[Tensor], Tensor], target_fn: Callable[[Tensor], T
 
     init = evaluate()
     curve: list[float] = []
+    start = [p.detach().clone() for p in params] if steps > 0 else []
     if steps > 0:
         opt = torch.optim.Adam(params, lr=lr)
         with torch.enable_grad():
@@ -202,7 +209,13 @@ def _fit(student_fn: Callable[[Tensor], Tensor], target_fn: Callable[[Tensor], T
         for p in params:
             p.grad = None
     final = evaluate() if steps > 0 else init
-    return FitResult(curve, init, final, time.perf_counter() - t0, steps)
+    trained = None
+    if final > init:  # training made it worse on the evaluation tokens: keep the initialisation
+        with torch.no_grad():
+            for p, p0 in zip(params, start, strict=True):
+                p.copy_(p0)
+        trained, final = final, init
+    return FitResult(curve, init, final, time.perf_counter() - t0, steps, trained)
 
 
 def _token_sampler(n_items: int, batch: int, device: torch.device, seed: int) -> Callable[[], Tensor]:
@@ -550,7 +563,12 @@ def refine(teacher: nn.Module, student: nn.Module, adapter: Adapter, names: list
         report.losses[key] = (res.init_loss, res.final_loss)
         report.module_seconds[key] = res.seconds
         done += 1
-        tell(f"{key}: loss {res.init_loss:.4g} -> {res.final_loss:.4g} ({res.seconds:.1f}s)")
+        if res.trained_loss is not None:
+            report.kept_init[key] = res.trained_loss
+            tell(f"{key}: loss {res.init_loss:.4g}, kept the initialisation (training ended at "
+                 f"{res.trained_loss:.4g}) ({res.seconds:.1f}s)")
+        else:
+            tell(f"{key}: loss {res.init_loss:.4g} -> {res.final_loss:.4g} ({res.seconds:.1f}s)")
 
     def refine_layer(i: int, t_layer: nn.Module, s_layer: nn.Module, h_t: Tensor, h_s: Tensor) -> Tensor | None:
         """Train layer i's targets inside ``s_layer`` (a work copy). Returns the teacher's

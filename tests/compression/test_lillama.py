@@ -153,6 +153,20 @@ def test_refine_linear_keeps_dtype_and_stops() -> None:
     assert res.final_loss < res.init_loss
 
 
+def test_refine_linear_keeps_the_initialisation_when_training_makes_it_worse() -> None:
+    lin = _linear(32, 32)
+    x = _correlated(1024, 32, 6)
+    cfg = LillamaConfig(4, init="act-pca")
+    student = handler_for(cfg)(lin, cfg, _stats(x))  # already the optimum: any step moves away from it
+    before = [p.clone() for p in student.parameters()]
+    res = refine_linear(lin, student, x, steps=3, lr=1.0, tokens_per_step=64)
+    assert res.trained_loss is not None and res.trained_loss > res.init_loss
+    assert res.final_loss == res.init_loss
+    assert all(torch.equal(p, q) for p, q in zip(student.parameters(), before, strict=True))
+    good = refine_linear(lin, handler_for(LillamaConfig(4))(lin, LillamaConfig(4), None), x, steps=50, lr=1e-2)
+    assert good.trained_loss is None and good.final_loss < good.init_loss
+
+
 # ----------------------------------------------------------------------------- tiny llama
 CALIB = torch.randint(0, 128, (16, 32), generator=gen(1))
 HELD_OUT = torch.randint(0, 128, (8, 32), generator=gen(2))
@@ -195,6 +209,7 @@ def test_refine_tiny_llama_lowers_logit_error(granularity: str, order: str) -> N
     assert isinstance(report, LillamaReport) and report.peak_bytes > 0 and report.seconds > 0
     n_keys = {"linear": 14, "mlp": 10, "layer": 2}[granularity]
     assert len(report.curves) == n_keys == len(report.losses)
+    assert report.kept_init == {} and all(b < a for a, b in report.losses.values())  # every module improved
     assert all(len(c) == 5 for c in report.curves.values())  # steps 0, 10, 20, 30, 39
     if granularity == "mlp":
         assert "model.layers.0.mlp" in report.curves and "model.layers.1.self_attn.o_proj" in report.curves
@@ -216,6 +231,23 @@ def test_refine_tiny_llama_lowers_logit_error(granularity: str, order: str) -> N
     # progress: per module, monotone, ends at 1
     fracs = [f for f, _ in seen]
     assert fracs == sorted(fracs) and fracs[-1] == 1.0 and len(seen) > n_keys
+
+
+@pytest.mark.parametrize("granularity", ["linear", "mlp", "layer"])
+def test_refine_keeps_modules_that_training_made_worse(granularity: str) -> None:
+    lm = wrap_model(tiny_model("llama"))
+    plan = _plan(lm, steps=2, lr=1.0, granularity=granularity)  # lr 1: two Adam steps overshoot
+    student, names = init_student(lm.model, lm.adapter, plan)
+    init_state = {k: v.clone() for k, v in student.state_dict().items()}
+    seen: list[str] = []
+    report = refine(lm.model, student, lm.adapter, names, plan.lillama, CALIB, device="cpu",
+                    progress=lambda f, msg: seen.append(msg), tokens_per_step=512)
+    assert set(report.kept_init) == set(report.losses)  # every module got worse and was put back
+    assert all(report.kept_init[k] > a == b for k, (a, b) in report.losses.items())
+    assert report.final_loss == report.init_loss
+    for k, v in student.state_dict().items():
+        assert torch.equal(v, init_state[k]), k
+    assert sum("kept the initialisation" in m for m in seen) == len(report.losses)
 
 
 def test_top_first_cached_inputs_match_rerunning_the_stack() -> None:
