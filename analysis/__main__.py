@@ -13,6 +13,11 @@ def cmd_eval(a: argparse.Namespace) -> dict:
     from analysis.loading import load_model
     from analysis.metrics import latency, model_bytes, perplexity
 
+    for flag, value in (("--seqlen", a.seqlen), ("--windows", a.windows), ("--latency-runs", a.latency_runs),
+                        ("--latency-seqlen", a.latency_seqlen)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}"
+                             + (" (leave it out to evaluate every window)" if flag == "--windows" else ""))
     lm = load_model(a.model, a.device, a.dtype, trust_remote_code=a.trust_remote_code, progress=say)
     if lm.max_positions and a.seqlen > lm.max_positions:
         raise ValueError(f"seqlen {a.seqlen} exceeds the model's maximum of {lm.max_positions} positions; "
@@ -39,10 +44,12 @@ def cmd_eval(a: argparse.Namespace) -> dict:
 def cmd_profile(a: argparse.Namespace) -> dict:
     from pathlib import Path
 
+    from analysis.atomic import check_replaceable
     from analysis.data import calibration_windows, load_corpus, tokenize
     from analysis.loading import load_model
-    from analysis.profile import profile_model
+    from analysis.profile import PROFILE_MARKER, profile_model
 
+    check_replaceable(a.out, PROFILE_MARKER, "a profile")  # before the long work
     lm = load_model(a.model, a.device, a.dtype, trust_remote_code=a.trust_remote_code, progress=say)
     corpus = load_corpus(a.text)
     n_win = max(1, -(-a.tokens // a.seqlen))
@@ -74,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--device", default="auto", help="auto | cpu | cuda")
         sp.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
         sp.add_argument("--trust-remote-code", action="store_true")
-        sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        sp.add_argument("--json", action="store_true",
+                        help="compact JSON on stdout (one line; without it the JSON is indented)")
 
     e = sub.add_parser("eval", help="perplexity, bytes and latency of a model")
     common(e)
@@ -92,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--batch-size", type=int, default=4)
     pr.add_argument("--layerwise", action="store_true", help="one decoder layer at a time (low memory)")
-    pr.add_argument("--out", required=True)
+    pr.add_argument("--out", required=True, help="folder to write (new, empty, or an earlier profile)")
     pr.set_defaults(fn=cmd_profile)
 
     s = sub.add_parser("sensitivity", help="per-linear loss increase on a grid of ranks and bits")
@@ -103,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--profile-tokens", type=int, default=sens.PROFILE_TOKENS,
                    help="tokens of the profile that fits svd-llm/gptq")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--method", default="svd-llm", help="low-rank method probed: svd | act-pca | svd-llm")
+    s.add_argument("--method", default="svd-llm", help="low-rank method probed: svd | act-pca | svd-llm (default)")
     s.add_argument("--quant", default="rtn", help="quantiser probed: rtn | gptq")
     s.add_argument("--group-size", type=int, default=128)
     s.add_argument("--derive-bits", default=",".join(map(str, sens.DERIVED_BITS)),
@@ -111,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                         "('' probes every setting)")
     s.add_argument("--workers", type=int, default=None,
                    help="parallel probe workers (default: one per CPU thread, one on a GPU)")
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", required=True, help="folder to write (new, empty, or an earlier grid)")
     s.set_defaults(fn=cmd_sensitivity)
 
     a = p.parse_args(argv)

@@ -7,7 +7,7 @@ import sys
 import warnings
 
 # errors a user can cause with their input; anything else is a bug and keeps its traceback
-USER_ERRORS = (ValueError, FileNotFoundError, InterruptedError, KeyError, NotImplementedError)
+USER_ERRORS = (ValueError, OSError, InterruptedError, KeyError, NotImplementedError)  # OSError: paths, disk
 
 
 def progress_stderr(frac: float, msg: str) -> None:
@@ -25,7 +25,8 @@ def run_command(a: argparse.Namespace, indent: int | None = None) -> int:
             warnings.simplefilter("default")
             out = a.fn(a)
     except USER_ERRORS as ex:
-        print(f"error: {ex}", file=sys.stderr)
+        # on a terminal a progress line may still be open (it ends with \r, not \n)
+        print(("\n" if sys.stderr.isatty() else "") + f"error: {ex}", file=sys.stderr)
         return 2
     print(json.dumps(out, indent=indent))
     return 0

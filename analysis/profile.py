@@ -28,6 +28,7 @@ from analysis.stats import InputStats, LinearStats
 
 Progress = Callable[[float, str], None]
 PROFILE_FORMAT = 1
+PROFILE_MARKER = "arrays.safetensors"  # what makes a folder a profile (``meta.json`` is written last)
 SUMMARY_COLUMNS = ["name", "layer", "role", "out_features", "in_features", "eff_rank_act", "eff_rank_weight",
                    "rank90", "rank95", "rank99", "weight_rank95", "break_even"]
 
@@ -115,7 +116,7 @@ class Profile:
         """Write atomically: a temp folder renamed into place, ``meta.json`` last inside it,
         so an interrupted save never leaves an artifact that reads as complete."""
         folder = Path(folder)
-        with atomic_folder(folder) as tmp:
+        with atomic_folder(folder, PROFILE_MARKER, "a profile") as tmp:
             arrays = {}
             for key, s in self.inputs.items():
                 arrays[f"in.{key}.xxt"] = s.xxt.float().cpu().contiguous()

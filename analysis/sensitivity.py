@@ -87,7 +87,7 @@ from torch import Tensor, nn
 import compression.lowrank  # noqa: F401  (registers the low-rank handlers)
 import compression.quant  # noqa: F401  (registers the quantisation handlers)
 from analysis.adapters import Adapter, LinearInfo, get_submodule
-from analysis.atomic import atomic_folder
+from analysis.atomic import atomic_folder, check_replaceable
 from analysis.layerwise import _Recorder, _Stop, run_head, run_layer
 from analysis.stats import LinearStats
 from compression.configs import SVDConfig, WhitenedSVDConfig
@@ -98,6 +98,7 @@ from compression.registry import handler_for
 
 Progress = Callable[[float, str], None]
 SENSITIVITY_FORMAT = 1
+SENSITIVITY_MARKER = "table.csv"  # what makes a folder a sensitivity grid (``meta.json`` is written last)
 TABLE_COLUMNS = ["name", "layer", "role", "kind", "setting", "dloss", "bytes"]
 FIRST_ORDER_COLUMNS = ["name", "kind", "setting", "dloss_first"]
 KL_COLUMNS = ["name", "kind", "setting", "kl"]
@@ -140,9 +141,23 @@ def setting_spec(kind: str, setting: int, method: str, quant: str, group_size: i
     raise ValueError(f"unknown setting kind {kind!r}")
 
 
+PROBED_LOWRANK = ("svd", "act-pca", "svd-llm")  # closed-form fits: one per probe
+PROBED_QUANT = ("rtn", "gptq")  # the quantisers with the grid's 2/3/4/8-bit widths
+
+
+def check_methods(method: str, quant: str) -> None:
+    """Raise when the grid cannot probe ``method`` / ``quant``, saying which it can."""
+    if method not in PROBED_LOWRANK:
+        hint = " (lillama plans use the grid of its initialisation, e.g. svd-llm)" if method == "lillama" else ""
+        raise ValueError(f"sensitivity --method {method!r}: probes one of {', '.join(PROBED_LOWRANK)}{hint}")
+    if quant not in PROBED_QUANT:
+        raise ValueError(f"sensitivity --quant {quant!r}: probes one of {', '.join(PROBED_QUANT)}")
+
+
 def _check_settings(linears: list[LinearInfo], grid: dict[str, list[tuple[str, int]]], method: str, quant: str,
                     group_size: int) -> None:
     """Raise before any long run if a setting cannot be built (unknown method, bad group size)."""
+    check_methods(method, quant)
     errors = []
     for li in linears:
         for kind, s in grid[li.name]:
@@ -475,7 +490,7 @@ class SensitivityGrid:
     def save(self, folder: str | Path) -> None:
         """Write atomically: a temp folder renamed into place, ``meta.json`` written last."""
         folder = Path(folder)
-        with atomic_folder(folder) as tmp:
+        with atomic_folder(folder, SENSITIVITY_MARKER, "a sensitivity grid") as tmp:
             self.table[TABLE_COLUMNS].to_csv(tmp / "table.csv", index=False)
             if self.proxy is not None:
                 self.proxy[TABLE_COLUMNS].to_csv(tmp / "proxy.csv", index=False)
@@ -1044,6 +1059,11 @@ def cli_sensitivity(args, progress: Progress | None = None, say: Callable[[str],
     from analysis.profile import load_or_profile
 
     say = say or (lambda _m: None)
+    check_replaceable(args.out, SENSITIVITY_MARKER, "a sensitivity grid")  # before the long work
+    check_methods(args.method, args.quant)
+    derive = parse_bits(getattr(args, "derive_bits", ",".join(map(str, DERIVED_BITS))))
+    if args.tokens < 1:
+        raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
     t0 = time.perf_counter()
     lm = load_model(args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code, progress=say)
     if lm.max_positions and args.seqlen > lm.max_positions:
@@ -1067,7 +1087,6 @@ def cli_sensitivity(args, progress: Progress | None = None, say: Callable[[str],
     stats = prof.all_stats()
     label = f"{corpus.label}, {ids.shape[0]} x {ids.shape[1]} tokens (seed {args.seed})"
     common = dict(method=args.method, quant=args.quant, group_size=args.group_size)
-    derive = parse_bits(getattr(args, "derive_bits", ",".join(map(str, DERIVED_BITS))))
     say(f"measuring sensitivity on {ids.numel()} tokens ({label}) on {lm.device}")
     grid, reused = load_or_measure(lm.model, lm.adapter, ids, stats, fingerprint=lm.fingerprint, data_label=label,
                                    data_digest=digest, cache_root=cache_dir(), progress=progress,

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from analysis.cli import progress_stderr, run_command, say
@@ -27,17 +28,62 @@ def prepare_calibration(lm, text: str, calib_tokens: int, seqlen: int, seed: int
     return ids, prof, label
 
 
+LILLAMA_FLAGS = {"steps": 100, "lr": 1e-3, "granularity": "linear", "lillama_init": "svd-llm"}
+
+
+def check_apply_flags(a: argparse.Namespace) -> None:
+    """Refuse flags the chosen --plan / --method would silently ignore, and fill the defaults
+    of the flags that only some methods read (they default to None so that an explicit value
+    can be told apart)."""
+    from compression.plan import FIXED_BITS, LOWRANK_METHODS, QUANT_METHODS
+
+    def given(*names: str) -> list[str]:
+        return ["--" + n.replace("_", "-") for n in names if getattr(a, n) is not None]
+
+    if a.plan and a.method:
+        raise ValueError("give either --plan PLAN.json or --method NAME, not both")
+    method = a.method
+    known = sorted([*LOWRANK_METHODS, *QUANT_METHODS, "slicegpt"])
+    if method is not None and method not in known:
+        raise ValueError(f"unknown method {method!r}; use one of {', '.join(known)}")
+    extra = []
+    if a.plan:
+        extra = given("param_ratio", "bits", "group_size", "slice", *LILLAMA_FLAGS)
+        why = "the plan sets every module's method, rank and bits (and its Lillama options)"
+    elif method == "slicegpt":
+        extra = given("param_ratio", "bits", "group_size", *LILLAMA_FLAGS)
+        why = "slicegpt reads only --slice"
+    elif method in LOWRANK_METHODS:
+        extra = given("bits", "group_size", "slice", *([] if method == "lillama" else LILLAMA_FLAGS))
+        why = (f"{method} reads --param-ratio" + (" and the Lillama flags" if method == "lillama" else "")
+               + ("; for quantised factors write or allocate a plan whose modules set both rank and bits"
+                  if "--bits" in extra else ""))
+    elif method is not None:
+        extra = given("param_ratio", "slice", *LILLAMA_FLAGS, *(["group_size"] if method in ("fp8", "mxfp4") else []),
+                      *(["bits"] if method in FIXED_BITS else []))
+        why = f"{method} reads " + ("no other setting" if method in ("fp8", "mxfp4") else
+                                    "--group-size" if method in FIXED_BITS else "--bits and --group-size")
+    if extra:
+        raise ValueError(f"{', '.join(extra)} would be ignored: {why}. Drop {'it' if len(extra) == 1 else 'them'}")
+    for name, default in (("group_size", 128), *LILLAMA_FLAGS.items()):
+        if getattr(a, name) is None:
+            setattr(a, name, default)
+
+
 def cmd_apply(a: argparse.Namespace) -> dict:
-    from analysis.loading import load_model
+    from analysis.atomic import check_replaceable
+    from analysis.loading import COMPRESSED_MARKER, load_model
     from analysis.metrics import linear_biases, linear_weight_bytes, model_bytes
     from compression.apply import apply_plan
-    from compression.plan import LillamaOptions, Plan, plan_size, uniform_plan
+    from compression.plan import LillamaOptions, Plan, PlanWarning, needs_calibration, plan_size, uniform_plan
     from compression.saved import save_compressed
 
+    check_apply_flags(a)
+    plan = Plan.load(a.plan) if a.plan else None  # a bad plan file fails before the model loads
+    check_replaceable(a.out, COMPRESSED_MARKER, "a compressed model")  # before the long work
     lm = load_model(a.model, a.device, a.dtype, trust_remote_code=a.trust_remote_code, progress=say)
     linears = lm.adapter.linears(lm.model)
-    if a.plan:
-        plan = Plan.load(a.plan)
+    if plan is not None:
         method = plan.meta.get("method", "plan")
     elif a.method:
         lil = LillamaOptions(init=a.lillama_init, steps=a.steps, lr=a.lr, calib_tokens=a.calib_tokens,
@@ -49,14 +95,24 @@ def cmd_apply(a: argparse.Namespace) -> dict:
         raise ValueError("give --plan PLAN.json or --method NAME")
     from compression.plan import validate
 
-    validate(plan, linears)  # before any long step
+    with warnings.catch_warnings():  # said once, as notes, not as Python warnings with source lines
+        warnings.simplefilter("ignore", PlanWarning)
+        for note in validate(plan, linears):  # before any long step
+            say(f"note: {note}")
     dense = model_bytes(lm.model)
     dtype_bytes = next(lm.model.parameters()).element_size()
     t0 = time.perf_counter()
-    ids, prof, label = prepare_calibration(lm, a.text, a.calib_tokens, a.seqlen, a.seed)
+    if needs_calibration(plan, linears):
+        ids, prof, label = prepare_calibration(lm, a.text, a.calib_tokens, a.seqlen, a.seed)
+        stats = prof.all_stats()
+    else:
+        ids, stats, label = None, None, "none (data-free methods)"
+        say(f"{method} is data-free: no calibration text is read")
     t_prof = time.perf_counter() - t0
-    comp, rep = apply_plan(lm.model, lm.adapter, plan, prof.all_stats(), device=lm.device, calib_ids=ids,
-                           progress=progress_stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PlanWarning)
+        comp, rep = apply_plan(lm.model, lm.adapter, plan, stats, device=lm.device, calib_ids=ids,
+                               progress=progress_stderr)
     seconds = time.perf_counter() - t0
     mem = model_bytes(comp)
     linear_bytes = linear_weight_bytes(comp, lm.adapter.linears(comp))
@@ -90,31 +146,31 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m compression", description="RankLab compression")
     sub = p.add_subparsers(dest="cmd", required=True)
     ap = sub.add_parser("apply", help="compress a model with a plan or a uniform method, and save it")
-    ap.add_argument("--model", default="default")
+    ap.add_argument("--model", default="default", help="default | model id | folder | file.gguf")
     ap.add_argument("--text", default="default", help="calibration text: default | PATH | wikitext2:PATH")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", required=True, help="folder to write (new, empty, or an earlier compressed model)")
     ap.add_argument("--plan")
     ap.add_argument("--method", help="svd act-pca svd-llm lillama rtn gptq binary ternary fp8 mxfp4 slicegpt")
     ap.add_argument("--param-ratio", type=float)
     ap.add_argument("--bits", type=int)
-    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--group-size", type=int, help="quantisation group (default 128)")
     ap.add_argument("--slice", type=float, help="SliceGPT: fraction of the hidden width to delete")
     ap.add_argument("--calib-tokens", type=int, default=32 * 2048)
     ap.add_argument("--seqlen", type=int, default=2048, help="calibration window length")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=100, help="Lillama: Adam steps per module")
-    ap.add_argument("--lr", type=float, default=1e-3, help="Lillama: learning rate")
-    ap.add_argument("--granularity", default="linear", help="Lillama: linear | mlp | layer")
-    ap.add_argument("--lillama-init", default="svd-llm",
+    ap.add_argument("--steps", type=int, help="Lillama: Adam steps per module (default 100)")
+    ap.add_argument("--lr", type=float, help="Lillama: learning rate (default 1e-3)")
+    ap.add_argument("--granularity", help="Lillama: linear (default) | mlp | layer")
+    ap.add_argument("--lillama-init",
                     help="Lillama initialisation: svd-llm (default: on SmolLM2 plain svd starts at ppl 1.8e8 and "
                          "ends worse, bench/RESULTS.md §5) | svd | act-pca")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     ap.add_argument("--trust-remote-code", action="store_true")
     ap.set_defaults(fn=cmd_apply)
 
     al = sub.add_parser("allocate", help="per-layer ranks and bits that meet a size target")
-    al.add_argument("--model", default="default")
+    al.add_argument("--model", default="default", help="default | model id | folder | file.gguf")
     al.add_argument("--sensitivity", required=True, help="folder written by `python -m analysis sensitivity`")
     g = al.add_mutually_exclusive_group(required=True)
     g.add_argument("--target-bytes", type=int)
@@ -127,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     al.add_argument("--estimator", choices=["auto", "dloss", "curvature", "kl"], default="auto",
                     help="what the predictor adds up: measured loss increases, minus their first-order part, "
                          "or KL(dense || probe); auto: kl when the grid has it, else dloss")
-    al.add_argument("--out", required=True)
-    al.add_argument("--device", default="auto")
-    al.add_argument("--dtype", default="float32")
+    al.add_argument("--out", required=True, help="plan JSON file to write")
+    al.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    al.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     al.add_argument("--trust-remote-code", action="store_true")
     al.set_defaults(fn=cmd_allocate)
 

@@ -46,8 +46,8 @@ import numpy as np
 from analysis.adapters import LinearInfo
 from analysis.sensitivity import SensitivityGrid
 from compression.configs import break_even_rank
-from compression.lillama import INITS as LILLAMA_INITS
 from compression.plan import (
+    LILLAMA_INITS,
     LOWRANK_METHODS,
     QUANT_METHODS,
     LillamaOptions,
@@ -448,6 +448,9 @@ def cli_allocate(args, say=None) -> dict:
     from compression.plan import validate
 
     say = say or (lambda _m: None)
+    if Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a folder; the plan is one JSON file: give a file name such as "
+                         f"{Path(args.out) / 'plan.json'}")
     grid = SensitivityGrid.load(args.sensitivity)
     lm = load_model(args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code, progress=say)
     check_compatible(grid, lm.fingerprint)
@@ -470,6 +473,13 @@ def cli_allocate(args, say=None) -> dict:
     m = plan.meta
     say(f"allocated {len(plan.modules)} of {len(linears)} linears ({m['solver']} solver): predicted perplexity "
         f"{m['predicted_ppl']:.3f} (dense {math.exp(pred.dense_loss):.3f}) at {m['predicted_bytes']} bytes")
+    kinds = module_kinds(plan, linears)
+    if kinds["dense"] == len(linears):
+        say(f"note: the target is at or above what the dense model takes ({dense} bytes); the plan keeps every "
+            "module dense")
+    if m["predicted_ppl"] < math.exp(pred.dense_loss):
+        say(f"note: the {pred.estimator} estimator predicts a perplexity below the dense model's (some of its "
+            "per-module estimates are negative); use the prediction to rank plans, not as a perplexity")
     lowrank = getattr(args, "lowrank", None)
     if lowrank and lowrank != pred.method:
         say(f"the prediction is for {pred.method} (the grid's method); the plan applies its ranks with {lowrank}"
@@ -477,4 +487,4 @@ def cli_allocate(args, say=None) -> dict:
     return dict(out=str(out), target=m["target"], solver=m["solver"], predicted_loss=m["predicted_loss"],
                 predicted_ppl=m["predicted_ppl"], dense_ppl=math.exp(pred.dense_loss), bytes=m["predicted_bytes"],
                 dense_bytes=dense, ratio=m["ratio"], bits_per_weight=m["bits_per_weight"],
-                modules=module_kinds(plan, linears), seconds=m["seconds"], sensitivity=str(args.sensitivity))
+                modules=kinds, seconds=m["seconds"], sensitivity=str(args.sensitivity))

@@ -54,6 +54,7 @@ class QuantConfig:
     group_size: int = 128
     allowed_bits: ClassVar[tuple[int, ...]] = ()
     name: ClassVar[str] = ""
+    data_free: ClassVar[bool] = True  # needs no calibration statistics
 
     def check(self, n: int) -> None:
         """Raise ``ValueError`` saying what to change if this config cannot quantise width n."""
@@ -101,6 +102,7 @@ class GPTQConfig(QuantConfig):
     sink_weight: float = 1 / 128
     allowed_bits: ClassVar[tuple[int, ...]] = (2, 3, 4, 8)
     name: ClassVar[str] = "gptq"
+    data_free: ClassVar[bool] = False  # the input Hessian X Xᵀ
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,7 @@ class LowRankConfig:
     rank: int
     name: ClassVar[str] = ""
     adds_bias: ClassVar[bool] = False
+    data_free: ClassVar[bool] = True  # needs no calibration statistics or text
 
     def check(self, m: int, n: int) -> None:
         if not 1 <= self.rank <= min(m, n):
@@ -208,6 +211,7 @@ class ActPCAConfig(LowRankConfig):
 
     name: ClassVar[str] = "act-pca"
     adds_bias: ClassVar[bool] = True
+    data_free: ClassVar[bool] = False
 
 
 @dataclass(frozen=True)
@@ -216,6 +220,7 @@ class WhitenedSVDConfig(LowRankConfig):
 
     damp: float = 1e-4  # relative diagonal damping used only if X Xᵀ is not positive definite
     name: ClassVar[str] = "svd-llm"
+    data_free: ClassVar[bool] = False
 
 
 @dataclass(frozen=True)
@@ -225,6 +230,7 @@ class LillamaConfig(LowRankConfig):
 
     init: str = "svd"
     name: ClassVar[str] = "lillama"
+    data_free: ClassVar[bool] = False  # distils on calibration text
 
     @property
     def adds_bias(self) -> bool:  # act-pca initialisation re-centres the output with a bias

@@ -28,7 +28,7 @@ from analysis.metrics import latency, linear_biases, linear_weight_bytes, model_
 from analysis.profile import Profile, load_or_profile, rank_for_energy
 from analysis.sensitivity import DEFAULT_TOKENS as SENSITIVITY_TOKENS
 from compression.apply import apply_plan
-from compression.plan import ModuleSpec, Plan, PlanWarning, plan_size, validate
+from compression.plan import ModuleSpec, Plan, PlanWarning, needs_calibration, plan_size, validate
 
 Progress = Callable[[float, str], None]
 BITS_CHOICES = [2, 3, 4, 8, None]  # slider index -> bits (None = keep the dtype)
@@ -418,8 +418,7 @@ class Lab:
         try:
             pred = self.predict(plan)
             rec.predicted = {k: pred[k] for k in ("ppl", "bytes", "bits_per_weight") if pred.get(k) is not None}
-            needs_stats = any(not plan.spec_for(li.name).is_dense for li in self.linears) or plan.slicegpt
-            if needs_stats and self.profile is None:
+            if needs_calibration(plan, self.linears) and self.profile is None:
                 say(0.0, "profiling first (statistics feed the methods)")
                 self.run_profile(lambda f, m: say(0.2 * f, m))
             stats = self.profile.all_stats() if self.profile is not None else None

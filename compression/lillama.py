@@ -48,15 +48,12 @@ from analysis.layerwise import capture, run_layer
 from analysis.stats import LinearStats
 from compression.configs import LillamaConfig
 from compression.lowrank import LowRankLinear, _require_stats, act_pca_factors, svd_factors, whitened_svd_factors
-from compression.plan import LillamaOptions, Plan
+from compression.plan import LILLAMA_INITS, LillamaOptions, Plan
 from compression.registry import handler_for, register
 
 Progress = Callable[[float, str], None]
 StopCheck = Callable[[], bool]
 
-GRANULARITIES = ("linear", "mlp", "layer")
-ORDERS = ("bottom-first", "top-first")
-INITS = ("svd", "act-pca", "svd-llm")
 TOKENS_PER_STEP = 1024  # tokens in one Adam step (for 'layer': whole sequences adding up to about this)
 EVAL_TOKENS = 4096  # fixed subset the initial / final losses are measured on
 FORWARD_TOKENS = 4096  # tokens per no-grad forward chunk (also bounds the logits capture() computes)
@@ -107,7 +104,7 @@ def _lillama(linear: nn.Linear, config: LillamaConfig, stats: LinearStats | None
         st = _require_stats(config, stats, n)
         a, b = whitened_svd_factors(linear.weight, st.inputs.xxt, config.rank)
         return LowRankLinear.from_linear(linear, a, b)
-    raise ValueError(f"lillama: unknown init {config.init!r}; use one of {', '.join(INITS)}")
+    raise ValueError(f"lillama: unknown init {config.init!r}; use one of {', '.join(LILLAMA_INITS)}")
 
 
 def init_student(teacher: nn.Module, adapter: Adapter, plan: Plan,
@@ -415,21 +412,6 @@ class _Stage:
     path: str = ""  # block path inside the layer
 
 
-def _check_options(options: LillamaOptions) -> None:
-    if options.granularity not in GRANULARITIES:
-        raise ValueError(f"lillama: granularity {options.granularity!r} is not one of {', '.join(GRANULARITIES)}")
-    if options.order not in ORDERS:
-        raise ValueError(f"lillama: order {options.order!r} is not one of {', '.join(ORDERS)}")
-    if options.init not in INITS:
-        raise ValueError(f"lillama: init {options.init!r} is not one of {', '.join(INITS)}")
-    if options.steps < 0:
-        raise ValueError(f"lillama: steps must be >= 0, got {options.steps}")
-    if not options.lr > 0:
-        raise ValueError(f"lillama: lr must be > 0, got {options.lr}")
-    if options.calib_tokens < 1:
-        raise ValueError(f"lillama: calib_tokens must be >= 1, got {options.calib_tokens}")
-
-
 def _locate(teacher: nn.Module, student: nn.Module, adapter: Adapter,
             names: list[str]) -> dict[int, list[tuple[str, Role]]]:
     """Layer index -> [(name, role)] in role order; checks the student holds LowRankLinears."""
@@ -519,7 +501,7 @@ def refine(teacher: nn.Module, student: nn.Module, adapter: Adapter, names: list
     the others as initialised. ``progress(frac, msg)`` is called per module / layer;
     ``should_stop()`` is polled every step and raises ``InterruptedError`` when true.
     """
-    _check_options(options)
+    options.check()
     if tokens_per_step < 1:
         raise ValueError(f"lillama: tokens_per_step must be >= 1, got {tokens_per_step}")
     device = torch.device(device)

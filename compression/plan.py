@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import difflib
 import json
+import types
+import typing
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from analysis.adapters import LinearInfo
@@ -95,6 +97,11 @@ class ModuleSpec:
         return " + ".join(parts) or "dense"
 
 
+LILLAMA_INITS = ("svd", "act-pca", "svd-llm")
+LILLAMA_GRANULARITIES = ("linear", "mlp", "layer")
+LILLAMA_ORDERS = ("bottom-first", "top-first")
+
+
 @dataclass(frozen=True)
 class LillamaOptions:
     """Local feature distillation settings (used when a module's ``lowrank`` is 'lillama')."""
@@ -105,6 +112,19 @@ class LillamaOptions:
     calib_tokens: int = 8192
     granularity: str = "linear"  # "linear" | "mlp" | "layer"
     order: str = "bottom-first"  # or "top-first" (for the ablation)
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the first setting out of range."""
+        for key, allowed in (("granularity", LILLAMA_GRANULARITIES), ("order", LILLAMA_ORDERS),
+                             ("init", LILLAMA_INITS)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"lillama: {key} {getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        if self.steps < 0:
+            raise ValueError(f"lillama: steps must be >= 0, got {self.steps}")
+        if not self.lr > 0:
+            raise ValueError(f"lillama: lr must be > 0, got {self.lr}")
+        if self.calib_tokens < 1:
+            raise ValueError(f"lillama: calib_tokens must be >= 1, got {self.calib_tokens}")
 
 
 @dataclass(frozen=True)
@@ -145,14 +165,17 @@ class Plan:
         version = d.get("version")
         if version != PLAN_VERSION:
             raise ValueError(f"plan version {version!r} is not supported (this RankLab reads version {PLAN_VERSION})")
-        try:
-            return cls(default=ModuleSpec(**d.get("default", {})),
-                       modules={k: ModuleSpec(**v) for k, v in (d.get("modules") or {}).items()},
-                       lillama=LillamaOptions(**d["lillama"]) if d.get("lillama") else None,
-                       slicegpt=SliceGPTOptions(**d["slicegpt"]) if d.get("slicegpt") else None,
-                       meta=d.get("meta") or {}, version=version)
-        except TypeError as e:
-            raise ValueError(f"malformed plan entry: {e}") from e
+        modules = d.get("modules") or {}
+        if not isinstance(modules, dict):
+            raise ValueError("the plan's 'modules' must be an object mapping module names to settings")
+        meta = d.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise ValueError("the plan's 'meta' must be an object")
+        return cls(default=_typed(ModuleSpec, d.get("default", {}), "default"),
+                   modules={k: _typed(ModuleSpec, v, f"modules[{k!r}]") for k, v in modules.items()},
+                   lillama=_typed(LillamaOptions, d["lillama"], "lillama") if d.get("lillama") else None,
+                   slicegpt=_typed(SliceGPTOptions, d["slicegpt"], "slicegpt") if d.get("slicegpt") else None,
+                   meta=meta, version=version)
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
@@ -170,6 +193,38 @@ class Plan:
         if not p.exists():
             raise FileNotFoundError(f"plan file {p} not found")
         return cls.from_json(p.read_text())
+
+
+def _accepts(hint, value) -> bool:
+    """Whether a JSON ``value`` fits a field's type hint (int, float, str, bool, X | None)."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_accepts(h, value) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _typed(cls, d, where: str):
+    """``cls(**d)`` for a plan entry read from JSON, refusing unknown keys and wrong types with a
+    message naming the entry and the field."""
+    if not isinstance(d, dict):
+        raise ValueError(f"plan entry {where} must be an object of settings, got {json.dumps(d)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    for key, value in d.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            raise ValueError(f"plan entry {where}: unknown setting {key!r}"
+                             + (f" (did you mean {close[0]!r}?)" if close else f"; settings are {', '.join(names)}"))
+        if not _accepts(hints[key], value):
+            want = str(hints[key]).replace("<class '", "").replace("'>", "")
+            want = want.replace("NoneType", "null").replace("None", "null")
+            raise ValueError(f"plan entry {where}: {key} must be {want}, got {json.dumps(value)}")
+    return cls(**d)
 
 
 # --------------------------------------------------------------------------- validation
@@ -212,14 +267,51 @@ def validate(plan: Plan, linears: list[LinearInfo]) -> list[str]:
     for (n, g), names in ragged_notes.items():
         notes.append(f"group size {g} does not divide the input width {n} of {len(names)} linear(s) "
                      f"(e.g. {names[0]}): each row ends with a ragged group of {n % g}; a divisor of {n} avoids it")
+    if plan.lillama is not None:
+        try:
+            plan.lillama.check()
+        except ValueError as e:
+            errors.append(str(e))
     if plan.slicegpt is not None and not 0 <= plan.slicegpt.slice_fraction < 1:
         errors.append(f"slicegpt slice_fraction {plan.slicegpt.slice_fraction} must be in [0, 1)")
     if errors:
+        errors = _merge_same(errors, {li.name for li in linears})
         more = f"\n(and {len(errors) - 12} more)" if len(errors) > 12 else ""
         raise ValueError("the plan cannot be applied:\n- " + "\n- ".join(errors[:12]) + more)
     for w in notes:
         warnings.warn(w, PlanWarning, stacklevel=2)
     return notes
+
+
+def _merge_same(errors: list[str], names: set[str]) -> list[str]:
+    """'name: problem' lines with the same problem become one line naming how many modules."""
+    by_problem: dict[str, list[str]] = {}  # problem -> the modules that have it ([] for plan-wide lines)
+    for e in errors:
+        name, sep, problem = e.partition(": ")
+        if sep and name in names:
+            by_problem.setdefault(problem, []).append(name)
+        else:
+            by_problem.setdefault(e, [])
+    out = []
+    for problem, who in by_problem.items():
+        if len(who) > 1:
+            out.append(f"{len(who)} modules (e.g. {who[0]}): {problem}")
+        else:
+            out.append(f"{who[0]}: {problem}" if who else problem)
+    return out
+
+
+def needs_calibration(plan: Plan, linears: list[LinearInfo]) -> bool:
+    """Whether applying ``plan`` reads calibration text (profile statistics or windows): false
+    when every module's methods are data-free (svd, rtn, binary, ternary, fp8, mxfp4)."""
+    if plan.slicegpt is not None:
+        return True
+    for li in linears:
+        spec = plan.spec_for(li.name)
+        configs = (spec.lowrank_config(plan.lillama), spec.quant_config())
+        if any(c is not None and not c.data_free for c in configs):
+            return True
+    return False
 
 
 def _gcd(q: QuantConfig, n: int) -> int:

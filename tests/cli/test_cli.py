@@ -81,7 +81,28 @@ def test_apply_lillama_defaults_to_svd_llm_and_reports_its_options(model_dir, tm
     assert again["weight_bytes"] == comp["weight_bytes"] and again["ppl"] > 1
 
 
-def test_bad_input_is_one_clear_line(model_dir, capsys):
+def test_data_free_apply_reads_no_calibration_and_refuses_ignored_flags(model_dir, tmp_path, capsys, monkeypatch):
+    from compression.__main__ import main as compression_main
+
+    monkeypatch.setenv("RANKLAB_CACHE", str(tmp_path / "cache"))
+    folder, text = model_dir
+    out = _run(compression_main, ["apply", "--model", str(folder), "--text", str(text), "--method", "rtn", "--bits",
+                                  "4", "--group-size", "32", "--out", str(tmp_path / "rtn")], capsys)
+    assert out["calibration"] == "none (data-free methods)" and out["weight_bytes"] == out["predicted_weight_bytes"]
+    assert not (tmp_path / "cache" / "profiles").exists()  # nothing was profiled
+    for flags, msg in ((["--method", "rtn", "--bits", "4", "--param-ratio", "0.5"], "--param-ratio would be ignored"),
+                       (["--method", "svd-llm", "--param-ratio", "0.8", "--bits", "4"], "--bits would be ignored"),
+                       (["--method", "svd", "--param-ratio", "0.8", "--steps", "5"], "--steps would be ignored"),
+                       (["--method", "fp8", "--group-size", "64"], "--group-size would be ignored"),
+                       (["--plan", str(tmp_path / "p.json"), "--bits", "4"], "--bits would be ignored: the plan"),
+                       (["--plan", str(tmp_path / "p.json"), "--method", "rtn"], "either --plan"),
+                       (["--method", "nope"], "unknown method 'nope'")):
+        assert compression_main(["apply", "--model", str(folder), "--out", str(tmp_path / "o"), *flags]) == 2
+        assert msg in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_input_is_one_clear_line(model_dir, tmp_path, capsys):
     from analysis.__main__ import main as analysis_main
     from compression.__main__ import main as compression_main
 
@@ -90,6 +111,26 @@ def test_bad_input_is_one_clear_line(model_dir, capsys):
     assert "not on disk" in capsys.readouterr().err
     assert analysis_main(["eval", "--model", str(folder), "--text", str(text), "--seqlen", "100000"]) == 2
     assert "exceeds the model's maximum" in capsys.readouterr().err
+    for flag in ("--windows", "--latency-runs"):
+        assert analysis_main(["eval", "--model", str(folder), flag, "0"]) == 2
+        assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
+    for flags, msg in ((["--method", "lillama"], "probes one of svd, act-pca, svd-llm (lillama plans use"),
+                       (["--quant", "fp8"], "--quant 'fp8': probes one of rtn, gptq"),
+                       (["--derive-bits", "x"], "--derive-bits 'x'")):
+        assert analysis_main(["sensitivity", "--model", str(folder), "--out", str(tmp_path / "s"), *flags]) == 2
+        assert msg in capsys.readouterr().err
     assert compression_main(["apply", "--model", str(folder), "--text", str(text), "--method", "svd-llm",
-                             "--out", "/tmp/x"]) == 2
+                             "--out", str(tmp_path / "x")]) == 2
     assert "--param-ratio" in capsys.readouterr().err
+    # an --out folder that holds someone's files is refused before any work, its files intact
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert compression_main(["apply", "--model", str(folder), "--method", "rtn", "--bits", "4",
+                             "--out", str(mine)]) == 2
+    assert "not empty and does not hold a compressed model" in capsys.readouterr().err
+    for argv in (["profile", "--model", str(folder), "--out", str(mine)],
+                 ["sensitivity", "--model", str(folder), "--out", str(mine)]):
+        assert analysis_main(argv) == 2
+        assert "not empty and does not hold a" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]

@@ -322,6 +322,12 @@ def test_cli_allocate_writes_a_loadable_plan_and_refuses_another_model(tmp_path,
     assert plan.meta["estimator"] == "dloss"  # auto, and this grid has no KL
     with pytest.raises(ValueError, match="another model"):
         cli_allocate(Namespace(**{**vars(args), "model": "other"}), say=lambda m: None)
+    said: list[str] = []
+    whole = cli_allocate(Namespace(**{**vars(args), "target_ratio": 1.5, "out": str(tmp_path / "p2.json")}),
+                         say=said.append)
+    assert whole["modules"]["dense"] == len(linears) and any("keeps every module dense" in m for m in said)
+    with pytest.raises(ValueError, match="is a folder; the plan is one JSON file"):
+        cli_allocate(Namespace(**{**vars(args), "out": str(tmp_path)}), say=lambda m: None)
     # the plan applies with `python -m compression apply --plan` semantics
     from compression.apply import apply_plan
 

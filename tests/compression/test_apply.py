@@ -10,7 +10,7 @@ from analysis.profile import TooFewTokens, collect_input_stats
 from analysis.stats import LinearStats
 from compression.apply import apply_plan
 from compression.lowrank import LowRankLinear
-from compression.plan import ModuleSpec, Plan, PlanWarning, plan_size, uniform_plan, validate
+from compression.plan import LillamaOptions, ModuleSpec, Plan, PlanWarning, plan_size, uniform_plan, validate
 from compression.quant import QuantLinear
 from compression.saved import save_compressed
 from tests.conftest import tiny_model
@@ -134,14 +134,37 @@ def test_validation_messages():
         (Plan(modules={q: ModuleSpec(bits=4, group_size=12)}), "group size 12 must be a positive multiple of 8"),
         (Plan(modules={q: ModuleSpec(bits=4, quant="binary")}), "binary stores 1-bit codes; set bits to 1"),
         (Plan(modules={q: ModuleSpec(rank=8, lowrank="pca")}), "unknown low-rank method 'pca'"),
+        (Plan(lillama=LillamaOptions(granularity="foo")), "lillama: granularity 'foo' is not one of linear, mlp"),
+        (Plan(lillama=LillamaOptions(init="pca")), "lillama: init 'pca' is not one of svd, act-pca, svd-llm"),
+        (Plan(lillama=LillamaOptions(steps=-1)), "lillama: steps must be >= 0"),
     ]
     for plan, msg in cases:
         with pytest.raises(ValueError, match=msg):
             validate(plan, L)
+    one_line = f"plan cannot be applied:\\n- {len(L)} modules \\(e.g. {L[0].name}\\): rtn: 5 bits"
+    with pytest.raises(ValueError, match=one_line):
+        validate(uniform_plan("rtn", L, bits=5), L)  # one line for the same problem everywhere
     with pytest.warns(PlanWarning, match="above break-even"):
         validate(Plan(modules={q: ModuleSpec(rank=40)}), L)
     with pytest.warns(PlanWarning, match="group size 48 does not divide the input width 64 .*ragged group of 16"):
         validate(Plan(modules={q: ModuleSpec(bits=4, group_size=48)}), L)
+
+
+def test_needs_calibration_only_for_methods_that_read_data():
+    from compression.plan import SliceGPTOptions, needs_calibration
+
+    lm = _setup()[0]
+    L = lm.adapter.linears(lm.model)
+    q = L[0].name
+    assert not needs_calibration(Plan(), L)  # dense
+    for spec in (ModuleSpec(rank=8, lowrank="svd"), ModuleSpec(bits=4, quant="rtn"), ModuleSpec(bits=8, quant="fp8"),
+                 ModuleSpec(rank=8, bits=4, lowrank="svd", quant="rtn")):
+        assert not needs_calibration(Plan(modules={q: spec}), L), spec
+    for spec in (ModuleSpec(rank=8, lowrank="svd-llm"), ModuleSpec(rank=8, lowrank="act-pca"),
+                 ModuleSpec(rank=8, lowrank="lillama"), ModuleSpec(bits=4, quant="gptq"),
+                 ModuleSpec(rank=8, bits=4, lowrank="svd", quant="gptq")):
+        assert needs_calibration(Plan(modules={q: spec}, lillama=LillamaOptions()), L), spec
+    assert needs_calibration(Plan(slicegpt=SliceGPTOptions(0.1)), L)
 
 
 def test_plan_json_round_trip():
@@ -152,6 +175,24 @@ def test_plan_json_round_trip():
         Plan.from_dict({**plan.to_dict(), "version": 99})
     with pytest.raises(ValueError, match="not valid JSON"):
         Plan.from_json("{nope")
+    # hand-edited plans: wrong types and unknown keys name the entry and the field
+    d = plan.to_dict()
+    name = next(iter(d["modules"]))
+    bad = [({"rank": "100"}, f"modules\\['{name}'\\]: rank must be int \\| null, got \"100\""),
+           ({"rank": 100.5}, "rank must be int \\| null, got 100.5"),
+           ({"rank": True}, "rank must be int"),
+           ({"group_size": "x"}, "group_size must be int, got \"x\""),
+           ({"bitz": 4}, "unknown setting 'bitz' \\(did you mean 'bits'\\?\\)"),
+           (None, f"modules\\['{name}'\\] must be an object of settings, got null")]
+    for entry, msg in bad:
+        mods = {**d["modules"], name: entry if entry is None else {**d["modules"][name], **entry}}
+        with pytest.raises(ValueError, match=msg):
+            Plan.from_dict({**d, "modules": mods})
+    with pytest.raises(ValueError, match="lillama: steps must be int, got \"x\""):
+        Plan.from_dict({**d, "lillama": {"steps": "x"}})
+    with pytest.raises(ValueError, match="'modules' must be an object"):
+        Plan.from_dict({**d, "modules": [1, 2]})
+    assert Plan.from_dict({**d, "lillama": {"lr": 1}}).lillama.lr == 1  # an int where a float goes is fine
 
 
 def test_lillama_plan_through_apply_refines_and_keeps_exact_bytes():

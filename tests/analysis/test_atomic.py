@@ -1,0 +1,50 @@
+"""Atomic artifact folders: replace only earlier artifacts of the same kind, never a user's files."""
+import pytest
+
+from analysis.atomic import atomic_folder, check_replaceable
+
+
+def _write(folder, text: str) -> None:
+    with atomic_folder(folder, "marker", "a test artifact") as tmp:
+        (tmp / "marker").write_text(text)
+
+
+def test_writes_new_and_empty_folders_and_replaces_its_own(tmp_path):
+    _write(tmp_path / "a" / "b", "one")  # parents created
+    assert (tmp_path / "a" / "b" / "marker").read_text() == "one"
+    _write(tmp_path / "a" / "b", "two")  # an earlier artifact of the kind is replaced
+    assert (tmp_path / "a" / "b" / "marker").read_text() == "two"
+    (tmp_path / "empty").mkdir()
+    _write(tmp_path / "empty", "three")
+    assert (tmp_path / "empty" / "marker").read_text() == "three"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "empty"]  # no temp folder left
+
+
+def test_refuses_a_foreign_folder_a_file_and_the_current_directory(tmp_path, monkeypatch):
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("years of work")
+    with pytest.raises(FileExistsError, match="not empty and does not hold a test artifact"):
+        _write(mine, "x")
+    assert (mine / "thesis.txt").read_text() == "years of work" and not (mine / "marker").exists()
+    (tmp_path / "f.txt").write_text("a file")
+    with pytest.raises(FileExistsError, match="is a file"):
+        check_replaceable(tmp_path / "f.txt", "marker", "a test artifact")
+    monkeypatch.chdir(mine)
+    for where in (".", "..", str(mine)):
+        with pytest.raises(FileExistsError, match="current directory"):
+            check_replaceable(where, "marker", "a test artifact")
+    assert (mine / "thesis.txt").exists()
+
+
+def test_a_failed_write_keeps_the_previous_artifact(tmp_path):
+    _write(tmp_path / "art", "old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_folder(tmp_path / "art", "marker", "a test artifact") as tmp:
+            (tmp / "marker").write_text("half")
+            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="marker was not written"):
+        with atomic_folder(tmp_path / "art", "marker", "a test artifact") as tmp:
+            (tmp / "other").write_text("no marker")
+    assert (tmp_path / "art" / "marker").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]
