@@ -13,8 +13,8 @@ def cmd_eval(a: argparse.Namespace) -> dict:
     from analysis.loading import load_model
     from analysis.metrics import latency, model_bytes, perplexity
 
-    for flag, value in (("--seqlen", a.seqlen), ("--windows", a.windows), ("--latency-runs", a.latency_runs),
-                        ("--latency-seqlen", a.latency_seqlen)):
+    latency_flags = () if a.no_latency else (("--latency-runs", a.latency_runs), ("--latency-seqlen", a.latency_seqlen))
+    for flag, value in (("--seqlen", a.seqlen), ("--windows", a.windows), *latency_flags):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be at least 1, got {value}"
                              + (" (leave it out to evaluate every window)" if flag == "--windows" else ""))
@@ -47,9 +47,12 @@ def cmd_profile(a: argparse.Namespace) -> dict:
     from analysis.atomic import check_replaceable
     from analysis.data import calibration_windows, load_corpus, tokenize
     from analysis.loading import load_model
-    from analysis.profile import PROFILE_MARKER, profile_model
+    from analysis.profile import PROFILE_MARKERS, profile_model
 
-    check_replaceable(a.out, PROFILE_MARKER, "a profile")  # before the long work
+    check_replaceable(a.out, PROFILE_MARKERS, "a profile")  # before the long work
+    for flag, value in (("--tokens", a.tokens), ("--seqlen", a.seqlen), ("--batch-size", a.batch_size)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
     lm = load_model(a.model, a.device, a.dtype, trust_remote_code=a.trust_remote_code, progress=say)
     corpus = load_corpus(a.text)
     n_win = max(1, -(-a.tokens // a.seqlen))

@@ -3,17 +3,37 @@ later run would read as complete, and a write never replaces a folder that is no
 artifact of the same kind (a mistyped ``--out`` must not delete someone's files)."""
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 
-def check_replaceable(folder: str | Path, marker: str, what: str) -> Path:
+def holds(folder: Path, markers: Sequence[str]) -> bool:
+    """Whether ``folder`` holds every file of ``markers``; a ``.json`` marker must also be a
+    JSON object with a ``format`` key (RankLab writes one into each of its artifacts)."""
+    if isinstance(markers, str):
+        raise TypeError("markers is a sequence of file names, e.g. ('meta.json',)")
+    for name in markers:
+        path = folder / name
+        if not path.is_file():
+            return False
+        if name.endswith(".json"):
+            try:
+                if "format" not in json.loads(path.read_text()):
+                    return False
+            except (OSError, ValueError, TypeError):
+                return False
+    return True
+
+
+def check_replaceable(folder: str | Path, markers: Sequence[str], what: str) -> Path:
     """Where ``what`` (e.g. "a compressed model") may be written: ``folder`` resolved, when it
-    does not exist, is empty, or holds ``marker`` (an earlier artifact of that kind, which the
-    write replaces). Otherwise ``FileExistsError`` saying what to do; call it before long work."""
+    does not exist, is empty, or ``holds`` the ``markers`` of that kind of artifact (an earlier
+    one, which the write replaces). Otherwise ``FileExistsError`` saying what to do; call it
+    before long work."""
     folder = Path(folder).expanduser().resolve()
     cwd = Path.cwd().resolve()
     if folder == cwd or folder in cwd.parents:
@@ -21,26 +41,27 @@ def check_replaceable(folder: str | Path, marker: str, what: str) -> Path:
                               "replace it: give a new folder for --out")
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{folder} is a file; {what} is written as a folder: give a new folder for --out")
-    if folder.is_dir() and not (folder / marker).exists() and any(folder.iterdir()):
-        raise FileExistsError(f"{folder} exists, is not empty and does not hold {what} (no {marker}); RankLab only "
-                              "replaces its own folders: give a new or empty folder for --out, or delete this one")
+    if folder.is_dir() and any(folder.iterdir()) and not holds(folder, markers):
+        raise FileExistsError(f"{folder} exists, is not empty and does not hold {what} (no {' + '.join(markers)}); "
+                              "RankLab only replaces its own folders: give a new or empty folder for --out, or "
+                              "delete this one")
     return folder
 
 
 @contextmanager
-def atomic_folder(folder: str | Path, marker: str, what: str) -> Iterator[Path]:
+def atomic_folder(folder: str | Path, markers: Sequence[str], what: str) -> Iterator[Path]:
     """Yield a temporary folder beside ``folder``. When the block ends normally it replaces
     ``folder`` in one rename; when it raises (or is interrupted) it is deleted. ``folder`` must
-    pass ``check_replaceable(folder, marker, what)``, before and after the block; the block
-    must write ``marker``."""
-    folder = check_replaceable(folder, marker, what)
+    pass ``check_replaceable(folder, markers, what)``, before and after the block; the block
+    must write the ``markers``."""
+    folder = check_replaceable(folder, markers, what)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
     try:
         yield tmp
-        if not (tmp / marker).exists():
-            raise RuntimeError(f"writing {what}: {marker} was not written")
-        check_replaceable(folder, marker, what)  # nothing else appeared there meanwhile
+        if not holds(tmp, markers):
+            raise RuntimeError(f"writing {what}: {' + '.join(markers)} not all written")
+        check_replaceable(folder, markers, what)  # nothing else appeared there meanwhile
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)

@@ -122,7 +122,7 @@ def _gguf_cached_folder(gguf: Path, progress: Progress) -> Path:
     if (folder / "done").exists():
         return folder
     progress(f"dequantising {gguf.name} once (cached afterwards in {folder})")
-    with atomic_folder(folder, "done", "a dequantised model") as tmp:
+    with atomic_folder(folder, ("done",), "a dequantised model") as tmp:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         # the GGUF loader marks the model as "quantised"; its weights are plain dense tensors now

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -22,13 +23,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from analysis.adapters import Adapter, LinearInfo
-from analysis.atomic import atomic_folder
+from analysis.atomic import atomic_folder, holds
 from analysis.layerwise import capture, run_layer
 from analysis.stats import InputStats, LinearStats
 
 Progress = Callable[[float, str], None]
 PROFILE_FORMAT = 1
-PROFILE_MARKER = "arrays.safetensors"  # what makes a folder a profile (``meta.json`` is written last)
+PROFILE_MARKERS = ("meta.json", "arrays.safetensors")  # what makes a folder a profile (meta.json written last)
 SUMMARY_COLUMNS = ["name", "layer", "role", "out_features", "in_features", "eff_rank_act", "eff_rank_weight",
                    "rank90", "rank95", "rank99", "weight_rank95", "break_even"]
 
@@ -116,7 +117,7 @@ class Profile:
         """Write atomically: a temp folder renamed into place, ``meta.json`` last inside it,
         so an interrupted save never leaves an artifact that reads as complete."""
         folder = Path(folder)
-        with atomic_folder(folder, PROFILE_MARKER, "a profile") as tmp:
+        with atomic_folder(folder, PROFILE_MARKERS, "a profile") as tmp:
             arrays = {}
             for key, s in self.inputs.items():
                 arrays[f"in.{key}.xxt"] = s.xxt.float().cpu().contiguous()
@@ -273,11 +274,17 @@ def load_or_profile(model: nn.Module, adapter: Adapter, ids: Tensor, *, fingerpr
     (saved). Returns (profile, reused)."""
     folder = Path(cache_root) / "profiles" / profile_key(fingerprint, data_digest, ids.numel())
     if (folder / "meta.json").exists():
-        prof = Profile.load(folder, next(model.parameters()).device)
-        if prof.meta.get("fingerprint") == fingerprint and prof.meta.get("n_tokens") == ids.numel():
+        try:
+            prof = Profile.load(folder, next(model.parameters()).device)
+        except (ValueError, OSError, KeyError):
+            prof = None  # a broken cache entry: profiled again below
+        if prof is not None and prof.meta.get("fingerprint") == fingerprint \
+                and prof.meta.get("n_tokens") == ids.numel():
             return prof, True
     prof = profile_model(model, adapter, ids, fingerprint=fingerprint, data_label=data_label,
                          data_digest=data_digest, **kw)
+    if folder.exists() and not holds(folder, PROFILE_MARKERS):
+        shutil.rmtree(folder)  # a broken cache entry (RankLab's own cache): rebuilt
     prof.save(folder)
     prof.meta["folder"] = str(folder)
     return prof, False

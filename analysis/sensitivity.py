@@ -70,6 +70,7 @@ import copy
 import datetime as _dt
 import json
 import math
+import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -87,7 +88,7 @@ from torch import Tensor, nn
 import compression.lowrank  # noqa: F401  (registers the low-rank handlers)
 import compression.quant  # noqa: F401  (registers the quantisation handlers)
 from analysis.adapters import Adapter, LinearInfo, get_submodule
-from analysis.atomic import atomic_folder, check_replaceable
+from analysis.atomic import atomic_folder, check_replaceable, holds
 from analysis.layerwise import _Recorder, _Stop, run_head, run_layer
 from analysis.stats import LinearStats
 from compression.configs import SVDConfig, WhitenedSVDConfig
@@ -98,7 +99,7 @@ from compression.registry import handler_for
 
 Progress = Callable[[float, str], None]
 SENSITIVITY_FORMAT = 1
-SENSITIVITY_MARKER = "table.csv"  # what makes a folder a sensitivity grid (``meta.json`` is written last)
+SENSITIVITY_MARKERS = ("meta.json", "table.csv")  # what makes a folder a sensitivity grid (meta.json last)
 TABLE_COLUMNS = ["name", "layer", "role", "kind", "setting", "dloss", "bytes"]
 FIRST_ORDER_COLUMNS = ["name", "kind", "setting", "dloss_first"]
 KL_COLUMNS = ["name", "kind", "setting", "kl"]
@@ -490,7 +491,7 @@ class SensitivityGrid:
     def save(self, folder: str | Path) -> None:
         """Write atomically: a temp folder renamed into place, ``meta.json`` written last."""
         folder = Path(folder)
-        with atomic_folder(folder, SENSITIVITY_MARKER, "a sensitivity grid") as tmp:
+        with atomic_folder(folder, SENSITIVITY_MARKERS, "a sensitivity grid") as tmp:
             self.table[TABLE_COLUMNS].to_csv(tmp / "table.csv", index=False)
             if self.proxy is not None:
                 self.proxy[TABLE_COLUMNS].to_csv(tmp / "proxy.csv", index=False)
@@ -887,6 +888,8 @@ def load_or_measure(model: nn.Module, adapter: Adapter, calib_ids: Tensor, stats
     grid = measure_sensitivity(model, adapter, calib_ids, stats, method=method, quant=quant, group_size=group_size,
                                fractions=fractions, bits=bits, derive_bits=derive_bits, fingerprint=fingerprint,
                                data_label=data_label, data_digest=data_digest, **kw)
+    if folder.exists() and not holds(folder, SENSITIVITY_MARKERS):
+        shutil.rmtree(folder)  # a broken cache entry (RankLab's own cache): rebuilt
     grid.save(folder)
     return grid, False
 
@@ -1059,11 +1062,12 @@ def cli_sensitivity(args, progress: Progress | None = None, say: Callable[[str],
     from analysis.profile import load_or_profile
 
     say = say or (lambda _m: None)
-    check_replaceable(args.out, SENSITIVITY_MARKER, "a sensitivity grid")  # before the long work
+    check_replaceable(args.out, SENSITIVITY_MARKERS, "a sensitivity grid")  # before the long work
     check_methods(args.method, args.quant)
     derive = parse_bits(getattr(args, "derive_bits", ",".join(map(str, DERIVED_BITS))))
-    if args.tokens < 1:
-        raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
+    for flag, value in (("--tokens", args.tokens), ("--seqlen", args.seqlen)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
     t0 = time.perf_counter()
     lm = load_model(args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code, progress=say)
     if lm.max_positions and args.seqlen > lm.max_positions:

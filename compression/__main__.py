@@ -59,12 +59,26 @@ def check_apply_flags(a: argparse.Namespace) -> None:
                + ("; for quantised factors write or allocate a plan whose modules set both rank and bits"
                   if "--bits" in extra else ""))
     elif method is not None:
+        fixed = method in FIXED_BITS and a.bits in (None, FIXED_BITS[method])  # --bits 1 with binary: fine
         extra = given("param_ratio", "slice", *LILLAMA_FLAGS, *(["group_size"] if method in ("fp8", "mxfp4") else []),
-                      *(["bits"] if method in FIXED_BITS else []))
+                      *([] if fixed or method not in FIXED_BITS else ["bits"]))
         why = f"{method} reads " + ("no other setting" if method in ("fp8", "mxfp4") else
                                     "--group-size" if method in FIXED_BITS else "--bits and --group-size")
     if extra:
         raise ValueError(f"{', '.join(extra)} would be ignored: {why}. Drop {'it' if len(extra) == 1 else 'them'}")
+    # what the method needs, before the model loads
+    if not a.plan and not method:
+        raise ValueError("give --plan PLAN.json or --method NAME")
+    if method in LOWRANK_METHODS and a.param_ratio is None:
+        raise ValueError(f"{method} is a low-rank method: give --param-ratio R (fraction of decoder-linear "
+                         "parameters kept, e.g. 0.8)")
+    if method in QUANT_METHODS and method not in FIXED_BITS and a.bits is None:
+        raise ValueError(f"{method} needs --bits B (one of {list(QUANT_METHODS[method].allowed_bits)})")
+    if method == "slicegpt" and a.slice is None:
+        raise ValueError("slicegpt needs --slice S (fraction of the hidden width to delete, e.g. 0.25)")
+    for flag, value in (("--calib-tokens", a.calib_tokens), ("--seqlen", a.seqlen)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
     for name, default in (("group_size", 128), *LILLAMA_FLAGS.items()):
         if getattr(a, name) is None:
             setattr(a, name, default)
@@ -80,7 +94,7 @@ def cmd_apply(a: argparse.Namespace) -> dict:
 
     check_apply_flags(a)
     plan = Plan.load(a.plan) if a.plan else None  # a bad plan file fails before the model loads
-    check_replaceable(a.out, COMPRESSED_MARKER, "a compressed model")  # before the long work
+    check_replaceable(a.out, (COMPRESSED_MARKER,), "a compressed model")  # before the long work
     lm = load_model(a.model, a.device, a.dtype, trust_remote_code=a.trust_remote_code, progress=say)
     linears = lm.adapter.linears(lm.model)
     if plan is not None:

@@ -207,7 +207,7 @@ def _fit(student_fn: Callable[[Tensor], Tensor], target_fn: Callable[[Tensor], T
             p.grad = None
     final = evaluate() if steps > 0 else init
     trained = None
-    if final > init:  # training made it worse on the evaluation tokens: keep the initialisation
+    if not final <= init:  # worse on the evaluation tokens (or NaN): keep the initialisation
         with torch.no_grad():
             for p, p0 in zip(params, start, strict=True):
                 p.copy_(p0)

@@ -67,7 +67,7 @@ def save_compressed(model: nn.Module, folder: str | Path, *, plan_json: str, tok
                     extra_modules: dict[str, dict] | None = None) -> Path:
     """Write the compressed model atomically (temp folder renamed into place)."""
     folder = Path(folder)
-    with atomic_folder(folder, COMPRESSED_MARKER, "a compressed model") as tmp:
+    with atomic_folder(folder, (COMPRESSED_MARKER,), "a compressed model") as tmp:
         st_save_model(model, str(tmp / "model.safetensors"))
         dtype = next(p for p in model.parameters() if p.dtype.is_floating_point).dtype
         info = {"format": SAVE_FORMAT, "config": model.config.to_dict(), "dtype": str(dtype).replace("torch.", ""),

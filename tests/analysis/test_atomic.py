@@ -5,7 +5,7 @@ from analysis.atomic import atomic_folder, check_replaceable
 
 
 def _write(folder, text: str) -> None:
-    with atomic_folder(folder, "marker", "a test artifact") as tmp:
+    with atomic_folder(folder, ("marker",), "a test artifact") as tmp:
         (tmp / "marker").write_text(text)
 
 
@@ -29,22 +29,39 @@ def test_refuses_a_foreign_folder_a_file_and_the_current_directory(tmp_path, mon
     assert (mine / "thesis.txt").read_text() == "years of work" and not (mine / "marker").exists()
     (tmp_path / "f.txt").write_text("a file")
     with pytest.raises(FileExistsError, match="is a file"):
-        check_replaceable(tmp_path / "f.txt", "marker", "a test artifact")
+        check_replaceable(tmp_path / "f.txt", ("marker",), "a test artifact")
     monkeypatch.chdir(mine)
     for where in (".", "..", str(mine)):
         with pytest.raises(FileExistsError, match="current directory"):
-            check_replaceable(where, "marker", "a test artifact")
+            check_replaceable(where, ("marker",), "a test artifact")
     assert (mine / "thesis.txt").exists()
 
 
 def test_a_failed_write_keeps_the_previous_artifact(tmp_path):
     _write(tmp_path / "art", "old")
     with pytest.raises(RuntimeError, match="boom"):
-        with atomic_folder(tmp_path / "art", "marker", "a test artifact") as tmp:
+        with atomic_folder(tmp_path / "art", ("marker",), "a test artifact") as tmp:
             (tmp / "marker").write_text("half")
             raise RuntimeError("boom")
-    with pytest.raises(RuntimeError, match="marker was not written"):
-        with atomic_folder(tmp_path / "art", "marker", "a test artifact") as tmp:
+    with pytest.raises(RuntimeError, match="marker not all written"):
+        with atomic_folder(tmp_path / "art", ("marker",), "a test artifact") as tmp:
             (tmp / "other").write_text("no marker")
     assert (tmp_path / "art" / "marker").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["art"]
+
+
+def test_json_markers_must_be_ranklab_artifacts(tmp_path):
+    import json
+
+    from analysis.atomic import holds
+
+    user = tmp_path / "results"
+    user.mkdir()
+    (user / "table.csv").write_text("a,b\n1,2\n")
+    (user / "meta.json").write_text(json.dumps({"author": "me"}))  # a user's meta.json: no "format"
+    with pytest.raises(FileExistsError, match="does not hold a sensitivity grid"):
+        check_replaceable(user, ("meta.json", "table.csv"), "a sensitivity grid")
+    (user / "meta.json").write_text(json.dumps({"format": 1}))
+    assert holds(user, ("meta.json", "table.csv")) and not holds(user, ("meta.json", "arrays.safetensors"))
+    with pytest.raises(TypeError, match="sequence of file names"):
+        holds(user, "meta.json")

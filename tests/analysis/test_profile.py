@@ -1,4 +1,5 @@
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,6 +125,13 @@ def test_cache_reused_and_invalidated(tmp_path, token_ids, monkeypatch):
         _, r4 = load_or_profile(lm.model, lm.adapter, token_ids[:2], fingerprint=lm.fingerprint,
                                 data_label="t", data_digest="d1", cache_root=tmp_path)
     assert (r3, r4) == (False, False) and len(calls) == 3
+    # a damaged cache entry is profiled again, not an error
+    (Path(p1.meta["folder"]) / "arrays.safetensors").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TooFewTokens)
+        _, r5 = load_or_profile(lm.model, lm.adapter, token_ids, fingerprint=lm.fingerprint,
+                                data_label="t", data_digest="d1", cache_root=tmp_path)
+    assert r5 is False and len(calls) == 4 and (Path(p1.meta["folder"]) / "arrays.safetensors").exists()
 
 
 def test_interrupted_save_leaves_nothing_readable(tmp_path, token_ids, monkeypatch):

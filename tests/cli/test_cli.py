@@ -100,6 +100,17 @@ def test_data_free_apply_reads_no_calibration_and_refuses_ignored_flags(model_di
         assert compression_main(["apply", "--model", str(folder), "--out", str(tmp_path / "o"), *flags]) == 2
         assert msg in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    # checked before the model loads (a missing model is only reported once the flags pass)
+    missing = ["--model", "org/missing-model", "--out", str(tmp_path / "o")]
+    for flags, msg in ((["--method", "binary", "--bits", "1"], "not on disk"),  # the format's own width: fine
+                       (["--method", "binary", "--bits", "2"], "--bits would be ignored"),
+                       (["--method", "svd-llm"], "give --param-ratio"),
+                       (["--method", "gptq"], "gptq needs --bits"),
+                       (["--method", "slicegpt"], "slicegpt needs --slice"),
+                       ([], "give --plan PLAN.json or --method NAME"),
+                       (["--method", "rtn", "--bits", "4", "--seqlen", "0"], "--seqlen must be at least 1")):
+        assert compression_main(["apply", *missing, *flags]) == 2
+        assert msg in capsys.readouterr().err, flags
 
 
 def test_bad_input_is_one_clear_line(model_dir, tmp_path, capsys):
@@ -114,6 +125,10 @@ def test_bad_input_is_one_clear_line(model_dir, tmp_path, capsys):
     for flag in ("--windows", "--latency-runs"):
         assert analysis_main(["eval", "--model", str(folder), flag, "0"]) == 2
         assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
+    assert analysis_main(["eval", "--model", "org/missing-model", "--no-latency", "--latency-runs", "0"]) == 2
+    assert "not on disk" in capsys.readouterr().err  # latency flags unchecked when latency is off
+    assert analysis_main(["profile", "--model", str(folder), "--seqlen", "0", "--out", str(tmp_path / "p")]) == 2
+    assert "--seqlen must be at least 1, got 0" in capsys.readouterr().err
     for flags, msg in ((["--method", "lillama"], "probes one of svd, act-pca, svd-llm (lillama plans use"),
                        (["--quant", "fp8"], "--quant 'fp8': probes one of rtn, gptq"),
                        (["--derive-bits", "x"], "--derive-bits 'x'")):

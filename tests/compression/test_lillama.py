@@ -163,6 +163,9 @@ def test_refine_linear_keeps_the_initialisation_when_training_makes_it_worse() -
     assert res.trained_loss is not None and res.trained_loss > res.init_loss
     assert res.final_loss == res.init_loss
     assert all(torch.equal(p, q) for p, q in zip(student.parameters(), before, strict=True))
+    nan = refine_linear(lin, student, x, steps=2, lr=float("inf"), tokens_per_step=64)  # diverges to NaN
+    assert math.isnan(nan.trained_loss) and nan.final_loss == nan.init_loss
+    assert all(torch.equal(p, q) for p, q in zip(student.parameters(), before, strict=True))
     good = refine_linear(lin, handler_for(LillamaConfig(4))(lin, LillamaConfig(4), None), x, steps=50, lr=1e-2)
     assert good.trained_loss is None and good.final_loss < good.init_loss
 
