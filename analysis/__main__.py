@@ -5,7 +5,7 @@ import argparse
 import sys
 import time
 
-from analysis.cli import progress_stderr, run_command, say
+from analysis.cli import progress_stderr, require_at_least_one, run_command, say
 
 
 def cmd_eval(a: argparse.Namespace) -> dict:
@@ -14,10 +14,8 @@ def cmd_eval(a: argparse.Namespace) -> dict:
     from analysis.metrics import latency, model_bytes, perplexity
 
     latency_flags = () if a.no_latency else (("--latency-runs", a.latency_runs), ("--latency-seqlen", a.latency_seqlen))
-    for flag, value in (("--seqlen", a.seqlen), ("--windows", a.windows), *latency_flags):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}"
-                             + (" (leave it out to evaluate every window)" if flag == "--windows" else ""))
+    require_at_least_one(("--seqlen", a.seqlen), ("--windows", a.windows), *latency_flags,
+                         hints={"--windows": " (leave it out to evaluate every window)"})
     lm = load_model(a.model, a.device, a.dtype, trust_remote_code=a.trust_remote_code, progress=say)
     if lm.max_positions and a.seqlen > lm.max_positions:
         raise ValueError(f"seqlen {a.seqlen} exceeds the model's maximum of {lm.max_positions} positions; "
@@ -50,9 +48,7 @@ def cmd_profile(a: argparse.Namespace) -> dict:
     from analysis.profile import PROFILE_MARKERS, profile_model
 
     check_replaceable(a.out, PROFILE_MARKERS, "a profile")  # before the long work
-    for flag, value in (("--tokens", a.tokens), ("--seqlen", a.seqlen), ("--batch-size", a.batch_size)):
-        if value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}")
+    require_at_least_one(("--tokens", a.tokens), ("--seqlen", a.seqlen), ("--batch-size", a.batch_size))
     lm = load_model(a.model, a.device, a.dtype, trust_remote_code=a.trust_remote_code, progress=say)
     corpus = load_corpus(a.text)
     n_win = max(1, -(-a.tokens // a.seqlen))

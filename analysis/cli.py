@@ -18,6 +18,14 @@ def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def require_at_least_one(*flags: tuple[str, int | None], hints: dict[str, str] | None = None) -> None:
+    """Raise ``ValueError`` for the first ``(flag, value)`` below 1 (None: not given), adding
+    ``hints[flag]`` when there is one."""
+    for flag, value in flags:
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}{(hints or {}).get(flag, '')}")
+
+
 def run_command(a: argparse.Namespace, indent: int | None = None) -> int:
     """Run ``a.fn(a)``; print its result as JSON on stdout, or one ``error:`` line (exit 2)."""
     try:

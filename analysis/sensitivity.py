@@ -1057,6 +1057,7 @@ def parse_bits(text: str) -> tuple[int, ...]:
 def cli_sensitivity(args, progress: Progress | None = None, say: Callable[[str], None] | None = None) -> dict:
     """``python -m analysis sensitivity``: measure the grid (cached), add the proxy and its
     agreement, save everything to ``args.out``; returns a summary dict."""
+    from analysis.cli import require_at_least_one
     from analysis.data import calibration_windows, load_corpus, tokenize
     from analysis.loading import cache_dir, load_model
     from analysis.profile import load_or_profile
@@ -1065,9 +1066,7 @@ def cli_sensitivity(args, progress: Progress | None = None, say: Callable[[str],
     check_replaceable(args.out, SENSITIVITY_MARKERS, "a sensitivity grid")  # before the long work
     check_methods(args.method, args.quant)
     derive = parse_bits(getattr(args, "derive_bits", ",".join(map(str, DERIVED_BITS))))
-    for flag, value in (("--tokens", args.tokens), ("--seqlen", args.seqlen)):
-        if value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}")
+    require_at_least_one(("--tokens", args.tokens), ("--seqlen", args.seqlen))
     t0 = time.perf_counter()
     lm = load_model(args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code, progress=say)
     if lm.max_positions and args.seqlen > lm.max_positions:

@@ -8,7 +8,7 @@ import time
 import warnings
 from pathlib import Path
 
-from analysis.cli import progress_stderr, run_command, say
+from analysis.cli import progress_stderr, require_at_least_one, run_command, say
 
 
 def prepare_calibration(lm, text: str, calib_tokens: int, seqlen: int, seed: int, cache: bool = True):
@@ -35,17 +35,18 @@ def check_apply_flags(a: argparse.Namespace) -> None:
     """Refuse flags the chosen --plan / --method would silently ignore, and fill the defaults
     of the flags that only some methods read (they default to None so that an explicit value
     can be told apart)."""
-    from compression.plan import FIXED_BITS, LOWRANK_METHODS, QUANT_METHODS
+    from compression.plan import FIXED_BITS, LOWRANK_METHODS, uniform_plan
 
     def given(*names: str) -> list[str]:
         return ["--" + n.replace("_", "-") for n in names if getattr(a, n) is not None]
 
     if a.plan and a.method:
         raise ValueError("give either --plan PLAN.json or --method NAME, not both")
+    if not a.plan and not a.method:
+        raise ValueError("give --plan PLAN.json or --method NAME")
     method = a.method
-    known = sorted([*LOWRANK_METHODS, *QUANT_METHODS, "slicegpt"])
-    if method is not None and method not in known:
-        raise ValueError(f"unknown method {method!r}; use one of {', '.join(known)}")
+    if method is not None:  # an unknown method or a missing --param-ratio / --bits / --slice, before the model loads
+        uniform_plan(method, [], param_ratio=a.param_ratio, bits=a.bits, slice_fraction=a.slice)
     extra = []
     if a.plan:
         extra = given("param_ratio", "bits", "group_size", "slice", *LILLAMA_FLAGS)
@@ -66,19 +67,7 @@ def check_apply_flags(a: argparse.Namespace) -> None:
                                     "--group-size" if method in FIXED_BITS else "--bits and --group-size")
     if extra:
         raise ValueError(f"{', '.join(extra)} would be ignored: {why}. Drop {'it' if len(extra) == 1 else 'them'}")
-    # what the method needs, before the model loads
-    if not a.plan and not method:
-        raise ValueError("give --plan PLAN.json or --method NAME")
-    if method in LOWRANK_METHODS and a.param_ratio is None:
-        raise ValueError(f"{method} is a low-rank method: give --param-ratio R (fraction of decoder-linear "
-                         "parameters kept, e.g. 0.8)")
-    if method in QUANT_METHODS and method not in FIXED_BITS and a.bits is None:
-        raise ValueError(f"{method} needs --bits B (one of {list(QUANT_METHODS[method].allowed_bits)})")
-    if method == "slicegpt" and a.slice is None:
-        raise ValueError("slicegpt needs --slice S (fraction of the hidden width to delete, e.g. 0.25)")
-    for flag, value in (("--calib-tokens", a.calib_tokens), ("--seqlen", a.seqlen)):
-        if value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}")
+    require_at_least_one(("--calib-tokens", a.calib_tokens), ("--seqlen", a.seqlen))
     for name, default in (("group_size", 128), *LILLAMA_FLAGS.items()):
         if getattr(a, name) is None:
             setattr(a, name, default)
@@ -99,14 +88,12 @@ def cmd_apply(a: argparse.Namespace) -> dict:
     linears = lm.adapter.linears(lm.model)
     if plan is not None:
         method = plan.meta.get("method", "plan")
-    elif a.method:
+    else:  # check_apply_flags: a method when there is no plan
         lil = LillamaOptions(init=a.lillama_init, steps=a.steps, lr=a.lr, calib_tokens=a.calib_tokens,
                              granularity=a.granularity) if a.method == "lillama" else None
         plan = uniform_plan(a.method, linears, param_ratio=a.param_ratio, bits=a.bits, group_size=a.group_size,
                             lillama=lil, slice_fraction=a.slice)
         method = a.method
-    else:
-        raise ValueError("give --plan PLAN.json or --method NAME")
     from compression.plan import validate
 
     with warnings.catch_warnings():  # said once, as notes, not as Python warnings with source lines

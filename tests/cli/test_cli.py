@@ -30,6 +30,15 @@ def _run(main, argv, capsys) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+def _assert_reloads(saved, text, comp: dict, capsys) -> None:
+    """The saved compressed model evaluates, holding the bytes its apply reported."""
+    from analysis.__main__ import main as analysis_main
+
+    again = _run(analysis_main, ["eval", "--model", str(saved), "--text", str(text), "--seqlen", "32",
+                                 "--windows", "4", "--json", "--no-latency"], capsys)
+    assert again["weight_bytes"] == comp["weight_bytes"] and again["ppl"] > 1
+
+
 def test_eval_profile_apply_reload(model_dir, tmp_path, capsys, monkeypatch):
     from analysis.__main__ import main as analysis_main
     from compression.__main__ import main as compression_main
@@ -56,13 +65,10 @@ def test_eval_profile_apply_reload(model_dir, tmp_path, capsys, monkeypatch):
     assert {"method", "weight_bytes", "dense_weight_bytes", "bits_per_weight", "seconds"} <= set(comp)
     assert comp["weight_bytes"] == comp["predicted_weight_bytes"] < comp["dense_weight_bytes"]
     assert comp["bits_per_weight"] == pytest.approx(4 + 32 / 32)
-    again = _run(analysis_main, ["eval", "--model", str(tmp_path / "c"), "--text", str(text), "--seqlen", "32",
-                                 "--windows", "4", "--json", "--no-latency"], capsys)
-    assert again["weight_bytes"] == comp["weight_bytes"] and again["ppl"] > 1
+    _assert_reloads(tmp_path / "c", text, comp, capsys)
 
 
 def test_apply_lillama_defaults_to_svd_llm_and_reports_its_options(model_dir, tmp_path, capsys, monkeypatch):
-    from analysis.__main__ import main as analysis_main
     from compression.__main__ import main as compression_main
 
     monkeypatch.setenv("RANKLAB_CACHE", str(tmp_path / "cache"))
@@ -76,9 +82,7 @@ def test_apply_lillama_defaults_to_svd_llm_and_reports_its_options(model_dir, tm
     assert comp["weight_bytes"] == comp["predicted_weight_bytes"] < comp["dense_weight_bytes"]
     saved = json.loads((tmp_path / "l" / "ranklab.json").read_text())
     assert saved["plan"]["lillama"]["init"] == "svd-llm"
-    again = _run(analysis_main, ["eval", "--model", str(tmp_path / "l"), "--text", str(text), "--seqlen", "32",
-                                 "--windows", "4", "--json", "--no-latency"], capsys)
-    assert again["weight_bytes"] == comp["weight_bytes"] and again["ppl"] > 1
+    _assert_reloads(tmp_path / "l", text, comp, capsys)
 
 
 def test_data_free_apply_reads_no_calibration_and_refuses_ignored_flags(model_dir, tmp_path, capsys, monkeypatch):
