@@ -51,7 +51,18 @@ class Latency:
     runs: int
     device: str
     dtype: str
-    note: str = ""
+    note: str = ""  # what the timings measure when that is not what a deployed model would run
+
+
+def dequantize_note(model: nn.Module) -> str:
+    """Empty for a model of plain modules; otherwise says that its timings include unpacking
+    and dequantising weights on every call (modules flagged ``dequantizes_per_call``)."""
+    n = sum(bool(getattr(m, "dequantizes_per_call", False)) for m in model.modules())
+    if not n:
+        return ""
+    return (f"{n} quantised linear{'s are' if n > 1 else ' is'} unpacked and dequantised on every call "
+            "(PyTorch reference path, no fused low-bit kernel), so these timings can be slower than "
+            "dense although the weights take fewer bytes")
 
 
 def _sync(device: torch.device) -> None:
@@ -143,7 +154,7 @@ def latency(model: nn.Module, seqlen: int = 2048, decode_tokens: int = 32, runs:
         if r >= warmup:
             decode.append((time.perf_counter() - t) * 1000 / decode_tokens)
     return Latency(statistics.median(prefill), statistics.median(decode), seqlen, decode_tokens, runs,
-                   str(device), str(dtype).replace("torch.", ""))
+                   str(device), str(dtype).replace("torch.", ""), dequantize_note(model))
 
 
 def as_dict(obj) -> dict:

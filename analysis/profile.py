@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from analysis.adapters import Adapter, LinearInfo
-from analysis.atomic import atomic_folder, holds
+from analysis.atomic import EXACT_FLOATS, atomic_folder, holds
 from analysis.layerwise import capture, run_layer
 from analysis.stats import InputStats, LinearStats
 
@@ -147,7 +147,7 @@ class Profile:
         inputs = {k: InputStats(counts[k], arrays[f"in.{k}.sum"], arrays[f"in.{k}.xxt"].double()) for k in counts}
         act = {k[len("act_eig."):]: v for k, v in arrays.items() if k.startswith("act_eig.")}
         wsv = {k[len("weight_sv."):]: v for k, v in arrays.items() if k.startswith("weight_sv.")}
-        summary = pd.read_csv(folder / "summary.csv") if (folder / "summary.csv").exists() else None
+        summary = pd.read_csv(folder / "summary.csv", **EXACT_FLOATS) if (folder / "summary.csv").exists() else None
         return cls(meta, linears, inputs, act, wsv, summary)
 
 

@@ -88,7 +88,7 @@ from torch import Tensor, nn
 import compression.lowrank  # noqa: F401  (registers the low-rank handlers)
 import compression.quant  # noqa: F401  (registers the quantisation handlers)
 from analysis.adapters import Adapter, LinearInfo, get_submodule
-from analysis.atomic import atomic_folder, check_replaceable, holds
+from analysis.atomic import EXACT_FLOATS, atomic_folder, check_replaceable, holds
 from analysis.layerwise import _Recorder, _Stop, run_head, run_layer
 from analysis.stats import LinearStats
 from compression.configs import SVDConfig, WhitenedSVDConfig
@@ -516,11 +516,11 @@ class SensitivityGrid:
         proxy = _read_table(folder / "proxy.csv") if (folder / "proxy.csv").exists() else None
         first = None
         if (folder / "first_order.csv").exists():
-            first = pd.read_csv(folder / "first_order.csv", dtype={"name": str, "kind": str})
+            first = pd.read_csv(folder / "first_order.csv", dtype={"name": str, "kind": str}, **EXACT_FLOATS)
             first = first.astype({"setting": int, "dloss_first": float})[FIRST_ORDER_COLUMNS]
         kl = None
         if (folder / "kl.csv").exists():
-            kl = pd.read_csv(folder / "kl.csv", dtype={"name": str, "kind": str})
+            kl = pd.read_csv(folder / "kl.csv", dtype={"name": str, "kind": str}, **EXACT_FLOATS)
             kl = kl.astype({"setting": int, "kl": float})[KL_COLUMNS]
         return cls(meta, table, proxy, first, kl, str(folder))
 
@@ -565,7 +565,7 @@ class SensitivityGrid:
 
 
 def _read_table(path: Path) -> pd.DataFrame:
-    t = pd.read_csv(path, dtype={"name": str, "role": str, "kind": str})
+    t = pd.read_csv(path, dtype={"name": str, "role": str, "kind": str}, **EXACT_FLOATS)
     missing = [c for c in TABLE_COLUMNS if c not in t.columns]
     if missing:
         raise ValueError(f"{path} lacks columns {missing}")

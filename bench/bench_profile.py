@@ -67,7 +67,7 @@ def main() -> None:
     sync()
     t_lw = time.perf_counter() - t
     diff = max(float((lw[k].xxt - inputs[k].xxt).abs().max() / inputs[k].xxt.abs().max()) for k in inputs)
-    full = summary[["out_features", "in_features"]].min(1)
+    full = summary[["out_features", "in_features"]].min(axis=1)
     out = dict(protocol=f"{corpus.label}, {ids.shape[0]} x {a.seqlen} tokens (GPTQ-style draw, seed 0), "
                         f"batch {a.batch_size}, fp32, {dev}",
                tokens=ids.numel(), rounds=rounds, ratio_median=sorted(r["ratio"] for r in rounds)[len(rounds) // 2],

@@ -403,7 +403,7 @@ class Lab:
                     prefill_tok_s=lat.prefill_tok_s, decode_ms_per_token=lat.decode_ms_per_token,
                     peak_allocated=mem.peak_allocated,
                     protocol=f"{ppl.protocol}; latency: prefill 1 x {lat.seqlen}, decode {lat.decode_tokens} tokens, "
-                             f"median of {lat.runs}")
+                             f"median of {lat.runs}" + (f" ({lat.note})" if lat.note else ""))
 
     def run(self, plan: Plan, label: str = "", progress: Progress | None = None) -> RunRecord:
         """Apply ``plan``, measure it, append it to the history (also when it fails or is

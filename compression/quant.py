@@ -29,6 +29,8 @@ Conventions
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -82,6 +84,21 @@ def _unpack_bitstream(packed: Tensor, bits: int, n: int) -> Tensor:
     return (planes << bit_idx).sum(-1, dtype=torch.int32).to(torch.uint8)  # (..., n)
 
 
+def _unpack_words(packed: Tensor, bits: int, n: int) -> Tensor:
+    """``_unpack_bitstream`` for n % 8 == 0, without expanding every bit: 8 codes of b bits fill
+    exactly b bytes, read as one little-endian integer, then shifted out (several times faster on
+    a CPU; on a GPU its many small ops cost more kernel launches than the bitstream's few)."""
+    *lead, _ = packed.shape
+    word_t = torch.int32 if bits <= 3 else torch.int64  # 8*b bits, kept clear of the sign bit
+    chunks = packed.reshape(*lead, n // 8, bits).to(word_t)  # (..., n/8, b)
+    word = chunks[..., 0]  # (..., n/8)
+    for j in range(1, bits):
+        word = word | (chunks[..., j] << (8 * j))
+    mask = (1 << bits) - 1
+    codes = [((word >> (bits * k)) & mask).to(torch.uint8) for k in range(8)]  # 8 x (..., n/8)
+    return torch.stack(codes, -1).reshape(*lead, n)  # (..., n)
+
+
 def pack_bits(codes: Tensor, bits: int) -> Tensor:
     """Pack uint8 codes (..., n), each < 2**bits, into uint8 (..., n*bits/8)."""
     n = codes.shape[-1]
@@ -105,8 +122,24 @@ def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
         raise ValueError(f"packed width {packed.shape[-1]} does not hold {n} codes of {bits} bits")
     if bits == 8:
         return packed.clone()
+    # On a CPU, shifts by a number run a few times faster than one broadcast shift by a tensor
+    # of shifts; on a GPU the one broadcast op wins (fewer kernel launches). Same codes either way.
+    on_cpu = packed.device.type == "cpu"
     if 8 % bits:
-        return _unpack_bitstream(packed, bits, n)
+        return _unpack_words(packed, bits, n) if on_cpu and n % 8 == 0 else _unpack_bitstream(packed, bits, n)
+    return (_unpack_by_scalar_shifts if on_cpu else _unpack_by_broadcast_shift)(packed, bits, n)
+
+
+def _unpack_by_scalar_shifts(packed: Tensor, bits: int, n: int) -> Tensor:
+    """uint8 (..., n*b/8) -> codes (..., n) for b in {1, 2, 4}: one shift per code slot."""
+    *lead, _ = packed.shape
+    mask = (1 << bits) - 1
+    vals = torch.stack([(packed >> (bits * k)) & mask for k in range(8 // bits)], -1)  # (..., n/per, per)
+    return vals.reshape(*lead, n)
+
+
+def _unpack_by_broadcast_shift(packed: Tensor, bits: int, n: int) -> Tensor:
+    """Same codes as ``_unpack_by_scalar_shifts``, in one broadcast shift."""
     *lead, _ = packed.shape
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)  # (per,)
     vals = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (..., n/per, per)
@@ -442,6 +475,9 @@ class QuantLinear(nn.Module):
     qweight: Tensor
     scale: Tensor
     zero: Tensor | None
+    # Read by ``analysis.metrics.latency``: timings of a model holding these measure PyTorch's
+    # unpack + dequantise + dense matmul on every call, not a fused low-bit kernel.
+    dequantizes_per_call: ClassVar[bool] = True
 
     def __init__(self, config: QuantConfig, out_features: int, in_features: int, bias: bool = False,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:

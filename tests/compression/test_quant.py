@@ -20,6 +20,9 @@ from compression.quant import (
     QuantLinear,
     _pack_bitstream,
     _unpack_bitstream,
+    _unpack_by_broadcast_shift,
+    _unpack_by_scalar_shifts,
+    _unpack_words,
     dequantize_affine,
     dequantize_binary,
     dequantize_fp8,
@@ -70,6 +73,26 @@ def test_fast_pack_matches_bitstream_layout(bits: int) -> None:
     codes = torch.randint(0, 2**bits, (6, 48), generator=gen(10 + bits), dtype=torch.uint8)
     assert torch.equal(pack_bits(codes, bits), _pack_bitstream(codes, bits))
     assert torch.equal(_unpack_bitstream(pack_bits(codes, bits), bits, 48), codes)
+
+
+@pytest.mark.parametrize("bits,n", [(3, 576), (5, 40), (6, 16), (7, 24), (6, 12)])
+def test_unpack_of_odd_widths_matches_the_bitstream(bits: int, n: int) -> None:
+    """Widths that do not divide 8: on a CPU, 8 codes per b-byte word when n % 8 == 0 (else the
+    bit-by-bit stream, as for 6 bits x 12; on a GPU always the stream). All give the codes."""
+    codes = torch.randint(0, 2**bits, (5, 3, n), generator=gen(bits + n), dtype=torch.uint8)
+    packed = _pack_bitstream(codes, bits)
+    assert torch.equal(unpack_bits(packed, bits, n), codes)
+    assert torch.equal(_unpack_bitstream(packed, bits, n), codes)
+    if n % 8 == 0:
+        assert torch.equal(_unpack_words(packed, bits, n), codes)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_cpu_and_gpu_unpack_forms_agree(bits: int) -> None:
+    codes = torch.randint(0, 2**bits, (7, 2, 64), generator=gen(20 + bits), dtype=torch.uint8)
+    packed = pack_bits(codes, bits)
+    assert torch.equal(_unpack_by_scalar_shifts(packed, bits, 64), codes)
+    assert torch.equal(_unpack_by_broadcast_shift(packed, bits, 64), codes)
 
 
 def test_pack_known_bytes() -> None:

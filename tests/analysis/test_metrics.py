@@ -1,0 +1,36 @@
+"""Latency: real timings on a tiny model, and the note that says what they measure."""
+import torch
+
+from analysis.loading import wrap_model
+from analysis.metrics import latency
+from compression.apply import apply_plan
+from compression.lowrank import LowRankLinear
+from compression.plan import ModuleSpec, Plan
+from compression.quant import QuantLinear
+from tests.conftest import tiny_model
+
+FAST = dict(seqlen=16, decode_tokens=2, runs=1, warmup=0, prompt_tokens=4)
+
+
+def test_dense_latency_is_measured_with_no_note():
+    lm = wrap_model(tiny_model("llama"))
+    lat = latency(lm.model, **FAST)
+    assert lat.prefill_tok_s > 0 and lat.decode_ms_per_token > 0
+    assert (lat.seqlen, lat.decode_tokens, lat.runs, lat.device, lat.dtype) == (16, 2, 1, "cpu", "float32")
+    assert lat.note == ""
+
+
+def test_latency_says_how_many_linears_are_dequantised_on_every_call():
+    lm = wrap_model(tiny_model("llama"))
+    names = [li.name for li in lm.adapter.linears(lm.model)]
+    plan = Plan(modules={names[0]: ModuleSpec(bits=4, group_size=32), names[1]: ModuleSpec(bits=8, group_size=32),
+                         names[2]: ModuleSpec(rank=8, lowrank="svd")})
+    model, _ = apply_plan(lm.model, lm.adapter, plan)
+    kinds = [type(m) for m in model.modules()]
+    assert kinds.count(QuantLinear) == 2 and kinds.count(LowRankLinear) == 1
+    note = latency(model, **FAST).note
+    assert note.startswith("2 quantised linears are unpacked and dequantised on every call"), note
+    # a low-rank module runs as two plain matmuls: no note on its own
+    only_rank, _ = apply_plan(lm.model, lm.adapter, Plan(modules={names[2]: ModuleSpec(rank=8, lowrank="svd")}))
+    assert latency(only_rank, **FAST).note == ""
+    assert torch.equal(next(lm.model.parameters()), next(tiny_model("llama").parameters()))  # the dense model intact
