@@ -475,7 +475,8 @@ def build_run_tab(state, budget):
     runs = gr.Dataframe(label="Runs", interactive=False, elem_id="run-table", max_height=300)
     with gr.Row():
         fig_bytes = gr.Plot(label="Perplexity vs bytes", elem_id="tradeoff-bytes")
-        fig_lat = gr.Plot(label="Perplexity vs decode latency")
+        fig_lat = gr.Plot(label="Perplexity vs decode latency (quantised linears are dequantised on every call, "
+                                "no fused low-bit kernel: see each run's protocol)")
     with gr.Row():
         prompt = gr.Textbox("Explain what a low-rank matrix is.", label="Prompt", scale=3)
         gen_btn = gr.Button("Generate with both", scale=1)
