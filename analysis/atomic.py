@@ -7,14 +7,15 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from types import MappingProxyType
 
 # ``pd.read_csv`` keyword arguments that read every float64 back bit for bit: pandas before 3.1
 # parses with a faster routine that is off in the last bits (a cached sensitivity grid then
 # differed from the grid that was measured).
-EXACT_FLOATS = {"float_precision": "round_trip"}
+EXACT_FLOATS: Mapping[str, str] = MappingProxyType({"float_precision": "round_trip"})
 
 
 def holds(folder: Path, markers: Sequence[str]) -> bool:

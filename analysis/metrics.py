@@ -56,11 +56,12 @@ class Latency:
 
 def dequantize_note(model: nn.Module) -> str:
     """Empty for a model of plain modules; otherwise says that its timings include unpacking
-    and dequantising weights on every call (modules flagged ``dequantizes_per_call``)."""
+    and dequantising weights on every call. Counts modules flagged ``dequantizes_per_call``:
+    weight matrices, so a low-rank linear with quantised factors counts two."""
     n = sum(bool(getattr(m, "dequantizes_per_call", False)) for m in model.modules())
     if not n:
         return ""
-    return (f"{n} quantised linear{'s are' if n > 1 else ' is'} unpacked and dequantised on every call "
+    return (f"{n} quantised weight matri{'ces are' if n > 1 else 'x is'} unpacked and dequantised on every call "
             "(PyTorch reference path, no fused low-bit kernel), so these timings can be slower than "
             "dense although the weights take fewer bytes")
 

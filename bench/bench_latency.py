@@ -52,7 +52,8 @@ def main() -> None:
     lm = smollm2_random(dev) if a.random_weights else load_model(MODEL, dev)
     linears = lm.adapter.linears(lm.model)
     models = {"dense": lm.model}
-    for name, kw in ROWS.items():
+    for name, row in ROWS.items():
+        kw = dict(row)
         models[name], _ = apply_plan(lm.model, lm.adapter, uniform_plan(kw.pop("method"), linears, **kw))
     rounds = []
     for r in range(a.rounds):

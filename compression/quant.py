@@ -118,6 +118,8 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
 def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
     """Inverse of ``pack_bits``: uint8 (..., n*bits/8) -> uint8 codes (..., n)."""
     _check_pack(bits, n)
+    if packed.dtype != torch.uint8:  # a signed byte would sign-extend into the wider words below
+        raise ValueError(f"packed codes must be uint8, got {packed.dtype}")
     if packed.shape[-1] * 8 != n * bits:
         raise ValueError(f"packed width {packed.shape[-1]} does not hold {n} codes of {bits} bits")
     if bits == 8:

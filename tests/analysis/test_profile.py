@@ -2,6 +2,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -150,6 +151,19 @@ def test_interrupted_save_leaves_nothing_readable(tmp_path, token_ids, monkeypat
     assert not (tmp_path / "p").exists() and list(tmp_path.iterdir()) == []
     with pytest.raises(FileNotFoundError):
         Profile.load(tmp_path / "p")
+
+
+def test_summary_is_read_with_exact_floats(tmp_path, token_ids, monkeypatch):
+    lm = wrap_model(tiny_model("llama"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TooFewTokens)
+        prof = profile_model(lm.model, lm.adapter, token_ids, fingerprint="f", data_label="t", data_digest="d")
+    prof.save(tmp_path / "p")
+    real, kwargs = pd.read_csv, []
+    monkeypatch.setattr(pd, "read_csv", lambda *a, **k: kwargs.append(k) or real(*a, **k))
+    back = Profile.load(tmp_path / "p")
+    assert [k.get("float_precision") for k in kwargs] == ["round_trip"]
+    assert back.summary.equals(prof.summary)
 
 
 def test_small_gram_spectra_equal_direct_ones():

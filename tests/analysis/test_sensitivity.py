@@ -250,6 +250,18 @@ def test_save_load_round_trip_and_compatibility(tmp_path, trained, grid):
         SensitivityGrid.load(tmp_path / "nothing")
 
 
+def test_grid_csvs_are_read_with_exact_floats(tmp_path, grid, monkeypatch):
+    """pandas before 3.1 parses CSV floats inexactly by default: every table is read with the
+    round-trip parser, whatever the installed pandas does by default."""
+    real, kwargs = pd.read_csv, []
+    monkeypatch.setattr(pd, "read_csv", lambda *a, **k: kwargs.append(k) or real(*a, **k))
+    grid.save(tmp_path / "sens")
+    back = SensitivityGrid.load(tmp_path / "sens")
+    assert len(kwargs) == 1 + (grid.proxy is not None) + (grid.first_order is not None) + (grid.kl is not None) >= 2
+    assert all(k.get("float_precision") == "round_trip" for k in kwargs)
+    assert back.table.equals(grid.table)
+
+
 def test_load_or_measure_reuses_the_cache(tmp_path, trained):
     lm, ids, stats = trained
     names = [lm.adapter.linears(lm.model)[3].name]

@@ -51,6 +51,7 @@ def test_eval_profile_apply_reload(model_dir, tmp_path, capsys, monkeypatch):
                 "decode_ms_per_token", "device"):
         assert key in out
     assert out["windows"] == 4 and out["tokens"] == 4 * 31 and out["ppl"] > 1
+    assert "latency_note" not in out  # plain modules: the timings need no caveat
 
     _run(analysis_main, ["profile", "--model", str(folder), "--text", str(text), "--tokens", "512", "--seqlen", "32",
                          "--out", str(tmp_path / "prof")], capsys)
@@ -66,6 +67,10 @@ def test_eval_profile_apply_reload(model_dir, tmp_path, capsys, monkeypatch):
     assert comp["weight_bytes"] == comp["predicted_weight_bytes"] < comp["dense_weight_bytes"]
     assert comp["bits_per_weight"] == pytest.approx(4 + 32 / 32)
     _assert_reloads(tmp_path / "c", text, comp, capsys)
+    timed = _run(analysis_main, ["eval", "--model", str(tmp_path / "c"), "--text", str(text), "--seqlen", "32",
+                                 "--windows", "1", "--json", "--latency-runs", "1", "--latency-seqlen", "16"], capsys)
+    n_linears = len(pd.read_csv(tmp_path / "prof" / "summary.csv"))
+    assert timed["latency_note"].startswith(f"{n_linears} quantised weight matrices are unpacked and dequantised")
 
 
 def test_apply_lillama_defaults_to_svd_llm_and_reports_its_options(model_dir, tmp_path, capsys, monkeypatch):

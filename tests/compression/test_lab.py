@@ -44,7 +44,7 @@ def test_run_measures_and_history_survives_restart(tiny_lab):
     pred = tiny_lab.predict(plan)
     assert rec.measured["bytes"] == pred["bytes"]  # measured bytes == predicted bytes
     assert rec.measured["ppl"] > 1 and "seqlen 32" in rec.measured["protocol"]
-    # the quantised factors are dequantised per call: the timings say so, the dense one does not
+    # the quantised linears are dequantised per call: the timings say so, the dense one does not
     assert "unpacked and dequantised on every call" in rec.measured["protocol"]
     assert "dequantised" not in tiny_lab.evaluate_dense()["protocol"]
     again = Lab(tiny_lab.workspace)  # a restarted app reads the same folder

@@ -87,6 +87,22 @@ def test_unpack_of_odd_widths_matches_the_bitstream(bits: int, n: int) -> None:
         assert torch.equal(_unpack_words(packed, bits, n), codes)
 
 
+def test_unpack_picks_its_form_by_device_and_refuses_signed_bytes(monkeypatch) -> None:
+    import compression.quant as Q
+
+    used = []
+    for fn in ("_unpack_words", "_unpack_bitstream", "_unpack_by_scalar_shifts", "_unpack_by_broadcast_shift"):
+        real = getattr(Q, fn)
+        monkeypatch.setattr(Q, fn, lambda *a, _f=real, _n=fn: used.append(_n) or _f(*a))
+    for dev in ("cpu", "meta"):  # meta stands in for a GPU: any device that is not the CPU
+        for bits in (3, 4):
+            out = unpack_bits(torch.zeros(2, 8 * bits, dtype=torch.uint8, device=dev), bits, 64)
+            assert out.shape == (2, 64) and out.dtype == torch.uint8 and out.device.type == dev
+    assert used == ["_unpack_words", "_unpack_by_scalar_shifts", "_unpack_bitstream", "_unpack_by_broadcast_shift"]
+    with pytest.raises(ValueError, match="must be uint8"):
+        unpack_bits(torch.zeros(2, 24, dtype=torch.int8), 3, 64)
+
+
 @pytest.mark.parametrize("bits", [1, 2, 4])
 def test_cpu_and_gpu_unpack_forms_agree(bits: int) -> None:
     codes = torch.randint(0, 2**bits, (7, 2, 64), generator=gen(20 + bits), dtype=torch.uint8)
