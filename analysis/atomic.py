@@ -9,13 +9,24 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import MappingProxyType
 
+
+def _pandas_before(major: int, minor: int) -> bool:
+    try:
+        return tuple(int(p) for p in version("pandas").split(".")[:2]) < (major, minor)
+    except (PackageNotFoundError, ValueError):
+        return True
+
+
 # ``pd.read_csv`` keyword arguments that read every float64 back bit for bit: pandas before 3.1
 # parses with a faster routine that is off in the last bits (a cached sensitivity grid then
-# differed from the grid that was measured).
-EXACT_FLOATS: Mapping[str, str] = MappingProxyType({"float_precision": "round_trip"})
+# differed from the grid that was measured); from 3.1 that is the default and the argument
+# is deprecated.
+EXACT_FLOATS: Mapping[str, str] = MappingProxyType(
+    {"float_precision": "round_trip"} if _pandas_before(3, 1) else {})
 
 
 def holds(folder: Path, markers: Sequence[str]) -> bool:

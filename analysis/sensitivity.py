@@ -32,7 +32,18 @@ Speed (this is the expensive part of RankLab on a CPU):
 ``proxy_sensitivity`` is the cheap first view: one forward + backward gives the mean
 squared gradient of the loss w.r.t. every linear's output (a diagonal Fisher ``F_y``), and
 ``dloss ≈ ½ tr(diag(F_y) ΔW̃ Σ̃ ΔW̃ᵀ)`` with ``ΔW̃ = [W - Ŵ, b - b̂]`` and ``Σ̃`` the second
-moment of ``[x; 1]`` from the profile: no forward per setting.
+moment of ``[x; 1]``: no forward per setting. Two choices set its level (``output_fisher``):
+
+* the targets differentiated are drawn from the model's own next-token distribution, so
+  ``F_y`` is the model's Fisher, the curvature of the KL from the dense model that the
+  measured grid adds up (the real next tokens give the empirical Fisher, larger where the
+  model is unsure: 1.5x on SmolLM2);
+* ``Σ̃`` weights each token by its squared output gradient ``|g_t|²`` instead of taking the
+  plain profile moment. Tokens with huge activations and little influence on the loss (the
+  attention sink at each window's start) dominate the plain moment; with it, the sum over
+  linears overestimated SmolLM2's loss increase under 4-bit RTN 9x (2.81 vs 0.315 nats
+  measured), with the weighting 1.2x (0.376), and 3-bit 1.33 vs 1.50 measured
+  (``bench/bench_first_view.py``; RESULTS §4).
 
 First-order part. A measured dloss on C calibration tokens is ``<Ŵ - W, ∂L/∂W>`` (first
 order) plus the curvature part. On SmolLM2-135M with 2 x 256-token halves of the default
@@ -90,7 +101,7 @@ import compression.quant  # noqa: F401  (registers the quantisation handlers)
 from analysis.adapters import Adapter, LinearInfo, get_submodule
 from analysis.atomic import EXACT_FLOATS, atomic_folder, check_replaceable, holds
 from analysis.layerwise import _Recorder, _Stop, run_head, run_layer
-from analysis.stats import LinearStats
+from analysis.stats import InputStats, LinearStats
 from compression.configs import SVDConfig, WhitenedSVDConfig
 from compression.lowrank import LowRankLinear, whitening_factor
 from compression.plan import ModuleSpec, weight_bytes
@@ -662,7 +673,7 @@ def derive_ratio(fisher: Tensor, weight: Tensor, bias: Tensor | None, base: tupl
     """``proxy(target) / proxy(base)``: how much smaller the output-Fisher quadratic form
     ``½ Σ_i F_i E[(Δy_i)²]`` of one setting is than another's (None when the base's is 0).
     Used to scale a measured 4-bit probe to 8 bits (module docstring, "Derived widths")."""
-    lo, hi = proxy_dloss(fisher, weight, bias, [base, target], stats)
+    lo, hi = proxy_dloss(fisher, weight, bias, [base, target], stats.inputs)
     return None if lo <= 0 else hi / lo
 
 
@@ -895,32 +906,59 @@ def load_or_measure(model: nn.Module, adapter: Adapter, calib_ids: Tensor, stats
 
 
 # ------------------------------------------------------------------------ gradient proxy
-def output_fisher(model: nn.Module, adapter: Adapter, calib_ids: Tensor, *, windows: int | None = None,
-                  chunk_tokens: int = 1024, device: torch.device | str | None = None,
-                  should_stop: Callable[[], bool] | None = None) -> tuple[dict[str, Tensor], float, int]:
-    """Mean over tokens of the squared gradient of the *summed* token NLL w.r.t. each decoder
-    linear's output: ``F_y[name]`` (m,) float64. Returns (fisher, mean NLL, tokens predicted).
+@dataclass(frozen=True)
+class WeightedMoments:
+    """Input moments of one linear with each token weighted by ``w_t = |g_t|²``, the squared
+    gradient at the linear's output: ``second_moment`` (n, n) and ``mean`` (n,), float64."""
+    second_moment: Tensor
+    mean: Tensor
 
-    Parameters are frozen for the pass (and restored), so no ``.grad`` is written."""
+
+def output_fisher(model: nn.Module, adapter: Adapter, calib_ids: Tensor, *, windows: int | None = None,
+                  chunk_tokens: int = 1024, device: torch.device | str | None = None, targets: str = "model",
+                  seed: int = 0, should_stop: Callable[[], bool] | None = None
+                  ) -> tuple[dict[str, Tensor], float, int, dict[str, WeightedMoments]]:
+    """Mean over tokens of the squared gradient of the *summed* token NLL w.r.t. each decoder
+    linear's output: ``F_y[name]`` (m,) float64; and each linear's gradient-weighted input
+    moments. Returns (fisher, mean NLL of the real next tokens, tokens predicted, moments).
+
+    ``targets="model"``: the NLL differentiated is that of next tokens drawn from the model's
+    own distribution (seeded), which makes ``F_y`` the model's Fisher, the curvature of the KL
+    from the dense model; ``"data"``: the real next tokens (the empirical Fisher, larger where
+    the model is unsure). Parameters are frozen for the pass (and restored): no ``.grad``."""
+    if targets not in ("model", "data"):
+        raise ValueError(f"targets must be 'model' or 'data', got {targets!r}")
     orig_dev = next(model.parameters()).device
     dev = torch.device(device) if device is not None else orig_dev
     ids = calib_ids[:windows] if windows else calib_ids
     linears = adapter.linears(model)
     modules = {li.name: get_submodule(model, li.name) for li in linears}
     acc = {li.name: torch.zeros(li.out_features, dtype=torch.float64, device=dev) for li in linears}
+    sxx = {li.name: torch.zeros(li.in_features, li.in_features, dtype=torch.float64, device=dev) for li in linears}
+    sx = {li.name: torch.zeros(li.in_features, dtype=torch.float64, device=dev) for li in linears}
+    wsum = dict.fromkeys(acc, 0.0)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     handles = []
 
     def make_hook(name):
-        def grad_hook(g: Tensor) -> None:
-            acc[name].add_(g.detach().double().pow(2).flatten(0, -2).sum(0))
+        def hook(_mod, args, out):
+            if not out.requires_grad:
+                return
+            x = args[0].detach().flatten(0, -2).float()  # (T, n) this chunk's inputs
 
-        def hook(_mod, _args, out):
-            if out.requires_grad:
-                out.register_hook(grad_hook)
+            def grad_hook(g: Tensor) -> None:
+                g2 = g.detach().flatten(0, -2).float().pow(2)  # (T, m)
+                acc[name].add_(g2.sum(0).double())
+                w = g2.sum(-1)  # (T,) token weights |g_t|²
+                xw = x * w[:, None]  # (T, n)
+                sxx[name].add_((xw.T @ x).double())
+                sx[name].add_(xw.sum(0).double())
+                wsum[name] += float(w.double().sum())
+            out.register_hook(grad_hook)
         return hook
 
     total, count = 0.0, 0
+    gen = torch.Generator(device=dev).manual_seed(seed)
     moved = dev != orig_dev
     try:
         if moved:
@@ -940,10 +978,14 @@ def output_fisher(model: nn.Module, adapter: Adapter, calib_ids: Tensor, *, wind
                 x = h
                 for j, layer in enumerate(layers):
                     x = run_layer(layer, x, calls[j])
-                logits = run_head(model, adapter, x[:, :-1])
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
+                logits = run_head(model, adapter, x[:, :-1]).flatten(0, 1).float()  # (B (L-1), V)
+                with torch.no_grad():
+                    nll = F.cross_entropy(logits, batch[:, 1:].flatten(), reduction="sum")
+                    drawn = (torch.multinomial(torch.softmax(logits, -1), 1, generator=gen).squeeze(-1)
+                             if targets == "model" else batch[:, 1:].flatten())  # (B (L-1),)
+                loss = F.cross_entropy(logits, drawn, reduction="sum")
                 torch.autograd.grad(loss, [h])
-            total += float(loss.detach())
+            total += float(nll)
             count += batch[:, 1:].numel()
     finally:
         for hd in handles:
@@ -953,13 +995,15 @@ def output_fisher(model: nn.Module, adapter: Adapter, calib_ids: Tensor, *, wind
         if moved:
             model.to(orig_dev)
     # per predicted token: the measured dloss is a mean over the ``count`` predicted tokens
-    return {k: v / max(count, 1) for k, v in acc.items()}, total / max(count, 1), count
+    moments = {k: WeightedMoments(sxx[k] / max(wsum[k], 1e-300), sx[k] / max(wsum[k], 1e-300)) for k in acc}
+    return {k: v / max(count, 1) for k, v in acc.items()}, total / max(count, 1), count, moments
 
 
 @torch.no_grad()
 def proxy_dloss(fisher: Tensor, weight: Tensor, bias: Tensor | None,
-                affines: list[tuple[Tensor, Tensor | None]], stats: LinearStats) -> list[float]:
-    """``½ Σ_i F_i [ΔW̃ Σ̃ ΔW̃ᵀ]_ii`` per setting, ``ΔW̃ = [W - Ŵ, b - b̂]``, ``Σ̃ = E[[x;1][x;1]ᵀ]``.
+                affines: list[tuple[Tensor, Tensor | None]], moments: InputStats | WeightedMoments) -> list[float]:
+    """``½ Σ_i F_i [ΔW̃ Σ̃ ΔW̃ᵀ]_ii`` per setting, ``ΔW̃ = [W - Ŵ, b - b̂]``, ``Σ̃ = E[[x;1][x;1]ᵀ]``
+    over tokens (``moments``: plain, or weighted by each token's output gradient).
 
     All settings in one float32 matmul ``(S m, n) @ (n, n)`` (a float64 one costs twice as
     much; a proxy does not need it); the quadratic forms are clamped at 0 (round-off)."""
@@ -970,8 +1014,8 @@ def proxy_dloss(fisher: Tensor, weight: Tensor, bias: Tensor | None,
     b = zero if bias is None else bias.detach().to(dev, torch.float32)
     dw = torch.stack([w - wh.to(dev, torch.float32) for wh, _ in affines])  # (S, m, n)
     db = torch.stack([b - (zero if bh is None else bh.to(dev, torch.float32)) for _, bh in affines])  # (S, m)
-    s2 = stats.inputs.second_moment.to(dev, torch.float32)  # (n, n) E[x xᵀ]
-    mu = stats.inputs.mean.to(dev, torch.float32)  # (n,)
+    s2 = moments.second_moment.to(dev, torch.float32)  # (n, n) E[x xᵀ]
+    mu = moments.mean.to(dev, torch.float32)  # (n,)
     quad = ((dw @ s2) * dw).sum(-1)  # (S, m)
     diag = (quad.double() + 2 * (dw @ mu).double() * db.double() + db.double() ** 2).clamp_min(0)  # E[(Δy_i)²]
     return (0.5 * (diag * fisher.to(torch.float64)).sum(-1)).tolist()
@@ -993,8 +1037,8 @@ def proxy_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, sta
     grid = {li.name: settings_for(li, fractions, bits) for li in linears}
     _check_settings(linears, grid, method, quant, group_size)
     say(0.0, "gradient pass for the sensitivity proxy")
-    fisher, dense_loss, _ = output_fisher(model, adapter, calib_ids, windows=windows, device=device,
-                                          should_stop=should_stop)
+    fisher, dense_loss, _, moments = output_fisher(model, adapter, calib_ids, windows=windows, device=device,
+                                                   should_stop=should_stop)
     dtype_bytes = next(model.parameters()).element_size()
     rows = []
     for j, li in enumerate(linears):
@@ -1004,7 +1048,7 @@ def proxy_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, sta
         if st is None:
             raise ValueError(f"the proxy needs input statistics of {li.name}: profile the model first")
         affines = compressed_affines(lin, li, grid[li.name], st, method, quant, group_size)
-        dl = proxy_dloss(fisher[li.name], lin.weight, lin.bias, affines, st)
+        dl = proxy_dloss(fisher[li.name], lin.weight, lin.bias, affines, moments[li.name])
         for (kind, s), d in zip(grid[li.name], dl):
             spec = setting_spec(kind, s, method, quant, group_size)
             rows.append(dict(name=li.name, layer=li.layer, role=li.role, kind=kind, setting=int(s), dloss=d,
@@ -1038,6 +1082,9 @@ def agreement(proxy: SensitivityGrid | pd.DataFrame, measured: SensitivityGrid |
     if isinstance(measured, SensitivityGrid) and measured.first_order is not None:
         c = p.merge(measured.curvature_table(), on=["name", "kind", "setting"], suffixes=("_proxy", "_measured"))
         out["curvature"] = rho(c)  # against the measurement without its first-order part
+    if isinstance(measured, SensitivityGrid) and measured.kl is not None:
+        k = p.merge(measured.kl_table(), on=["name", "kind", "setting"], suffixes=("_proxy", "_measured"))
+        out["kl"] = rho(k)  # against the probes' KL from the dense model (what the grid predicts with)
     return out
 
 

@@ -75,27 +75,30 @@ def main() -> None:
         sens_ids = grid_windows(cal_tok, n_tok, a.seqlen)
         sl = sens_ids.shape[1]
         folder = grid_folder(a.tag if a.grid_tag is None else a.grid_tag, n_tok, a.seqlen, a.grid_quant)
-        if a.reuse_grids and (folder / "meta.json").exists():
-            grids[n_tok] = SensitivityGrid.load(folder)
-            log(f"grid on {n_tok} tokens reused from {folder}")
-            continue
+        reused = a.reuse_grids and (folder / "meta.json").exists()
         t = time.perf_counter()
-        grid = measure_sensitivity(lm.model, lm.adapter, sens_ids, stats, method="svd-llm", quant=a.grid_quant,
-                                   group_size=128)
-        t_grid = time.perf_counter() - t
+        if reused:  # the grid from disk; the first view below is computed anew (it is cheap)
+            grid = SensitivityGrid.load(folder)
+            log(f"grid on {n_tok} tokens reused from {folder}")
+        else:
+            grid = measure_sensitivity(lm.model, lm.adapter, sens_ids, stats, method="svd-llm", quant=a.grid_quant,
+                                       group_size=128)
+        t_grid = None if reused else time.perf_counter() - t
         t = time.perf_counter()
         proxy = proxy_sensitivity(lm.model, lm.adapter, sens_ids, stats, method="svd-llm", quant=a.grid_quant,
                                   group_size=128)
         t_proxy = time.perf_counter() - t
         grids[n_tok] = grid
-        grid.save(folder)
+        if not reused:
+            grid.save(folder)
         out["grids"][n_tok] = dict(tokens=int(sens_ids.numel()), windows=int(sens_ids.shape[0]), seqlen=sl,
-                                   grid_seconds=t_grid,
+                                   grid_seconds=t_grid, grid_reused_from=str(folder) if reused else None,
                                    seconds_per_probe=grid.meta.get("seconds_per_probe"),
                                    cpu_seconds_per_probe=grid.meta.get("cpu_seconds_per_probe"),
                                    probes=len(grid.table),
                                    proxy_seconds=t_proxy, proxy_agreement=agreement(proxy, grid))
-        log(f"grid on {sens_ids.numel()} tokens: {t_grid:.1f}s ({len(grid.table)} probes), proxy {t_proxy:.1f}s")
+        took = "reused" if reused else f"{t_grid:.1f}s"
+        log(f"grid on {sens_ids.numel()} tokens: {took} ({len(grid.table)} probes), proxy {t_proxy:.1f}s")
         save(name, out)
     if a.grid_only or a.plans + len(a.targets) == 0:
         return

@@ -250,18 +250,6 @@ def test_save_load_round_trip_and_compatibility(tmp_path, trained, grid):
         SensitivityGrid.load(tmp_path / "nothing")
 
 
-def test_grid_csvs_are_read_with_exact_floats(tmp_path, grid, monkeypatch):
-    """pandas before 3.1 parses CSV floats inexactly by default: every table is read with the
-    round-trip parser, whatever the installed pandas does by default."""
-    real, kwargs = pd.read_csv, []
-    monkeypatch.setattr(pd, "read_csv", lambda *a, **k: kwargs.append(k) or real(*a, **k))
-    grid.save(tmp_path / "sens")
-    back = SensitivityGrid.load(tmp_path / "sens")
-    assert len(kwargs) == 1 + (grid.proxy is not None) + (grid.first_order is not None) + (grid.kl is not None) >= 2
-    assert all(k.get("float_precision") == "round_trip" for k in kwargs)
-    assert back.table.equals(grid.table)
-
-
 def test_load_or_measure_reuses_the_cache(tmp_path, trained):
     lm, ids, stats = trained
     names = [lm.adapter.linears(lm.model)[3].name]
@@ -286,23 +274,26 @@ def test_proxy_has_the_same_schema_and_ranks_like_the_measurement(trained, grid)
     a = agreement(proxy, grid)
     assert a["n"] == len(grid.table) and set(a["by_kind"]) == {"rank", "bits"}
     assert a["spearman"] > 0.5
+    assert a["kl"]["n"] == len(grid.table) and a["kl"]["spearman"] > 0.5, a["kl"]
     assert torch.equal(lm.model(input_ids=ids).logits, before)
     assert all(p.grad is None and p.requires_grad for p in lm.model.parameters())
 
 
 def test_proxy_fisher_matches_autograd(trained):
-    """F_y of one linear against a direct computation with a retained output gradient."""
+    """F_y of one linear and its gradient-weighted input moments against a direct computation
+    with a retained output gradient (real next tokens as targets)."""
     from analysis.sensitivity import output_fisher
 
     lm, ids, _ = trained
-    fisher, loss, count = output_fisher(lm.model, lm.adapter, ids)
+    fisher, loss, count, moments = output_fisher(lm.model, lm.adapter, ids, targets="data")
     name = "model.layers.1.mlp.down_proj"
     mod = dict(lm.model.named_modules())[name]
-    outs = []
+    outs, ins = [], []
 
-    def keep(_m, _a, o):
+    def keep(_m, a, o):
         o.retain_grad()
         outs.append(o)
+        ins.append(a[0].detach())
 
     h = mod.register_forward_hook(keep)
     try:
@@ -316,6 +307,28 @@ def test_proxy_fisher_matches_autograd(trained):
     ref = g.pow(2).flatten(0, -2).sum(0) / count
     torch.testing.assert_close(fisher[name], ref, rtol=1e-4, atol=1e-10)
     assert loss == pytest.approx(nll.item() / count, rel=1e-5)
+    w = g.pow(2).sum(-1).flatten()  # (T,) token weights
+    x = ins[0].double().flatten(0, -2)  # (T, n)
+    s2, mu = (x * w[:, None]).T @ x / w.sum(), (x * w[:, None]).sum(0) / w.sum()  # float32 products inside
+    torch.testing.assert_close(moments[name].second_moment, s2, rtol=1e-4, atol=1e-5 * float(s2.abs().max()))
+    torch.testing.assert_close(moments[name].mean, mu, rtol=1e-4, atol=1e-5 * float(mu.abs().max()))
+
+
+def test_proxy_fisher_with_the_models_own_targets(trained):
+    """Drawn targets: seeded (same result twice), a different Fisher from the real tokens',
+    the same reported NLL (always of the real tokens); an unknown target kind is refused."""
+    from analysis.sensitivity import output_fisher
+
+    lm, ids, _ = trained
+    f1, loss1, _, m1 = output_fisher(lm.model, lm.adapter, ids)
+    f2, loss2, _, _ = output_fisher(lm.model, lm.adapter, ids)
+    fd, lossd, _, _ = output_fisher(lm.model, lm.adapter, ids, targets="data")
+    name = "model.layers.1.mlp.down_proj"
+    assert torch.equal(f1[name], f2[name]) and loss1 == loss2 == pytest.approx(lossd, rel=1e-6)
+    assert not torch.allclose(f1[name], fd[name], rtol=1e-3)
+    assert m1[name].second_moment.shape == (lm.model.config.intermediate_size,) * 2
+    with pytest.raises(ValueError, match="targets must be"):
+        output_fisher(lm.model, lm.adapter, ids, targets="labels")
 
 
 def test_proxy_quadratic_form_matches_explicit_outputs():
@@ -331,7 +344,7 @@ def test_proxy_quadratic_form_matches_explicit_outputs():
     settings = [(lin.weight + 0.05 * torch.randn(8, 16), lin.bias + 0.1 * torch.randn(8)),
                 (lin.weight.detach().clone(), None), (0.5 * lin.weight.detach(), lin.bias.detach())]
     f = torch.rand(8, dtype=torch.float64)
-    got = proxy_dloss(f, lin.weight, lin.bias, settings, st)
+    got = proxy_dloss(f, lin.weight, lin.bias, settings, st.inputs)
     with torch.no_grad():
         for (w_hat, b_hat), g in zip(settings, got):
             dy = lin(x) - (x @ w_hat.T + (0 if b_hat is None else b_hat))
