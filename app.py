@@ -201,6 +201,25 @@ def build_spectra_tab(state):
     role.change(on_pick, [state, layer, role], [energy, spectrum])
 
 
+def tradeoff_figures(lab: Lab) -> tuple:
+    """Perplexity vs bytes and vs decode latency for the runs measured with the current
+    protocol, plus the dense model when measured; runs measured otherwise are counted in the
+    caption, not drawn beside runs they do not compare with."""
+    fp, proto = lab.lm.fingerprint, lab.protocol()
+    frame = lab.history.tradeoff_frame(fp, protocol=proto)
+    if lab.dense_eval:
+        d = lab.dense_eval
+        frame = pd.concat([frame, pd.DataFrame([dict(run_id="dense", label="dense", kind="measured", ppl=d["ppl"],
+                                                     bytes=d["bytes"], bits_per_weight=d["bits_per_weight"],
+                                                     decode_ms_per_token=d["decode_ms_per_token"],
+                                                     method="dense")])], ignore_index=True)
+    hidden = lab.history.other_protocol_runs(fp, proto)
+    if hidden:
+        proto += f" · {hidden} run(s) measured with other settings not drawn (see the run table)"
+    lat = proto + " · quantised linears are dequantised on every call (no fused low-bit kernel)"
+    return F.tradeoff(frame, "bytes", proto), F.tradeoff(frame, "latency_ms", lat)
+
+
 def _profile_protocol(lab: Lab) -> str:
     m = lab.require_profile().meta
     return f"{m['data']}; {m['n_tokens']:,} tokens; {m['device']}; {m['dtype'].replace('torch.', '')}"
@@ -446,7 +465,7 @@ def _readout(lab: Lab, plan: Plan):
         shown = "\n".join(f"- {n}" for n in pr["notes"][:5])
         more = f"\n- … and {len(pr['notes']) - 5} more" if len(pr["notes"]) > 5 else ""
         text += f"\n\n**Notes**\n{shown}{more}"
-    runs = lab.history.tradeoff_frame(lab.lm.fingerprint)
+    runs = lab.history.tradeoff_frame(lab.lm.fingerprint, protocol=lab.protocol())
     cur = pd.DataFrame([dict(run_id="current", label="current plan", kind="predicted",
                              ppl=pr["ppl"] if pr["ppl"] is not None else np.nan, bytes=pr["bytes"],
                              bits_per_weight=pr["bits_per_weight"], decode_ms_per_token=np.nan, method="current")])
@@ -485,16 +504,7 @@ def build_run_tab(state, budget):
         out_comp = gr.Textbox(label="Compressed model (last run)", lines=5)
 
     def tables(lab: Lab):
-        fp = lab.lm.fingerprint
-        frame = lab.history.tradeoff_frame(fp)
-        if lab.dense_eval:
-            d = lab.dense_eval
-            frame = pd.concat([frame, pd.DataFrame([dict(run_id="dense", label="dense", kind="measured", ppl=d["ppl"],
-                                                         bytes=d["bytes"], bits_per_weight=d["bits_per_weight"],
-                                                         decode_ms_per_token=d["decode_ms_per_token"],
-                                                         method="dense")])], ignore_index=True)
-        proto = lab.protocol()
-        return lab.history.table(fp), F.tradeoff(frame, "bytes", proto), F.tradeoff(frame, "latency_ms", proto)
+        return (lab.history.table(lab.lm.fingerprint), *tradeoff_figures(lab))
 
     def on_run(p=gr.Progress(), *args):  # progress first: gradio inserts it at its position
         lab, lbl, *plan_inputs = args
@@ -574,8 +584,9 @@ def build_export_tab(state, budget):
             md = []
             for tool, ex in exports.items():
                 path = out_dir / ex.filename
-                path.write_text(ex.text)
-                paths.append(path)
+                if ex.usable:  # a tool the plan gives nothing to do gets its note, not an empty file
+                    path.write_text(ex.text)
+                    paths.append(path)
                 if ex.notes:
                     md.append(f"**{tool}**\n" + "\n".join(f"- {n}" for n in ex.notes))
         except Exception as e:
@@ -597,12 +608,11 @@ def build_export_tab(state, budget):
             lab = _require(lab)
             d = _tmp("runs.csv").parent
             lab.history.table(lab.lm.fingerprint).to_csv(d / "runs.csv", index=False)
-            frame = lab.history.tradeoff_frame(lab.lm.fingerprint)
             paths = [d / "runs.csv"]
-            if len(frame):
-                for x in ("bytes", "latency_ms"):
+            if len(lab.history.tradeoff_frame(lab.lm.fingerprint)) or lab.dense_eval:
+                for x, fig in zip(("bytes", "latency_ms"), tradeoff_figures(lab)):
                     path = d / f"tradeoff_{x}.html"
-                    path.write_text(F.to_html(F.tradeoff(frame, x, lab.protocol())))
+                    path.write_text(F.to_html(fig))
                     paths.append(path)
             if lab.profile is not None:
                 path = d / "rank_heatmap.html"

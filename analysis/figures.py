@@ -485,7 +485,8 @@ def tradeoff(runs: pd.DataFrame, x: str = "bytes", protocol: str = "") -> go.Fig
     title = {"bytes": "Quality vs size", "latency_ms": "Quality vs decode speed",
              "bits_per_weight": "Quality vs bits per weight"}[x] + ": perplexity of each run (lower-left is better)"
     ok = runs[col].notna() & runs["ppl"].notna() & (pd.to_numeric(runs["ppl"], errors="coerce") > 0)
-    d, dropped = runs[ok].copy(), int((~ok).sum())
+    # predictions carry no latency (and none without sensitivities): only measured rows count as left out
+    d, dropped = runs[ok].copy(), int((~ok & (runs["kind"] == "measured")).sum())
     if d.empty:
         return _empty(title, protocol, f"no run has both perplexity and {x_title.lower()} yet")
     d["_x"] = d[col].astype(float) * scale

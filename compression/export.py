@@ -49,6 +49,7 @@ class Export:
     filename: str
     text: str
     notes: list[str] = field(default_factory=list)
+    usable: bool = True  # False: the plan gives this tool nothing to do (its notes say why); write no file
 
 
 # ----------------------------------------------------------------------------- common
@@ -587,7 +588,10 @@ def _llamacpp_script(plan: Plan, linears: list[LinearInfo], notes: list[str], de
 def _export_gptqmodel(plan: Plan, linears: list[LinearInfo]) -> Export:
     notes: list[str] = []
     cfg = to_gptqmodel_dynamic(plan, linears, notes)
-    return Export("gptqmodel", "gptqmodel_quantize_config.json", json.dumps(cfg, indent=2) + "\n", notes)
+    usable = any(plan.spec_for(li.name).bits is not None for li in linears)
+    if not usable:
+        notes.append("gptqmodel: no linear is quantised; nothing for GPTQModel to do (no file written)")
+    return Export("gptqmodel", "gptqmodel_quantize_config.json", json.dumps(cfg, indent=2) + "\n", notes, usable)
 
 
 def _export_llmcompressor(plan: Plan, linears: list[LinearInfo]) -> Export:
@@ -598,7 +602,7 @@ def _export_llmcompressor(plan: Plan, linears: list[LinearInfo]) -> Export:
 def _export_hqq(plan: Plan, linears: list[LinearInfo]) -> Export:
     notes: list[str] = []
     cfg = to_hqq_dynamic_config(plan, linears, notes)
-    return Export("hqq", "hqq_dynamic_config.json", json.dumps(cfg, indent=2) + "\n", notes)
+    return Export("hqq", "hqq_dynamic_config.json", json.dumps(cfg, indent=2) + "\n", notes, usable=bool(cfg))
 
 
 def _export_torchao(plan: Plan, linears: list[LinearInfo]) -> Export:

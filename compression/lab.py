@@ -106,11 +106,12 @@ class RunHistory:
                 "prefill_tok_s", "decode_ms_per_token", "seconds", "protocol", "error"]
         return pd.DataFrame(rows, columns=cols)
 
-    def tradeoff_frame(self, fingerprint: str | None = None) -> pd.DataFrame:
-        """Runs in the schema of ``analysis.figures.tradeoff`` (measured and predicted rows)."""
+    def tradeoff_frame(self, fingerprint: str | None = None, protocol: str | None = None) -> pd.DataFrame:
+        """Runs in the schema of ``analysis.figures.tradeoff`` (measured and predicted rows);
+        with ``protocol``, only the runs measured with it (others do not compare)."""
         rows = []
         for r in self.records(fingerprint):
-            if r.status != "ok":
+            if r.status != "ok" or (protocol is not None and r.protocol != protocol):
                 continue
             method = r.plan.get("meta", {}).get("method", "plan")
             rows.append(dict(run_id=r.run_id, label=r.label, kind="measured", ppl=r.measured.get("ppl"),
@@ -122,6 +123,10 @@ class RunHistory:
                                  decode_ms_per_token=math.nan, method=method))
         return pd.DataFrame(rows, columns=["run_id", "label", "kind", "ppl", "bytes", "bits_per_weight",
                                            "decode_ms_per_token", "method"])
+
+    def other_protocol_runs(self, fingerprint: str | None, protocol: str) -> int:
+        """Successful runs of this model measured with another protocol than ``protocol``."""
+        return sum(r.status == "ok" and r.protocol != protocol for r in self.records(fingerprint))
 
 
 def _never() -> bool:

@@ -221,7 +221,9 @@ def test_tradeoff_latency_drops_missing_and_keeps_colours():
     assert "int4 (measured)" not in by and "prediction → measurement" not in by
     assert list(by["Pareto front (measured)"].x) == [9.0, 9.5, 10.0]
     assert by["int8 (measured)"].marker.color == by_bytes["int8 (measured)"].marker.color
-    assert any("3 row(s)" in a.text for a in fig.layout.annotations)
+    # only the measured int4 row lacks latency; predictions never carry one and are not counted
+    assert [a.text for a in fig.layout.annotations if "row(s)" in a.text] == [
+        "1 row(s) without decode latency or perplexity not shown"]
     bpw = F.tradeoff(runs, "bits_per_weight", PROTOCOL)
     assert len(bpw.data) == 8
     with pytest.raises(ValueError, match="x must be one of"):

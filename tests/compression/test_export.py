@@ -499,6 +499,17 @@ def test_export_all_returns_every_tool_with_rank_notes(plan, lin):
         assert any("ranks dropped" in n and "2 low-rank modules" in n for n in exp.notes), tool
 
 
+def test_quantisers_with_nothing_to_quantise_write_no_file(plan, lin):
+    """A rank-only plan gives GPTQModel and HQQ nothing to do: not usable, a note says so."""
+    # the mixed plan quantises some linears, but no HQQ tag in every layer (a tag is one setting for all layers)
+    assert {t for t, e in export_all(plan, lin).items() if not e.usable} == {"hqq"}
+    rank_only = Plan(default=ModuleSpec(rank=8, lowrank="svd-llm"))
+    out = export_all(rank_only, lin)
+    assert {t for t, e in out.items() if not e.usable} == {"gptqmodel", "hqq"}
+    assert any("no linear is quantised" in n for n in out["gptqmodel"].notes)
+    assert any("skip HQQ" in n for n in out["hqq"].notes)
+
+
 def test_binary_and_ternary_notes_everywhere(lin):
     plan = Plan(default=ModuleSpec(bits=2, quant="ternary", group_size=64),
                 modules={"model.layers.0.mlp.down_proj": ModuleSpec(bits=1, quant="binary", group_size=64)})

@@ -52,6 +52,19 @@ def test_run_measures_and_history_survives_restart(tiny_lab):
     assert list(rows.run_id) == [rec.run_id] and rows.iloc[0].label == "half rank"
 
 
+def test_tradeoff_draws_only_runs_measured_with_the_current_protocol(tiny_lab):
+    fp = tiny_lab.lm.fingerprint
+    first = tiny_lab.run(tiny_lab.plan_from_sliders([50, 50], [4, 4], group_size=32), "seqlen 32")
+    old = tiny_lab.protocol()
+    tiny_lab.set_texts("default", "default", seqlen=16)
+    assert tiny_lab.protocol() != old
+    second = tiny_lab.run(tiny_lab.plan_from_sliders([50, 50], [4, 4], group_size=32), "seqlen 16")
+    assert set(tiny_lab.history.tradeoff_frame(fp, protocol=tiny_lab.protocol()).run_id) == {second.run_id}
+    assert set(tiny_lab.history.tradeoff_frame(fp, protocol=old).run_id) == {first.run_id}
+    assert set(tiny_lab.history.tradeoff_frame(fp).run_id) == {first.run_id, second.run_id}
+    assert tiny_lab.history.other_protocol_runs(fp, tiny_lab.protocol()) == 1
+
+
 def test_failed_and_cancelled_runs_are_recorded(tiny_lab):
     bad = Plan(modules={tiny_lab.linears[0].name: ModuleSpec(rank=10_000)})
     rec = tiny_lab.run(bad)
