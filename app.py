@@ -37,10 +37,14 @@ class AppConfig:
 
 
 # ------------------------------------------------------------------------------ helpers
+def _err_text(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}" if not isinstance(e, (ValueError, FileNotFoundError)) else str(e)
+
+
 def _err(e: Exception) -> gr.Error:
     """A readable message in the page; the traceback goes to the server log."""
     traceback.print_exc()
-    return gr.Error(f"{type(e).__name__}: {e}" if not isinstance(e, (ValueError, FileNotFoundError)) else str(e))
+    return gr.Error(_err_text(e))
 
 
 def _progress(p: gr.Progress):
@@ -113,7 +117,13 @@ def build_model_tab(state, cfg: AppConfig):
             p(0.1, desc=f"loading {spec_v}")
             info = lab.load(spec_v, dev_v, dt_v, say=lambda m: p(0.3, desc=m))
         except Exception as e:
-            raise _err(e) from e
+            if lab.lm is None:
+                raise _err(e) from e
+            # the model loaded before stays loaded and shown; the failure is said above it
+            traceback.print_exc()
+            gr.Warning(_err_text(e))
+            return (lab, f"**{spec_v} was not loaded:** {_err_text(e)}  \n**Still loaded:**\n\n"
+                    + _summary_md(lab, lab.summary()), lab.layer_table())
         return lab, _summary_md(lab, info), lab.layer_table()
 
     def on_data(lab, c, e, up, L, cw, ew):

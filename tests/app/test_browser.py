@@ -83,6 +83,13 @@ def test_profile_slider_run_reload(app_url):
         expect(page.locator("#model-status")).to_contain_text("Fingerprint", timeout=240_000)
         expect(page.locator("#model-status")).to_contain_text("SmolLM2")
 
+        # a model that cannot be loaded: said in the page, and the loaded one stays shown
+        page.locator("#model-spec").get_by_role("textbox").fill("org/no-such-model")
+        page.locator("#load-btn").click()
+        expect(page.locator("#model-status")).to_contain_text("org/no-such-model was not loaded")
+        expect(page.locator("#model-status")).to_contain_text("SmolLM2")
+        page.locator("#model-spec").get_by_role("textbox").fill("default")
+
         page.get_by_role("tab", name="Spectra").click()
         page.locator("#profile-btn").click()
         expect(page.locator("#profile-info")).to_contain_text("tokens")
