@@ -1163,5 +1163,4 @@ def cli_sensitivity(args, progress: Progress | None = None, say: Callable[[str],
                 method=args.method, quant=args.quant, group_size=args.group_size, device=str(lm.device),
                 agreement=dict(spearman=agree["spearman"], n=agree["n"],
                                **{f"spearman_{k}": v["spearman"] for k, v in agree["by_kind"].items()},
-                               **({"spearman_curvature": agree["curvature"]["spearman"]}
-                                  if "curvature" in agree else {})))
+                               **{f"spearman_{k}": agree[k]["spearman"] for k in ("curvature", "kl") if k in agree}))

@@ -367,6 +367,7 @@ def test_cli_sensitivity_then_allocate(tmp_path, monkeypatch, trained):
     n_lin = len(lm.adapter.linears(lm.model))
     assert out["derived"] == n_lin and out["probed"] == out["probes"] - n_lin  # 8 bits scaled from 4 bits
     assert {"seconds", "dense_loss", "agreement", "seconds_per_probe"} <= set(out)
+    assert {"spearman", "spearman_curvature", "spearman_kl"} <= set(out["agreement"])
     grid = SensitivityGrid.load(tmp_path / "sens")
     assert grid.proxy is not None and "agreement" in grid.meta and grid.meta["stats_tokens"] == 512
     again = cli_sensitivity(args, progress=None, say=None)  # cached measurement
