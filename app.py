@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from compression.lab import BITS_CHOICES, DENSE_PCT, Lab, LabSettings
 from compression.plan import LOWRANK_METHODS, QUANT_METHODS, Plan
 
 MAX_LAYERS = 64
-BITS_LABELS = ["2", "3", "4", "8", "keep"]
+BITS_LABELS = ["keep" if b is None else str(b) for b in BITS_CHOICES]  # the bits dropdowns
 HEAVY = "heavy"  # concurrency id: one heavy job at a time; light callbacks stay responsive
 CSS = Path(__file__).with_name("assets").joinpath("style.css")
 
@@ -52,13 +53,47 @@ def _progress(p: gr.Progress):
 
 
 def _fmt_bytes(n: float | None) -> str:
+    """Decimal units, as on the figures' axes (MB = 10^6 bytes)."""
     if n is None:
         return "–"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:,.1f} {unit}" if unit != "B" else f"{n:,.0f} B"
-        n /= 1024
-    return f"{n:,.1f} GiB"
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:,.2f} {unit}" if unit != "B" else f"{n:,.0f} B"
+        n /= 1000
+    return f"{n:,.2f} GB"
+
+
+def _bits_value(label: str | None) -> int | None:
+    """A bits dropdown's label -> bit width (None keeps the dtype)."""
+    return None if label in (None, "", "keep") else int(label)
+
+
+def _bits_label(bits: int | None) -> str:
+    return "keep" if bits is None else str(bits)
+
+
+def _runs_display(table: pd.DataFrame) -> pd.DataFrame:
+    """The run table as shown: rounded, bytes in MB (the CSV export keeps full precision)."""
+    t = table.copy()
+    t["bytes"] = pd.to_numeric(t["bytes"], errors="coerce") / 1e6
+    digits = dict(ppl=2, predicted_ppl=2, bytes=2, bits_per_weight=3, prefill_tok_s=0, decode_ms_per_token=1,
+                  seconds=0)
+    for col, d in digits.items():
+        t[col] = pd.to_numeric(t[col], errors="coerce").round(d)
+    return t.rename(columns={"bytes": "MB"})
+
+
+def _cancelled(e: InterruptedError, kept: str = "") -> str:
+    """What a cancelled job says in its tab, in place of the "Cancelling…" line."""
+    return f"**Cancelled.** {str(e)[:1].upper()}{str(e)[1:]}.{' ' + kept if kept else ''}"
+
+
+def _cancel(lab: Lab | None) -> str | None:
+    """Cancel whatever heavy job this session runs; what was asked to stop, or None."""
+    job = lab.request_stop() if lab is not None else None
+    if job is None:
+        gr.Info("Nothing is running.")
+    return job
 
 
 def _tmp(name: str) -> Path:
@@ -133,14 +168,18 @@ def build_model_tab(state, cfg: AppConfig):
                 c = e = str(up)
             msg = lab.set_texts(c, e, int(L), int(cw), int(ew))
         except Exception as ex:
-            raise _err(ex) from ex
+            traceback.print_exc()
+            text = _err_text(ex)
+            if up:  # name the file the user picked, not gradio's temporary copy of it
+                text = text.replace(str(up), Path(up).name)
+            raise gr.Error(text) from ex
         return lab, _summary_md(lab, lab.summary()) + "\n\n" + msg.replace("\n", "  \n")
 
     load_ev = load_btn.click(on_load, [state, spec, device, dtype], [state, status, table],
                              concurrency_id=HEAVY, concurrency_limit=1)
-    data_btn.click(on_data, [state, calib, evalt, upload, seqlen, cwin, ewin], [state, status])
-    return dict(load_event=load_ev, on_load=on_load, spec=spec, device=device, dtype=dtype, status=status,
-                table=table)
+    data_ev = data_btn.click(on_data, [state, calib, evalt, upload, seqlen, cwin, ewin], [state, status])
+    return dict(load_event=load_ev, data_event=data_ev, on_load=on_load, spec=spec, device=device, dtype=dtype,
+                status=status, table=table)
 
 
 def _require(lab: Lab | None) -> Lab:
@@ -167,6 +206,7 @@ def build_spectra_tab(state):
                 "**break-even rank** `m n / (m + n)`.")
     with gr.Row():
         prof_btn = gr.Button("Profile the model", variant="primary", elem_id="profile-btn")
+        prof_cancel = gr.Button("Cancel", variant="stop", elem_id="profile-cancel")
         csv = gr.File(label="Summary CSV", interactive=False)
     info = gr.Markdown(elem_id="profile-info")
     heat = gr.Plot(label="Rank needed for 95 % of activation energy, as a fraction of full rank")
@@ -181,8 +221,11 @@ def build_spectra_tab(state):
     def on_profile(lab, p=gr.Progress()):
         try:
             lab = _require(lab)
-            prof, reused = lab.run_profile(_progress(p))
-            lab.run_proxy(_progress(p))  # a first sensitivity view, so the Budget tab predicts at once
+            with lab.running("profiling"):  # one job: Cancel stops either step
+                prof, reused = lab.run_profile(_progress(p))
+                lab.run_proxy(_progress(p))  # a first sensitivity view, so the Budget tab predicts at once
+        except InterruptedError as e:
+            return (lab, _cancelled(e), *[gr.update()] * 7)
         except Exception as e:
             raise _err(e) from e
         proto = _profile_protocol(lab)
@@ -207,6 +250,12 @@ def build_spectra_tab(state):
 
     prof_btn.click(on_profile, [state], [state, info, heat, csv, layer, role, energy, spectrum, eff],
                    concurrency_id=HEAVY, concurrency_limit=1)
+
+    def on_cancel(lab):
+        job = _cancel(lab)
+        return f"Cancelling {job}… it stops after the current batch." if job else gr.update()
+
+    prof_cancel.click(on_cancel, [state], [info], queue=False)
     layer.change(on_pick, [state, layer, role], [energy, spectrum])
     role.change(on_pick, [state, layer, role], [energy, spectrum])
 
@@ -226,7 +275,9 @@ def tradeoff_figures(lab: Lab) -> tuple:
     hidden = lab.history.other_protocol_runs(fp, proto)
     if hidden:
         proto += f" · {hidden} run(s) measured with other settings not drawn (see the run table)"
-    lat = proto + " · quantised linears are dequantised on every call (no fused low-bit kernel)"
+    lat = proto
+    if lab.history.dequantizing_runs(fp, lab.protocol()):
+        lat += " · quantised linears are dequantised on every call (no fused low-bit kernel)"
     return F.tradeoff(frame, "bytes", proto), F.tradeoff(frame, "latency_ms", lat)
 
 
@@ -266,6 +317,7 @@ def build_sensitivity_tab(state):
                             info="allocating for GPTQ? probe with gptq: an RTN grid overstates GPTQ's damage")
         group = gr.Number(128, label="Group size", precision=0)
         grid_btn = gr.Button("Measure the full grid", variant="primary", elem_id="grid-btn")
+        sens_cancel = gr.Button("Cancel", variant="stop", elem_id="sens-cancel")
     info = gr.Markdown(elem_id="sens-info")
     heat = gr.Plot(label="Loss increase per linear and setting")
     layer = gr.Dropdown(choices=[], label="Layer", interactive=True)
@@ -279,12 +331,18 @@ def build_sensitivity_tab(state):
         return (lab, msg, F.sensitivity_heatmap(table, proto), gr.update(choices=layers, value=layers[0]),
                 F.sensitivity_curves(table, int(layers[0]), proto))
 
+    def _stopped(lab: Lab, e: InterruptedError):
+        return (lab, _cancelled(e), *[gr.update()] * 3)
+
     def on_proxy(lab, p=gr.Progress()):
         try:
             lab = _require(lab)
-            if lab.profile is None:
-                lab.run_profile(_progress(p))
-            lab.run_proxy(_progress(p))
+            with lab.running("the first sensitivity view"):
+                if lab.profile is None:
+                    lab.run_profile(_progress(p))
+                lab.run_proxy(_progress(p))
+        except InterruptedError as e:
+            return _stopped(lab, e)
         except Exception as e:
             raise _err(e) from e
         return _show(lab, "First view ready (gradient-weighted output error; an estimate, not a measurement).")
@@ -292,9 +350,12 @@ def build_sensitivity_tab(state):
     def on_grid(lab, m, q, g, p=gr.Progress()):
         try:
             lab = _require(lab)
-            if lab.profile is None:
-                lab.run_profile(_progress(p))
-            grid = lab.run_sensitivity(m, q, int(g), _progress(p))
+            with lab.running("the sensitivity grid"):
+                if lab.profile is None:
+                    lab.run_profile(_progress(p))
+                grid = lab.run_sensitivity(m, q, int(g), _progress(p))
+        except InterruptedError as e:
+            return _stopped(lab, e)
         except Exception as e:
             raise _err(e) from e
         derived = (grid.meta.get("derived") or {}).get("settings", 0)
@@ -325,12 +386,19 @@ def build_sensitivity_tab(state):
                    concurrency_id=HEAVY, concurrency_limit=1)
     layer.change(on_layer, [state, layer], [curves])
 
+    def on_cancel(lab):
+        job = _cancel(lab)
+        return f"Cancelling {job}… it stops after the current layer." if job else gr.update()
+
+    sens_cancel.click(on_cancel, [state], [info], queue=False)
+
 
 def build_budget_tab(state):
     gr.Markdown("Drag a layer's **rank** (as % of each linear's break-even rank; 100 keeps full rank — at "
-                "break-even a factorisation saves nothing) and **bits** (2, 3, 4, 8 or keep). Release a slider "
-                "and the readout re-predicts size and perplexity. The table overrides single modules "
-                "(name, rank, bits; blank = slider).")
+                "break-even a factorisation saves nothing) and pick its **bits** (2, 3, 4, 8 or keep the dtype). "
+                "Release a slider or pick a width and the readout re-predicts size and perplexity. The table "
+                "overrides single modules (name, rank, bits; blank = the layer's setting, `full` = full rank, "
+                "`keep` = keep the dtype).")
     with gr.Row():
         lowrank = gr.Dropdown([m for m in LOWRANK_METHODS if m != "lillama"] + ["lillama"], value="svd-llm",
                               label="Low-rank method")
@@ -339,14 +407,15 @@ def build_budget_tab(state):
     with gr.Row():
         dense_btn = gr.Button("Preset: dense")
         u_rank = gr.Slider(10, 100, 100, step=5, label="Uniform rank %")
-        u_bits = gr.Slider(0, 4, 4, step=1, label="Uniform bits (0=2 · 1=3 · 2=4 · 3=8 · 4=keep)")
+        u_bits = gr.Dropdown(BITS_LABELS, value="keep", label="Uniform bits", elem_id="uniform-bits")
         uni_btn = gr.Button("Preset: uniform")
     with gr.Row():
-        energy = gr.Slider(0.5, 0.999, 0.95, step=0.005, label="Keep this fraction of activation energy")
+        energy = gr.Slider(0.5, 0.999, 0.95, step=0.005, label="Keep this fraction of activation energy", scale=2)
         energy_btn = gr.Button("Preset: energy")
-        target = gr.Slider(0.1, 1.0, 0.5, step=0.01, label="Target size (fraction of dense bytes)")
+        target = gr.Slider(0.1, 1.0, 0.5, step=0.01, label="Target size (fraction of dense bytes)", scale=2)
         only = gr.Radio(["ranks and bits", "rank", "bits"], value="ranks and bits", label="Allocate")
         alloc_btn = gr.Button("Preset: allocate to target", elem_id="alloc-btn")
+        preset_cancel = gr.Button("Cancel", variant="stop", elem_id="budget-cancel", min_width=80, scale=0)
     readout = gr.Markdown("Load a model to see the budget.", elem_id="readout")
     with gr.Row():
         point = gr.Plot(label="Predicted point on the trade-off", elem_id="predicted-plot")
@@ -355,9 +424,10 @@ def build_budget_tab(state):
     with gr.Column(elem_classes=["layer-sliders"]):
         for i in range(MAX_LAYERS):
             with gr.Row(visible=False) as row:
-                r = gr.Slider(10, DENSE_PCT, DENSE_PCT, step=5, label=f"layer {i} rank %", elem_id=f"rank-{i}")
-                b = gr.Slider(0, 4, 4, step=1, label=f"layer {i} bits (0=2 · 1=3 · 2=4 · 3=8 · 4=keep)",
-                              elem_id=f"bits-{i}")
+                r = gr.Slider(10, DENSE_PCT, DENSE_PCT, step=5, label=f"layer {i} rank %", elem_id=f"rank-{i}",
+                              scale=4)
+                b = gr.Dropdown(BITS_LABELS, value="keep", label=f"layer {i} bits", elem_id=f"bits-{i}",
+                                scale=1, min_width=120)
             ranks.append(r)
             bits.append(b)
             r.row = row  # type: ignore[attr-defined]
@@ -368,7 +438,7 @@ def build_budget_tab(state):
     def current_plan(lab, lr, q, g, ov, *vals) -> Plan:
         lab = _require(lab)
         n = len(lab.require_model().adapter.layers(lab.lm.model))
-        rp, bi = list(vals[:MAX_LAYERS])[:n], list(vals[MAX_LAYERS:])[:n]
+        rp, bi = list(vals[:MAX_LAYERS])[:n], [_bits_value(v) for v in list(vals[MAX_LAYERS:])[:n]]
         if n > MAX_LAYERS:
             raise ValueError(f"this model has {n} layers; the sliders cover {MAX_LAYERS} — use the table")
         plan = lab.plan_from_sliders(rp, bi, lr, q, int(g), ov)
@@ -388,66 +458,81 @@ def build_budget_tab(state):
 
     inputs = [state, lowrank, quant, group, overrides, *ranks, *bits]
     outputs = [readout, point, bars, plan_json]
-    for comp in [*ranks, *bits]:
+    for comp in ranks:
         comp.release(on_predict, inputs, outputs, show_progress="hidden")
+    for comp in bits:
+        comp.input(on_predict, inputs, outputs, show_progress="hidden")
     for comp in (lowrank, quant, group):
         comp.change(on_predict, inputs, outputs, show_progress="hidden")
     overrides.input(on_predict, inputs, outputs, show_progress="hidden")
 
     def fill(lab, plan: Plan):
-        """Sliders at each layer's typical setting, the exact per-module plan in the table."""
-        lab = _require(lab)
-        n = len(lab.lm.adapter.layers(lab.lm.model))
-        rank_v, bits_v, rows = [DENSE_PCT] * MAX_LAYERS, [4] * MAX_LAYERS, []
-        by_layer: dict[int, list] = {}
-        for li in lab.linears:
-            s = plan.spec_for(li.name)
-            by_layer.setdefault(li.layer, []).append((li, s))
-        for layer, items in by_layer.items():
-            pcts = [100 * s.rank / li.break_even if s.rank else DENSE_PCT for li, s in items]
-            rank_v[layer] = int(min(DENSE_PCT, max(10, round(float(np.median(pcts)) / 5) * 5)))
-            bs = [s.bits for _, s in items]
-            common = max(set(bs), key=bs.count)
-            bits_v[layer] = BITS_CHOICES.index(common) if common in BITS_CHOICES else 4
-        probe = lab.plan_from_sliders(rank_v[:n], bits_v[:n])
-        for li in lab.linears:
-            s, t = plan.spec_for(li.name), probe.spec_for(li.name)
-            if (s.rank, s.bits) != (t.rank, t.bits):
-                rows.append({"name": li.name, "rank": s.rank if s.rank else "", "bits": s.bits if s.bits else ""})
-        table = pd.DataFrame(rows, columns=["name", "rank", "bits"])
-        return [*[gr.update(value=v) for v in rank_v], *[gr.update(value=v) for v in bits_v], table]
+        """Sliders at each layer's typical setting, the modules they miss in the table."""
+        rank_v, bits_v, table = _require(lab).sliders_for(plan)
+        rank_v += [DENSE_PCT] * (MAX_LAYERS - len(rank_v))
+        labels = [_bits_label(b) for b in bits_v] + ["keep"] * (MAX_LAYERS - len(bits_v))
+        return [*[gr.update(value=v) for v in rank_v], *[gr.update(value=v) for v in labels], table]
 
     def preset(kind):
         def fn(lab, lr, q, g, ur, ub, en, tg, on, p=gr.Progress()):
+            first = ""
             try:
                 lab = _require(lab)
                 if kind == "dense":
                     plan = Plan()
                 elif kind == "uniform":
                     n = len(lab.lm.adapter.layers(lab.lm.model))
-                    plan = lab.plan_from_sliders([ur] * n, [ub] * n, lr, q, int(g))
+                    plan = lab.plan_from_sliders([ur] * n, [_bits_value(ub)] * n, lr, q, int(g))
                 elif kind == "energy":
                     if lab.profile is None:
-                        lab.run_profile(_progress(p))
+                        t0 = time.perf_counter()
+                        p(0, desc="the energy preset needs the spectra: profiling the model first")
+                        lab.run_profile(_progress(p))  # its own job: Cancel (Spectra tab) stops it
+                        first = f"*Profiled the model first ({time.perf_counter() - t0:.0f} s).*\n\n"
                     plan = lab.plan_energy(float(en), lowrank="act-pca" if lr == "lillama" else lr)
                 else:
                     if lab.predictor is None:
-                        if lab.profile is None:
-                            lab.run_profile(_progress(p))
-                        lab.run_proxy(_progress(p))
+                        t0 = time.perf_counter()
+                        p(0, desc="no sensitivities yet: profiling and a first view first (minutes on a CPU)")
+                        with lab.running("profiling for the allocation"):
+                            if lab.profile is None:
+                                lab.run_profile(_progress(p))
+                            lab.run_proxy(_progress(p))
+                        first = (f"*No sensitivities yet: profiled the model and computed the first view first "
+                                 f"({time.perf_counter() - t0:.0f} s); measure the grid (Sensitivity tab) for "
+                                 "better allocations.*\n\n")
                     plan = lab.plan_allocate(float(tg), None if on == "ranks and bits" else on)
                 filled = fill(lab, plan)
-                return [*filled, *_readout(lab, plan)]
+                text, *figs = _readout(lab, plan)
+                return [*filled, *_method_updates(plan), first + text, *figs]
+            except InterruptedError as e:
+                return [*[gr.update()] * (len(preset_out) - 4), _cancelled(e, "The sliders are unchanged."),
+                        *[gr.update()] * 3]
             except Exception as e:
                 raise _err(e) from e
         return fn
 
     preset_in = [state, lowrank, quant, group, u_rank, u_bits, energy, target, only]
-    preset_out = [*ranks, *bits, overrides, *outputs]
+    preset_out = [*ranks, *bits, overrides, lowrank, quant, group, *outputs]
     dense_btn.click(preset("dense"), preset_in, preset_out)
     uni_btn.click(preset("uniform"), preset_in, preset_out)
     energy_btn.click(preset("energy"), preset_in, preset_out, concurrency_id=HEAVY, concurrency_limit=1)
     alloc_btn.click(preset("allocate"), preset_in, preset_out, concurrency_id=HEAVY, concurrency_limit=1)
+
+    def on_cancel(lab):
+        job = _cancel(lab)
+        return f"Cancelling {job}… it stops after the current batch or layer." if job else gr.update()
+
+    preset_cancel.click(on_cancel, [state], [readout], queue=False)
+
+    def _method_updates(plan: Plan) -> list:
+        """Set the method dropdowns to the plan's (the most common among its modules), so that
+        the next slider move keeps compressing the way the preset chose."""
+        specs = list(plan.modules.values())
+        lr = [s.lowrank for s in specs if s.rank is not None]
+        qs = [(s.quant, s.group_size) for s in specs if s.bits is not None]
+        return [gr.update(value=max(set(lr), key=lr.count)) if lr else gr.update(),
+                *((gr.update(value=v) for v in max(set(qs), key=qs.count)) if qs else (gr.update(), gr.update()))]
 
     def show_rows(lab):
         n = len(lab.lm.adapter.layers(lab.lm.model)) if lab is not None and lab.lm is not None else 0
@@ -504,8 +589,7 @@ def build_run_tab(state, budget):
     runs = gr.Dataframe(label="Runs", interactive=False, elem_id="run-table", max_height=300)
     with gr.Row():
         fig_bytes = gr.Plot(label="Perplexity vs bytes", elem_id="tradeoff-bytes")
-        fig_lat = gr.Plot(label="Perplexity vs decode latency (quantised linears are dequantised on every call, "
-                                "no fused low-bit kernel: see each run's protocol)")
+        fig_lat = gr.Plot(label="Perplexity vs decode latency", elem_id="tradeoff-latency")
     with gr.Row():
         prompt = gr.Textbox("Explain what a low-rank matrix is.", label="Prompt", scale=3)
         gen_btn = gr.Button("Generate with both", scale=1)
@@ -514,7 +598,7 @@ def build_run_tab(state, budget):
         out_comp = gr.Textbox(label="Compressed model (last run)", lines=5)
 
     def tables(lab: Lab):
-        return (lab.history.table(lab.lm.fingerprint), *tradeoff_figures(lab))
+        return (_runs_display(lab.history.table(lab.lm.fingerprint)), *tradeoff_figures(lab))
 
     def on_run(p=gr.Progress(), *args):  # progress first: gradio inserts it at its position
         lab, lbl, *plan_inputs = args
@@ -540,6 +624,8 @@ def build_run_tab(state, budget):
         try:
             lab = _require(lab)
             d = lab.evaluate_dense(_progress(p))
+        except InterruptedError as e:
+            return (lab, _cancelled(e, "Nothing was recorded."), *tables(lab))
         except Exception as e:
             raise _err(e) from e
         return (lab, f"Dense: perplexity **{d['ppl']:.2f}**, {_fmt_bytes(d['bytes'])}, prefill "
@@ -547,9 +633,9 @@ def build_run_tab(state, budget):
                      f"Protocol: {d['protocol']}", *tables(lab))
 
     def on_cancel(lab):
-        if lab is not None:
-            lab.request_stop()
-        return "Cancelling… the run stops at the next layer; the history and loaded model stay intact."
+        job = _cancel(lab)  # the job itself then returns and says it was cancelled
+        return (f"Cancelling {job}… it stops at the next layer; the history and the loaded model stay intact."
+                if job else gr.update())
 
     def on_gen(lab, text):
         try:
@@ -557,11 +643,11 @@ def build_run_tab(state, budget):
         except Exception as e:
             raise _err(e) from e
 
-    run_ev = run_btn.click(on_run, [state, label, *budget["inputs"][1:]], [state, status, runs, fig_bytes, fig_lat],
+    run_btn.click(on_run, [state, label, *budget["inputs"][1:]], [state, status, runs, fig_bytes, fig_lat],
                            concurrency_id=HEAVY, concurrency_limit=1)
     dense_btn.click(on_dense, [state], [state, status, runs, fig_bytes, fig_lat], concurrency_id=HEAVY,
                     concurrency_limit=1)
-    cancel_btn.click(on_cancel, [state], [status], cancels=[run_ev], queue=False)
+    cancel_btn.click(on_cancel, [state], [status], queue=False)
     gen_btn.click(on_gen, [state, prompt], [out_dense, out_comp], concurrency_id=HEAVY, concurrency_limit=1)
     return dict(tables=tables, runs=runs, fig_bytes=fig_bytes, fig_lat=fig_lat)
 
@@ -672,6 +758,9 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         budget_tab.select(budget["on_predict"], budget["inputs"], budget["outputs"], show_progress="hidden")
         post = [*budget["rows"], *budget["outputs"], run["runs"], run["fig_bytes"], run["fig_lat"]]
         model["load_event"].then(after_load, [state], post)
+        # new texts, new protocol: the prediction's scale, the run tab's figures and captions follow
+        (model["data_event"].success(budget["on_predict"], budget["inputs"], budget["outputs"], show_progress="hidden")
+         .success(run["tables"], [state], [run["runs"], run["fig_bytes"], run["fig_lat"]]))
         if cfg.autoload:
             def initial(p=gr.Progress()):
                 lab = _lab(None, cfg)

@@ -267,18 +267,20 @@ def energy_curve(act_eigvals: Any, weight_sv: Any, name: str, break_even: float 
                       annotation_text=f"break-even k = {_num(break_even, 5)}<br>low-rank saves memory left of here",
                       annotation_position="bottom left", annotation_font=dict(size=11),
                       annotation_bgcolor="rgba(255,255,255,0.85)")
-    for key, _, cum, color, _ in curves:
+    for i, (key, _, cum, color, _) in enumerate(curves):
         k = _rank_for(cum, 0.95)
         if k is None:
             continue
         n = len(cum) - 1
-        ax = -80 if k / n > 0.6 else 50  # keep the label inside the plot
-        fig.add_annotation(x=k, y=float(cum[k]), ax=ax, ay=55, showarrow=True, arrowhead=2, arrowcolor=color,
+        ax = -80 if k / n > 0.6 else 60  # keep the label inside the plot
+        ay = 50 + 70 * i  # one label under the other: the two 95 % points are often close
+        fig.add_annotation(x=k, y=float(cum[k]), ax=ax, ay=ay, showarrow=True, arrowhead=2, arrowcolor=color,
                            text=f"{key}: 95 % at k = {k:,}<br>({k / n:.1%} of {n:,} directions)",
                            font=dict(size=12, color=color), bgcolor="rgba(255,255,255,0.85)", bordercolor=color)
     fig.update_yaxes(range=[0, 1.03], tickformat=".0%")
     fig.update_xaxes(rangemode="tozero")
-    fig.update_layout(legend=dict(x=0.99, y=0.03, xanchor="right", yanchor="bottom", bgcolor="rgba(255,255,255,0.8)"))
+    # above the break-even note (bottom) and right of the 95 % labels (left): the empty middle right
+    fig.update_layout(legend=dict(x=0.99, y=0.2, xanchor="right", yanchor="bottom", bgcolor="rgba(255,255,255,0.8)"))
     return _style(fig, title, protocol, x_title="Rank k (number of directions kept)",
                   y_title="Share of energy kept (%)")
 
@@ -488,7 +490,7 @@ def tradeoff(runs: pd.DataFrame, x: str = "bytes", protocol: str = "") -> go.Fig
     # predictions carry no latency (and none without sensitivities): only measured rows count as left out
     d, dropped = runs[ok].copy(), int((~ok & (runs["kind"] == "measured")).sum())
     if d.empty:
-        return _empty(title, protocol, f"no run has both perplexity and {x_title.lower()} yet")
+        return _empty(title, protocol, f"no run has both perplexity and {x_title[0].lower() + x_title[1:]} yet")
     d["_x"] = d[col].astype(float) * scale
     d["_hover"] = [
         (f"<b>{html.escape(str(r.label))}</b> ({html.escape(str(r.kind))})<br>run {html.escape(str(r.run_id))}, "
@@ -566,21 +568,23 @@ def budget_bars(table: pd.DataFrame, protocol: str) -> go.Figure:
         if np.isfinite(ratio).any():
             rank_max = max(rank_max, float(np.nanmax(ratio)))
             fig.add_trace(go.Bar(
-                x=d["layer"], y=ratio, name=f"{role} rank", legendgroup=str(role), offsetgroup=str(role),
+                x=d["layer"], y=ratio, name=str(role), legendgroup=str(role), offsetgroup=str(role),
                 marker=dict(color=_color(j)), hovertext=hover, hovertemplate="%{hovertext}<extra></extra>"))
         if np.isfinite(bits).any():
             bits_max = max(bits_max, float(np.nanmax(bits)))
             fig.add_trace(go.Scatter(
                 x=d["layer"], y=bits, mode="markers", name=f"{role} bits", legendgroup=str(role),
-                offsetgroup=str(role), yaxis="y2",
+                offsetgroup=str(role), yaxis="y2", showlegend=not bool(np.isfinite(ratio).any()),  # one entry per role
                 marker=dict(symbol="diamond", size=9, color=_color(j), line=dict(width=1, color="#333333")),
                 hovertext=hover, hovertemplate="%{hovertext}<extra></extra>"))
-    fig.add_hline(y=1, line=dict(color=REF_COLOR, width=1.2, dash="dash"), annotation_text="break-even",
-                  annotation_position="top left", annotation_font=dict(size=11))
-    notes = "no bar = not factorised" + (", no ◆ = not quantised" if bits_max > 0 else "")
+    fig.add_hline(y=1, line=dict(color=REF_COLOR, width=1.2, dash="dash"),
+                  annotation_text="break-even (a rank below it saves memory)", annotation_position="top left",
+                  annotation_font=dict(size=11))
+    notes = "colour = role; no bar = not factorised" + (", no ◆ = not quantised" if bits_max > 0 else "")
     fig.update_layout(barmode="group", scattermode="group", bargap=0.2,
-                      legend=dict(orientation="h", x=0, y=-0.18, yanchor="top",
-                                  title=dict(text=f"({notes})  ", font=dict(size=11, color="#555555"))))
+                      legend=dict(orientation="h", x=0, y=-0.2, yanchor="top"))
+    fig.add_annotation(text=f"({notes})", x=0, y=-0.38, xref="paper", yref="paper", xanchor="left", yanchor="top",
+                       showarrow=False, font=dict(size=11, color="#555555"))
     fig.update_yaxes(range=[0, rank_max * 1.12])
     if bits_max > 0:
         top = max(8.0, bits_max)
@@ -589,8 +593,7 @@ def budget_bars(table: pd.DataFrame, protocol: str) -> go.Figure:
                                       showgrid=False, zeroline=False))
     fig.update_xaxes(dtick=1 if table["layer"].nunique() <= 32 else None)
     fig = _style(fig, title, protocol, x_title="Layer (0 = first block)")
-    fig.update_layout(yaxis_title_text="Rank ÷ break-even (< 1 saves memory)",
-                      margin=dict(r=60 if bits_max > 0 else 20, b=90))
+    fig.update_layout(yaxis_title_text="Rank ÷ break-even", margin=dict(r=60 if bits_max > 0 else 20, b=120))
     return fig
 
 

@@ -185,11 +185,13 @@ def collect_input_stats(model: nn.Module, adapter: Adapter, ids: Tensor, batch_s
             body = model.base_model
             for b, batch in enumerate(batches):
                 _check_stop(should_stop)
+                if progress:  # said before the batch: the first one can take a while
+                    progress(b / len(batches), f"profiling batch {b + 1}/{len(batches)}")
                 body(input_ids=batch.to(device), use_cache=False)
-                if progress:
-                    progress((b + 1) / len(batches), f"profiling batch {b + 1}/{len(batches)}")
         else:
             layers = adapter.layers(model)
+            if progress:
+                progress(0.0, f"capturing the first layer's inputs ({len(batches)} batches)")
             states = [capture(model, adapter, batch) for batch in batches]
             hidden = [s.hidden for s in states]
             for i, layer in enumerate(layers):

@@ -916,7 +916,7 @@ class WeightedMoments:
 
 def output_fisher(model: nn.Module, adapter: Adapter, calib_ids: Tensor, *, windows: int | None = None,
                   chunk_tokens: int = 1024, device: torch.device | str | None = None, targets: str = "model",
-                  seed: int = 0, should_stop: Callable[[], bool] | None = None
+                  seed: int = 0, should_stop: Callable[[], bool] | None = None, progress: Progress | None = None
                   ) -> tuple[dict[str, Tensor], float, int, dict[str, WeightedMoments]]:
     """Mean over tokens of the squared gradient of the *summed* token NLL w.r.t. each decoder
     linear's output: ``F_y[name]`` (m,) float64; and each linear's gradient-weighted input
@@ -971,6 +971,9 @@ def output_fisher(model: nn.Module, adapter: Adapter, calib_ids: Tensor, *, wind
         rows = max(1, chunk_tokens // ids.shape[1])
         for i in range(0, ids.shape[0], rows):
             _check_stop(should_stop, "sensitivity proxy")
+            if progress:
+                progress(i / ids.shape[0], f"gradient pass: windows {i + 1}-{min(i + rows, ids.shape[0])} "
+                                           f"of {ids.shape[0]}")
             batch = ids[i:i + rows].to(dev)
             h0, calls = _capture(model, adapter, batch)
             with torch.enable_grad():
@@ -1038,7 +1041,7 @@ def proxy_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, sta
     _check_settings(linears, grid, method, quant, group_size)
     say(0.0, "gradient pass for the sensitivity proxy")
     fisher, dense_loss, _, moments = output_fisher(model, adapter, calib_ids, windows=windows, device=device,
-                                                   should_stop=should_stop)
+                                                   should_stop=should_stop, progress=lambda f, m: say(0.2 * f, m))
     dtype_bytes = next(model.parameters()).element_size()
     rows = []
     for j, li in enumerate(linears):

@@ -14,7 +14,7 @@ from pathlib import Path
 from common import log, save  # noqa: I001
 
 import app
-from compression.lab import Lab, LabSettings
+from compression.lab import BITS_CHOICES, Lab, LabSettings
 
 
 def main() -> None:
@@ -32,8 +32,8 @@ def main() -> None:
     for r in range(a.repeats):
         ranks = [100] * n
         ranks[r % n] = 30 + (r * 5) % 60
-        bits = [4] * n
-        bits[(r + 3) % n] = r % 4
+        bits: list[int | None] = [None] * n
+        bits[(r + 3) % n] = BITS_CHOICES[r % 4]
         t = time.perf_counter()
         plan = lab.plan_from_sliders(ranks, bits)
         app._readout(lab, plan)

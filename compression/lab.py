@@ -14,7 +14,8 @@ import shutil
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,8 +32,9 @@ from compression.apply import apply_plan
 from compression.plan import ModuleSpec, Plan, PlanWarning, needs_calibration, plan_size, validate
 
 Progress = Callable[[float, str], None]
-BITS_CHOICES = [2, 3, 4, 8, None]  # slider index -> bits (None = keep the dtype)
+BITS_CHOICES = [2, 3, 4, 8, None]  # the per-layer bit widths offered (None = keep the dtype)
 DENSE_PCT = 100  # rank slider value meaning "keep full rank"
+KEEP, KEEP_RANK = "keep", "full"  # override-table cells that leave a module's bits / rank uncompressed
 
 
 @dataclass
@@ -124,6 +126,12 @@ class RunHistory:
         return pd.DataFrame(rows, columns=["run_id", "label", "kind", "ppl", "bytes", "bits_per_weight",
                                            "decode_ms_per_token", "method"])
 
+    def dequantizing_runs(self, fingerprint: str | None, protocol: str) -> int:
+        """Successful runs measured with ``protocol`` whose latency includes dequantising
+        quantised linears on every call (their ``latency_note``)."""
+        return sum(r.status == "ok" and r.protocol == protocol and bool(r.measured.get("latency_note"))
+                   for r in self.records(fingerprint))
+
     def other_protocol_runs(self, fingerprint: str | None, protocol: str) -> int:
         """Successful runs of this model measured with another protocol than ``protocol``."""
         return sum(r.status == "ok" and r.protocol != protocol for r in self.records(fingerprint))
@@ -151,6 +159,7 @@ class Lab:
         self.dense_eval: dict | None = None
         self.history = RunHistory(self.workspace)
         self._stop = False
+        self.job: str | None = None  # what is running now (profiling, a run, ...), for Cancel
 
     # ----------------------------------------------------------------- state
     def require_model(self) -> LoadedModel:
@@ -158,8 +167,27 @@ class Lab:
             raise ValueError("load a model first (Model & data tab)")
         return self.lm
 
-    def request_stop(self) -> None:
+    def request_stop(self) -> str | None:
+        """Ask the running job to stop at its next layer or batch; returns what is running
+        (None: nothing is, and nothing is stopped)."""
+        if self.job is None:
+            return None
         self._stop = True
+        return self.job
+
+    @contextmanager
+    def running(self, job: str) -> Iterator[None]:
+        """Mark ``job`` as running so that Cancel can name and stop it. Steps nested inside
+        (profiling within a run, or the app's profile + first view) belong to the outer job,
+        so one Cancel stops the whole of it; a stop asked before it started does not carry over."""
+        if self.job is not None:
+            yield
+            return
+        self.job, self._stop = job, False
+        try:
+            yield
+        finally:
+            self.job, self._stop = None, False
 
     def should_stop(self) -> bool:
         return self._stop
@@ -228,12 +256,12 @@ class Lab:
     # ----------------------------------------------------------------- profiling
     def run_profile(self, progress: Progress | None = None) -> tuple[Profile, bool]:
         lm = self.require_model()
-        self._stop = False
         sp = self.split
-        prof, reused = load_or_profile(lm.model, lm.adapter, sp.calib_ids, fingerprint=lm.fingerprint,
-                                       data_label=sp.calib_label, data_digest=sp.digest, cache_root=cache_dir(),
-                                       batch_size=self.settings.batch_size, progress=progress,
-                                       should_stop=self.should_stop)
+        with self.running("profiling"):
+            prof, reused = load_or_profile(lm.model, lm.adapter, sp.calib_ids, fingerprint=lm.fingerprint,
+                                           data_label=sp.calib_label, data_digest=sp.digest, cache_root=cache_dir(),
+                                           batch_size=self.settings.batch_size, progress=progress,
+                                           should_stop=self.should_stop)
         self.profile = prof
         self.proxy = None
         return prof, reused
@@ -248,10 +276,11 @@ class Lab:
         from analysis.sensitivity import proxy_sensitivity
 
         lm, prof = self.require_model(), self.require_profile()
-        self.proxy = proxy_sensitivity(lm.model, lm.adapter, self.split.calib_ids, prof.all_stats(),
-                                       fingerprint=lm.fingerprint, data_label=self.split.calib_label,
-                                       data_digest=self.split.digest, progress=progress,
-                                       should_stop=self.should_stop)
+        with self.running("the first sensitivity view"):
+            self.proxy = proxy_sensitivity(lm.model, lm.adapter, self.split.calib_ids, prof.all_stats(),
+                                           fingerprint=lm.fingerprint, data_label=self.split.calib_label,
+                                           data_digest=self.split.digest, progress=progress,
+                                           should_stop=self.should_stop)
         self._refresh_predictor()
         return self.proxy
 
@@ -269,13 +298,13 @@ class Lab:
         from analysis.sensitivity import load_or_measure
 
         lm, prof = self.require_model(), self.require_profile()
-        self._stop = False
         ids, label = self.sensitivity_ids()
-        self.sensitivity, _reused = load_or_measure(lm.model, lm.adapter, ids, prof.all_stats(),
-                                                    fingerprint=lm.fingerprint, data_label=label,
-                                                    data_digest=self.split.digest, cache_root=cache_dir(),
-                                                    method=method, quant=quant, group_size=group_size,
-                                                    progress=progress, should_stop=self.should_stop)
+        with self.running("the sensitivity grid"):
+            self.sensitivity, _reused = load_or_measure(lm.model, lm.adapter, ids, prof.all_stats(),
+                                                        fingerprint=lm.fingerprint, data_label=label,
+                                                        data_digest=self.split.digest, cache_root=cache_dir(),
+                                                        method=method, quant=quant, group_size=group_size,
+                                                        progress=progress, should_stop=self.should_stop)
         self._refresh_predictor()
         return self.sensitivity
 
@@ -305,39 +334,80 @@ class Lab:
         return linear_biases(self.require_model().model, self.linears)
 
     # ----------------------------------------------------------------- plans
-    def plan_from_sliders(self, rank_pcts: list[float], bits_idx: list[int], lowrank: str = "svd-llm",
+    def plan_from_sliders(self, rank_pcts: list[float], bits: list[int | None], lowrank: str = "svd-llm",
                           quant: str = "rtn", group_size: int = 128, overrides: pd.DataFrame | None = None) -> Plan:
         """Per-layer sliders -> plan. Rank: % of each linear's break-even rank (100 = keep
-        full rank), rounded to a multiple of 8. Bits: index into ``BITS_CHOICES``."""
+        full rank), rounded to a multiple of 8. Bits: a width of ``BITS_CHOICES`` per layer
+        (None keeps the dtype)."""
         lins = self.linears
         n_layers = max(li.layer for li in lins) + 1
-        if len(rank_pcts) != n_layers or len(bits_idx) != n_layers:
-            raise ValueError(f"expected {n_layers} rank and bits values, got {len(rank_pcts)} and {len(bits_idx)}")
+        if len(rank_pcts) != n_layers or len(bits) != n_layers:
+            raise ValueError(f"expected {n_layers} rank and bits values, got {len(rank_pcts)} and {len(bits)}")
+        bad = sorted({str(b) for b in bits if b not in BITS_CHOICES})
+        if bad:
+            raise ValueError(f"bits {', '.join(bad)} not offered: pick one of 2, 3, 4, 8 or keep (None) per layer, "
+                             "or set any width per module with a plan file")
         mods = {}
         for li in lins:
-            pct, bits = float(rank_pcts[li.layer]), BITS_CHOICES[int(bits_idx[li.layer])]
+            pct, b = float(rank_pcts[li.layer]), bits[li.layer]
             rank = None if pct >= DENSE_PCT else _round8(pct / 100 * li.break_even, li)
-            spec = ModuleSpec(rank=rank, bits=bits, group_size=group_size, lowrank=lowrank, quant=quant)
+            spec = ModuleSpec(rank=rank, bits=b, group_size=group_size, lowrank=lowrank, quant=quant)
             if not spec.is_dense:
                 mods[li.name] = spec
         plan = Plan(modules=mods, meta={"method": "sliders", "lowrank": lowrank, "quant": quant})
         return self.apply_overrides(plan, overrides)
 
     def apply_overrides(self, plan: Plan, overrides: pd.DataFrame | None) -> Plan:
-        """Rows of the per-module table (name, rank, bits) override the sliders; blank = slider."""
+        """Rows of the per-module table (name, rank, bits) override the sliders: a number sets
+        it, ``full`` (rank) or ``keep`` (bits) leaves that module uncompressed in that respect,
+        blank keeps the layer's slider."""
         if overrides is None or len(overrides) == 0:
             return plan
         mods = dict(plan.modules)
+        known = {li.name for li in self.linears}
         for _, row in overrides.iterrows():
             name = str(row.get("name", "")).strip()
             if not name:
                 continue
+            if name not in known:
+                raise ValueError(f"table row {name!r} is not a decoder linear of this model; the Model & data tab "
+                                 "lists the names")
             base = mods.get(name, plan.default)
             rank, bits = _cell(row.get("rank")), _cell(row.get("bits"))
-            mods[name] = ModuleSpec(rank=rank if rank is not None else base.rank,
-                                    bits=bits if bits is not None else base.bits, group_size=base.group_size,
-                                    lowrank=base.lowrank, quant=base.quant)
+            spec = ModuleSpec(rank=base.rank if rank is None else (None if rank == KEEP else rank),
+                              bits=base.bits if bits is None else (None if bits == KEEP else bits),
+                              group_size=base.group_size, lowrank=base.lowrank, quant=base.quant)
+            if spec.is_dense:
+                mods.pop(name, None)
+            else:
+                mods[name] = spec
         return Plan(default=plan.default, modules=mods, meta=plan.meta)
+
+    def sliders_for(self, plan: Plan) -> tuple[list[int], list[int | None], pd.DataFrame]:
+        """The inverse of ``plan_from_sliders`` for any plan: each layer's sliders at its most
+        common setting (rank % snapped to the slider's 5 % steps), and a table row for every
+        module the sliders do not reproduce, so that sliders + table give back ``plan``'s
+        ranks and bits exactly."""
+        lins = self.linears
+        n = max(li.layer for li in lins) + 1
+        rank_v: list[int] = [DENSE_PCT] * n
+        bits_v: list[int | None] = [None] * n
+        by_layer: dict[int, list] = {}
+        for li in lins:
+            by_layer.setdefault(li.layer, []).append((li, plan.spec_for(li.name)))
+        for layer, items in by_layer.items():
+            pcts = sorted(100 * s.rank / li.break_even if s.rank else DENSE_PCT for li, s in items)
+            rank_v[layer] = int(min(DENSE_PCT, max(10, round(pcts[len(pcts) // 2] / 5) * 5)))
+            bs = [s.bits for _, s in items if s.bits in BITS_CHOICES]
+            bits_v[layer] = max(bs, key=bs.count) if bs else None
+        probe = self.plan_from_sliders(rank_v, bits_v)
+        rows = []
+        for li in lins:
+            s, t = plan.spec_for(li.name), probe.spec_for(li.name)
+            if (s.rank, s.bits) != (t.rank, t.bits):
+                rows.append({"name": li.name, "rank": "" if s.rank == t.rank else (s.rank or KEEP_RANK),
+                             "bits": "" if s.bits == t.bits else (s.bits or KEEP)})
+        return rank_v, bits_v, pd.DataFrame(rows, columns=["name", "rank", "bits"])
 
     def plan_energy(self, fraction: float, lowrank: str = "act-pca") -> Plan:
         """Ranks that keep ``fraction`` of each linear's activation energy (from the profile);
@@ -392,7 +462,8 @@ class Lab:
     def evaluate_dense(self, progress: Progress | None = None) -> dict:
         if self.dense_eval is None:
             lm = self.require_model()
-            self.dense_eval = self._measure(lm.model, progress)
+            with self.running("measuring the dense model"):
+                self.dense_eval = self._measure(lm.model, progress)
         return self.dense_eval
 
     def _measure(self, model: nn.Module, progress: Progress | None) -> dict:
@@ -406,7 +477,7 @@ class Lab:
         params = sum(li.out_features * li.in_features for li in self.linears)
         return dict(ppl=ppl.ppl, nll=ppl.nll, bytes=mem.weight_bytes, bits_per_weight=lin_bytes * 8 / params,
                     prefill_tok_s=lat.prefill_tok_s, decode_ms_per_token=lat.decode_ms_per_token,
-                    peak_allocated=mem.peak_allocated,
+                    peak_allocated=mem.peak_allocated, latency_note=lat.note,
                     protocol=f"{ppl.protocol}; latency: prefill 1 x {lat.seqlen}, decode {lat.decode_tokens} tokens, "
                              f"median of {lat.runs}" + (f" ({lat.note})" if lat.note else ""))
 
@@ -414,36 +485,36 @@ class Lab:
         """Apply ``plan``, measure it, append it to the history (also when it fails or is
         cancelled, with the reason). The loaded dense model stays usable."""
         lm = self.require_model()
-        self._stop = False
         say = progress or (lambda f, m: None)
         rec = RunRecord(run_id=uuid.uuid4().hex[:8], time=_dt.datetime.now().isoformat(timespec="seconds"),
                         label=label or plan.meta.get("method", "plan"), status="failed",
                         fingerprint=lm.fingerprint, plan=plan.to_dict(), protocol=self.protocol())
         t0 = time.perf_counter()
-        try:
-            pred = self.predict(plan)
-            rec.predicted = {k: pred[k] for k in ("ppl", "bytes", "bits_per_weight") if pred.get(k) is not None}
-            if needs_calibration(plan, self.linears) and self.profile is None:
-                say(0.0, "profiling first (statistics feed the methods)")
-                self.run_profile(lambda f, m: say(0.2 * f, m))
-            stats = self.profile.all_stats() if self.profile is not None else None
-            comp, rep = apply_plan(lm.model, lm.adapter, plan, stats, device=lm.device,
-                                   calib_ids=self.split.calib_ids, progress=lambda f, m: say(0.2 + 0.5 * f, m),
-                                   should_stop=self.should_stop)
-            rec.measured = self._measure(comp, lambda f, m: say(0.7 + 0.3 * f, m))
-            rec.status = "ok"
-            self.compressed, self.compressed_plan = comp, plan
-        except InterruptedError as e:
-            rec.status, rec.error = "cancelled", str(e)
-        except torch.cuda.OutOfMemoryError as e:
-            torch.cuda.empty_cache()
-            rec.error = (f"GPU out of memory ({e}); try fewer calibration windows, a shorter seqlen, or the CPU. "
-                         "The loaded model is unchanged.")
-        except (ValueError, KeyError, RuntimeError, NotImplementedError) as e:
-            rec.error = str(e)
-        finally:
-            rec.seconds = round(time.perf_counter() - t0, 2)
-            self.history.append(rec)
+        with self.running("the run"):
+            try:
+                pred = self.predict(plan)
+                rec.predicted = {k: pred[k] for k in ("ppl", "bytes", "bits_per_weight") if pred.get(k) is not None}
+                if needs_calibration(plan, self.linears) and self.profile is None:
+                    say(0.0, "profiling first (statistics feed the methods)")
+                    self.run_profile(lambda f, m: say(0.2 * f, m))
+                stats = self.profile.all_stats() if self.profile is not None else None
+                comp, rep = apply_plan(lm.model, lm.adapter, plan, stats, device=lm.device,
+                                       calib_ids=self.split.calib_ids, progress=lambda f, m: say(0.2 + 0.5 * f, m),
+                                       should_stop=self.should_stop)
+                rec.measured = self._measure(comp, lambda f, m: say(0.7 + 0.3 * f, m))
+                rec.status = "ok"
+                self.compressed, self.compressed_plan = comp, plan
+            except InterruptedError as e:
+                rec.status, rec.error = "cancelled", str(e)
+            except torch.cuda.OutOfMemoryError as e:
+                torch.cuda.empty_cache()
+                rec.error = (f"GPU out of memory ({e}); try fewer calibration windows, a shorter seqlen, or the CPU. "
+                             "The loaded model is unchanged.")
+            except (ValueError, KeyError, RuntimeError, NotImplementedError) as e:
+                rec.error = str(e)
+            finally:
+                rec.seconds = round(time.perf_counter() - t0, 2)
+                self.history.append(rec)
         return rec
 
     # ----------------------------------------------------------------- generation & export
@@ -486,13 +557,17 @@ def _round8(k: float, li) -> int:
     return int(min(max(8, round(k / 8) * 8), full))
 
 
-def _cell(v) -> int | None:
+def _cell(v) -> int | str | None:
+    """A table cell: None (blank: the slider's value), ``KEEP`` (uncompressed) or a number."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return None
     s = str(v).strip().lower()
-    if s in ("", "none", "keep", "nan", "-"):
+    if s in ("", "nan", "-"):
         return None
+    if s in (KEEP, KEEP_RANK, "none", "dense"):
+        return KEEP
     try:
         return int(float(s))
     except ValueError as e:
-        raise ValueError(f"table value {v!r} is not a number; use an integer or leave it blank") from e
+        raise ValueError(f"table value {v!r} is not a number; use an integer, 'full' (rank) or 'keep' (bits), "
+                         "or leave it blank for the layer's setting") from e

@@ -251,6 +251,10 @@ def test_budget_bars_nullable_rank_and_bits():
     assert _protocol_shown(fig)
     no_bits = F.budget_bars(table.assign(bits=pd.array([None] * 4, dtype="Int64")), PROTOCOL)
     assert [t.type for t in no_bits.data] == ["bar", "bar"]
+    # one legend entry per role: its bar, or its diamonds when no linear of that role is factorised
+    assert [t.name for t in fig.data if t.showlegend is not False] == ["q_proj", "down_proj"]
+    only_bits = F.budget_bars(table.assign(rank=pd.array([None] * 4, dtype="Int64")), PROTOCOL)
+    assert [(t.type, t.showlegend) for t in only_bits.data] == [("scatter", True)] * 2
     with pytest.raises(ValueError, match="full_rank"):
         F.budget_bars(table.drop(columns="full_rank"), PROTOCOL)
 

@@ -1,6 +1,7 @@
 """End-to-end: the real app on the default model, driven in Debian's headless chromium.
 
-Open the app, profile, move a slider and see the predicted point move, run a small
+Open the app, cancel profiling and profile, move a slider and see the predicted point move,
+pick a layer's bits and see the predicted size fall, run a small
 compression, see the measured point and the run-table row appear, reload the page and
 find the history. Screenshots land in artifacts/ (one is the README's).
 """
@@ -91,6 +92,11 @@ def test_profile_slider_run_reload(app_url):
         page.locator("#model-spec").get_by_role("textbox").fill("default")
 
         page.get_by_role("tab", name="Spectra").click()
+        # Cancel stops profiling + first view (one job) and says so in place of "Cancelling…"
+        page.locator("#profile-btn").click()
+        page.locator(".progress-text").first.wait_for(state="visible")
+        page.locator("#profile-cancel").click()
+        expect(page.locator("#profile-info")).to_contain_text("Cancelled.")
         page.locator("#profile-btn").click()
         expect(page.locator("#profile-info")).to_contain_text("tokens")
         page.wait_for_timeout(1500)
@@ -119,6 +125,18 @@ def test_profile_slider_run_reload(app_url):
                 break
             page.wait_for_timeout(250)
         assert after and after != before, "the predicted point did not move"
+        # bits are picked as real widths: layer 0 at 3 bits lowers the predicted bits per weight
+        bpw = re.compile(r"([\d.]+) bits/weight")
+        before_bits = float(bpw.search(readout.inner_text()).group(1))
+        page.locator("#bits-0 input").click()
+        page.get_by_role("option", name="3", exact=True).click()
+        expect(readout).to_contain_text(re.compile(r"bits/weight"))
+        for _ in range(40):
+            found_bits = bpw.search(readout.inner_text())
+            if found_bits and float(found_bits.group(1)) < before_bits:
+                break
+            page.wait_for_timeout(250)
+        assert found_bits and float(found_bits.group(1)) < before_bits, readout.inner_text()
         page.screenshot(path=str(ARTIFACTS / "budget.png"), full_page=False)
 
         page.get_by_role("tab", name="Run & compare").click()

@@ -12,33 +12,71 @@ from compression.plan import ModuleSpec, Plan
 
 def test_slider_plan_and_exact_bytes(tiny_lab):
     n = 2
-    plan = tiny_lab.plan_from_sliders([50, 100], [4, 2], lowrank="svd-llm", quant="rtn", group_size=32)
+    plan = tiny_lab.plan_from_sliders([50, 100], [None, 4], lowrank="svd-llm", quant="rtn", group_size=32)
     l0 = [li for li in tiny_lab.linears if li.layer == 0]
     for li in l0:
         s = plan.spec_for(li.name)
         assert s.rank % 8 == 0 and s.rank <= li.break_even and s.bits is None
     for li in (li for li in tiny_lab.linears if li.layer == 1):
-        assert plan.spec_for(li.name) == ModuleSpec(rank=None, bits=BITS_CHOICES[2], group_size=32)
+        assert plan.spec_for(li.name) == ModuleSpec(rank=None, bits=4, group_size=32)
     pred = tiny_lab.predict(plan)
     assert pred["bytes"] < pred["dense_bytes"] and pred["ppl"] is None  # no sensitivities yet
     with pytest.raises(ValueError, match="expected 2 rank"):
-        tiny_lab.plan_from_sliders([50] * (n + 1), [4] * n)
+        tiny_lab.plan_from_sliders([50] * (n + 1), [None] * n)
+    with pytest.raises(ValueError, match="bits 5 not offered: pick one of 2, 3, 4, 8 or keep"):
+        tiny_lab.plan_from_sliders([50] * n, [5, None])
+    assert BITS_CHOICES == [2, 3, 4, 8, None]
 
 
 def test_overrides_table(tiny_lab):
     import pandas as pd
 
     name = tiny_lab.linears[0].name
-    plan = tiny_lab.plan_from_sliders([100, 100], [4, 4], overrides=pd.DataFrame({"name": [name], "rank": [16],
+    plan = tiny_lab.plan_from_sliders([100, 100], [None, None], overrides=pd.DataFrame({"name": [name], "rank": [16],
                                                                                      "bits": [""]}))
     assert plan.spec_for(name).rank == 16 and plan.spec_for(name).bits is None
     with pytest.raises(ValueError, match="not a number"):
-        tiny_lab.plan_from_sliders([100, 100], [4, 4], overrides=pd.DataFrame({"name": [name], "rank": ["x"],
+        tiny_lab.plan_from_sliders([100, 100], [None, None], overrides=pd.DataFrame({"name": [name], "rank": ["x"],
                                                                                  "bits": [""]}))
 
 
+def test_override_table_keeps_full_rank_and_dtype_and_refuses_unknown_names(tiny_lab):
+    name = tiny_lab.linears[0].name
+    table = pd.DataFrame({"name": [name], "rank": ["full"], "bits": ["keep"]})
+    plan = tiny_lab.plan_from_sliders([50, 50], [4, 4], group_size=32, overrides=table)
+    assert plan.spec_for(name).is_dense and name not in plan.modules
+    other = tiny_lab.linears[1].name
+    plan = tiny_lab.plan_from_sliders([50, 50], [4, 4], overrides=pd.DataFrame({"name": [other], "rank": [""],
+                                                                                 "bits": ["keep"]}))
+    assert plan.spec_for(other).bits is None and plan.spec_for(other).rank is not None  # blank = the slider
+    with pytest.raises(ValueError, match="not a decoder linear of this model"):
+        tiny_lab.plan_from_sliders([50, 50], [4, 4], overrides=pd.DataFrame({"name": ["model.nope"], "rank": [8],
+                                                                              "bits": [""]}))
+
+
+def test_sliders_for_gives_back_any_plan(tiny_lab):
+    """Presets fill the sliders and the table; together they must rebuild the plan exactly,
+    including modules left dense inside compressed layers and ranks between slider steps."""
+    lins = tiny_lab.linears
+    mods = {lins[0].name: ModuleSpec(rank=8, bits=3, group_size=32),
+            lins[1].name: ModuleSpec(bits=4, group_size=32),
+            lins[2].name: ModuleSpec(bits=4, group_size=32)}
+    mods.update({li.name: ModuleSpec(rank=16, bits=8, group_size=32) for li in lins if li.layer == 1})
+    mods[[li.name for li in lins if li.layer == 1][-1]] = ModuleSpec(group_size=32)  # a dense one among them
+    mods = {k: v for k, v in mods.items() if not v.is_dense}
+    plan = Plan(modules=mods)
+    ranks, bits, table = tiny_lab.sliders_for(plan)
+    assert all(10 <= r <= 100 and r % 5 == 0 for r in ranks) and all(b in BITS_CHOICES for b in bits)
+    back = tiny_lab.plan_from_sliders(ranks, bits, group_size=32, overrides=table)
+    for li in lins:
+        got, want = back.spec_for(li.name), plan.spec_for(li.name)
+        assert (got.rank, got.bits) == (want.rank, want.bits), li.name
+    assert len(table) < len(lins)  # the sliders carry the common settings
+    assert tiny_lab.sliders_for(Plan())[2].empty
+
+
 def test_run_measures_and_history_survives_restart(tiny_lab):
-    plan = tiny_lab.plan_from_sliders([50, 50], [4, 2], group_size=32)
+    plan = tiny_lab.plan_from_sliders([50, 50], [None, 4], group_size=32)
     rec = tiny_lab.run(plan, "half rank")
     assert rec.status == "ok", rec.error
     pred = tiny_lab.predict(plan)
@@ -47,18 +85,22 @@ def test_run_measures_and_history_survives_restart(tiny_lab):
     # the quantised linears are dequantised per call: the timings say so, the dense one does not
     assert "unpacked and dequantised on every call" in rec.measured["protocol"]
     assert "dequantised" not in tiny_lab.evaluate_dense()["protocol"]
+    assert rec.measured["latency_note"] and tiny_lab.history.dequantizing_runs(rec.fingerprint, rec.protocol) == 1
+    low_rank_only = tiny_lab.run(tiny_lab.plan_from_sliders([50, 50], [None, None], group_size=32))
+    assert low_rank_only.status == "ok" and low_rank_only.measured["latency_note"] == ""
+    assert tiny_lab.history.dequantizing_runs(rec.fingerprint, rec.protocol) == 1
     again = Lab(tiny_lab.workspace)  # a restarted app reads the same folder
     rows = again.history.table(tiny_lab.lm.fingerprint)
-    assert list(rows.run_id) == [rec.run_id] and rows.iloc[0].label == "half rank"
+    assert list(rows.run_id) == [rec.run_id, low_rank_only.run_id] and rows.iloc[0].label == "half rank"
 
 
 def test_tradeoff_draws_only_runs_measured_with_the_current_protocol(tiny_lab):
     fp = tiny_lab.lm.fingerprint
-    first = tiny_lab.run(tiny_lab.plan_from_sliders([50, 50], [4, 4], group_size=32), "seqlen 32")
+    first = tiny_lab.run(tiny_lab.plan_from_sliders([50, 50], [None, None], group_size=32), "seqlen 32")
     old = tiny_lab.protocol()
     tiny_lab.set_texts("default", "default", seqlen=16)
     assert tiny_lab.protocol() != old
-    second = tiny_lab.run(tiny_lab.plan_from_sliders([50, 50], [4, 4], group_size=32), "seqlen 16")
+    second = tiny_lab.run(tiny_lab.plan_from_sliders([50, 50], [None, None], group_size=32), "seqlen 16")
     assert set(tiny_lab.history.tradeoff_frame(fp, protocol=tiny_lab.protocol()).run_id) == {second.run_id}
     assert set(tiny_lab.history.tradeoff_frame(fp, protocol=old).run_id) == {first.run_id}
     assert set(tiny_lab.history.tradeoff_frame(fp).run_id) == {first.run_id, second.run_id}
@@ -76,6 +118,18 @@ def test_failed_and_cancelled_runs_are_recorded(tiny_lab):
     assert statuses == ["failed", "cancelled"]
     # the loaded model still works
     assert tiny_lab.lm.model(input_ids=tiny_lab.split.eval_ids[:1]).logits.isfinite().all()
+
+
+def test_cancel_stops_the_running_job_only(tiny_lab):
+    assert tiny_lab.request_stop() is None  # nothing runs: nothing to stop, and nothing left armed
+    said = []
+    rec = tiny_lab.run(Plan(default=ModuleSpec(bits=4, group_size=32)),
+                       progress=lambda f, m: said.append(tiny_lab.request_stop()))
+    assert rec.status == "cancelled" and said[0] == "the run" and tiny_lab.job is None
+    assert tiny_lab.run(Plan(default=ModuleSpec(bits=4, group_size=32))).status == "ok"  # the stop did not linger
+    with pytest.raises(InterruptedError, match="profiling cancelled"):
+        tiny_lab.run_profile(progress=lambda f, m: said.append(tiny_lab.request_stop()))
+    assert "profiling" in said and tiny_lab.profile is None and tiny_lab.job is None
 
 
 def test_torn_history_line_is_skipped(tmp_path):
@@ -101,14 +155,14 @@ def test_first_view_makes_predictions_and_allocation_meets_target(tiny_lab):
     assert "first view" in kind and len(table) > 0
     dense = tiny_lab.predict(Plan())
     assert dense["ppl"] is not None and dense["ratio"] == 1.0
-    heavy = tiny_lab.predict(tiny_lab.plan_from_sliders([25, 25], [0, 0], group_size=32))
+    heavy = tiny_lab.predict(tiny_lab.plan_from_sliders([25, 25], [2, 2], group_size=32))
     assert heavy["ppl"] >= dense["ppl"] and heavy["bytes"] < dense["bytes"]
     plan = tiny_lab.plan_allocate(0.6)
     assert tiny_lab.predict(plan)["ratio"] <= 0.6
     assert dense["ppl_basis"] == "calibration" and dense["ppl"] == pytest.approx(math.exp(dense["loss"]))
     # once the dense model is measured, predictions are on the evaluation text's scale
     measured = tiny_lab.evaluate_dense()["ppl"]
-    on_eval, heavy_eval = tiny_lab.predict(Plan()), tiny_lab.predict(tiny_lab.plan_from_sliders([25, 25], [0, 0],
+    on_eval, heavy_eval = tiny_lab.predict(Plan()), tiny_lab.predict(tiny_lab.plan_from_sliders([25, 25], [2, 2],
                                                                                                  group_size=32))
     assert on_eval["ppl_basis"] == "evaluation" and on_eval["ppl"] == pytest.approx(measured)
     assert heavy_eval["ppl"] == pytest.approx(measured * math.exp(heavy["dloss"]))
