@@ -555,7 +555,9 @@ def _readout(lab: Lab, plan: Plan):
             + ("Perplexity predicted as the measured dense perplexity of the evaluation text x exp(sum of the "
                f"per-linear increases){src}; bytes are exact." if pr.get("ppl_basis") == "evaluation" else
                f"Perplexity predicted from the calibration loss{src} (measure the dense model to put it on the "
-               "evaluation text's scale); bytes are exact."))
+               "evaluation text's scale); bytes are exact.")
+            + " Adding per-linear increases ranks plans well but runs optimistic for heavy compression (errors "
+              "compound across layers, and within a layer): measure a plan before a long run.")
     if pr["notes"]:
         shown = "\n".join(f"- {n}" for n in pr["notes"][:5])
         more = f"\n- … and {len(pr['notes']) - 5} more" if len(pr["notes"]) > 5 else ""

@@ -151,7 +151,7 @@ def _style(fig: go.Figure, title: str, protocol: str, *, x_title: str | None = N
            height: int | None = None, extra_top: int = 0) -> go.Figure:
     """Shared look: title + protocol subtitle, white template, compact margins."""
     protocol = "" if protocol is None else str(protocol)
-    lines = textwrap.wrap(protocol, 120) or [""]
+    lines = textwrap.wrap(protocol, 95) or [""]  # fits a half-width figure
     fig.update_layout(
         template=TEMPLATE,
         title=dict(text=html.escape(title, quote=False), x=0.01, xanchor="left", font=dict(size=17),
@@ -473,13 +473,18 @@ def pareto_front(df: pd.DataFrame, x: str, y: str = "ppl") -> pd.DataFrame:
     return d.iloc[keep]
 
 
+MAX_POINT_LABELS = 10  # measured runs beyond which the trade-off plots stop writing labels by the points
+
+
 def tradeoff(runs: pd.DataFrame, x: str = "bytes", protocol: str = "") -> go.Figure:
     """Perplexity (log y) vs ``x`` ("bytes" [drawn in MB], "latency_ms" [decode ms / token] or
     "bits_per_weight"). Trace order: per method (order of appearance) a measured trace (filled
     circles) then a predicted one (hollow); a grey "prediction → measurement" link per run_id
     having both; the measured Pareto front (step line, lower-left is better); the dense baseline
     (label "dense", black star; hollow if only predicted). Rows whose x or ppl is missing are
-    left out and counted in a note; a method keeps its colour whichever ``x`` is drawn."""
+    left out and counted in a note; a method keeps its colour whichever ``x`` is drawn. Measured
+    points are written with their run's label when it differs from the method, up to
+    ``MAX_POINT_LABELS`` measured runs."""
     _require(runs, RUNS_COLUMNS, "runs")
     if x not in X_AXES:
         raise ValueError(f"x must be one of {', '.join(X_AXES)}, got {x!r}")
@@ -501,13 +506,22 @@ def tradeoff(runs: pd.DataFrame, x: str = "bytes", protocol: str = "") -> go.Fig
     is_dense = d["label"].astype(str) == "dense"
     colors = {m: _color(j) for j, m in enumerate(_ordered(runs.loc[runs["label"].astype(str) != "dense", "method"]))}
     fig = go.Figure()
+    # measured points carry their run's label when it says more than the legend (label != method)
+    # and there are few enough of them to read
+    n_measured = int((~is_dense & (d["kind"] == "measured")).sum())
     for method in _ordered(d.loc[~is_dense, "method"]):
         for kind, symbol in (("measured", "circle"), ("predicted", "circle-open")):
             g = d[~is_dense & (d["method"] == method) & (d["kind"] == kind)]
             if g.empty:
                 continue
+            text = [str(lb) if str(lb) != str(method) else "" for lb in g["label"]]
+            labelled = kind == "measured" and n_measured <= MAX_POINT_LABELS and any(text)
+            right = float(d["_x"].max())  # labels of points near the right edge go to their left
+            where = ["middle left" if xv > 0.75 * right else "middle right" for xv in g["_x"]]
             fig.add_trace(go.Scatter(
-                x=g["_x"], y=g["ppl"], mode="markers", name=f"{method} ({kind})", legendgroup=str(method),
+                x=g["_x"], y=g["ppl"], mode="markers+text" if labelled else "markers", name=f"{method} ({kind})",
+                legendgroup=str(method), text=text if labelled else None, textposition=where,
+                textfont=dict(size=11, color="#333333"),
                 marker=dict(symbol=symbol, size=11, color=colors[method], line=dict(width=2, color=colors[method])),
                 hovertext=g["_hover"], hovertemplate="%{hovertext}<extra></extra>"))
     lx, ly = [], []

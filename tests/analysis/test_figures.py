@@ -211,6 +211,11 @@ def test_tradeoff_traces_links_front_and_dense():
     assert list(by["dense baseline"].marker.symbol) == ["star"] and fig.layout.yaxis.type == "log"
     assert "1,000 bytes" in by["dense baseline"].hovertext[0]
     assert _protocol_shown(fig)
+    # a run labelled otherwise than its method is named by its point; predictions and plain runs are not
+    assert by["svd (measured)"].mode == "markers+text" and list(by["svd (measured)"].text) == ["svd half"]
+    assert by["int4 (measured)"].mode == "markers" and by["svd (predicted)"].mode == "markers"
+    many = pd.concat([runs] + [runs[runs.run_id == "a"].assign(run_id=f"a{i}") for i in range(F.MAX_POINT_LABELS)])
+    assert all(t.mode != "markers+text" for t in F.tradeoff(many, "bytes", PROTOCOL).data if t.name != "dense baseline")
 
 
 def test_tradeoff_latency_drops_missing_and_keeps_colours():
