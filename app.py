@@ -84,16 +84,17 @@ def _runs_display(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _cancelled(e: InterruptedError, kept: str = "") -> str:
-    """What a cancelled job says in its tab, in place of the "Cancelling…" line."""
+    """What a cancelled job says where it reports, in place of the "Cancel requested" line."""
     return f"**Cancelled.** {str(e)[:1].upper()}{str(e)[1:]}.{' ' + kept if kept else ''}"
 
 
-def _cancel(lab: Lab | None) -> str | None:
-    """Cancel whatever heavy job this session runs; what was asked to stop, or None."""
+def _cancel_text(lab: Lab | None) -> str:
+    """Cancel whatever heavy job this session runs. The line stays true after the job ends
+    (the job reports its own stop where it reports, which may be another tab)."""
     job = lab.request_stop() if lab is not None else None
     if job is None:
-        gr.Info("Nothing is running.")
-    return job
+        return "Nothing to cancel: no job of this session is running."
+    return f"Cancel requested: {job} stops at its next batch or layer and says so where it reports."
 
 
 def _tmp(name: str) -> Path:
@@ -251,11 +252,7 @@ def build_spectra_tab(state):
     prof_btn.click(on_profile, [state], [state, info, heat, csv, layer, role, energy, spectrum, eff],
                    concurrency_id=HEAVY, concurrency_limit=1)
 
-    def on_cancel(lab):
-        job = _cancel(lab)
-        return f"Cancelling {job}… it stops after the current batch." if job else gr.update()
-
-    prof_cancel.click(on_cancel, [state], [info], queue=False)
+    prof_cancel.click(_cancel_text, [state], [info], queue=False)
     layer.change(on_pick, [state, layer, role], [energy, spectrum])
     role.change(on_pick, [state, layer, role], [energy, spectrum])
 
@@ -386,11 +383,7 @@ def build_sensitivity_tab(state):
                    concurrency_id=HEAVY, concurrency_limit=1)
     layer.change(on_layer, [state, layer], [curves])
 
-    def on_cancel(lab):
-        job = _cancel(lab)
-        return f"Cancelling {job}… it stops after the current layer." if job else gr.update()
-
-    sens_cancel.click(on_cancel, [state], [info], queue=False)
+    sens_cancel.click(_cancel_text, [state], [info], queue=False)
 
 
 def build_budget_tab(state):
@@ -462,13 +455,16 @@ def build_budget_tab(state):
         comp.release(on_predict, inputs, outputs, show_progress="hidden")
     for comp in bits:
         comp.input(on_predict, inputs, outputs, show_progress="hidden")
-    for comp in (lowrank, quant, group):
-        comp.change(on_predict, inputs, outputs, show_progress="hidden")
+    for comp in (lowrank, quant, group):  # user edits only: a preset that sets them has its own readout
+        comp.input(on_predict, inputs, outputs, show_progress="hidden")
     overrides.input(on_predict, inputs, outputs, show_progress="hidden")
 
     def fill(lab, plan: Plan):
         """Sliders at each layer's typical setting, the modules they miss in the table."""
         rank_v, bits_v, table = _require(lab).sliders_for(plan)
+        if len(rank_v) > MAX_LAYERS:
+            raise ValueError(f"this model has {len(rank_v)} layers; the sliders cover {MAX_LAYERS}: export the "
+                             "plan JSON and run it with `python -m compression apply --plan`")
         rank_v += [DENSE_PCT] * (MAX_LAYERS - len(rank_v))
         labels = [_bits_label(b) for b in bits_v] + ["keep"] * (MAX_LAYERS - len(bits_v))
         return [*[gr.update(value=v) for v in rank_v], *[gr.update(value=v) for v in labels], table]
@@ -519,16 +515,12 @@ def build_budget_tab(state):
     energy_btn.click(preset("energy"), preset_in, preset_out, concurrency_id=HEAVY, concurrency_limit=1)
     alloc_btn.click(preset("allocate"), preset_in, preset_out, concurrency_id=HEAVY, concurrency_limit=1)
 
-    def on_cancel(lab):
-        job = _cancel(lab)
-        return f"Cancelling {job}… it stops after the current batch or layer." if job else gr.update()
-
-    preset_cancel.click(on_cancel, [state], [readout], queue=False)
+    preset_cancel.click(_cancel_text, [state], [readout], queue=False)
 
     def _method_updates(plan: Plan) -> list:
         """Set the method dropdowns to the plan's (the most common among its modules), so that
         the next slider move keeps compressing the way the preset chose."""
-        specs = list(plan.modules.values())
+        specs = list(plan.modules.values()) + ([] if plan.default.is_dense else [plan.default])
         lr = [s.lowrank for s in specs if s.rank is not None]
         qs = [(s.quant, s.group_size) for s in specs if s.bits is not None]
         return [gr.update(value=max(set(lr), key=lr.count)) if lr else gr.update(),
@@ -634,11 +626,6 @@ def build_run_tab(state, budget):
                      f"{d['prefill_tok_s']:.0f} tok/s, decode {d['decode_ms_per_token']:.1f} ms/token.  \n"
                      f"Protocol: {d['protocol']}", *tables(lab))
 
-    def on_cancel(lab):
-        job = _cancel(lab)  # the job itself then returns and says it was cancelled
-        return (f"Cancelling {job}… it stops at the next layer; the history and the loaded model stay intact."
-                if job else gr.update())
-
     def on_gen(lab, text):
         try:
             return _require(lab).generate(text)
@@ -649,7 +636,7 @@ def build_run_tab(state, budget):
                            concurrency_id=HEAVY, concurrency_limit=1)
     dense_btn.click(on_dense, [state], [state, status, runs, fig_bytes, fig_lat], concurrency_id=HEAVY,
                     concurrency_limit=1)
-    cancel_btn.click(on_cancel, [state], [status], queue=False)
+    cancel_btn.click(_cancel_text, [state], [status], queue=False)  # the run then reports how it ended
     gen_btn.click(on_gen, [state, prompt], [out_dense, out_comp], concurrency_id=HEAVY, concurrency_limit=1)
     return dict(tables=tables, runs=runs, fig_bytes=fig_bytes, fig_lat=fig_lat)
 

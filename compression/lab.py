@@ -129,7 +129,10 @@ class RunHistory:
     def dequantizing_runs(self, fingerprint: str | None, protocol: str) -> int:
         """Successful runs measured with ``protocol`` whose latency includes dequantising
         quantised linears on every call (their ``latency_note``)."""
-        return sum(r.status == "ok" and r.protocol == protocol and bool(r.measured.get("latency_note"))
+        def dequantizes(m: dict) -> bool:  # runs recorded before ``latency_note`` existed: their protocol says it
+            return bool(m.get("latency_note", "dequantised on every call" in m.get("protocol", "")))
+
+        return sum(r.status == "ok" and r.protocol == protocol and dequantizes(r.measured)
                    for r in self.records(fingerprint))
 
     def other_protocol_runs(self, fingerprint: str | None, protocol: str) -> int:
@@ -355,12 +358,14 @@ class Lab:
             if not spec.is_dense:
                 mods[li.name] = spec
         plan = Plan(modules=mods, meta={"method": "sliders", "lowrank": lowrank, "quant": quant})
-        return self.apply_overrides(plan, overrides)
+        return self.apply_overrides(plan, overrides,
+                                    base=ModuleSpec(group_size=group_size, lowrank=lowrank, quant=quant))
 
-    def apply_overrides(self, plan: Plan, overrides: pd.DataFrame | None) -> Plan:
+    def apply_overrides(self, plan: Plan, overrides: pd.DataFrame | None, base: ModuleSpec | None = None) -> Plan:
         """Rows of the per-module table (name, rank, bits) override the sliders: a number sets
         it, ``full`` (rank) or ``keep`` (bits) leaves that module uncompressed in that respect,
-        blank keeps the layer's slider."""
+        blank keeps the layer's slider. A module the sliders leave dense takes its methods and
+        group size from ``base`` (the sliders' own; default ``plan.default``)."""
         if overrides is None or len(overrides) == 0:
             return plan
         mods = dict(plan.modules)
@@ -372,11 +377,11 @@ class Lab:
             if name not in known:
                 raise ValueError(f"table row {name!r} is not a decoder linear of this model; the Model & data tab "
                                  "lists the names")
-            base = mods.get(name, plan.default)
+            cur = mods.get(name) or (base if base is not None else plan.default)
             rank, bits = _cell(row.get("rank")), _cell(row.get("bits"))
-            spec = ModuleSpec(rank=base.rank if rank is None else (None if rank == KEEP else rank),
-                              bits=base.bits if bits is None else (None if bits == KEEP else bits),
-                              group_size=base.group_size, lowrank=base.lowrank, quant=base.quant)
+            spec = ModuleSpec(rank=cur.rank if rank is None else (None if rank == KEEP else rank),
+                              bits=cur.bits if bits is None else (None if bits == KEEP else bits),
+                              group_size=cur.group_size, lowrank=cur.lowrank, quant=cur.quant)
             if spec.is_dense:
                 mods.pop(name, None)
             else:

@@ -92,7 +92,7 @@ def test_profile_slider_run_reload(app_url):
         page.locator("#model-spec").get_by_role("textbox").fill("default")
 
         page.get_by_role("tab", name="Spectra").click()
-        # Cancel stops profiling + first view (one job) and says so in place of "Cancelling…"
+        # Cancel stops profiling + first view (one job), which then says so in place of "Cancel requested"
         page.locator("#profile-btn").click()
         page.locator(".progress-text").first.wait_for(state="visible")
         page.locator("#profile-cancel").click()

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from compression.lab import BITS_CHOICES, Lab, RunHistory
+from compression.lab import BITS_CHOICES, Lab, RunHistory, RunRecord
 from compression.plan import ModuleSpec, Plan
 
 
@@ -58,19 +58,20 @@ def test_sliders_for_gives_back_any_plan(tiny_lab):
     """Presets fill the sliders and the table; together they must rebuild the plan exactly,
     including modules left dense inside compressed layers and ranks between slider steps."""
     lins = tiny_lab.linears
-    mods = {lins[0].name: ModuleSpec(rank=8, bits=3, group_size=32),
-            lins[1].name: ModuleSpec(bits=4, group_size=32),
-            lins[2].name: ModuleSpec(bits=4, group_size=32)}
-    mods.update({li.name: ModuleSpec(rank=16, bits=8, group_size=32) for li in lins if li.layer == 1})
-    mods[[li.name for li in lins if li.layer == 1][-1]] = ModuleSpec(group_size=32)  # a dense one among them
+    kw = dict(group_size=32, lowrank="act-pca", quant="gptq")  # not the defaults: they must survive too
+    mods = {lins[0].name: ModuleSpec(rank=8, bits=3, **kw),
+            lins[1].name: ModuleSpec(bits=4, **kw),
+            lins[2].name: ModuleSpec(bits=4, **kw),
+            lins[3].name: ModuleSpec(bits=6, **kw)}  # a width the pickers do not offer
+    mods.update({li.name: ModuleSpec(rank=16, bits=8, **kw) for li in lins if li.layer == 1})
+    mods[[li.name for li in lins if li.layer == 1][-1]] = ModuleSpec(**kw)  # a dense one among them
     mods = {k: v for k, v in mods.items() if not v.is_dense}
     plan = Plan(modules=mods)
     ranks, bits, table = tiny_lab.sliders_for(plan)
     assert all(10 <= r <= 100 and r % 5 == 0 for r in ranks) and all(b in BITS_CHOICES for b in bits)
-    back = tiny_lab.plan_from_sliders(ranks, bits, group_size=32, overrides=table)
+    back = tiny_lab.plan_from_sliders(ranks, bits, overrides=table, **kw)
     for li in lins:
-        got, want = back.spec_for(li.name), plan.spec_for(li.name)
-        assert (got.rank, got.bits) == (want.rank, want.bits), li.name
+        assert back.spec_for(li.name) == plan.spec_for(li.name), li.name
     assert len(table) < len(lins)  # the sliders carry the common settings
     assert tiny_lab.sliders_for(Plan())[2].empty
 
@@ -89,9 +90,13 @@ def test_run_measures_and_history_survives_restart(tiny_lab):
     low_rank_only = tiny_lab.run(tiny_lab.plan_from_sliders([50, 50], [None, None], group_size=32))
     assert low_rank_only.status == "ok" and low_rank_only.measured["latency_note"] == ""
     assert tiny_lab.history.dequantizing_runs(rec.fingerprint, rec.protocol) == 1
+    old = RunRecord(**{**rec.__dict__, "run_id": "old", "measured": {k: v for k, v in rec.measured.items()
+                                                                    if k != "latency_note"}})
+    tiny_lab.history.append(old)  # recorded before latency_note existed: its protocol says it
+    assert tiny_lab.history.dequantizing_runs(rec.fingerprint, rec.protocol) == 2
     again = Lab(tiny_lab.workspace)  # a restarted app reads the same folder
     rows = again.history.table(tiny_lab.lm.fingerprint)
-    assert list(rows.run_id) == [rec.run_id, low_rank_only.run_id] and rows.iloc[0].label == "half rank"
+    assert list(rows.run_id) == [rec.run_id, low_rank_only.run_id, "old"] and rows.iloc[0].label == "half rank"
 
 
 def test_tradeoff_draws_only_runs_measured_with_the_current_protocol(tiny_lab):
