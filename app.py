@@ -11,6 +11,7 @@ import json
 import tempfile
 import time
 import traceback
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -521,10 +522,13 @@ def build_budget_tab(state):
         """Set the method dropdowns to the plan's (the most common among its modules), so that
         the next slider move keeps compressing the way the preset chose."""
         specs = list(plan.modules.values()) + ([] if plan.default.is_dense else [plan.default])
-        lr = [s.lowrank for s in specs if s.rank is not None]
-        qs = [(s.quant, s.group_size) for s in specs if s.bits is not None]
-        return [gr.update(value=max(set(lr), key=lr.count)) if lr else gr.update(),
-                *((gr.update(value=v) for v in max(set(qs), key=qs.count)) if qs else (gr.update(), gr.update()))]
+        lowranks = Counter(s.lowrank for s in specs if s.rank is not None)
+        quants = Counter((s.quant, s.group_size) for s in specs if s.bits is not None)
+        lowrank_v = gr.update(value=lowranks.most_common(1)[0][0]) if lowranks else gr.update()
+        if not quants:
+            return [lowrank_v, gr.update(), gr.update()]
+        quant, group = quants.most_common(1)[0][0]
+        return [lowrank_v, gr.update(value=quant), gr.update(value=group)]
 
     def show_rows(lab):
         n = len(lab.lm.adapter.layers(lab.lm.model)) if lab is not None and lab.lm is not None else 0
