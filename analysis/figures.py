@@ -605,7 +605,11 @@ def budget_bars(table: pd.DataFrame, protocol: str) -> go.Figure:
         fig.update_layout(yaxis2=dict(title=dict(text="Bits per weight (◆)"), overlaying="y", side="right",
                                       range=[0, top * 1.12], dtick=2 if top <= 8 else 4, tickmode="linear",
                                       showgrid=False, zeroline=False))
-    fig.update_xaxes(dtick=1 if table["layer"].nunique() <= 32 else None)
+    lo, hi = float(table["layer"].min()), float(table["layer"].max())
+    fig.update_xaxes(dtick=1 if table["layer"].nunique() <= 32 else None, range=[lo - 0.6, hi + 0.6])  # every layer
+    if not fig.data:
+        fig.add_annotation(text="every linear dense: pick a rank or bits", x=0.5, y=0.5, xref="paper", yref="paper",
+                           showarrow=False, font=dict(size=13, color="#555555"))
     fig = _style(fig, title, protocol, x_title="Layer (0 = first block)")
     fig.update_layout(yaxis_title_text="Rank ÷ break-even", margin=dict(r=60 if bits_max > 0 else 20, b=120))
     return fig

@@ -43,7 +43,14 @@ moment of ``[x; 1]``: no forward per setting. Two choices set its level (``outpu
   attention sink at each window's start) dominate the plain moment; with it, the sum over
   linears overestimated SmolLM2's loss increase under 4-bit RTN 9x (2.81 vs 0.315 nats
   measured), with the weighting 1.2x (0.376), and 3-bit 1.33 vs 1.50 measured
-  (``bench/bench_first_view.py``; RESULTS §4).
+  (``bench/bench_first_view.py``; RESULTS §4);
+* no token weighs more than ``TOKEN_CAP`` (100) times the median token of its chunk
+  (``token_cap``). At the first positions of a window the loss is sharply curved and then
+  flat: on SmolLM2, 4-bit RTN of layer 0's v_proj applied at positions 0-1 alone has a
+  quadratic term of 7.25 nats and a real KL of 0.0115, while from position 2 on the two
+  agree (0.0006 and 0.0006). One such window in the calibration text had made the whole
+  first view 43x too high (13.7 nats for 4 bits, 0.315 measured); capped, it gives 0.44,
+  and on texts without such a window the cap lowers the sum by 5-10 % (RESULTS §10).
 
 First-order part. A measured dloss on C calibration tokens is ``<Ŵ - W, ∂L/∂W>`` (first
 order) plus the curvature part. On SmolLM2-135M with 2 x 256-token halves of the default
@@ -117,6 +124,7 @@ KL_COLUMNS = ["name", "kind", "setting", "kl"]
 FRACTIONS = (0.25, 0.5, 0.75)
 BITS_GRID = (2, 3, 4, 8)
 DERIVED_BITS = (8,)  # not probed by default: scaled from the 4-bit probe (module docstring)
+TOKEN_CAP = 100.0  # the first view: no token weighs more than this x its chunk's median token (module docstring)
 # Defaults that keep the full grid of SmolLM2-135M to ~10 minutes on a 2-core CPU
 # (see ``cli_sensitivity``): probes run on DEFAULT_TOKENS tokens, the statistics the
 # compressed replacements are fitted on come from a (cached) profile of PROFILE_TOKENS.
@@ -916,7 +924,8 @@ class WeightedMoments:
 
 def output_fisher(model: nn.Module, adapter: Adapter, calib_ids: Tensor, *, windows: int | None = None,
                   chunk_tokens: int = 1024, device: torch.device | str | None = None, targets: str = "model",
-                  seed: int = 0, should_stop: Callable[[], bool] | None = None, progress: Progress | None = None
+                  seed: int = 0, token_cap: float | None = None, should_stop: Callable[[], bool] | None = None,
+                  progress: Progress | None = None
                   ) -> tuple[dict[str, Tensor], float, int, dict[str, WeightedMoments]]:
     """Mean over tokens of the squared gradient of the *summed* token NLL w.r.t. each decoder
     linear's output: ``F_y[name]`` (m,) float64; and each linear's gradient-weighted input
@@ -925,7 +934,10 @@ def output_fisher(model: nn.Module, adapter: Adapter, calib_ids: Tensor, *, wind
     ``targets="model"``: the NLL differentiated is that of next tokens drawn from the model's
     own distribution (seeded), which makes ``F_y`` the model's Fisher, the curvature of the KL
     from the dense model; ``"data"``: the real next tokens (the empirical Fisher, larger where
-    the model is unsure). Parameters are frozen for the pass (and restored): no ``.grad``."""
+    the model is unsure). ``token_cap``: scale down the gradient of any token whose ``|g_t|²``
+    exceeds ``token_cap`` x the median over its chunk's tokens (per linear), in both outputs
+    (``proxy_sensitivity`` passes ``TOKEN_CAP``; the module docstring says why).
+    Parameters are frozen for the pass (and restored): no ``.grad``."""
     if targets not in ("model", "data"):
         raise ValueError(f"targets must be 'model' or 'data', got {targets!r}")
     orig_dev = next(model.parameters()).device
@@ -948,8 +960,12 @@ def output_fisher(model: nn.Module, adapter: Adapter, calib_ids: Tensor, *, wind
 
             def grad_hook(g: Tensor) -> None:
                 g2 = g.detach().flatten(0, -2).float().pow(2)  # (T, m)
-                acc[name].add_(g2.sum(0).double())
                 w = g2.sum(-1)  # (T,) token weights |g_t|²
+                med = w.median()
+                if token_cap is not None and float(med) > 0:  # no token above token_cap x the chunk's median
+                    keep = (token_cap * med / w.clamp_min(1e-30)).clamp_max(1.0)  # (T,)
+                    g2, w = g2 * keep[:, None], w * keep
+                acc[name].add_(g2.sum(0).double())
                 xw = x * w[:, None]  # (T, n)
                 sxx[name].add_((xw.T @ x).double())
                 sx[name].add_(xw.sum(0).double())
@@ -958,7 +974,7 @@ def output_fisher(model: nn.Module, adapter: Adapter, calib_ids: Tensor, *, wind
         return hook
 
     total, count = 0.0, 0
-    gen = torch.Generator(device=dev).manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on every device
     moved = dev != orig_dev
     try:
         if moved:
@@ -984,7 +1000,7 @@ def output_fisher(model: nn.Module, adapter: Adapter, calib_ids: Tensor, *, wind
                 logits = run_head(model, adapter, x[:, :-1]).flatten(0, 1).float()  # (B (L-1), V)
                 with torch.no_grad():
                     nll = F.cross_entropy(logits, batch[:, 1:].flatten(), reduction="sum")
-                    drawn = (torch.multinomial(torch.softmax(logits, -1), 1, generator=gen).squeeze(-1)
+                    drawn = (draw_tokens(torch.softmax(logits, -1), gen)
                              if targets == "model" else batch[:, 1:].flatten())  # (B (L-1),)
                 loss = F.cross_entropy(logits, drawn, reduction="sum")
                 torch.autograd.grad(loss, [h])
@@ -1000,6 +1016,20 @@ def output_fisher(model: nn.Module, adapter: Adapter, calib_ids: Tensor, *, wind
     # per predicted token: the measured dloss is a mean over the ``count`` predicted tokens
     moments = {k: WeightedMoments(sxx[k] / max(wsum[k], 1e-300), sx[k] / max(wsum[k], 1e-300)) for k in acc}
     return {k: v / max(count, 1) for k, v in acc.items()}, total / max(count, 1), count, moments
+
+
+@torch.no_grad()
+def draw_tokens(probs: Tensor, gen: torch.Generator, rows: int = 256) -> Tensor:
+    """One token per row of ``probs`` (T, V) by inverse-CDF sampling: uniforms from the CPU
+    generator ``gen``, so a GPU draws the same tokens as the CPU (up to float64 rounding of
+    the cumulative sums). Returns (T,) int64 on ``probs``' device."""
+    u = torch.rand(probs.shape[0], 1, generator=gen, dtype=torch.float64).to(probs.device)  # (T, 1)
+    out = []
+    for i in range(0, probs.shape[0], rows):  # float64 sums of ``rows`` rows at a time: bounded memory
+        cdf = probs[i:i + rows].double().cumsum(-1)  # (rows, V)
+        # right=True: the first token whose cumulative sum exceeds the draw, never a zero-probability one
+        out.append(torch.searchsorted(cdf, u[i:i + rows] * cdf[:, -1:], right=True).squeeze(-1))
+    return torch.cat(out).clamp_max(probs.shape[-1] - 1)
 
 
 @torch.no_grad()
@@ -1027,7 +1057,8 @@ def proxy_dloss(fisher: Tensor, weight: Tensor, bias: Tensor | None,
 def proxy_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, stats: dict[str, LinearStats], *,
                       method: str = "svd-llm", quant: str = "rtn", group_size: int = 128,
                       fractions: Sequence[float] = FRACTIONS, bits: Sequence[int] = BITS_GRID,
-                      windows: int | None = None, device: torch.device | str | None = None,
+                      windows: int | None = None, token_cap: float | None = TOKEN_CAP,
+                      device: torch.device | str | None = None,
                       fingerprint: str | None = None, data_label: str | None = None,
                       data_digest: str | None = None, progress: Progress | None = None,
                       should_stop: Callable[[], bool] | None = None) -> SensitivityGrid:
@@ -1041,7 +1072,8 @@ def proxy_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, sta
     _check_settings(linears, grid, method, quant, group_size)
     say(0.0, "gradient pass for the sensitivity proxy")
     fisher, dense_loss, _, moments = output_fisher(model, adapter, calib_ids, windows=windows, device=device,
-                                                   should_stop=should_stop, progress=lambda f, m: say(0.2 * f, m))
+                                                   token_cap=token_cap, should_stop=should_stop,
+                                                   progress=lambda f, m: say(0.2 * f, m))
     dtype_bytes = next(model.parameters()).element_size()
     rows = []
     for j, li in enumerate(linears):
@@ -1061,7 +1093,7 @@ def proxy_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, sta
     meta = _meta("proxy-fisher", model, calib_ids, method=method, quant=quant, group_size=group_size,
                  fractions=fractions, bits=bits, dense_loss=dense_loss, seconds=time.perf_counter() - t0,
                  device=device or next(model.parameters()).device, fingerprint=fingerprint, data_label=data_label,
-                 data_digest=data_digest, stats=stats, gradient_tokens=n_used)
+                 data_digest=data_digest, stats=stats, gradient_tokens=n_used, token_cap=token_cap)
     return SensitivityGrid(meta, pd.DataFrame(rows, columns=TABLE_COLUMNS))
 
 
@@ -1144,13 +1176,14 @@ def cli_sensitivity(args, progress: Progress | None = None, say: Callable[[str],
     grid, reused = load_or_measure(lm.model, lm.adapter, ids, stats, fingerprint=lm.fingerprint, data_label=label,
                                    data_digest=digest, cache_root=cache_dir(), progress=progress,
                                    derive_bits=derive, workers=getattr(args, "workers", None), **common)
-    if grid.proxy is None or "agreement" not in grid.meta:  # the cached grid keeps its proxy too
+    # the cached grid keeps its proxy too, unless that proxy was made another way (before the token cap)
+    if grid.proxy is None or "agreement" not in grid.meta or grid.meta.get("proxy_token_cap") != TOKEN_CAP:
         say("gradient proxy and its agreement with the measurement")
         proxy = proxy_sensitivity(lm.model, lm.adapter, ids, stats, fingerprint=lm.fingerprint, data_label=label,
                                   data_digest=digest, **common)
         grid.proxy = proxy.table
         grid.meta = {**grid.meta, "agreement": agreement(proxy, grid), "proxy_seconds": proxy.meta["seconds"],
-                     "profile_data": prof_label}
+                     "profile_data": prof_label, "proxy_token_cap": TOKEN_CAP}
         if grid.folder:
             grid.save(Path(grid.folder))
     agree = grid.meta["agreement"]

@@ -262,6 +262,11 @@ def test_budget_bars_nullable_rank_and_bits():
     assert [(t.type, t.showlegend) for t in only_bits.data] == [("scatter", True)] * 2
     with pytest.raises(ValueError, match="full_rank"):
         F.budget_bars(table.drop(columns="full_rank"), PROTOCOL)
+    # a dense plan: no traces, yet the axis spans every layer and the figure says why it is empty
+    dense = F.budget_bars(table.assign(rank=pd.array([None] * 4, dtype="Int64"),
+                                       bits=pd.array([None] * 4, dtype="Int64")), PROTOCOL)
+    assert not dense.data and tuple(dense.layout.xaxis.range) == (-0.6, 1.6)
+    assert any("every linear dense" in a.text for a in dense.layout.annotations)
 
 
 # ------------------------------------------------------------------------ export + hygiene

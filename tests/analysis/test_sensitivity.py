@@ -16,6 +16,7 @@ from analysis.profile import collect_input_stats
 from analysis.sensitivity import (
     BITS_GRID,
     TABLE_COLUMNS,
+    TOKEN_CAP,
     SensitivityGrid,
     agreement,
     check_compatible,
@@ -279,13 +280,15 @@ def test_proxy_has_the_same_schema_and_ranks_like_the_measurement(trained, grid)
     assert all(p.grad is None and p.requires_grad for p in lm.model.parameters())
 
 
-def test_proxy_fisher_matches_autograd(trained):
+@pytest.mark.parametrize("cap", [None, 1.5])
+def test_proxy_fisher_matches_autograd(trained, cap):
     """F_y of one linear and its gradient-weighted input moments against a direct computation
-    with a retained output gradient (real next tokens as targets)."""
+    with a retained output gradient (real next tokens as targets); with a token cap, every
+    token above cap x the median |g_t|² is scaled down to it."""
     from analysis.sensitivity import output_fisher
 
     lm, ids, _ = trained
-    fisher, loss, count, moments = output_fisher(lm.model, lm.adapter, ids, targets="data")
+    fisher, loss, count, moments = output_fisher(lm.model, lm.adapter, ids, targets="data", token_cap=cap)
     name = "model.layers.1.mlp.down_proj"
     mod = dict(lm.model.named_modules())[name]
     outs, ins = [], []
@@ -303,11 +306,16 @@ def test_proxy_fisher_matches_autograd(trained):
     finally:
         h.remove()
         lm.model.zero_grad(set_to_none=True)
-    g = outs[0].grad.double()
-    ref = g.pow(2).flatten(0, -2).sum(0) / count
+    g = outs[0].grad.double().flatten(0, -2)  # (T, m): one chunk (256 tokens)
+    if cap is not None:
+        w0 = g.pow(2).sum(-1)
+        capped = w0 > cap * w0.median()
+        assert 0 < int(capped.sum()) < len(w0)  # the cap bites, on some tokens
+        g = g * (cap * w0.median() / w0).clamp_max(1.0).sqrt()[:, None]
+    ref = g.pow(2).sum(0) / count
     torch.testing.assert_close(fisher[name], ref, rtol=1e-4, atol=1e-10)
     assert loss == pytest.approx(nll.item() / count, rel=1e-5)
-    w = g.pow(2).sum(-1).flatten()  # (T,) token weights
+    w = g.pow(2).sum(-1)  # (T,) token weights
     x = ins[0].double().flatten(0, -2)  # (T, n)
     s2, mu = (x * w[:, None]).T @ x / w.sum(), (x * w[:, None]).sum(0) / w.sum()  # float32 products inside
     torch.testing.assert_close(moments[name].second_moment, s2, rtol=1e-4, atol=1e-5 * float(s2.abs().max()))
@@ -370,8 +378,15 @@ def test_cli_sensitivity_then_allocate(tmp_path, monkeypatch, trained):
     assert {"spearman", "spearman_curvature", "spearman_kl"} <= set(out["agreement"])
     grid = SensitivityGrid.load(tmp_path / "sens")
     assert grid.proxy is not None and "agreement" in grid.meta and grid.meta["stats_tokens"] == 512
-    again = cli_sensitivity(args, progress=None, say=None)  # cached measurement
-    assert again["reused"]
+    said = []
+    again = cli_sensitivity(args, progress=None, say=said.append)  # cached measurement, cached proxy
+    assert again["reused"] and not any("gradient proxy" in m for m in said)
+    cached = SensitivityGrid.load(again["cache"])  # a proxy made before the token cap: made again
+    cached.meta.pop("proxy_token_cap")
+    cached.save(again["cache"])
+    said.clear()
+    assert cli_sensitivity(args, progress=None, say=said.append)["reused"] and any("gradient proxy" in m for m in said)
+    assert SensitivityGrid.load(again["cache"]).meta["proxy_token_cap"] == TOKEN_CAP
     short = cli_sensitivity(Namespace(**{**vars(args), "tokens": 20, "out": str(tmp_path / "short")}),
                             progress=None, say=None)  # fewer tokens than a window: the start of one window
     assert short["n_tokens"] == 20 and "1 x 20 tokens" in short["data"] and not short["reused"]
@@ -488,3 +503,38 @@ def test_a_width_without_statistics_to_scale_from_is_probed(trained):
     assert g.meta["derived"]["settings"] == 2 and g.meta["probes"] == 4
     row = g.kl[(g.kl.name == names[0]) & (g.kl.setting == 8)]["kl"].item()
     assert row == pytest.approx(exact.kl[exact.kl.setting == 8]["kl"].item(), rel=1e-5, abs=1e-9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_grid_and_first_view_on_cuda_match_the_cpu(trained, grid):
+    """The probes and the first view run on the GPU (model on the CPU, device="cuda") and
+    give the CPU's numbers: the same settings and bytes, dloss and KL within rounding."""
+    lm, ids, stats = trained
+    gpu = measure_sensitivity(lm.model, lm.adapter, ids, stats, group_size=GS, fractions=FRACTIONS, device="cuda",
+                              fingerprint=lm.fingerprint, data_label="bigram", data_digest="bigram-32-0")
+    keys = ["name", "kind", "setting", "bytes"]
+    assert gpu.table[keys].equals(grid.table[keys])
+    assert gpu.dense_loss == pytest.approx(grid.dense_loss, abs=1e-4)
+    np.testing.assert_allclose(gpu.table["dloss"], grid.table["dloss"], atol=2e-4, rtol=2e-2)
+    np.testing.assert_allclose(gpu.kl["kl"], grid.kl["kl"], atol=2e-4, rtol=2e-2)
+    cpu_view = proxy_sensitivity(lm.model, lm.adapter, ids, stats, group_size=GS, fractions=FRACTIONS)
+    gpu_view = proxy_sensitivity(lm.model, lm.adapter, ids, stats, group_size=GS, fractions=FRACTIONS, device="cuda")
+    np.testing.assert_allclose(gpu_view.table["dloss"], cpu_view.table["dloss"], atol=1e-5, rtol=1e-2)
+    assert all(p.device.type == "cpu" and p.grad is None for p in lm.model.parameters())
+
+
+def test_draw_tokens_samples_the_distribution_and_never_a_zero_probability_token():
+    from analysis.sensitivity import draw_tokens
+
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0])
+    rows = probs.repeat(20_000, 1)  # (T, V)
+    drawn = draw_tokens(rows, torch.Generator().manual_seed(1))
+    assert torch.equal(drawn, draw_tokens(rows, torch.Generator().manual_seed(1), rows=7_000))  # any chunking
+    freq = torch.bincount(drawn, minlength=5).double() / len(drawn)
+    assert freq[1] == 0 and freq[4] == 0
+    torch.testing.assert_close(freq, probs.double(), atol=0.015, rtol=0)  # ~4.5 standard errors
+    again = draw_tokens(rows, torch.Generator().manual_seed(1))
+    assert torch.equal(drawn, again)
+    one_hot = torch.zeros(3, 5)
+    one_hot[:, 4] = 1.0  # the last token, the one a rounded cumulative sum could overshoot
+    assert draw_tokens(one_hot, torch.Generator().manual_seed(0)).tolist() == [4, 4, 4]

@@ -2,6 +2,7 @@
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -189,3 +190,48 @@ def test_measured_grid_probes_the_first_calibration_windows(tiny_lab):
     pd.testing.assert_frame_equal(table, grid.kl_table())
     assert tiny_lab.predictor.estimator == "kl"
     assert tiny_lab.profile.meta["n_tokens"] == tiny_lab.split.calib_ids.numel()  # the profile uses all 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_whole_session_on_cuda(tmp_path, monkeypatch, dtype):
+    """The app's whole path on the GPU: profile, first view, measured grid, allocation, run,
+    generation, export and reload; in float32 the run measures what the CPU measures."""
+    from analysis.loading import load_model, wrap_model
+    from compression.lab import LabSettings
+    from tests.conftest import CharTokenizer, tiny_model
+
+    monkeypatch.setenv("RANKLAB_CACHE", str(tmp_path / "cache"))
+    settings = dict(seqlen=32, calib_windows=8, eval_windows=2, latency_seqlen=16, decode_tokens=2, latency_runs=1,
+                    sensitivity_tokens=96)
+
+    def lab_on(device: str, folder: str) -> Lab:
+        lab = Lab(tmp_path / folder, LabSettings(**settings))
+        lab.lm = wrap_model(tiny_model("llama", dtype=dtype).to(device), CharTokenizer(), spec="tiny")
+        lab.set_texts("default", "default")
+        return lab
+
+    lab = lab_on("cuda", "gpu")
+    lab.run_profile()
+    lab.run_proxy()
+    grid = lab.run_sensitivity(group_size=32)
+    assert np.isfinite(grid.table["dloss"]).all() and lab.predictor.estimator == "kl"
+    plan = lab.plan_allocate(0.6)
+    rec = lab.run(plan, "allocated")
+    assert rec.status == "ok", rec.error
+    assert "cuda" in rec.measured["protocol"] and rec.measured["bytes"] == lab.predict(plan)["bytes"] < \
+        lab.predict(Plan())["bytes"]
+    assert all(p.device.type == "cuda" and (p.dtype == dtype or not p.is_floating_point())
+               for p in lab.compressed.parameters())
+    dense_text, comp_text = lab.generate("hello", max_new_tokens=4)
+    assert len(dense_text) == len(comp_text) == 4
+    lab.export_model(tmp_path / "export")
+    again = load_model(str(tmp_path / "export"), device="cuda", dtype=dtype)
+    ids = lab.split.eval_ids[:2].cuda()
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(ids).logits, lab.compressed(ids).logits, rtol=0, atol=0)
+    if dtype == torch.float32:
+        cpu = lab_on("cpu", "cpu").run(plan, "allocated")
+        assert cpu.status == "ok", cpu.error
+        assert rec.measured["bytes"] == cpu.measured["bytes"]
+        assert rec.measured["ppl"] == pytest.approx(cpu.measured["ppl"], rel=2e-2)
