@@ -476,6 +476,15 @@ def pareto_front(df: pd.DataFrame, x: str, y: str = "ppl") -> pd.DataFrame:
 MAX_POINT_LABELS = 10  # measured runs beyond which the trade-off plots stop writing labels by the points
 
 
+def log_ticks(lo: float, hi: float) -> list[float]:
+    """Tick values for a log axis spanning ``10**lo .. 10**hi``: powers of ten past 3 decades,
+    1-2-5 steps past one, finer steps (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8) within one."""
+    span = hi - lo
+    steps = (1,) if span > 3 else (1, 2, 5) if span > 1 else (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8)
+    vals = [round(k * 10.0 ** e, 12) for e in range(math.floor(lo) - 1, math.ceil(hi) + 1) for k in steps]
+    return [v for v in vals if lo <= math.log10(v) <= hi]
+
+
 def tradeoff(runs: pd.DataFrame, x: str = "bytes", protocol: str = "") -> go.Figure:
     """Perplexity (log y) vs ``x`` ("bytes" [drawn in MB], "latency_ms" [decode ms / token] or
     "bits_per_weight"). Trace order: per method (order of appearance) a measured trace (filled
@@ -551,7 +560,12 @@ def tradeoff(runs: pd.DataFrame, x: str = "bytes", protocol: str = "") -> go.Fig
         fig.add_annotation(text=f"{dropped} row(s) without {x_title.split(' (')[0].lower()} or perplexity not shown",
                            x=1, y=0, xref="paper", yref="paper", xanchor="right", yanchor="bottom", showarrow=False,
                            font=dict(size=11, color=GUIDE_COLOR))
-    fig.update_yaxes(type="log")
+    # a padded log range around the points (plotly pads one point by a decade each way), with
+    # a few full labels (plotly labels every digit, in a small font, which reads ambiguously)
+    lo, hi = math.log10(float(d["ppl"].min())), math.log10(float(d["ppl"].max()))
+    pad = max(0.08 * (hi - lo), 0.12)
+    ticks = log_ticks(lo - pad, hi + pad)
+    fig.update_yaxes(type="log", range=[lo - pad, hi + pad], tickvals=ticks, ticktext=[f"{t:g}" for t in ticks])
     fig.update_xaxes(rangemode="tozero" if x != "latency_ms" else "normal")
     return _style(fig, title, protocol, x_title=x_title, y_title="Perplexity (log scale, lower is better)")
 

@@ -1,6 +1,7 @@
 """analysis.figures: pure plotly builders over small hand-made tables (fast, no model)."""
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
@@ -216,6 +217,24 @@ def test_tradeoff_traces_links_front_and_dense():
     assert by["int4 (measured)"].mode == "markers" and by["svd (predicted)"].mode == "markers"
     many = pd.concat([runs] + [runs[runs.run_id == "a"].assign(run_id=f"a{i}") for i in range(F.MAX_POINT_LABELS)])
     assert all(t.mode != "markers+text" for t in F.tradeoff(many, "bytes", PROTOCOL).data if t.name != "dense baseline")
+
+
+def test_log_ticks_are_few_and_inside_the_range():
+    assert F.log_ticks(math.log10(18), math.log10(30)) == [20, 25, 30]  # within a decade: fine steps
+    assert F.log_ticks(math.log10(15), math.log10(600)) == [20, 50, 100, 200, 500]  # 1-2-5
+    assert F.log_ticks(0, 6) == [1, 10, 100, 1000, 10000, 100000, 1000000]  # powers of ten
+
+
+def test_tradeoff_log_axis_holds_every_point_with_full_labels():
+    runs = _runs()
+    for one in (runs.iloc[:1], runs):  # a single point too (plotly alone pads it by a decade)
+        fig = F.tradeoff(one, "bytes", PROTOCOL)
+        lo, hi = fig.layout.yaxis.range
+        ppl = np.log10(one["ppl"].astype(float))
+        span = ppl.max() - ppl.min()
+        assert lo < ppl.min() and ppl.max() < hi and hi - lo <= max(1.2 * span, span + 0.25)
+        ticks = list(fig.layout.yaxis.tickvals)
+        assert 2 <= len(ticks) <= 10 and list(fig.layout.yaxis.ticktext) == [f"{t:g}" for t in ticks]
 
 
 def test_tradeoff_latency_drops_missing_and_keeps_colours():
