@@ -478,9 +478,11 @@ MAX_POINT_LABELS = 10  # measured runs beyond which the trade-off plots stop wri
 
 def log_ticks(lo: float, hi: float) -> list[float]:
     """Tick values for a log axis spanning ``10**lo .. 10**hi``: powers of ten past 3 decades,
-    1-2-5 steps past one, finer steps (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8) within one."""
+    1-2-5 steps past one, 1-2-3-5 past half a decade, finer steps (1, 1.2, 1.5, 2, 2.5, 3, 4,
+    5, 6, 8) below."""
     span = hi - lo
-    steps = (1,) if span > 3 else (1, 2, 5) if span > 1 else (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8)
+    steps = ((1,) if span > 3 else (1, 2, 5) if span > 1 else (1, 2, 3, 5) if span > 0.5
+             else (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8))
     vals = [round(k * 10.0 ** e, 12) for e in range(math.floor(lo) - 1, math.ceil(hi) + 1) for k in steps]
     return [v for v in vals if lo <= math.log10(v) <= hi]
 

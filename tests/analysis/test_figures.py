@@ -222,6 +222,7 @@ def test_tradeoff_traces_links_front_and_dense():
 def test_log_ticks_are_few_and_inside_the_range():
     assert F.log_ticks(math.log10(18), math.log10(30)) == [20, 25, 30]  # within a decade: fine steps
     assert F.log_ticks(math.log10(15), math.log10(600)) == [20, 50, 100, 200, 500]  # 1-2-5
+    assert F.log_ticks(math.log10(18), math.log10(120)) == [20, 30, 50, 100]  # over half a decade: 1-2-3-5
     assert F.log_ticks(0, 6) == [1, 10, 100, 1000, 10000, 100000, 1000000]  # powers of ten
 
 
