@@ -57,9 +57,9 @@ def _fmt_bytes(n: float | None) -> str:
     """Decimal units, as on the figures' axes (MB = 10^6 bytes)."""
     if n is None:
         return "–"
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:,.2f} {unit}" if unit != "B" else f"{n:,.0f} B"
+    for unit in ("B", "kB", "MB"):
+        if abs(n) < 1000:
+            return f"{n:,.0f} B" if unit == "B" else f"{n:,.2f} {unit}"
         n /= 1000
     return f"{n:,.2f} GB"
 

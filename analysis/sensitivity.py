@@ -961,9 +961,9 @@ def output_fisher(model: nn.Module, adapter: Adapter, calib_ids: Tensor, *, wind
             def grad_hook(g: Tensor) -> None:
                 g2 = g.detach().flatten(0, -2).float().pow(2)  # (T, m)
                 w = g2.sum(-1)  # (T,) token weights |g_t|²
-                med = w.median()
-                if token_cap is not None and float(med) > 0:  # no token above token_cap x the chunk's median
-                    keep = (token_cap * med / w.clamp_min(1e-30)).clamp_max(1.0)  # (T,)
+                if token_cap is not None:  # no token above token_cap x the chunk's median (none if it is 0)
+                    cap = token_cap * w.median()  # () on the device: no host sync per linear
+                    keep = torch.where(cap > 0, (cap / w.clamp_min(1e-30)).clamp_max(1.0), 1.0)  # (T,)
                     g2, w = g2 * keep[:, None], w * keep
                 acc[name].add_(g2.sum(0).double())
                 xw = x * w[:, None]  # (T, n)
