@@ -86,6 +86,7 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import hashlib
 import json
 import math
 import shutil
@@ -885,9 +886,14 @@ def load_or_measure(model: nn.Module, adapter: Adapter, calib_ids: Tensor, stats
                     method: str = "svd-llm", quant: str = "rtn", group_size: int = 128,
                     fractions: Sequence[float] = FRACTIONS, bits: Sequence[int] = BITS_GRID,
                     derive_bits: Sequence[int] = DERIVED_BITS, **kw) -> tuple[SensitivityGrid, bool]:
-    """The cached grid for (model, data, token count, method, quant, group size) if one is
-    complete and made with the same grid, else a new one (saved). Returns (grid, reused)."""
+    """The cached grid for (model, data, token count, method, quant, group size, linears) if
+    one is complete and made with the same grid, else a new one (saved). Returns (grid, reused).
+    A grid of some linears only (``names=``) is cached apart from the whole model's."""
+    names = kw.get("names")
+    wanted = sorted(set(names)) if names is not None else sorted(li.name for li in adapter.linears(model))
     key = sensitivity_key(fingerprint, data_digest, calib_ids.numel(), method, quant, group_size)
+    if names is not None:
+        key += "-linears-" + hashlib.sha1(",".join(wanted).encode()).hexdigest()[:12]
     folder = Path(cache_root) / "sensitivity" / key
     derived = sorted(derived_widths(bits, derive_bits))
     if (folder / "meta.json").exists():
@@ -902,7 +908,8 @@ def load_or_measure(model: nn.Module, adapter: Adapter, calib_ids: Tensor, stats
                 and grid.meta.get("stats_tokens") == max((s.n_tokens for s in stats.values()), default=0) \
                 and (grid.first_order is not None or not kw.get("first_order", True)) \
                 and (grid.kl is not None or not kw.get("kl", True)) \
-                and sorted((grid.meta.get("derived") or {}).get("bits", [])) == derived:
+                and sorted((grid.meta.get("derived") or {}).get("bits", [])) == derived \
+                and sorted(grid.table["name"].unique()) == wanted:
             return grid, True
     grid = measure_sensitivity(model, adapter, calib_ids, stats, method=method, quant=quant, group_size=group_size,
                                fractions=fractions, bits=bits, derive_bits=derive_bits, fingerprint=fingerprint,

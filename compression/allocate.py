@@ -45,7 +45,7 @@ import numpy as np
 
 from analysis.adapters import LinearInfo
 from analysis.sensitivity import SensitivityGrid
-from compression.configs import break_even_rank
+from compression.configs import break_even_rank, check_factor_quants
 from compression.plan import (
     LILLAMA_INITS,
     LOWRANK_METHODS,
@@ -199,9 +199,7 @@ def _valid(spec: ModuleSpec, li: LinearInfo) -> bool:
             if lr is None:
                 q.check(li.in_features)
             else:
-                from compression.configs import factor_group
-
-                q.with_group(factor_group(q.group_size, li.in_features) if q.group_size else 0).check(li.in_features)
+                check_factor_quants(q, li.in_features, spec.rank)
     except ValueError:
         return False
     return True
@@ -445,12 +443,13 @@ def cli_allocate(args, say=None) -> dict:
     from analysis.loading import load_model
     from analysis.metrics import linear_biases, model_bytes
     from analysis.sensitivity import check_compatible
-    from compression.plan import validate
+    from compression.plan import check_plan_path, validate
 
     say = say or (lambda _m: None)
-    if Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a folder; the plan is one JSON file: give a file name such as "
-                         f"{Path(args.out) / 'plan.json'}")
+    try:
+        check_plan_path(args.out)
+    except ValueError as e:
+        raise ValueError(f"--out: {e}") from None
     grid = SensitivityGrid.load(args.sensitivity)
     lm = load_model(args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code, progress=say)
     check_compatible(grid, lm.fingerprint)

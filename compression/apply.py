@@ -22,7 +22,7 @@ import compression.quant  # noqa: F401  (registers the quantisation handlers)
 from analysis.adapters import Adapter, LinearInfo, get_submodule, set_submodule
 from analysis.layerwise import capture, run_layer
 from analysis.stats import InputStats, LinearStats
-from compression.configs import GPTQConfig, LillamaConfig, QuantConfig, factor_group
+from compression.configs import GPTQConfig, LillamaConfig, QuantConfig, factor_quants
 from compression.lowrank import LowRankLinear
 from compression.plan import Plan, validate
 from compression.registry import handler_for
@@ -59,8 +59,7 @@ def quantise_module(mod: nn.Module, q: QuantConfig, stats: LinearStats | None) -
     """Quantise a plain linear, or both factors of a ``LowRankLinear`` (groups shrink to
     ``gcd(group, width)`` along the factors' inner width)."""
     if isinstance(mod, LowRankLinear):
-        qa = q.with_group(factor_group(q.group_size, mod.in_features)) if q.group_size else q
-        qb = q.with_group(factor_group(q.group_size, mod.rank)) if q.group_size else q
+        qa, qb = factor_quants(q, mod.in_features, mod.rank)
         b_stats = factor_stats(stats, mod.A.weight)
         mod.A = handler_for(qa)(mod.A, qa, stats)
         mod.B = handler_for(qb)(mod.B, qb, b_stats)

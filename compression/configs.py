@@ -45,6 +45,39 @@ def factor_group(group_size: int, n: int) -> int:
     return math.gcd(group_size, n)
 
 
+def factor_quants(quant: QuantConfig, n: int, k: int) -> tuple[QuantConfig, QuantConfig]:
+    """Quantisers of a rank-``k`` layer's factors ``A (k x n)`` and ``B (m x k)``: groups
+    shrink to ``gcd(group, width)`` along each factor's input width (``n``, then ``k``)."""
+    if not quant.group_size:
+        return quant, quant
+    return (quant.with_group(factor_group(quant.group_size, n)),
+            quant.with_group(factor_group(quant.group_size, k)))
+
+
+def check_factor_quants(quant: QuantConfig, n: int, k: int) -> None:
+    """Raise ``ValueError`` saying what to change if ``quant`` cannot quantise both factors of
+    a rank-``k`` layer with ``n`` inputs (factor B's input width is the rank itself)."""
+    qa, qb = factor_quants(quant, n, k)
+    qa.check(n)
+    try:
+        qb.check(k)
+    except ValueError:
+        near = [r for r in sorted(range(max(1, k - 64), k + 65), key=lambda r: (abs(r - k), r))
+                if _factor_ok(quant, n, r)]
+        hint = f"; ranks that work near it: {', '.join(map(str, sorted(near[:2])))}" if near else ""
+        raise ValueError(f"{quant.name}: rank {k} with {quant.bits}-bit factors cannot be quantised (factor B has "
+                         f"{k} inputs, grouped by {qb.group_size}){hint}") from None
+
+
+def _factor_ok(quant: QuantConfig, n: int, k: int) -> bool:
+    try:
+        for q, width in zip(factor_quants(quant, n, k), (n, k)):
+            q.check(width)
+    except ValueError:
+        return False
+    return True
+
+
 # ----------------------------------------------------------------------------- quantisers
 @dataclass(frozen=True)
 class QuantConfig:
@@ -61,9 +94,10 @@ class QuantConfig:
         if self.bits not in self.allowed_bits:
             raise ValueError(f"{self.name}: {self.bits} bits is not supported; use one of {list(self.allowed_bits)}")
         if self.group_size <= 0 or self.group_size % 8:
+            near = _divisor_near(n, self.group_size)
             raise ValueError(f"{self.name}: group size {self.group_size} must be a positive multiple of 8 (a group "
-                             f"wider than the input width {n} means one group per row); a divisor of {n} such as "
-                             f"{_divisor_near(n, self.group_size)} avoids a ragged last group")
+                             f"wider than the input width {n} means one group per row)"
+                             + (f"; a divisor of {n} such as {near} avoids a ragged last group" if near else ""))
         if (n * self.bits) % 8:
             raise ValueError(f"{self.name}: {n} inputs x {self.bits} bits do not fill whole bytes; "
                              "width must be a multiple of 8")
@@ -193,8 +227,7 @@ class LowRankConfig:
         k = self.rank
         if quant is None:
             return k * (m + n) * dtype_bytes
-        qa = quant.with_group(factor_group(quant.group_size, n)) if quant.group_size else quant
-        qb = quant.with_group(factor_group(quant.group_size, k)) if quant.group_size else quant
+        qa, qb = factor_quants(quant, n, k)
         return qa.nbytes(k, n) + qb.nbytes(m, k)
 
 
@@ -237,9 +270,10 @@ class LillamaConfig(LowRankConfig):
         return self.init == "act-pca"
 
 
-def _divisor_near(n: int, g: int) -> int:
-    divs = [d for d in range(8, n + 1, 8) if n % d == 0] or [1]
-    return min(divs, key=lambda d: abs(d - g))
+def _divisor_near(n: int, g: int) -> int | None:
+    """The multiple of 8 dividing ``n`` nearest to ``g``; None if there is none."""
+    divs = [d for d in range(8, n + 1, 8) if n % d == 0]
+    return min(divs, key=lambda d: abs(d - g)) if divs else None
 
 
 def break_even_rank(m: int, n: int) -> float:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import types
 import typing
 import warnings
@@ -28,6 +29,7 @@ from compression.configs import (
     TernaryConfig,
     WhitenedSVDConfig,
     break_even_rank,
+    check_factor_quants,
     ragged,
 )
 
@@ -162,6 +164,12 @@ class Plan:
     def from_dict(cls, d: dict) -> Plan:
         if not isinstance(d, dict):
             raise ValueError("a plan is a JSON object with 'version', 'default' and 'modules'")
+        unknown = sorted(set(d) - PLAN_KEYS)
+        if unknown:
+            hints = [f"{k!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, PLAN_KEYS, n=1))
+                     else repr(k) for k in unknown]
+            raise ValueError(f"unknown plan key(s) {', '.join(hints)}; a plan has only "
+                             f"{', '.join(sorted(PLAN_KEYS))}")
         version = d.get("version")
         if version != PLAN_VERSION:
             raise ValueError(f"plan version {version!r} is not supported (this RankLab reads version {PLAN_VERSION})")
@@ -185,7 +193,16 @@ class Plan:
             raise ValueError(f"the plan is not valid JSON: {e}") from e
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json())
+        """Write atomically (a temp file renamed into place). An existing file is replaced only
+        if it is a plan (a JSON object with a 'version' and 'modules'); anything else is refused."""
+        p = Path(path)
+        check_plan_path(p)
+        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text(self.to_json())
+            os.replace(tmp, p)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
@@ -193,6 +210,27 @@ class Plan:
         if not p.exists():
             raise FileNotFoundError(f"plan file {p} not found")
         return cls.from_json(p.read_text())
+
+
+PLAN_KEYS = frozenset({"version", "default", "modules", "lillama", "slicegpt", "meta"})
+
+
+def check_plan_path(path: str | Path) -> None:
+    """Raise ``ValueError`` if a plan may not be written to ``path``: a folder, or an existing
+    file that is not a plan (only an earlier plan is ever replaced)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{p} is a folder; the plan is one JSON file: give a file name such as {p / 'plan.json'}")
+    if p.exists() and not _is_plan_file(p):
+        raise ValueError(f"{p} exists and is not a RankLab plan; refusing to overwrite it: pick another file name")
+
+
+def _is_plan_file(p: Path) -> bool:
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(d, dict) and "version" in d and "modules" in d
 
 
 def _accepts(hint, value) -> bool:
@@ -258,7 +296,7 @@ def validate(plan: Plan, linears: list[LinearInfo]) -> list[str]:
                              "(the factors take more memory than the dense weight)")
         if q is not None:
             try:
-                q.check(n) if lr is None else q.with_group(_gcd(q, n)).check(n)
+                q.check(n) if lr is None else check_factor_quants(q, n, spec.rank)
             except ValueError as e:
                 errors.append(f"{li.name}: {e}")
                 continue
@@ -312,12 +350,6 @@ def needs_calibration(plan: Plan, linears: list[LinearInfo]) -> bool:
         if any(c is not None and not c.data_free for c in configs):
             return True
     return False
-
-
-def _gcd(q: QuantConfig, n: int) -> int:
-    from compression.configs import factor_group
-
-    return factor_group(q.group_size, n) if q.group_size else 0
 
 
 # ---------------------------------------------------------------------------- sizes

@@ -262,6 +262,11 @@ def test_load_or_measure_reuses_the_cache(tmp_path, trained):
     assert reused and again.table.equals(first.table)
     _, reused = load_or_measure(lm.model, lm.adapter, ids, stats, **{**kw, "group_size": 16})
     assert not reused
+    two = [*names, lm.adapter.linears(lm.model)[5].name]  # other linears: their own grid, not the cached one
+    wider, reused = load_or_measure(lm.model, lm.adapter, ids, stats, **{**kw, "names": two})
+    assert not reused and sorted(wider.table["name"].unique()) == sorted(two)
+    again, reused = load_or_measure(lm.model, lm.adapter, ids, stats, **kw)  # the first is still cached
+    assert reused and again.table.equals(first.table)
 
 
 def test_proxy_has_the_same_schema_and_ranks_like_the_measurement(trained, grid):

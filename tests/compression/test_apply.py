@@ -137,6 +137,9 @@ def test_validation_messages():
         (Plan(lillama=LillamaOptions(granularity="foo")), "lillama: granularity 'foo' is not one of linear, mlp"),
         (Plan(lillama=LillamaOptions(init="pca")), "lillama: init 'pca' is not one of svd, act-pca, svd-llm"),
         (Plan(lillama=LillamaOptions(steps=-1)), "lillama: steps must be >= 0"),
+        (Plan(modules={q: ModuleSpec(rank=12, bits=4)}),  # factor B has 12 inputs: groups of gcd(128, 12) = 4
+         "rank 12 with 4-bit factors cannot be quantised .*ranks that work near it: 8, 16"),
+        (Plan(modules={q: ModuleSpec(rank=40, bits=4, quant="mxfp4")}), "ranks that work near it: 32, 64"),
     ]
     for plan, msg in cases:
         with pytest.raises(ValueError, match=msg):
@@ -167,12 +170,27 @@ def test_needs_calibration_only_for_methods_that_read_data():
     assert needs_calibration(Plan(slicegpt=SliceGPTOptions(0.1)), L)
 
 
-def test_plan_json_round_trip():
+def test_plan_json_round_trip(tmp_path):
     lm, _, _ = _setup()
     plan = PLANS["mixed"](lm.adapter.linears(lm.model))
     assert Plan.from_json(plan.to_json()) == plan
     with pytest.raises(ValueError, match="version"):
         Plan.from_dict({**plan.to_dict(), "version": 99})
+    d = plan.to_dict()
+    d["modlues"] = d.pop("modules")  # a misspelt key must not load as a dense plan
+    with pytest.raises(ValueError, match="unknown plan key\\(s\\) 'modlues' \\(did you mean 'modules'\\?\\)"):
+        Plan.from_dict(d)
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    Plan(modules={}).save(path)  # an earlier plan is replaced ...
+    assert Plan.load(path) == Plan(modules={}) and [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+    other = tmp_path / "notes.json"
+    other.write_text('{"a": 1}')
+    with pytest.raises(ValueError, match="not a RankLab plan; refusing to overwrite"):  # ... anything else is not
+        plan.save(other)
+    assert other.read_text() == '{"a": 1}'
+    with pytest.raises(ValueError, match="is a folder"):
+        plan.save(tmp_path)
     with pytest.raises(ValueError, match="not valid JSON"):
         Plan.from_json("{nope")
     # hand-edited plans: wrong types and unknown keys name the entry and the field
