@@ -168,7 +168,7 @@ def build_model_tab(state, cfg: AppConfig):
             lab = _require(lab)
             if up:
                 c = e = str(up)
-            msg = lab.set_texts(c, e, int(L), int(cw), int(ew))
+            msg = lab.set_texts(c, e, *(None if v is None else int(v) for v in (L, cw, ew)))
         except Exception as ex:
             traceback.print_exc()
             text = _err_text(ex)
@@ -179,7 +179,8 @@ def build_model_tab(state, cfg: AppConfig):
 
     load_ev = load_btn.click(on_load, [state, spec, device, dtype], [state, status, table],
                              concurrency_id=HEAVY, concurrency_limit=1)
-    data_ev = data_btn.click(on_data, [state, calib, evalt, upload, seqlen, cwin, ewin], [state, status])
+    data_ev = data_btn.click(on_data, [state, calib, evalt, upload, seqlen, cwin, ewin], [state, status],
+                             concurrency_id=HEAVY, concurrency_limit=1)  # after any running job, never beside it
     return dict(load_event=load_ev, data_event=data_ev, on_load=on_load, spec=spec, device=device, dtype=dtype,
                 status=status, table=table)
 
@@ -596,7 +597,11 @@ def build_run_tab(state, budget):
         out_comp = gr.Textbox(label="Compressed model (last run)", lines=5)
 
     def tables(lab: Lab):
-        return (_runs_display(lab.history.table(lab.lm.fingerprint)), *tradeoff_figures(lab))
+        runs_table = _runs_display(lab.history.table(lab.lm.fingerprint))
+        note = lab.history.unreadable_note()
+        if note:
+            gr.Warning(note)
+        return (runs_table, *tradeoff_figures(lab))
 
     def on_run(p=gr.Progress(), *args):  # progress first: gradio inserts it at its position
         lab, lbl, *plan_inputs = args

@@ -29,7 +29,8 @@ def read_wikitext(path: Path) -> str:
     rows, rows are joined by a blank line."""
     with open(path, encoding="utf-8", newline="") as f:
         raw = f.read()
-    rows = [line + "\n" if line.strip() else "" for line in raw[:-1].split("\n")]
+    body = raw[:-1] if raw.endswith("\n") else raw  # the file's final newline ends its last row
+    rows = [line + "\n" if line.strip() else "" for line in body.split("\n")]
     return "\n\n".join(rows)
 
 
@@ -88,6 +89,8 @@ def windows(tokens: Tensor, seqlen: int, n: int | None = None) -> Tensor:
     Returns (n, seqlen)."""
     if seqlen < 2:
         raise ValueError("seqlen must be at least 2")
+    if n is not None and n < 1:
+        raise ValueError(f"asked for {n} windows; ask for at least 1")
     total = tokens.numel() // seqlen
     if total == 0:
         raise ValueError(f"the text has {tokens.numel()} tokens, fewer than one window of {seqlen}; "
@@ -105,6 +108,8 @@ def calibration_windows(tokens: Tensor, seqlen: int, n: int, seed: int = 0,
 
     When calibration and evaluation come from one file, pass the evaluation span as
     ``reserved_tokens`` so the two never overlap. Returns (n, seqlen)."""
+    if n < 1:
+        raise ValueError(f"asked for {n} calibration windows; ask for at least 1")
     lo, hi = reserved_tokens, tokens.numel() - seqlen - 1
     if hi < lo:
         avail = tokens.numel() - reserved_tokens

@@ -16,7 +16,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import pandas as pd
@@ -75,6 +75,7 @@ class RunHistory:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / "runs.jsonl"
+        self.unreadable: list[int] = []  # line numbers the last ``records()`` could not read (torn last line aside)
 
     def append(self, rec: RunRecord) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -85,15 +86,31 @@ class RunHistory:
     def records(self, fingerprint: str | None = None) -> list[RunRecord]:
         if not self.path.exists():
             return []
-        out = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        out, bad = [], []
+        known = {f.name for f in fields(RunRecord)}
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
             try:
-                rec = RunRecord(**json.loads(line))
-            except (json.JSONDecodeError, TypeError):
-                continue  # a torn last line (crash mid-write) is skipped, the rest survives
+                d = json.loads(line)
+                rec = RunRecord(**{k: v for k, v in d.items() if k in known})  # fields of a newer RankLab: left out
+            except (json.JSONDecodeError, TypeError, AttributeError):
+                if i < len(lines) or line.endswith("}"):  # a torn last line (crash mid-write) is expected; others not
+                    bad.append(i)
+                continue
             if fingerprint is None or rec.fingerprint == fingerprint:
                 out.append(rec)
+        self.unreadable = bad
         return out
+
+    def unreadable_note(self) -> str | None:
+        """What the last ``records()`` skipped, for the user (None if nothing)."""
+        if not self.unreadable:
+            return None
+        shown = ", ".join(map(str, self.unreadable[:5])) + (" …" if len(self.unreadable) > 5 else "")
+        return (f"{len(self.unreadable)} line(s) of {self.path} could not be read and are not shown (line {shown}); "
+                "the file is left as it is")
 
     def table(self, fingerprint: str | None = None) -> pd.DataFrame:
         rows = []
@@ -208,32 +225,57 @@ class Lab:
     # ----------------------------------------------------------------- model & data
     def load(self, spec: str, device: str = "auto", dtype: str = "float32", say: Callable[[str], None] | None = None
              ) -> dict:
+        """Load a model and window the current texts with its tokenizer. Nothing changes
+        unless both succeed: on any error the session keeps its model, texts and results."""
+        self._refuse_while_running("load another model")
         lm = load_model(spec, device, dtype, progress=say)
         if lm.tokenizer is None:
             raise ValueError(f"{spec} has no tokenizer files; RankLab needs one to read text")
+        s = self.settings
+        split, seqlen = self._split(lm, s.calib_text, s.eval_text, None, None, None)
         self.lm = lm
-        self.profile = self.sensitivity = self.proxy = self.predictor = None
-        self.compressed = self.compressed_plan = self.dense_eval = None
+        self.compressed = self.compressed_plan = None
         self.plan = Plan()
-        self.set_texts(self.settings.calib_text, self.settings.eval_text)
+        self._commit_split(split, s.calib_text, s.eval_text, seqlen)
         return self.summary()
 
     def set_texts(self, calib_text: str, eval_text: str, seqlen: int | None = None, calib_windows: int | None = None,
                   eval_windows: int | None = None) -> str:
+        """New calibration / evaluation texts or windowing (None keeps a setting). Clears what
+        was measured on the old texts; refused while a job runs, which would write back results
+        of the old texts."""
+        self._refuse_while_running("change the texts")
         lm = self.require_model()
+        split, seqlen = self._split(lm, calib_text, eval_text, seqlen, calib_windows, eval_windows)
+        self._commit_split(split, calib_text, eval_text, seqlen)
+        return f"calibration: {split.calib_label}\nevaluation: {split.eval_label}"
+
+    def _refuse_while_running(self, what: str) -> None:
+        if self.job is not None:
+            raise ValueError(f"{self.job} is running: wait for it to finish or press Cancel, then {what}")
+
+    def _split(self, lm: LoadedModel, calib_text: str, eval_text: str, seqlen: int | None,
+               calib_windows: int | None, eval_windows: int | None):
         s = self.settings
-        seqlen = int(seqlen or s.seqlen)
+        seqlen = int(s.seqlen if seqlen is None else seqlen)
+        for what, v in (("window length", seqlen), ("calibration windows", calib_windows),
+                        ("evaluation windows", eval_windows)):
+            if v is not None and int(v) < (2 if what == "window length" else 1):
+                raise ValueError(f"{what} {v} is too small: use at least {2 if what == 'window length' else 1}")
         if lm.max_positions and seqlen > lm.max_positions:
             raise ValueError(f"seqlen {seqlen} exceeds the model's maximum of {lm.max_positions} positions")
         cal, ev = self._corpus(calib_text), self._corpus(eval_text)
-        split = make_split(lm.tokenizer, ev, cal, seqlen, int(eval_windows or s.eval_windows),
-                           int(calib_windows or s.calib_windows), seed=s.seed)
+        split = make_split(lm.tokenizer, ev, cal, seqlen, int(s.eval_windows if eval_windows is None else eval_windows),
+                           int(s.calib_windows if calib_windows is None else calib_windows), seed=s.seed)
+        return split, seqlen
+
+    def _commit_split(self, split, calib_text: str, eval_text: str, seqlen: int) -> None:
+        s = self.settings
         self.split = split
         s.calib_text, s.eval_text, s.seqlen = calib_text, eval_text, seqlen
         s.calib_windows, s.eval_windows = split.calib_ids.shape[0], split.eval_ids.shape[0]
         self.profile = self.sensitivity = self.proxy = self.predictor = None
         self.dense_eval = None
-        return f"calibration: {split.calib_label}\nevaluation: {split.eval_label}"
 
     @staticmethod
     def _corpus(spec: str) -> Corpus:

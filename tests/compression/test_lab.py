@@ -140,9 +140,13 @@ def test_cancel_stops_the_running_job_only(tiny_lab):
 
 def test_torn_history_line_is_skipped(tmp_path):
     h = RunHistory(tmp_path)
-    h.path.write_text(json.dumps({"run_id": "a", "time": "t", "label": "l", "status": "ok", "fingerprint": "f",
-                                  "plan": {}}) + "\n{\"run_id\": \"b\", \"ti")
-    assert [r.run_id for r in h.records()] == ["a"]
+    row = {"run_id": "a", "time": "t", "label": "l", "status": "ok", "fingerprint": "f", "plan": {}}
+    h.path.write_text(json.dumps(row) + "\n{\"run_id\": \"b\", \"ti")
+    assert [r.run_id for r in h.records()] == ["a"] and h.unreadable_note() is None  # a crash mid-write: expected
+    newer = {**row, "run_id": "c", "field_of_a_newer_ranklab": 1}  # kept, without the unknown field
+    h.path.write_text("\n".join([json.dumps(row), "not json", json.dumps(newer), json.dumps({"run_id": "d"})]) + "\n")
+    assert [r.run_id for r in h.records()] == ["a", "c"]
+    assert h.unreadable == [2, 4] and "2 line(s)" in h.unreadable_note() and "line 2, 4" in h.unreadable_note()
 
 
 def test_energy_preset_needs_profile_then_works(tiny_lab):
@@ -235,3 +239,32 @@ def test_whole_session_on_cuda(tmp_path, monkeypatch, dtype):
         assert cpu.status == "ok", cpu.error
         assert rec.measured["bytes"] == cpu.measured["bytes"]
         assert rec.measured["ppl"] == pytest.approx(cpu.measured["ppl"], rel=2e-2)
+
+
+def test_texts_and_models_change_only_when_nothing_runs_and_only_if_valid(tiny_lab, tmp_path, monkeypatch):
+    from analysis.loading import wrap_model
+    from tests.conftest import CharTokenizer, tiny_model
+
+    monkeypatch.setattr("compression.lab.load_model",
+                        lambda spec, *a, **k: wrap_model(tiny_model("llama", seed=1), CharTokenizer(), spec=spec))
+    split = tiny_lab.split
+    with tiny_lab.running("profiling"):  # a job writes its result back when it ends: no change under it
+        with pytest.raises(ValueError, match="profiling is running: wait for it to finish or press Cancel"):
+            tiny_lab.set_texts("default", "default", seqlen=16)
+        with pytest.raises(ValueError, match="profiling is running"):
+            tiny_lab.load("other")
+    assert tiny_lab.split is split
+    for kw, msg in ((dict(calib_windows=0), "calibration windows 0 is too small"),
+                    (dict(eval_windows=-1), "evaluation windows -1 is too small"),
+                    (dict(seqlen=1), "window length 1 is too small")):
+        with pytest.raises(ValueError, match=msg):
+            tiny_lab.set_texts("default", "default", **kw)
+        assert tiny_lab.split is split
+    lm = tiny_lab.lm
+    tiny_lab.settings.calib_text = str(tmp_path / "gone.txt")  # a text that cannot be read with the new model
+    with pytest.raises(FileNotFoundError, match="gone.txt"):
+        tiny_lab.load("other")  # loads, then fails on the texts: the session keeps its model and split
+    assert tiny_lab.lm is lm and tiny_lab.split is split
+    tiny_lab.settings.calib_text = "default"
+    tiny_lab.load("other")
+    assert tiny_lab.lm.source != lm.source and tiny_lab.split is not split
