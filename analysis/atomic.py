@@ -69,7 +69,9 @@ def check_replaceable(folder: str | Path, markers: Sequence[str], what: str) -> 
 @contextmanager
 def atomic_folder(folder: str | Path, markers: Sequence[str], what: str) -> Iterator[Path]:
     """Yield a temporary folder beside ``folder``. When the block ends normally it replaces
-    ``folder`` in one rename; when it raises (or is interrupted) it is deleted. ``folder`` must
+    ``folder`` by renames: an earlier ``folder`` is first renamed aside, deleted only once the
+    new one is in place (a crash in between leaves it beside, as ``.NAME.old-*``, never lost);
+    when the block raises (or is interrupted) the temporary folder is deleted. ``folder`` must
     pass ``check_replaceable(folder, markers, what)``, before and after the block; the block
     must write the ``markers``."""
     folder = check_replaceable(folder, markers, what)
@@ -80,9 +82,19 @@ def atomic_folder(folder: str | Path, markers: Sequence[str], what: str) -> Iter
         if not holds(tmp, markers):
             raise RuntimeError(f"writing {what}: {' + '.join(markers)} not all written")
         check_replaceable(folder, markers, what)  # nothing else appeared there meanwhile
+        old = None
         if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
+            old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-"))
+            folder.rename(old / folder.name)
+        try:
+            tmp.rename(folder)
+        except BaseException:
+            if old is not None:
+                (old / folder.name).rename(folder)  # put the earlier one back
+            raise
+        finally:
+            if old is not None and folder.exists():
+                shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -96,7 +96,9 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """Content hash of the config and of every parameter (name, shape, and a cheap checksum)."""
+    """Content hash of the config and of every tensor of the state dict: name, shape, dtype and
+    all its bytes (SHA-256; about 0.5 s for SmolLM2-135M's 540 MB on a CPU core). It keys the
+    profile and sensitivity caches and the run history, so any change of any weight changes it."""
     h = hashlib.sha256()
     cfg = model.config.to_dict() if hasattr(model, "config") else {}
     cfg = {k: v for k, v in cfg.items() if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype")}
@@ -104,12 +106,9 @@ def model_fingerprint(model: nn.Module) -> str:
     with torch.no_grad():
         for name, p in model.state_dict().items():
             h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-            flat = p.detach().reshape(-1)
-            if flat.numel() and flat.dtype.is_floating_point:
-                sample = flat[:: max(1, flat.numel() // 4096)].double()
-                h.update(f"{sample.sum().item():.10e}:{sample.abs().sum().item():.10e}".encode())
-            elif flat.numel():
-                h.update(flat[: 4096].cpu().numpy().tobytes())
+            if p.numel():
+                flat = p.detach().to("cpu").contiguous().reshape(-1)
+                h.update(memoryview(flat.view(torch.uint8).numpy()))
     return h.hexdigest()[:16]
 
 

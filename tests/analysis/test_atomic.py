@@ -50,6 +50,25 @@ def test_a_failed_write_keeps_the_previous_artifact(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["art"]
 
 
+def test_the_previous_artifact_survives_a_failure_while_replacing_it(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    _write(tmp_path / "art", "old")
+    real = Path.rename
+
+    def flaky(self, target):  # the new folder cannot be moved into place (a full disk, a crash)
+        if self.name.startswith(".art.tmp-"):
+            assert not (tmp_path / "art").exists() and any(tmp_path.glob(".art.old-*/art/marker"))
+            raise OSError("disk full")
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        _write(tmp_path / "art", "new")
+    assert (tmp_path / "art" / "marker").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]
+
+
 def test_json_markers_must_be_ranklab_artifacts(tmp_path):
     import json
 

@@ -1,0 +1,22 @@
+"""Tests of analysis.loading that need no model files: the model fingerprint."""
+from __future__ import annotations
+
+import torch
+
+from analysis.loading import model_fingerprint
+from tests.conftest import tiny_model
+
+
+def test_fingerprint_sees_any_single_weight_and_nothing_else():
+    a, b = tiny_model("llama", seed=0), tiny_model("llama", seed=0)
+    assert model_fingerprint(a) == model_fingerprint(b)  # same content, other objects
+    w = dict(b.named_parameters())["model.layers.0.mlp.up_proj.weight"]
+    before = w.view(-1)[1].item()
+    with torch.no_grad():
+        w.view(-1)[1] += 1.0  # one element that a strided sample of the tensor would skip
+    assert model_fingerprint(a) != model_fingerprint(b)
+    with torch.no_grad():
+        w.view(-1)[1] = before
+    assert model_fingerprint(a) == model_fingerprint(b)
+    assert model_fingerprint(a) != model_fingerprint(a.to(torch.bfloat16))  # dtype is content too
+    assert model_fingerprint(tiny_model("llama", seed=1)) != model_fingerprint(b)
