@@ -11,7 +11,7 @@ from analysis.cli import progress_stderr, require_at_least_one, run_command, say
 def cmd_eval(a: argparse.Namespace) -> dict:
     from analysis.data import load_corpus, tokenize, windows
     from analysis.loading import load_model
-    from analysis.metrics import latency, model_bytes, perplexity
+    from analysis.metrics import latency, model_bytes, perplexity, reset_cuda_peak
 
     latency_flags = () if a.no_latency else (("--latency-runs", a.latency_runs), ("--latency-seqlen", a.latency_seqlen))
     require_at_least_one(("--seqlen", a.seqlen), ("--windows", a.windows), *latency_flags,
@@ -22,6 +22,7 @@ def cmd_eval(a: argparse.Namespace) -> dict:
                          f"use --seqlen {lm.max_positions} or less")
     corpus = load_corpus(a.text)
     ids = windows(tokenize(lm.tokenizer, corpus), a.seqlen, a.windows)
+    reset_cuda_peak(lm.device)  # the peak reported is the evaluation's (weights included)
     t = time.perf_counter()
     ppl = perplexity(lm.model, ids, corpus.label, progress=progress_stderr)
     ppl_s = time.perf_counter() - t

@@ -105,8 +105,18 @@ def perplexity(model: nn.Module, ids: Tensor, data_label: str, progress: Progres
     return Perplexity(float(torch.tensor(nll).exp()), nll, count, proto)
 
 
+def reset_cuda_peak(device: torch.device | str) -> None:
+    """Start a new CUDA peak-memory window (``Memory.peak_allocated`` reads the peak since);
+    nothing to do on other devices."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def model_bytes(model: nn.Module) -> Memory:
-    """Bytes actually held by the model's parameters and buffers; shared storage counted once."""
+    """Bytes actually held by the model's parameters and buffers; shared storage counted once.
+    ``peak_allocated`` is the CUDA peak since the last ``reset_cuda_peak`` (call it before the
+    work to measure; the CUDA counter otherwise runs from the process start)."""
     seen: set[tuple[int, int]] = set()
     params = buffers = 0
     for kind, tensors in (("p", model.parameters()), ("b", model.buffers())):

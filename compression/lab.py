@@ -25,7 +25,14 @@ from torch import nn
 
 from analysis.data import Corpus, load_corpus, make_split
 from analysis.loading import LoadedModel, cache_dir, load_model
-from analysis.metrics import latency, linear_biases, linear_weight_bytes, model_bytes, perplexity
+from analysis.metrics import (
+    latency,
+    linear_biases,
+    linear_weight_bytes,
+    model_bytes,
+    perplexity,
+    reset_cuda_peak,
+)
 from analysis.profile import Profile, load_or_profile, rank_for_energy
 from analysis.sensitivity import DEFAULT_TOKENS as SENSITIVITY_TOKENS
 from compression.apply import apply_plan
@@ -515,6 +522,7 @@ class Lab:
 
     def _measure(self, model: nn.Module, progress: Progress | None) -> dict:
         s = self.settings
+        reset_cuda_peak(self.require_model().device)  # the run's peak: this measurement's, not the session's
         ppl = perplexity(model, self.split.eval_ids, self.split.eval_label, progress=progress,
                          should_stop=self.should_stop)
         lat = latency(model, seqlen=min(s.latency_seqlen, s.seqlen), decode_tokens=s.decode_tokens,

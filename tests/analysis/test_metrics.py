@@ -1,4 +1,5 @@
 """Latency: real timings on a tiny model, and the note that says what they measure."""
+import pytest
 import torch
 
 from analysis.loading import wrap_model
@@ -40,3 +41,16 @@ def test_latency_says_how_many_linears_are_dequantised_on_every_call():
     assert latency(only_rank, **FAST).note == ""
     after = lm.model.state_dict()  # the dense model is left as it was
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_peak_is_the_measured_work_not_the_process():
+    from analysis.metrics import model_bytes, reset_cuda_peak
+
+    model = tiny_model("llama").cuda()
+    big = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")  # 256 MiB, freed before the measurement
+    del big
+    reset_cuda_peak("cuda")
+    model(input_ids=torch.zeros(1, 8, dtype=torch.long, device="cuda"))
+    peak = model_bytes(model).peak_allocated
+    assert model_bytes(model).weight_bytes <= peak < 64 * 2**20
