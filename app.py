@@ -299,12 +299,27 @@ def _energy_figs(lab: Lab, layer_v, role_v):
             F.spectrum_plot(prof.act_eigvals[name].numpy(), prof.weight_sv[name].numpy(), name, proto))
 
 
+def _sensitivity_view(lab: Lab) -> tuple[pd.DataFrame | None, str, dict]:
+    """The table the Sensitivity tab shows, its protocol (probe data, device, dtype, what it
+    is) and what its numbers are (KL or loss increase), for the figures."""
+    table, kind = lab.sensitivity_table()
+    grid = lab.sensitivity if lab.sensitivity is not None else lab.proxy
+    meta = grid.meta if grid is not None else {}
+    proto = (f"{meta.get('data') or lab.split.calib_label}; {meta.get('device', lab.lm.device)}; "
+             f"{meta.get('dtype', str(lab.lm.dtype).replace('torch.', ''))}; {kind}")
+    kl = lab.sensitivity is not None and lab.sensitivity.default_estimator() == "kl"
+    what = dict(quantity="KL divergence from the dense model", symbol="KL") if kl else \
+        dict(quantity="loss increase" if lab.sensitivity is not None else "estimated loss increase", symbol="Δloss")
+    return table, proto, what
+
+
 def build_sensitivity_tab(state):
     gr.Markdown("**How fragile is each layer?** The measured sensitivity of a linear at a setting is the increase "
                 "of the calibration loss when *only that linear* is compressed to that setting. Summed over layers "
                 "it predicts the loss of a whole plan, which is what makes the Budget sliders live. The *first "
                 "view* needs one gradient pass and no probe per setting; the measured grid probes every setting "
-                "(8 bits excepted: scaled from the 4-bit probe by the gradient view's ratio, a ~1e-5 nats effect) "
+                "(8 bits excepted: scaled from the 4-bit probe by the ratio of the two settings' output-Fisher "
+                "quadratic forms; bench/RESULTS.md §4 compares it with probed 8-bit KLs) "
                 "and also records the KL divergence between the dense and the probed model's next-token "
                 "predictions, which is what the heatmap shows and the predictions add up: never negative, and "
                 "stable on the few hundred probe tokens a CPU can afford (the loss increase itself is mostly "
@@ -318,17 +333,15 @@ def build_sensitivity_tab(state):
         grid_btn = gr.Button("Measure the full grid", variant="primary", elem_id="grid-btn")
         sens_cancel = gr.Button("Cancel", variant="stop", elem_id="sens-cancel")
     info = gr.Markdown(elem_id="sens-info")
-    heat = gr.Plot(label="Loss increase per linear and setting")
+    heat = gr.Plot(label="Sensitivity per linear and setting (nats per token)")
     layer = gr.Dropdown(choices=[], label="Layer", interactive=True)
-    curves = gr.Plot(label="Loss increase vs setting")
+    curves = gr.Plot(label="Sensitivity vs setting")
 
     def _show(lab: Lab, msg: str):
-        table, kind = lab.sensitivity_table()
-        data = lab.sensitivity.meta.get("data") if lab.sensitivity is not None else None
-        proto = f"{data or lab.split.calib_label}; {lab.lm.device}; {kind}"
+        table, proto, what = _sensitivity_view(lab)
         layers = sorted(table.layer.unique().tolist())
-        return (lab, msg, F.sensitivity_heatmap(table, proto), gr.update(choices=layers, value=layers[0]),
-                F.sensitivity_curves(table, int(layers[0]), proto))
+        return (lab, msg, F.sensitivity_heatmap(table, proto, **what), gr.update(choices=layers, value=layers[0]),
+                F.sensitivity_curves(table, int(layers[0]), proto, **what))
 
     def _stopped(lab: Lab, e: InterruptedError):
         return (lab, _cancelled(e), *[gr.update()] * 3)
@@ -372,10 +385,10 @@ def build_sensitivity_tab(state):
     def on_layer(lab, layer_v):
         try:
             lab = _require(lab)
-            table, kind = lab.sensitivity_table()
+            table, proto, what = _sensitivity_view(lab)
             if table is None or layer_v is None:
                 return gr.update()
-            return F.sensitivity_curves(table, int(layer_v), f"{lab.split.calib_label}; {kind}")
+            return F.sensitivity_curves(table, int(layer_v), proto, **what)
         except Exception as e:
             raise _err(e) from e
 

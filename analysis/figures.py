@@ -364,13 +364,15 @@ def _kind_title(kind: str) -> str:
     return {"rank": "Low-rank: rank kept r", "bits": "Quantisation: bits per weight"}.get(kind, f"{kind}: setting")
 
 
-def sensitivity_heatmap(sens: pd.DataFrame, protocol: str, floor: float = 1e-3) -> go.Figure:
-    """Loss increase per linear and setting: one heatmap panel per ``kind`` (rank, then bits),
+def sensitivity_heatmap(sens: pd.DataFrame, protocol: str, floor: float = 1e-3, quantity: str = "loss increase",
+                        symbol: str = "Δloss") -> go.Figure:
+    """Loss increase (or the ``quantity`` the table's ``dloss`` holds, e.g. a KL divergence,
+    written ``symbol``) per linear and setting: one heatmap panel per ``kind`` (rank, then bits),
     rows = layer (0 at the bottom), columns = a two-level (role, setting) axis (roles in order of
     appearance, settings ascending). Colour = ``log10(1 + max(dloss, 0) / floor)`` on one shared scale whose
     ticks read in dloss; negative dloss shows as 0; hover gives the exact dloss."""
     _require(sens, SENSITIVITY_COLUMNS, "sens")
-    title = "Sensitivity: loss increase when one linear is compressed"
+    title = f"Sensitivity: {quantity} when one linear is compressed"
     if sens.empty:
         return _empty(title, protocol, "no sensitivity measured yet")
     _unique(sens, ["layer", "role", "kind", "setting"], "sens")
@@ -394,7 +396,7 @@ def sensitivity_heatmap(sens: pd.DataFrame, protocol: str, floor: float = 1e-3) 
             i, j = li[row.layer], ci[(row.role, row.setting)]
             z[i, j] = _loss_scale(np.array([row.dloss], dtype=float), floor)[0]
             hover[i, j] = (f"<b>{html.escape(str(row.name))}</b><br>layer {row.layer}, {row.role}<br>"
-                           f"{kind} = {row.setting}<br>Δloss = {float(row.dloss):.6g} nats/token")
+                           f"{kind} = {row.setting}<br>{symbol} = {float(row.dloss):.6g} nats/token")
         fig.add_trace(go.Heatmap(
             z=z, x=[[str(r) for r, _ in cols], [str(s) for _, s in cols]], y=layers, hovertext=hover,
             hovertemplate="%{hovertext}<extra></extra>", hoverongaps=False, coloraxis="coloraxis", xgap=1, ygap=1,
@@ -407,16 +409,18 @@ def sensitivity_heatmap(sens: pd.DataFrame, protocol: str, floor: float = 1e-3) 
         ticks.append(dmax)
     fig.update_layout(coloraxis=dict(
         colorscale=LOSS_SCALE, cmin=0, cmax=max(float(_loss_scale(np.array([dmax]), floor)[0]), 1e-9),
-        colorbar=dict(title=dict(text="Δloss<br>(nats/token)"), thickness=14,
+        colorbar=dict(title=dict(text=f"{symbol}<br>(nats/token)"), thickness=14,
                       tickvals=_loss_scale(np.array(ticks), floor).tolist(), ticktext=[_num(t, 3) for t in ticks])))
     fig.update_yaxes(title_text="Layer (0 = first block, at the bottom)", row=1, col=1)
     return _style(fig, title, protocol, height=max(340, 170 + 22 * len(layers)), extra_top=22)
 
 
-def sensitivity_curves(sens: pd.DataFrame, layer_or_name: int | str | Sequence[str], protocol: str) -> go.Figure:
-    """Loss increase vs setting for the chosen linears: an ``int`` picks every linear of that
-    layer, a ``str`` one linear by name, a list of ``str`` several. One panel per ``kind``
-    (rank, then bits), one line per (kind, name), colour per name."""
+def sensitivity_curves(sens: pd.DataFrame, layer_or_name: int | str | Sequence[str], protocol: str,
+                       quantity: str = "loss increase", symbol: str = "Δloss") -> go.Figure:
+    """Loss increase (or ``quantity``, as in ``sensitivity_heatmap``) vs setting for the chosen
+    linears: an ``int`` picks every linear of that layer, a ``str`` one linear by name, a list
+    of ``str`` several. One panel per ``kind`` (rank, then bits), one line per (kind, name),
+    colour per name."""
     _require(sens, SENSITIVITY_COLUMNS, "sens")
     if isinstance(layer_or_name, (int, np.integer)) and not isinstance(layer_or_name, bool):
         d, what = sens[sens["layer"] == layer_or_name], f"layer {layer_or_name}"
@@ -428,7 +432,7 @@ def sensitivity_curves(sens: pd.DataFrame, layer_or_name: int | str | Sequence[s
         if unknown and not sens.empty:
             raise ValueError(f"no sensitivity rows for {', '.join(map(str, unknown))}")
         d, what = sens[sens["name"].isin(names)], names[0] if len(names) == 1 else f"{len(names)} linears"
-    title = f"Loss increase vs compression setting: {what}"
+    title = f"{quantity[0].upper()}{quantity[1:]} vs compression setting: {what}"
     if d.empty:
         return _empty(title, protocol, "no sensitivity measured yet")
     _unique(d, ["name", "kind", "setting"], "sens")
@@ -446,11 +450,11 @@ def sensitivity_curves(sens: pd.DataFrame, layer_or_name: int | str | Sequence[s
                 showlegend=name not in in_legend,
                 line=dict(color=_color(j), width=2), marker=dict(size=7),
                 hovertemplate=(f"<b>{html.escape(str(name))}</b><br>{kind} = %{{x}}<br>"
-                               "Δloss = %{y:.6g} nats/token<extra></extra>")), row=1, col=p)
+                               f"{symbol} = %{{y:.6g}} nats/token<extra></extra>")), row=1, col=p)
             in_legend.add(name)
         fig.update_xaxes(title_text=_kind_title(kind).split(": ")[-1], row=1, col=p)
         fig.add_hline(y=0, line=dict(color=GUIDE_COLOR, width=1), row=1, col=p)
-    fig.update_yaxes(title_text="Δloss vs dense (nats / token)", row=1, col=1)
+    fig.update_yaxes(title_text=f"{symbol} vs dense (nats / token)", row=1, col=1)
     return _style(fig, title, protocol, extra_top=22)
 
 

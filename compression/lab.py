@@ -13,7 +13,6 @@ import os
 import shutil
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -36,7 +35,7 @@ from analysis.metrics import (
 from analysis.profile import Profile, load_or_profile, rank_for_energy
 from analysis.sensitivity import DEFAULT_TOKENS as SENSITIVITY_TOKENS
 from compression.apply import apply_plan
-from compression.plan import ModuleSpec, Plan, PlanWarning, needs_calibration, plan_size, validate
+from compression.plan import ModuleSpec, Plan, needs_calibration, plan_size, validate
 
 Progress = Callable[[float, str], None]
 BITS_CHOICES = [2, 3, 4, 8, None]  # the per-layer bit widths offered (None = keep the dtype)
@@ -483,9 +482,7 @@ class Lab:
         return allocate(self.predictor, target_ratio=target_ratio, only=only)
 
     def check(self, plan: Plan) -> list[str]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", PlanWarning)
-            return validate(plan, self.linears)
+        return validate(plan, self.linears, warn=False)  # the app shows them; no process-wide warning filter
 
     def predict(self, plan: Plan) -> dict:
         """Exact bytes always; predicted loss/ppl when sensitivities exist. Milliseconds."""

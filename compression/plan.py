@@ -266,9 +266,11 @@ def _typed(cls, d, where: str):
 
 
 # --------------------------------------------------------------------------- validation
-def validate(plan: Plan, linears: list[LinearInfo]) -> list[str]:
+def validate(plan: Plan, linears: list[LinearInfo], warn: bool = True) -> list[str]:
     """Check ``plan`` against a model's decoder linears. Raises ``ValueError`` listing every
-    problem and what to change; returns (and emits as ``PlanWarning``) the warnings."""
+    problem and what to change; returns the warnings (and, if ``warn``, emits them as
+    ``PlanWarning``: callers that show them themselves pass ``warn=False`` rather than filter
+    warnings, whose filters are process-wide and not thread-safe)."""
     by_name = {li.name: li for li in linears}
     errors, notes = [], []
     ragged_notes: dict[tuple[int, int], list[str]] = {}
@@ -316,7 +318,7 @@ def validate(plan: Plan, linears: list[LinearInfo]) -> list[str]:
         errors = _merge_same(errors, {li.name for li in linears})
         more = f"\n(and {len(errors) - 12} more)" if len(errors) > 12 else ""
         raise ValueError("the plan cannot be applied:\n- " + "\n- ".join(errors[:12]) + more)
-    for w in notes:
+    for w in notes if warn else ():
         warnings.warn(w, PlanWarning, stacklevel=2)
     return notes
 

@@ -163,6 +163,10 @@ def test_sensitivity_heatmap_panels_values_and_hover():
     assert _protocol_shown(fig)
     with pytest.raises(ValueError, match="dloss"):
         F.sensitivity_heatmap(sens.drop(columns="dloss"), PROTOCOL)
+    kl = F.sensitivity_heatmap(sens, PROTOCOL, quantity="KL divergence from the dense model", symbol="KL")
+    assert "KL divergence from the dense model" in kl.layout.title.text
+    assert kl.layout.coloraxis.colorbar.title.text.startswith("KL<br>")
+    assert "KL = -0.00609375" in np.asarray(kl.data[1].hovertext)[0, 2]
 
 
 def test_sensitivity_curves_by_layer_and_by_name():
@@ -175,6 +179,9 @@ def test_sensitivity_curves_by_layer_and_by_name():
     assert len(one.data) == 2 and {t.name for t in one.data} == {"model.layers.0.down_proj"}
     two = F.sensitivity_curves(sens, ["model.layers.0.q_proj", "model.layers.1.q_proj"], PROTOCOL)
     assert len(two.data) == 4 and _protocol_shown(two)
+    kl = F.sensitivity_curves(sens, 1, PROTOCOL, quantity="KL divergence from the dense model", symbol="KL")
+    assert kl.layout.title.text.startswith("KL divergence from the dense model vs compression setting")
+    assert "KL = " in kl.data[0].hovertemplate and kl.layout.yaxis.title.text.startswith("KL vs dense")
     with pytest.raises(ValueError, match="layer 7"):
         F.sensitivity_curves(sens, 7, PROTOCOL)
     with pytest.raises(ValueError, match="missing column"):

@@ -149,6 +149,9 @@ def test_validation_messages():
         validate(uniform_plan("rtn", L, bits=5), L)  # one line for the same problem everywhere
     with pytest.warns(PlanWarning, match="above break-even"):
         validate(Plan(modules={q: ModuleSpec(rank=40)}), L)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warn=False: the notes come back, no warning is emitted
+        assert "above break-even" in validate(Plan(modules={q: ModuleSpec(rank=40)}), L, warn=False)[0]
     with pytest.warns(PlanWarning, match="group size 48 does not divide the input width 64 .*ragged group of 16"):
         validate(Plan(modules={q: ModuleSpec(bits=4, group_size=48)}), L)
 
