@@ -81,6 +81,10 @@ class Adapter:
     def head(self, model: nn.Module) -> nn.Linear:
         return get_submodule(model, self.head_path)
 
+    def pre_head(self, model: nn.Module) -> nn.Module | None:
+        """A module between the final norm and the head (None for most families)."""
+        return None
+
     def layer_name(self, i: int) -> str:
         return f"{self.layers_path}.{i}"
 
@@ -183,6 +187,10 @@ class OPTAdapter(Adapter):
     def final_norm(self, model: nn.Module) -> nn.Module | None:
         return getattr(model.model.decoder, "final_layer_norm", None)
 
+    def pre_head(self, model: nn.Module) -> nn.Module | None:
+        """OPT-350m's ``project_out`` (hidden -> word embedding width), when the config has one."""
+        return getattr(model.model.decoder, "project_out", None)
+
 
 @dataclass
 class GPT2Adapter(Adapter):
@@ -224,6 +232,10 @@ for _cls in (LlamaAdapter, Gemma3Adapter, Phi3Adapter, OPTAdapter, GPT2Adapter):
         ADAPTERS[_t] = _cls
 
 
+# wrappers whose text decoder one of the families above describes, refused with a clear reason
+MULTIMODAL: dict[str, str] = {"gemma3": "Gemma 3's multimodal model (text-only Gemma 3 checkpoints are gemma3_text)"}
+
+
 def supported_model_types() -> list[str]:
     return sorted(ADAPTERS)
 
@@ -232,8 +244,9 @@ def adapter_for(model_or_config) -> Adapter:
     """The adapter for a model (or its config), chosen by ``config.model_type``."""
     config = getattr(model_or_config, "config", model_or_config)
     mt = getattr(config, "model_type", None)
-    if mt == "gemma3":  # multimodal wrapper: only its text decoder is supported
-        mt = "gemma3_text"
+    if mt in MULTIMODAL:
+        raise ValueError(f"model_type {mt!r} is {MULTIMODAL[mt]}, which RankLab does not support yet (its decoder "
+                         f"sits inside a vision-language wrapper); supported: {', '.join(supported_model_types())}")
     cls = ADAPTERS.get(mt)
     if cls is None:
         raise ValueError(f"model_type {mt!r} is not supported by RankLab yet; supported: "

@@ -76,9 +76,9 @@ def run_head(model: nn.Module, adapter: Adapter, hidden: Tensor) -> Tensor:
     """Final norm and LM head on the last hidden state: logits (B, L, V)."""
     norm = adapter.final_norm(model)
     h = norm(hidden) if norm is not None else hidden
-    proj_out = getattr(getattr(getattr(model, "model", None), "decoder", None), "project_out", None)
-    if proj_out is not None:  # OPT variants with a projection before the head
-        h = proj_out(h)
+    pre = adapter.pre_head(model)
+    if pre is not None:
+        h = pre(h)
     logits = adapter.head(model)(h)
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:

@@ -62,3 +62,6 @@ def test_unsupported_model_type_names_the_supported_ones():
     cfg.model_type = "bert"
     with pytest.raises(ValueError, match="supported: .*llama.*opt"):
         adapter_for(cfg)
+    cfg.model_type = "gemma3"  # the vision-language wrapper: its layers are not where gemma3_text's are
+    with pytest.raises(ValueError, match="Gemma 3's multimodal model .*gemma3_text.*does not support yet"):
+        adapter_for(cfg)
