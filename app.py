@@ -26,6 +26,7 @@ from compression.plan import LOWRANK_METHODS, QUANT_METHODS, Plan
 
 MAX_LAYERS = 64
 BITS_LABELS = ["keep" if b is None else str(b) for b in BITS_CHOICES]  # the bits dropdowns
+ENERGY_WARN_RANK = 8  # the energy preset warns about linears it cuts below this rank
 HEAVY = "heavy"  # concurrency id: one heavy job at a time; light callbacks stay responsive
 CSS = Path(__file__).with_name("assets").joinpath("style.css")
 
@@ -501,6 +502,14 @@ def build_budget_tab(state):
                         lab.run_profile(_progress(p))  # its own job: Cancel (Spectra tab) stops it
                         first = f"*Profiled the model first ({time.perf_counter() - t0:.0f} s).*\n\n"
                     plan = lab.plan_energy(float(en), lowrank="act-pca" if lr == "lillama" else lr)
+                    tiny = sorted((s.rank, name) for name, s in plan.modules.items() if s.rank is not None
+                                  and s.rank < ENERGY_WARN_RANK)
+                    if tiny:
+                        first += (f"**{len(tiny)} linear(s) get fewer than {ENERGY_WARN_RANK} directions** (e.g. "
+                                  f"`{tiny[0][1]}`: rank {tiny[0][0]}): a few outlier directions (large activations "
+                                  "on a few tokens) hold most of their output energy, and cutting everything else "
+                                  "usually breaks the model whatever the energy kept. Raise the energy fraction or "
+                                  "set these ranks in the table.\n\n")
                 else:
                     if lab.predictor is None:
                         t0 = time.perf_counter()
@@ -518,6 +527,11 @@ def build_budget_tab(state):
                 return [*filled, *_method_updates(plan), first + text, *figs]
             except InterruptedError as e:
                 return [*[gr.update()] * (len(preset_out) - 4), _cancelled(e, "The sliders are unchanged."),
+                        *[gr.update()] * 3]
+            except (ValueError, FileNotFoundError) as e:  # something to change (an unreachable target ...):
+                gr.Warning(_err_text(e))  # said once; the sliders, table and figures stay as they were
+                return [*[gr.update()] * (len(preset_out) - 4),
+                        f"**The preset was not applied:** {_err_text(e)}  \nThe sliders are unchanged.",
                         *[gr.update()] * 3]
             except Exception as e:
                 raise _err(e) from e

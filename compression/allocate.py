@@ -5,8 +5,9 @@ for any plan: ``loss = dense_loss + Σ dloss(linear, spec)``, sizes from
 ``compression.plan.plan_size``. Per linear:
 
 * rank ``r``: linear interpolation of the measured dloss between the grid ranks, with
-  ``dloss = 0`` at full rank ``min(m, n)``; below the smallest grid rank the value of the
-  smallest is used (flat: an optimistic clamp), above full rank 0;
+  ``dloss = 0`` at full rank ``min(m, n)``; below the smallest grid rank, the line through
+  the two smallest grid points extended (never below the smallest's value; still likely
+  optimistic far below the grid: ``below_grid`` names such linears), above full rank 0;
 * bits ``b``: the grid value at ``b``; an off-grid width uses the nearest *lower* grid
   width (5-7 bits read the 4-bit value), a width below the grid the lowest grid width;
 * rank and bits together: ``dloss_rank + dloss_bits``. This is an approximation: it
@@ -144,7 +145,20 @@ class Predictor:
         if name not in self._ranks:
             raise ValueError(f"the sensitivity grid has no rank settings for {name}")
         xs, ys = self._ranks[name]
-        return float(np.interp(float(rank), xs, ys))  # flat below the grid, 0 at and above full rank
+        if rank < xs[0] and len(xs) > 1:  # below the grid: extend the line through its two smallest ranks
+            slope = (ys[0] - ys[1]) / (xs[1] - xs[0])
+            return float(ys[0] + max(slope, 0.0) * (xs[0] - rank))
+        return float(np.interp(float(rank), xs, ys))  # 0 at and above full rank
+
+    def below_grid(self, plan) -> list[tuple[str, int, int]]:
+        """``(name, rank, smallest grid rank)`` of every linear whose rank in ``plan`` lies
+        below the ranks the grid measured: their dloss is extrapolated."""
+        out = []
+        for li in self.linears:
+            s = plan.spec_for(li.name)
+            if s.rank is not None and li.name in self._ranks and s.rank < self._ranks[li.name][0][0]:
+                out.append((li.name, int(s.rank), int(self._ranks[li.name][0][0])))
+        return out
 
     def bits_dloss(self, name: str, bits: int) -> float:
         if name not in self._bits:
@@ -394,9 +408,11 @@ def allocate(predictor: Predictor, *, target_bytes: int | None = None, target_ra
         rep = p.size(smallest)
         want = {"bytes": f"{value} bytes", "ratio": f"ratio {value}", "bits": f"{value} bits per weight"}[kind]
         raise ValueError(f"the target ({want}) is below the smallest plan these options reach: "
-                         f"{rep.total_bytes} bytes (ratio {rep.ratio:.4f} of {p.dense_total_bytes} dense bytes, "
-                         f"{rep.bits_per_weight:.3f} bits per weight); aim at or above that"
-                         + ("" if only is None else ", or drop --only to allow rank x bits combinations"))
+                         f"{rep.total_bytes:,} bytes = {rep.total_bytes / 1e6:.1f} MB (ratio {rep.ratio:.4f} of the "
+                         f"dense {p.dense_total_bytes / 1e6:.1f} MB, {rep.bits_per_weight:.3f} bits per weight); aim "
+                         "at or above that"
+                         + ("" if only is None else f", or allow ranks and bits together (this allocation changes "
+                                                    f"{'ranks' if only == 'rank' else 'bits'} only)"))
 
     picks = None
     used = "lagrangian"

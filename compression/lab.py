@@ -494,6 +494,12 @@ class Lab:
                    bits_per_weight=size.bits_per_weight, linear_bytes=size.linear_bytes,
                    params=self._plan_params(plan), notes=notes, ppl=None, loss=None)
         if self.predictor is not None:
+            below = self.predictor.below_grid(plan)
+            if below:
+                name, r, r0 = min(below, key=lambda b: b[1] / b[2])
+                notes.insert(0, f"{len(below)} linear(s) have ranks below those the sensitivities measured (e.g. "
+                                f"{name}: rank {r}, smallest measured {r0}); their predicted damage is extrapolated "
+                                "and may be far too low: run the plan to measure it")
             pr = self.predictor.predict(plan)
             out.update(ppl=pr.ppl, loss=pr.loss, dloss=pr.dloss, ppl_basis="calibration")
             if self.dense_eval is not None and self.dense_eval.get("ppl"):

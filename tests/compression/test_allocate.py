@@ -75,7 +75,10 @@ def test_predictor_interpolation_rules():
     assert p.dloss(li.name, ModuleSpec(rank=12)) == pytest.approx((d8 + d16) / 2)
     assert p.dloss(li.name, ModuleSpec(rank=40)) == pytest.approx(d16 * (64 - 40) / (64 - 16))  # towards 0 at full
     assert p.dloss(li.name, ModuleSpec(rank=64)) == 0.0
-    assert p.dloss(li.name, ModuleSpec(rank=4)) == d8  # flat below the grid
+    below = d8 + max(d8 - d16, 0) / (16 - 8) * (8 - 4)  # the line through the two smallest grid ranks, extended
+    assert p.dloss(li.name, ModuleSpec(rank=4)) == pytest.approx(below) and below > d8
+    assert p.below_grid(Plan(modules={li.name: ModuleSpec(rank=4)})) == [(li.name, 4, 8)]
+    assert p.below_grid(Plan(modules={li.name: ModuleSpec(rank=8)})) == []
     assert p.dloss(li.name, ModuleSpec(bits=4)) == b4
     assert p.dloss(li.name, ModuleSpec(bits=3)) == b2  # nearest lower grid width
     assert p.dloss(li.name, ModuleSpec(bits=8)) == b4
@@ -188,14 +191,14 @@ def test_impossible_target_names_the_smallest_reachable_size():
     opts = candidate_options(p)
     smallest = Plan(modules={li.name: min(opts[li.name], key=lambda o: o.delta_bytes).spec for li in p.linears})
     total, bpw = _bytes_of(p, smallest)
-    with pytest.raises(ValueError, match=f"{total} bytes") as e:
+    with pytest.raises(ValueError, match=f"{total:,} bytes") as e:
         allocate(p, target_bytes=total - 1)
     assert "ratio" in str(e.value) and "bits per weight" in str(e.value)
     plan = allocate(p, target_bytes=total)  # exactly the smallest is reachable
     assert _bytes_of(p, plan)[0] == total
     with pytest.raises(ValueError, match="smallest plan"):
         allocate(p, target_bits=0.2)
-    with pytest.raises(ValueError, match="drop --only"):
+    with pytest.raises(ValueError, match="allow ranks and bits together \\(this allocation changes"):
         allocate(p, target_bits=2.5, only="bits")
     with pytest.raises(ValueError, match="exactly one"):
         allocate(p, target_bits=3.0, target_ratio=0.5)

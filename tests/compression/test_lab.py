@@ -169,6 +169,10 @@ def test_first_view_makes_predictions_and_allocation_meets_target(tiny_lab):
     assert heavy["ppl"] >= dense["ppl"] and heavy["bytes"] < dense["bytes"]
     plan = tiny_lab.plan_allocate(0.6)
     assert tiny_lab.predict(plan)["ratio"] <= 0.6
+    assert not any("extrapolated" in n for n in tiny_lab.predict(plan)["notes"])  # grid ranks only
+    name = tiny_lab.linears[0].name  # rank 1: far below the grid's smallest rank
+    notes = tiny_lab.predict(Plan(modules={name: ModuleSpec(rank=1)}))["notes"]
+    assert "1 linear(s) have ranks below those the sensitivities measured" in notes[0] and name in notes[0]
     assert dense["ppl_basis"] == "calibration" and dense["ppl"] == pytest.approx(math.exp(dense["loss"]))
     # once the dense model is measured, predictions are on the evaluation text's scale
     measured = tiny_lab.evaluate_dense()["ppl"]
