@@ -350,6 +350,10 @@ def build_sensitivity_tab(state):
     def on_proxy(lab, p=gr.Progress()):
         try:
             lab = _require(lab)
+            if lab.proxy is not None:  # profiling made it, or an earlier click: the texts have not changed since
+                return _show(lab, f"The first view is ready ({_first_view_protocol(lab.proxy)}; computed in "
+                                  f"{lab.proxy.meta.get('seconds', 0):.0f} s with the profile or an earlier click). "
+                                  "It is an estimate, not a measurement.")
             with lab.running("the first sensitivity view"):
                 if lab.profile is None:
                     lab.run_profile(_progress(p))
@@ -358,7 +362,8 @@ def build_sensitivity_tab(state):
             return _stopped(lab, e)
         except Exception as e:
             raise _err(e) from e
-        return _show(lab, "First view ready (gradient-weighted output error; an estimate, not a measurement).")
+        return _show(lab, f"First view ready ({_first_view_protocol(lab.proxy)}; gradient-weighted output error; "
+                          "an estimate, not a measurement).")
 
     def on_grid(lab, m, q, g, p=gr.Progress()):
         try:
@@ -400,6 +405,25 @@ def build_sensitivity_tab(state):
     layer.change(on_layer, [state, layer], [curves])
 
     sens_cancel.click(_cancel_text, [state], [info], queue=False)
+
+    def on_open(lab):
+        """Opening the tab shows what exists (profiling makes a first view), else says what to do."""
+        if lab is None or lab.lm is None:
+            return lab, "Load a model first (Model & data tab).", *[gr.update()] * 3
+        table, _ = lab.sensitivity_table()
+        if table is None:
+            return lab, ("No sensitivities yet: **Quick first view** estimates them in one gradient pass; **Measure "
+                         "the full grid** probes every setting (minutes on a CPU)."), *[gr.update()] * 3
+        what = "The measured grid" if lab.sensitivity is not None else \
+            f"The first view ({_first_view_protocol(lab.proxy)}; an estimate)"
+        return _show(lab, f"{what} is shown.")
+
+    return dict(on_open=on_open, outputs=[state, info, heat, layer, curves])
+
+
+def _first_view_protocol(proxy) -> str:
+    m = proxy.meta
+    return f"{m.get('windows')} x {m.get('seqlen')} calibration tokens, {m.get('device')}, {m.get('dtype')}"
 
 
 def build_budget_tab(state):
@@ -713,7 +737,7 @@ def build_export_tab(state, budget):
         except Exception as e:
             raise _err(e) from e
         return [str(p) for p in paths], "\n\n".join(md) or "Every setting translates exactly.", *[
-            exports[t].text for t in codes]
+            exports[t].text if exports[t].usable else "\n".join(f"# {n}" for n in exports[t].notes) for t in codes]
 
     def on_model(lab, p=gr.Progress()):
         try:
@@ -764,8 +788,8 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                 model = build_model_tab(state, cfg)
             with gr.Tab("Spectra", id="spectra"):
                 build_spectra_tab(state)
-            with gr.Tab("Sensitivity", id="sensitivity"):
-                build_sensitivity_tab(state)
+            with gr.Tab("Sensitivity", id="sensitivity") as sens_tab:
+                sens = build_sensitivity_tab(state)
             with gr.Tab("Budget", id="budget") as budget_tab:
                 budget = build_budget_tab(state)
             with gr.Tab("Run & compare", id="run"):
@@ -780,6 +804,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             return [*budget["show_rows"](lab), *pred, *run["tables"](lab)]
 
         # predictions may have appeared since (profiling computes a first sensitivity view)
+        sens_tab.select(sens["on_open"], [state], sens["outputs"], show_progress="hidden")
         budget_tab.select(budget["on_predict"], budget["inputs"], budget["outputs"], show_progress="hidden")
         post = [*budget["rows"], *budget["outputs"], run["runs"], run["fig_bytes"], run["fig_lat"]]
         model["load_event"].then(after_load, [state], post)

@@ -585,18 +585,28 @@ def _llamacpp_script(plan: Plan, linears: list[LinearInfo], notes: list[str], de
 
 
 # ----------------------------------------------------------------------------- registry
+def _quantises(plan: Plan, linears: list[LinearInfo]) -> bool:
+    return any(plan.spec_for(li.name).bits is not None for li in linears)
+
+
+def _export(tool: str, filename: str, text: str, notes: list[str], usable: bool) -> Export:
+    """``usable=False``: the plan gives ``tool`` nothing to do; say so instead of a file."""
+    if not usable:
+        notes.append(f"{tool}: the plan quantises no linear; nothing for {tool} to do (no file written)")
+    return Export(tool, filename, text, notes, usable)
+
+
 def _export_gptqmodel(plan: Plan, linears: list[LinearInfo]) -> Export:
     notes: list[str] = []
     cfg = to_gptqmodel_dynamic(plan, linears, notes)
-    usable = any(plan.spec_for(li.name).bits is not None for li in linears)
-    if not usable:
-        notes.append("gptqmodel: no linear is quantised; nothing for GPTQModel to do (no file written)")
-    return Export("gptqmodel", "gptqmodel_quantize_config.json", json.dumps(cfg, indent=2) + "\n", notes, usable)
+    return _export("gptqmodel", "gptqmodel_quantize_config.json", json.dumps(cfg, indent=2) + "\n", notes,
+                   _quantises(plan, linears))
 
 
 def _export_llmcompressor(plan: Plan, linears: list[LinearInfo]) -> Export:
     notes: list[str] = []
-    return Export("llm-compressor", "recipe.yaml", to_llmcompressor_recipe(plan, linears, notes), notes)
+    return _export("llm-compressor", "recipe.yaml", to_llmcompressor_recipe(plan, linears, notes), notes,
+                   _quantises(plan, linears))
 
 
 def _export_hqq(plan: Plan, linears: list[LinearInfo]) -> Export:
@@ -607,12 +617,14 @@ def _export_hqq(plan: Plan, linears: list[LinearInfo]) -> Export:
 
 def _export_torchao(plan: Plan, linears: list[LinearInfo]) -> Export:
     notes: list[str] = []
-    return Export("torchao", "torchao_fqn_config.py", to_torchao_fqn_config(plan, linears, notes), notes)
+    return _export("torchao", "torchao_fqn_config.py", to_torchao_fqn_config(plan, linears, notes), notes,
+                   _quantises(plan, linears))
 
 
 def _export_llamacpp(plan: Plan, linears: list[LinearInfo]) -> Export:
     notes: list[str] = []
-    return Export("llama.cpp", "llama_quantize.sh", _llamacpp_script(plan, linears, notes), notes)
+    return _export("llama.cpp", "llama_quantize.sh", _llamacpp_script(plan, linears, notes), notes,
+                   _quantises(plan, linears))
 
 
 EXPORTERS: dict[str, Callable[[Plan, list[LinearInfo]], Export]] = {

@@ -500,13 +500,14 @@ def test_export_all_returns_every_tool_with_rank_notes(plan, lin):
 
 
 def test_quantisers_with_nothing_to_quantise_write_no_file(plan, lin):
-    """A rank-only plan gives GPTQModel and HQQ nothing to do: not usable, a note says so."""
+    """A rank-only plan gives every quantisation tool nothing to do: not usable, a note says so."""
     # the mixed plan quantises some linears, but no HQQ tag in every layer (a tag is one setting for all layers)
     assert {t for t, e in export_all(plan, lin).items() if not e.usable} == {"hqq"}
     rank_only = Plan(default=ModuleSpec(rank=8, lowrank="svd-llm"))
     out = export_all(rank_only, lin)
-    assert {t for t, e in out.items() if not e.usable} == {"gptqmodel", "hqq"}
-    assert any("no linear is quantised" in n for n in out["gptqmodel"].notes)
+    assert {t for t, e in out.items() if not e.usable} == set(EXPORTERS)
+    for tool in ("gptqmodel", "llm-compressor", "torchao", "llama.cpp"):
+        assert any(f"nothing for {tool} to do (no file written)" in n for n in out[tool].notes), tool
     assert any("skip HQQ" in n for n in out["hqq"].notes)
 
 
