@@ -45,7 +45,7 @@ def load_corpus(spec: str) -> Corpus:
         return Corpus(text, "default (Python pydoc_data topics)", _digest(text))
     if spec.startswith("wikitext2:"):
         path = Path(spec.split(":", 1)[1]).expanduser()
-        _check_file(path)
+        _check_file(path, "wikitext2:")
         text = read_wikitext(path)
         label = f"wikitext2:{path.name}"
     else:
@@ -67,11 +67,11 @@ def corpus_from_text(text: str, label: str = "pasted text") -> Corpus:
     return Corpus(text, label, _digest(text))
 
 
-def _check_file(path: Path) -> None:
+def _check_file(path: Path, prefix: str = "") -> None:
     if not path.exists():
-        raise FileNotFoundError(f"text file {path} not found; give an existing file, or 'default'")
+        raise FileNotFoundError(f"text file {prefix}{path} not found; give an existing file, or 'default'")
     if path.is_dir():
-        raise ValueError(f"{path} is a folder; give a text file")
+        raise ValueError(f"{prefix}{path} is a folder; give a text file")
 
 
 def _digest(text: str) -> str:
@@ -115,6 +115,11 @@ def calibration_windows(tokens: Tensor, seqlen: int, n: int, seed: int = 0,
         avail = tokens.numel() - reserved_tokens
         raise ValueError(f"only {avail} tokens are left for calibration, fewer than one window of {seqlen}; "
                          "use a longer text, a smaller seqlen, or fewer evaluation windows")
+    avail = tokens.numel() - reserved_tokens
+    if n * seqlen > avail:
+        raise ValueError(f"asked for {n} calibration windows of {seqlen} tokens ({n * seqlen:,} tokens) from "
+                         f"{avail:,} tokens of text: the windows would repeat the text; ask for at most "
+                         f"{avail // seqlen} windows, or give a longer text")
     rng = random.Random(seed)
     starts = [rng.randint(lo, hi) for _ in range(n)]
     return torch.stack([tokens[i: i + seqlen] for i in starts])

@@ -139,7 +139,10 @@ def load_model(spec: str = "default", device: str | torch.device = "auto", dtype
     """Load ``spec`` onto ``device`` in ``dtype``; returns model, tokenizer, adapter, fingerprint."""
     say = progress or (lambda _m: None)
     dev, dt = resolve_device(device), resolve_dtype(dtype)
-    spec = (spec or "default").strip()
+    spec = "default" if spec is None else str(spec).strip()
+    if not spec:
+        raise ValueError("no model given: type 'default', a model id in the local cache, a model folder or a "
+                         ".gguf file")
     path = Path(spec).expanduser()
     if spec == "default":
         folder = _gguf_cached_folder(default_gguf_path(), say)
@@ -153,6 +156,9 @@ def load_model(spec: str = "default", device: str | torch.device = "auto", dtype
 
         return load_compressed(path, device=dev, dtype=dt, progress=say)
     elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path} holds no config.json, so it is not a transformers model folder; give a folder "
+                             "with config.json and weights (or one RankLab saved), a .gguf file, or 'default'")
         folder, source = path, f"local folder {path}"
     elif path.exists():
         raise ValueError(f"{spec} is a file but not a .gguf; give a model folder, a .gguf file, or a model id")

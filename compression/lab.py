@@ -516,8 +516,10 @@ class Lab:
         return total
 
     # ----------------------------------------------------------------- runs
-    def evaluate_dense(self, progress: Progress | None = None) -> dict:
-        if self.dense_eval is None:
+    def evaluate_dense(self, progress: Progress | None = None, again: bool = False) -> dict:
+        """The dense model measured on the evaluation windows (perplexity, bytes, latency); kept
+        until the texts change, or measured ``again`` (latency varies on a shared machine)."""
+        if self.dense_eval is None or again:
             lm = self.require_model()
             with self.running("measuring the dense model"):
                 self.dense_eval = self._measure(lm.model, progress)

@@ -26,6 +26,8 @@ def test_load_corpus_says_what_to_give(tmp_path):
         load_corpus(str(tmp_path / "missing.txt"))
     with pytest.raises(ValueError, match="is a folder"):
         load_corpus(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="text file wikitext2:.*nope.txt not found"):
+        load_corpus(f"wikitext2:{tmp_path / 'nope.txt'}")
     blank = tmp_path / "blank.txt"
     blank.write_text(" \n\n")
     with pytest.raises(ValueError, match="holds no text"):
@@ -61,6 +63,9 @@ def test_calibration_windows_are_seeded_and_stay_out_of_the_reserved_span():
         calibration_windows(t, 64, 0)
     with pytest.raises(ValueError, match="fewer than one window"):
         calibration_windows(t, 64, 2, reserved_tokens=4990)
+    with pytest.raises(ValueError, match="would repeat the text; ask for at most 62 windows"):
+        calibration_windows(t, 64, 63, reserved_tokens=1000)  # 63 x 64 > the 4,000 tokens left
+    assert calibration_windows(t, 64, 62, reserved_tokens=1000).shape == (62, 64)
 
 
 class _CharTokenizer:

@@ -1,9 +1,10 @@
 """Tests of analysis.loading that need no model files: the model fingerprint."""
 from __future__ import annotations
 
+import pytest
 import torch
 
-from analysis.loading import model_fingerprint
+from analysis.loading import load_model, model_fingerprint
 from tests.conftest import tiny_model
 
 
@@ -20,3 +21,18 @@ def test_fingerprint_sees_any_single_weight_and_nothing_else():
     assert model_fingerprint(a) == model_fingerprint(b)
     assert model_fingerprint(a) != model_fingerprint(a.to(torch.bfloat16))  # dtype is content too
     assert model_fingerprint(tiny_model("llama", seed=1)) != model_fingerprint(b)
+
+
+def test_model_specs_that_cannot_load_say_what_to_give(tmp_path):
+    for spec in ("", "   "):
+        with pytest.raises(ValueError, match="no model given: type 'default'"):
+            load_model(spec)
+    with pytest.raises(ValueError, match="holds no config.json, so it is not a transformers model folder"):
+        load_model(str(tmp_path))
+    (tmp_path / "weights.txt").write_text("x")
+    with pytest.raises(ValueError, match="is a file but not a .gguf"):
+        load_model(str(tmp_path / "weights.txt"))
+    with pytest.raises(FileNotFoundError, match="GGUF file .* not found"):
+        load_model(str(tmp_path / "missing.gguf"))
+    with pytest.raises(FileNotFoundError, match="no model folder at"):
+        load_model(str(tmp_path / "missing"))
