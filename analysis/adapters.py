@@ -62,6 +62,12 @@ class Adapter:
     roles: ClassVar[tuple[Role, ...]] = ()
     norms: ClassVar[dict[str, str]] = {}  # input group -> norm path inside the layer
     norm_kind: ClassVar[str] = "rms"  # "rms" or "layernorm" (with bias, mean-centred)
+    # SliceGPT (compression.slicegpt): how its explicit-residual layer re-implements this family's
+    # decoder layer ("llama": pre-norm attention + GLU MLP; "opt"; "gpt2"), None if not supported
+    slice_layout: ClassVar[str | None] = None
+    attn_path: ClassVar[str] = "self_attn"  # the attention module inside a decoder layer
+    pos_embed_path: ClassVar[str | None] = None  # learned position embeddings (on the residual stream)
+    attn_unused_kwargs: ClassVar[tuple[str, ...]] = ()  # layer arguments its attention module does not take
     extra: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------------ model access
@@ -147,6 +153,7 @@ class LlamaAdapter(Adapter):
     model_types: ClassVar[tuple[str, ...]] = ("llama", "mistral", "qwen2", "qwen3")
     roles: ClassVar[tuple[Role, ...]] = _ATTN + _GLU
     norms: ClassVar[dict[str, str]] = {"attn_in": "input_layernorm", "mlp_in": "post_attention_layernorm"}
+    slice_layout: ClassVar[str | None] = "llama"
 
 
 @dataclass
@@ -183,6 +190,9 @@ class OPTAdapter(Adapter):
         Role("fc1", "fc1", "mlp_in"), Role("fc2", "fc2", "mlp_out"))
     norms: ClassVar[dict[str, str]] = {"attn_in": "self_attn_layer_norm", "mlp_in": "final_layer_norm"}
     norm_kind: ClassVar[str] = "layernorm"
+    slice_layout: ClassVar[str | None] = "opt"
+    pos_embed_path: ClassVar[str | None] = "model.decoder.embed_positions"
+    attn_unused_kwargs: ClassVar[tuple[str, ...]] = ("use_cache",)
 
     def final_norm(self, model: nn.Module) -> nn.Module | None:
         return getattr(model.model.decoder, "final_layer_norm", None)
@@ -205,6 +215,10 @@ class GPT2Adapter(Adapter):
         Role("fc1", "mlp.c_fc", "mlp_in"), Role("fc2", "mlp.c_proj", "mlp_out"))
     norms: ClassVar[dict[str, str]] = {"attn_in": "ln_1", "mlp_in": "ln_2"}
     norm_kind: ClassVar[str] = "layernorm"
+    slice_layout: ClassVar[str | None] = "gpt2"
+    attn_path: ClassVar[str] = "attn"
+    pos_embed_path: ClassVar[str | None] = "transformer.wpe"
+    attn_unused_kwargs: ClassVar[tuple[str, ...]] = ("encoder_hidden_states", "encoder_attention_mask")
 
     def prepare(self, model: nn.Module) -> nn.Module:
         for layer in self.layers(model):

@@ -51,20 +51,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from analysis.adapters import Adapter, get_submodule, set_submodule
+from analysis.adapters import ADAPTERS, Adapter, get_submodule, set_submodule
 from analysis.layerwise import capture
 
 Progress = Callable[[float, str], None]
 _F64 = torch.float64
 
-# model_type -> family (how the decoder layer is re-implemented by ``SlicedDecoderLayer``)
-FAMILIES: dict[str, str] = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
-                            "opt": "opt", "gpt2": "gpt2"}
-SUPPORTED = tuple(sorted(FAMILIES))
-_ATTN_MODULE = {"llama": "self_attn", "opt": "self_attn", "gpt2": "attn"}
-_POS_EMBED = {"opt": "model.decoder.embed_positions", "gpt2": "transformer.wpe"}
-# keyword arguments the original layer receives but does not hand to its attention module
-_NOT_FOR_ATTN = {"llama": (), "opt": ("use_cache",), "gpt2": ("encoder_hidden_states", "encoder_attention_mask")}
+# the layouts ``SlicedDecoderLayer`` re-implements (an adapter's ``slice_layout``), and the
+# model types whose adapter names one
+LAYOUTS = ("llama", "opt", "gpt2")
+SUPPORTED = tuple(sorted(t for t, cls in ADAPTERS.items() if cls.slice_layout in LAYOUTS))
 TIED_BASES = ("joint", "embed", "head")
 
 
@@ -187,11 +183,13 @@ class SlicedDecoderLayer(nn.Module):
     embeddings are then not centred, and ``input_map`` centres them and changes the basis
     (``x <- x M`` before anything else). Inference only (no dropout)."""
 
-    def __init__(self, layer: nn.Module, family: str, attn_norm: str, mlp_norm: str):
+    def __init__(self, layer: nn.Module, family: str, attn_norm: str, mlp_norm: str, attn_path: str = "self_attn",
+                 attn_unused_kwargs: tuple[str, ...] = ()):
         super().__init__()
-        if family not in _ATTN_MODULE:
-            raise NotImplementedError(f"no sliced layer for family {family!r}")
+        if family not in LAYOUTS:
+            raise NotImplementedError(f"no sliced layer for layout {family!r}; layouts: {', '.join(LAYOUTS)}")
         self.family, self.attn_norm, self.mlp_norm = family, attn_norm, mlp_norm
+        self.attn_path, self.attn_unused_kwargs = attn_path, tuple(attn_unused_kwargs)
         for name, child in layer.named_children():
             setattr(self, name, child)
         for attr in ("attention_type", "layer_idx"):
@@ -208,7 +206,7 @@ class SlicedDecoderLayer(nn.Module):
         """Positional arguments after ``hidden_states`` named as the original layer names them."""
         out = dict(kwargs)
         out.update(zip(self.arg_names, args))
-        for k in _NOT_FOR_ATTN[self.family]:
+        for k in self.attn_unused_kwargs:
             out.pop(k, None)
         return out
 
@@ -216,7 +214,7 @@ class SlicedDecoderLayer(nn.Module):
         """(B, L, d_in) -> (B, L, d_mid)."""
         x = _apply_shortcut(x, self.input_map)
         h = get_submodule(self, self.attn_norm)(x)
-        h = getattr(self, _ATTN_MODULE[self.family])(hidden_states=h, **kw)[0]
+        h = get_submodule(self, self.attn_path)(hidden_states=h, **kw)[0]
         return _apply_shortcut(x, self.shortcut_attn) + h
 
     def mlp_block(self, x: Tensor) -> Tensor:
@@ -275,8 +273,8 @@ def sliced_param_count(model: nn.Module) -> int:
 # ============================================================================ helpers
 def _family(model: nn.Module, adapter: Adapter) -> str:
     mt = getattr(model.config, "model_type", None)
-    fam = FAMILIES.get(mt)
-    if fam is None:
+    fam = adapter.slice_layout
+    if fam not in LAYOUTS:
         raise NotImplementedError(f"SliceGPT supports the model types {', '.join(SUPPORTED)}; "
                                   f"{mt!r} is not one of them")
     cfg = model.config
@@ -324,10 +322,10 @@ def _set_embedding(emb: nn.Embedding, weight: Tensor) -> None:
     emb.embedding_dim = weight.shape[1]
 
 
-def _embeddings(model: nn.Module, adapter: Adapter, fam: str) -> list[nn.Embedding]:
+def _embeddings(model: nn.Module, adapter: Adapter) -> list[nn.Embedding]:
     out = [adapter.embed(model)]
-    if fam in _POS_EMBED:
-        out.append(get_submodule(model, _POS_EMBED[fam]))
+    if adapter.pos_embed_path:
+        out.append(get_submodule(model, adapter.pos_embed_path))
     return out
 
 
@@ -370,7 +368,7 @@ def _normalised(c: Tensor) -> Tensor:
 
 # ============================================================================ folding
 @torch.no_grad()
-def fold_layer_norms(model: nn.Module, adapter: Adapter, fam: str, *, center_embeddings: bool = True) -> None:
+def fold_layer_norms(model: nn.Module, adapter: Adapter, *, center_embeddings: bool = True) -> None:
     """Make the decoder layers' norms parameter-free (the final norm is left to the head
     step). LayerNorm models: centre every writer to the residual stream first (the
     embeddings too unless ``center_embeddings`` is False: the caller then centres the
@@ -378,7 +376,7 @@ def fold_layer_norms(model: nn.Module, adapter: Adapter, fam: str, *, center_emb
     layers = adapter.layers(model)
     if adapter.norm_kind == "layernorm":
         if center_embeddings:
-            for emb in _embeddings(model, adapter, fam):
+            for emb in _embeddings(model, adapter):
                 _set_embedding(emb, center_rows(emb.weight))
         for layer in layers:
             for path in _role_paths(adapter, "attn_out") + _role_paths(adapter, "mlp_out"):
@@ -454,11 +452,12 @@ def slice_model(model: nn.Module, adapter: Adapter, calib_ids: Tensor, slice_fra
     if was_tied and not keep_tied:
         _untie_head(model, adapter)
     center_input = layernorm and keep_tied  # a tied embedding cannot be centred: the head reads it
-    fold_layer_norms(model, adapter, fam, center_embeddings=not center_input)
+    fold_layer_norms(model, adapter, center_embeddings=not center_input)
     layers = adapter.layers(model)
     n_layers = len(layers)
     for i in range(n_layers):
-        layers[i] = SlicedDecoderLayer(layers[i], fam, adapter.norms["attn_in"], adapter.norms["mlp_in"])
+        layers[i] = SlicedDecoderLayer(layers[i], fam, adapter.norms["attn_in"], adapter.norms["mlp_in"],
+                                       adapter.attn_path, adapter.attn_unused_kwargs)
     eye = torch.eye(D, dtype=_F64, device=dev)
     centering = eye - 1.0 / D  # C = I - 11ᵀ/D (D, D)
     if center_input:
@@ -487,7 +486,7 @@ def slice_model(model: nn.Module, adapter: Adapter, calib_ids: Tensor, slice_fra
         cov_e = cov_emb
     Q_e = pca(cov_e)
     q_e = Q_e[:, :d]
-    for emb in _embeddings(model, adapter, fam):
+    for emb in _embeddings(model, adapter):
         _set_embedding(emb, emb.weight.to(_F64) @ q_e)
     hidden = [(h.to(_F64) @ q_e).to(dtype) for h in hidden]  # the sliced embedding outputs (B, L, d)
     if center_input:
@@ -565,8 +564,8 @@ def slice_manifest(model: nn.Module, adapter: Adapter) -> dict[str, dict]:
     tied = head.weight is embed.weight
     out: dict[str, dict] = {}
     embeddings = [(adapter.embed_path, embed)]
-    if fam in _POS_EMBED:
-        embeddings.append((_POS_EMBED[fam], get_submodule(model, _POS_EMBED[fam])))
+    if adapter.pos_embed_path:
+        embeddings.append((adapter.pos_embed_path, get_submodule(model, adapter.pos_embed_path)))
     for path, emb in embeddings:
         cls = type(emb)
         out[path] = {"kind": "embedding", "class": f"{cls.__module__}.{cls.__qualname__}",
@@ -653,12 +652,14 @@ def _rebuild_layers(entry: dict, dtype: torch.dtype) -> nn.ModuleList:
     config = AutoConfig.for_model(cfg.pop("model_type", entry["model_type"]), **cfg)
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    originals = adapter_for(base).layers(base)
+    adapter = adapter_for(base)
+    originals = adapter.layers(base)
     out = nn.ModuleList()
     for layer, spec in zip(originals, entry["layers"], strict=True):
         if any(True for _ in layer.buffers()):
             raise NotImplementedError(f"{type(layer).__name__} holds buffers; SliceGPT cannot rebuild it empty")
-        w = SlicedDecoderLayer(layer, entry["family"], entry["attn_norm"], entry["mlp_norm"])
+        w = SlicedDecoderLayer(layer, entry["family"], entry["attn_norm"], entry["mlp_norm"], adapter.attn_path,
+                               adapter.attn_unused_kwargs)
         for path, (o, n, b) in spec["linears"].items():
             set_submodule(w, path, nn.Linear(n, o, bias=b, dtype=dtype, device="meta"))
         for path, (mean_dim, eps) in spec["norms"].items():

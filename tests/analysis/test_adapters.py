@@ -43,6 +43,11 @@ def test_contract(family):
     assert ad.embed(model).weight.shape[0] == model.config.vocab_size
     assert ad.head(model).out_features == model.config.vocab_size
     assert ad.final_norm(model) is not None
+    # what SliceGPT reads from the adapter exists where it says
+    attn = get_submodule(layers[0], ad.attn_path)
+    assert all(get_submodule(layers[0], r.path) in set(attn.modules()) for r in ad.roles if r.group == "attn_in")
+    if ad.pos_embed_path:
+        assert isinstance(get_submodule(model, ad.pos_embed_path), nn.Embedding)
     # the model still runs after prepare() (gpt2's Conv1D -> Linear keeps outputs)
     ids = torch.randint(0, 128, (1, 8))
     assert torch.isfinite(model(ids).logits).all()
