@@ -110,9 +110,8 @@ from analysis.adapters import Adapter, LinearInfo, get_submodule
 from analysis.atomic import EXACT_FLOATS, atomic_folder, check_replaceable, holds
 from analysis.layerwise import _Recorder, _Stop, run_head, run_layer
 from analysis.stats import InputStats, LinearStats
-from compression.configs import SVDConfig, WhitenedSVDConfig
-from compression.lowrank import LowRankLinear, whitening_factor
-from compression.plan import ModuleSpec, weight_bytes
+from compression.lowrank import NESTED, LowRankLinear
+from compression.plan import LOWRANK_METHODS, ModuleSpec, weight_bytes
 from compression.quant import QuantLinear
 from compression.registry import handler_for
 
@@ -236,30 +235,21 @@ def _single_thread(device: torch.device):
 @torch.no_grad()
 def truncated_weights(linear: nn.Linear, ranks: Sequence[int], stats: LinearStats | None,
                       method: str) -> list[Tensor] | None:
-    """``B @ A`` of the svd / svd-llm handlers at several ranks from *one* decomposition
-    (their factors are truncations of one SVD: of ``W``, or of ``W S`` with ``S = chol(X Xᵀ)``).
-    Same maths as ``compression.lowrank`` (float64, then the weight's dtype); None for
+    """``B @ A`` of a low-rank method at several ranks from *one* decomposition, for methods
+    whose factors are nested truncations (their config type is in ``compression.lowrank.NESTED``:
+    svd, svd-llm); same maths as their handlers (float64, then the weight's dtype). None for
     other methods, which go through their handler once per rank."""
-    if method not in ("svd", "svd-llm"):
+    cls = LOWRANK_METHODS.get(method)
+    nested = NESTED.get(cls) if cls is not None else None
+    if nested is None:
         return None
     w = linear.weight.detach()
     m, n = w.shape
     for k in ranks:
-        SVDConfig(rank=k).check(m, n)
-    w64 = w.double()
-    if method == "svd":
-        u, sig, vh = torch.linalg.svd(w64, full_matrices=False)
-        right = vh
-    else:
-        if stats is None or stats.n_tokens <= 0 or stats.inputs.xxt.shape != (n, n):
-            raise ValueError(f"svd-llm needs calibration statistics of this linear ({n} inputs): profile first")
-        s = whitening_factor(stats.inputs.xxt.to(w.device, torch.float64), WhitenedSVDConfig(rank=1).damp)
-        u, sig, vh = torch.linalg.svd(w64 @ s, full_matrices=False)
-        kmax = max(ranks)
-        right = torch.linalg.solve_triangular(s, vh[:kmax], upper=False, left=False)  # (kmax, n) = V_kᵀ S⁻¹
-        if not bool(torch.isfinite(right).all()):
-            raise ValueError("svd-llm: the factors are not finite (X Xᵀ too ill-conditioned); raise damp")
-    return [((u[:, :k] * sig[:k]) @ right[:k]).to(w.dtype) for k in ranks]
+        cls(rank=k).check(m, n)
+    kmax = max(ranks)
+    left, right = nested(w, stats, cls(rank=kmax), kmax)  # (m, kmax), (kmax, n)
+    return [(left[:, :k] @ right[:k]).to(w.dtype) for k in ranks]
 
 
 @torch.no_grad()

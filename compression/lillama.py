@@ -46,8 +46,8 @@ from torch import Tensor, nn
 from analysis.adapters import Adapter, Role, get_submodule, linear_shape, set_submodule
 from analysis.layerwise import capture, run_layer
 from analysis.stats import LinearStats
-from compression.configs import LillamaConfig
-from compression.lowrank import LowRankLinear, _require_stats, act_pca_factors, svd_factors, whitened_svd_factors
+from compression.configs import ActPCAConfig, LillamaConfig, LowRankConfig, SVDConfig, WhitenedSVDConfig
+from compression.lowrank import LowRankLinear
 from compression.plan import LILLAMA_INITS, LillamaOptions, Plan
 from compression.registry import handler_for, register
 
@@ -79,32 +79,25 @@ def lillama_loss(y: Tensor, y_hat: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- handler
+# Lillama's initialisations: the low-rank config whose registered handler makes the start
+INIT_CONFIGS: dict[str, type[LowRankConfig]] = {"svd": SVDConfig, "act-pca": ActPCAConfig,
+                                                "svd-llm": WhitenedSVDConfig}
+
+
 @register(LillamaConfig)
 @torch.no_grad()
 def _lillama(linear: nn.Linear, config: LillamaConfig, stats: LinearStats | None) -> LowRankLinear:
-    """The initialisation Lillama refines: truncated SVD, activation PCA or whitened SVD (the
-    last two need stats)."""
-    m, n = linear.out_features, linear.in_features
-    config.check(m, n)
-    if config.init == "svd":
-        a, b = svd_factors(linear.weight, config.rank)
-        return LowRankLinear.from_linear(linear, a, b)
-    if config.init == "act-pca":
-        if stats is None:
-            raise ValueError("lillama with init='act-pca' needs calibration statistics: run the profiler first "
-                             "(or use init='svd')")
-        st = _require_stats(config, stats, n)
-        w, bias = linear.weight, linear.bias
-        a, u, new_bias = act_pca_factors(w, bias, st.out_mean(w, bias), st.out_cov(w), config.rank)
-        return LowRankLinear.from_linear(linear, a, u, new_bias)
-    if config.init == "svd-llm":
-        if stats is None:
-            raise ValueError("lillama with init='svd-llm' needs calibration statistics: run the profiler first "
-                             "(or use init='svd')")
-        st = _require_stats(config, stats, n)
-        a, b = whitened_svd_factors(linear.weight, st.inputs.xxt, config.rank)
-        return LowRankLinear.from_linear(linear, a, b)
-    raise ValueError(f"lillama: unknown init {config.init!r}; use one of {', '.join(LILLAMA_INITS)}")
+    """The initialisation Lillama refines: the handler of ``INIT_CONFIGS[config.init]`` (truncated
+    SVD, activation PCA or whitened SVD; the last two need stats) at the same rank."""
+    config.check(linear.out_features, linear.in_features)
+    init_cls = INIT_CONFIGS.get(config.init)
+    if init_cls is None:
+        raise ValueError(f"lillama: unknown init {config.init!r}; use one of {', '.join(LILLAMA_INITS)}")
+    init = init_cls(rank=config.rank)
+    if stats is None and not init.data_free:
+        raise ValueError(f"lillama with init={config.init!r} needs calibration statistics: run the profiler first "
+                         "(or use init='svd')")
+    return handler_for(init)(linear, init, stats)
 
 
 def init_student(teacher: nn.Module, adapter: Adapter, plan: Plan,

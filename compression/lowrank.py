@@ -14,6 +14,7 @@ dtype. Shapes: ``m`` outputs, ``n`` inputs, ``k`` the rank.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -292,6 +293,37 @@ class LowRankLinear(nn.Module):
 
 
 # ----------------------------------------------------------------------------- handlers
+# ------------------------------------------------------------------------ nested truncations
+# Config types whose factors at every rank are truncations of one decomposition: given the
+# weight (m, n) and stats, ``(left (m, kmax), right (kmax, n))`` in float64 with
+# ``B_k A_k = left[:, :k] @ right[:k]`` for every k <= kmax (what the handler builds, before
+# the split of the singular values between the factors). Sensitivity grids use it to make every
+# grid rank from one decomposition.
+NestedFactors = Callable[[Tensor, LinearStats | None, LowRankConfig, int], tuple[Tensor, Tensor]]
+NESTED: dict[type[LowRankConfig], NestedFactors] = {}
+
+
+def _nested_svd(w: Tensor, stats: LinearStats | None, config: LowRankConfig, kmax: int) -> tuple[Tensor, Tensor]:
+    u, sig, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    return u[:, :kmax] * sig[:kmax], vh[:kmax]
+
+
+def _nested_whitened(w: Tensor, stats: LinearStats | None, config: WhitenedSVDConfig,
+                     kmax: int) -> tuple[Tensor, Tensor]:
+    n = w.shape[1]
+    st = _require_stats(config, stats, n)
+    s = whitening_factor(st.inputs.xxt.to(w.device, torch.float64), config.damp)
+    u, sig, vh = torch.linalg.svd(w.double() @ s, full_matrices=False)
+    right = torch.linalg.solve_triangular(s, vh[:kmax], upper=False, left=False)  # (kmax, n) = V_kᵀ S⁻¹
+    if not bool(torch.isfinite(right).all()):
+        raise ValueError("svd-llm: the factors are not finite (X Xᵀ too ill-conditioned); raise damp")
+    return u[:, :kmax] * sig[:kmax], right
+
+
+NESTED[SVDConfig] = _nested_svd
+NESTED[WhitenedSVDConfig] = _nested_whitened
+
+
 def _require_stats(config: LowRankConfig, stats: LinearStats | None, n: int) -> LinearStats:
     if stats is None:
         raise ValueError(f"{config.name} needs calibration statistics: run the profiler first")

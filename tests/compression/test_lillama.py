@@ -103,6 +103,13 @@ def test_handler_svd_and_act_pca_inits() -> None:
         handler_for(LillamaConfig(4, init="nope"))(lin, LillamaConfig(4, init="nope"), None)
     with pytest.raises(ValueError, match="rank"):
         handler_for(LillamaConfig(40))(lin, LillamaConfig(40), None)
+    from compression.lillama import INIT_CONFIGS
+    from compression.plan import LILLAMA_INITS
+
+    assert set(INIT_CONFIGS) == set(LILLAMA_INITS)  # every init a plan may name starts from a registered handler
+    for init, cls in INIT_CONFIGS.items():  # ... and Lillama's start is exactly that handler's result
+        start = handler_for(LillamaConfig(4, init=init))(lin, LillamaConfig(4, init=init), _stats(x))
+        torch.testing.assert_close(start(x), handler_for(cls(4))(lin, cls(4), _stats(x))(x), rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- one linear
