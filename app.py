@@ -171,11 +171,14 @@ def build_model_tab(state, cfg: AppConfig):
                 c = e = str(up)
             msg = lab.set_texts(c, e, *(None if v is None else int(v) for v in (L, cw, ew)))
         except Exception as ex:
-            traceback.print_exc()
             text = _err_text(ex)
             if up:  # name the file the user picked, not gradio's temporary copy of it
                 text = text.replace(str(up), Path(up).name)
-            raise gr.Error(text) from ex
+            if lab is None or lab.lm is None or not isinstance(ex, (ValueError, FileNotFoundError)):
+                traceback.print_exc()
+                raise gr.Error(text) from ex
+            gr.Warning(text)  # something to change: said once, above the summary of what stays in use
+            return lab, f"**The texts were not changed:** {text}  \n**In use:**\n\n" + _summary_md(lab, lab.summary())
         return lab, _summary_md(lab, lab.summary()) + "\n\n" + msg.replace("\n", "  \n")
 
     load_ev = load_btn.click(on_load, [state, spec, device, dtype], [state, status, table],
