@@ -241,11 +241,15 @@ def build_spectra_tab(state):
         layers = sorted(prof.summary.layer.unique().tolist())
         roles = list(dict.fromkeys(prof.summary.role))
         took = (f"statistics {prof.meta.get('seconds_stats', 0):.1f} s, eigendecompositions "
-                f"{prof.meta.get('seconds_eig', 0):.1f} s when it was made" if reused else
-                f"statistics {prof.meta.get('seconds_stats', 0):.1f} s, eigendecompositions "
-                f"{prof.meta.get('seconds_eig', 0):.1f} s")
+                f"{prof.meta.get('seconds_eig', 0):.1f} s" + (" when it was made" if reused else ""))
         msg = (f"{'Reused the cached profile' if reused else 'Profiled'} ({proto}; {took}). A first sensitivity "
                "view is ready: the Budget tab predicts.")
+        spiky = prof.summary[prof.summary["rank95"] <= 2]
+        if len(spiky):
+            msg += (f"  \n{len(spiky)} linear(s) put 95 % of their output energy in at most 2 directions (e.g. "
+                    f"`{spiky.iloc[0]['name']}`): a few tokens with very large activations dominate their output "
+                    "covariance, so keeping X % of the energy cuts them to rank 1-2, which usually breaks the "
+                    "model. Their sensitivity, not their spectrum, says how far they can be cut.")
         e, s_ = _energy_figs(lab, layers[0], roles[0])
         return (lab, msg, F.rank_heatmap(prof.summary, proto), str(path),
                 gr.update(choices=layers, value=layers[0]), gr.update(choices=roles, value=roles[0]), e, s_,
