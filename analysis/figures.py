@@ -318,7 +318,9 @@ def effective_rank_profile(summary: pd.DataFrame, protocol: str, normalise: bool
     fig.update_yaxes(rangemode="tozero", tickformat=".0%" if normalise else None)
     fig.update_layout(legend=dict(groupclick="toggleitem"))
     y_title = "Effective rank / full rank" if normalise else "Effective rank exp(entropy) (directions)"
-    return _style(fig, title, protocol, x_title="Layer (0 = first block)", y_title=y_title)
+    legend_rows = 2 * len(roles) + 2  # two groups of one line per role, each under its title
+    return _style(fig, title, protocol, x_title="Layer (0 = first block)", y_title=y_title,
+                  height=max(450, 160 + 21 * legend_rows))  # tall enough for the whole legend, no scrolling
 
 
 # ------------------------------------------------------------------------ 4. spectra
