@@ -162,7 +162,10 @@ def build_model_tab(state, cfg: AppConfig):
             gr.Warning(_err_text(e))
             return (lab, f"**{spec_v} was not loaded:** {_err_text(e)}  \n**Still loaded:**\n\n"
                     + _summary_md(lab, lab.summary()), lab.layer_table())
-        return lab, _summary_md(lab, info), lab.layer_table()
+        note = f"  \n**Note:** {info['note']}" if info.get("note") else ""
+        if note:
+            gr.Warning(info["note"])
+        return lab, _summary_md(lab, info) + note, lab.layer_table()
 
     def on_data(lab, c, e, up, L, cw, ew):
         try:
@@ -361,9 +364,11 @@ def build_sensitivity_tab(state):
         try:
             lab = _require(lab)
             if lab.proxy is not None:  # profiling made it, or an earlier click: the texts have not changed since
-                return _show(lab, f"The first view is ready ({_first_view_protocol(lab.proxy)}; computed in "
-                                  f"{lab.proxy.meta.get('seconds', 0):.0f} s with the profile or an earlier click). "
-                                  "It is an estimate, not a measurement.")
+                shown = ("The measured grid is shown; the first view exists too" if lab.sensitivity is not None
+                         else "The first view is shown")
+                return _show(lab, f"{shown} ({_first_view_protocol(lab.proxy)}; computed in "
+                                  f"{lab.proxy.meta.get('seconds', 0):.0f} s with the profile or an earlier click; "
+                                  "an estimate, not a measurement).")
             with lab.running("the first sensitivity view"):
                 if lab.profile is None:
                     lab.run_profile(_progress(p))
@@ -831,7 +836,8 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                 except Exception as e:
                     traceback.print_exc()
                     return None, f"Could not load `{cfg.model}`: {e}", None
-                return lab, _summary_md(lab, info), lab.layer_table()
+                note = f"  \n**Note:** {info['note']}" if info.get("note") else ""
+                return lab, _summary_md(lab, info) + note, lab.layer_table()
 
             demo.load(initial, None, [state, model["status"], model["table"]]).then(after_load, [state], post)
     return demo

@@ -85,16 +85,24 @@ def atomic_folder(folder: str | Path, markers: Sequence[str], what: str) -> Iter
         old = None
         if folder.exists():
             old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-"))
-            folder.rename(old / folder.name)
+            try:
+                folder.rename(old / folder.name)
+            except BaseException:
+                shutil.rmtree(old, ignore_errors=True)  # nothing was moved: only the empty holder goes
+                raise
         try:
             tmp.rename(folder)
         except BaseException:
             if old is not None:
-                (old / folder.name).rename(folder)  # put the earlier one back
+                try:
+                    (old / folder.name).rename(folder)  # put the earlier one back
+                except OSError:
+                    pass  # something else took its place: the earlier one stays beside, as .NAME.old-*
+                else:
+                    shutil.rmtree(old, ignore_errors=True)
             raise
-        finally:
-            if old is not None and folder.exists():
-                shutil.rmtree(old, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -28,7 +28,7 @@ from analysis.layerwise import capture, run_layer
 from analysis.stats import InputStats, LinearStats
 
 Progress = Callable[[float, str], None]
-PROFILE_FORMAT = 2  # 2: the centred scatter is stored (1 stored x xᵀ in float32)
+PROFILE_FORMAT = 3  # 3: batches centred before the fp32 product; 2+: the centred scatter is stored
 PROFILE_MARKERS = ("meta.json", "arrays.safetensors")  # what makes a folder a profile (meta.json written last)
 SUMMARY_COLUMNS = ["name", "layer", "role", "out_features", "in_features", "eff_rank_act", "eff_rank_weight",
                    "rank90", "rank95", "rank99", "weight_rank95", "break_even"]

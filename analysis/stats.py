@@ -27,11 +27,19 @@ class InputStats:
                    torch.zeros(n, n, dtype=torch.float64, device=device))
 
     def update(self, x: Tensor) -> None:
-        """Add a batch of inputs ``x`` (..., n). fp32 matmul per batch, fp64 running sum."""
+        """Add a batch of inputs ``x`` (..., n): the batch is centred on its own mean ``m``
+        before the fp32 matmul, and ``Σ x xᵀ = Σ c cᵀ + m (Σ c)ᵀ + (Σ c) mᵀ + T m mᵀ`` (``c = x - m``)
+        is added up in fp64. Without the centring, inputs with large means (a channel at 300,
+        as attention sinks make) lost their covariance to cancellation in the fp32 product."""
         x2 = x.reshape(-1, x.shape[-1])  # (T, n)
         xf = x2 if x2.dtype == torch.float64 else x2.float()
-        self.xxt += (xf.T @ xf).double()
-        self.x_sum += xf.sum(0, dtype=torch.float64)
+        s = xf.sum(0, dtype=torch.float64)  # (n,)
+        m = (s / max(xf.shape[0], 1)).to(xf.dtype)  # the batch mean as subtracted (n,)
+        c = xf - m  # (T, n)
+        cs, m64 = c.sum(0, dtype=torch.float64), m.double()
+        cross = torch.outer(m64, cs)
+        self.xxt += (c.T @ c).double() + cross + cross.T + xf.shape[0] * torch.outer(m64, m64)
+        self.x_sum += s
         self.n_tokens += x2.shape[0]
 
     def merge(self, other: InputStats) -> InputStats:

@@ -213,7 +213,7 @@ def _valid(spec: ModuleSpec, li: LinearInfo) -> bool:
             if lr is None:
                 q.check(li.in_features)
             else:
-                check_factor_quants(q, li.in_features, spec.rank)
+                check_factor_quants(q, li.in_features, spec.rank, li.out_features)
     except ValueError:
         return False
     return True

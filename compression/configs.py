@@ -48,21 +48,23 @@ def factor_group(group_size: int, n: int) -> int:
 def factor_quants(quant: QuantConfig, n: int, k: int) -> tuple[QuantConfig, QuantConfig]:
     """Quantisers of a rank-``k`` layer's factors ``A (k x n)`` and ``B (m x k)``: groups
     shrink to ``gcd(group, width)`` along each factor's input width (``n``, then ``k``)."""
-    if not quant.group_size:
+    if quant.group_size <= 0:  # 0 (or a bad negative one) is left for ``check`` to judge
         return quant, quant
     return (quant.with_group(factor_group(quant.group_size, n)),
             quant.with_group(factor_group(quant.group_size, k)))
 
 
-def check_factor_quants(quant: QuantConfig, n: int, k: int) -> None:
+def check_factor_quants(quant: QuantConfig, n: int, k: int, m: int | None = None) -> None:
     """Raise ``ValueError`` saying what to change if ``quant`` cannot quantise both factors of
-    a rank-``k`` layer with ``n`` inputs (factor B's input width is the rank itself)."""
+    a rank-``k`` layer with ``n`` inputs (factor B's input width is the rank itself); with the
+    output width ``m``, the ranks it suggests stay below full rank ``min(m, n)``."""
     qa, qb = factor_quants(quant, n, k)
     qa.check(n)
     try:
         qb.check(k)
     except ValueError:
-        near = [r for r in sorted(range(max(1, k - 64), k + 65), key=lambda r: (abs(r - k), r))
+        top = min(m, n) - 1 if m is not None else k + 64
+        near = [r for r in sorted(range(max(1, k - 64), min(k + 64, top) + 1), key=lambda r: (abs(r - k), r))
                 if _factor_ok(quant, n, r)]
         hint = f"; ranks that work near it: {', '.join(map(str, sorted(near[:2])))}" if near else ""
         raise ValueError(f"{quant.name}: rank {k} with {quant.bits}-bit factors cannot be quantised (factor B has "

@@ -82,6 +82,7 @@ class RunHistory:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / "runs.jsonl"
         self.unreadable: list[int] = []  # line numbers the last ``records()`` could not read (torn last line aside)
+        self._said: list[int] = []  # what ``unreadable_note`` last reported
 
     def append(self, rec: RunRecord) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -111,9 +112,11 @@ class RunHistory:
         return out
 
     def unreadable_note(self) -> str | None:
-        """What the last ``records()`` skipped, for the user (None if nothing)."""
-        if not self.unreadable:
+        """What the last ``records()`` skipped, for the user: None if nothing, or if the same
+        lines were reported last time (said once, not on every refresh)."""
+        if not self.unreadable or self.unreadable == self._said:
             return None
+        self._said = list(self.unreadable)
         shown = ", ".join(map(str, self.unreadable[:5])) + (" …" if len(self.unreadable) > 5 else "")
         return (f"{len(self.unreadable)} line(s) of {self.path} could not be read and are not shown (line {shown}); "
                 "the file is left as it is")
@@ -231,19 +234,29 @@ class Lab:
     # ----------------------------------------------------------------- model & data
     def load(self, spec: str, device: str = "auto", dtype: str = "float32", say: Callable[[str], None] | None = None
              ) -> dict:
-        """Load a model and window the current texts with its tokenizer. Nothing changes
-        unless both succeed: on any error the session keeps its model, texts and results."""
+        """Load a model and window the current texts with its tokenizer. When they cannot be
+        windowed for it (a window longer than its positions, a text gone), it takes the default
+        texts with a window it can hold, and the summary's ``note`` says so. On any other error
+        the session keeps its model, texts and results."""
         self._refuse_while_running("load another model")
         lm = load_model(spec, device, dtype, progress=say)
         if lm.tokenizer is None:
             raise ValueError(f"{spec} has no tokenizer files; RankLab needs one to read text")
         s = self.settings
-        split, seqlen = self._split(lm, s.calib_text, s.eval_text, None, None, None)
+        calib, evalt, note = s.calib_text, s.eval_text, None
+        try:
+            split, seqlen = self._split(lm, calib, evalt, None, None, None)
+        except (ValueError, FileNotFoundError) as e:
+            seqlen = min(s.seqlen, lm.max_positions) if lm.max_positions else s.seqlen
+            calib = evalt = "default"
+            split, seqlen = self._split(lm, calib, evalt, seqlen, None, None)  # fails: nothing changes
+            note = (f"the texts in use could not be windowed for this model ({e}); it uses the default texts "
+                    f"with a window length of {seqlen} instead: change them under Use these texts")
         self.lm = lm
         self.compressed = self.compressed_plan = None
         self.plan = Plan()
-        self._commit_split(split, s.calib_text, s.eval_text, seqlen)
-        return self.summary()
+        self._commit_split(split, calib, evalt, seqlen)
+        return {**self.summary(), "note": note}
 
     def set_texts(self, calib_text: str, eval_text: str, seqlen: int | None = None, calib_windows: int | None = None,
                   eval_windows: int | None = None) -> str:
@@ -269,7 +282,8 @@ class Lab:
             if v is not None and int(v) < (2 if what == "window length" else 1):
                 raise ValueError(f"{what} {v} is too small: use at least {2 if what == 'window length' else 1}")
         if lm.max_positions and seqlen > lm.max_positions:
-            raise ValueError(f"seqlen {seqlen} exceeds the model's maximum of {lm.max_positions} positions")
+            raise ValueError(f"window length (seqlen) {seqlen} exceeds the model's maximum of {lm.max_positions} "
+                             "positions")
         cal, ev = self._corpus(calib_text), self._corpus(eval_text)
         split = make_split(lm.tokenizer, ev, cal, seqlen, int(s.eval_windows if eval_windows is None else eval_windows),
                            int(s.calib_windows if calib_windows is None else calib_windows), seed=s.seed)

@@ -298,7 +298,7 @@ def validate(plan: Plan, linears: list[LinearInfo], warn: bool = True) -> list[s
                              "(the factors take more memory than the dense weight)")
         if q is not None:
             try:
-                q.check(n) if lr is None else check_factor_quants(q, n, spec.rank)
+                q.check(n) if lr is None else check_factor_quants(q, n, spec.rank, m)
             except ValueError as e:
                 errors.append(f"{li.name}: {e}")
                 continue

@@ -68,6 +68,20 @@ def test_the_previous_artifact_survives_a_failure_while_replacing_it(tmp_path, m
     assert (tmp_path / "art" / "marker").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["art"]
 
+    def taken(self, target):  # another writer puts a folder there between the two renames
+        if self.name.startswith(".art.tmp-"):
+            (tmp_path / "art").mkdir()
+            (tmp_path / "art" / "theirs.txt").write_text("another writer's")
+            raise OSError("target exists")
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", taken)
+    with pytest.raises(OSError, match="target exists"):
+        _write(tmp_path / "art", "new")
+    kept = list(tmp_path.glob(".art.old-*/art/marker"))  # the earlier artifact is set aside, never deleted
+    assert len(kept) == 1 and kept[0].read_text() == "old"
+    assert (tmp_path / "art" / "theirs.txt").exists()
+
 
 def test_json_markers_must_be_ranklab_artifacts(tmp_path):
     import json

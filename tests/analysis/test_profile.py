@@ -178,20 +178,22 @@ def test_small_gram_spectra_equal_direct_ones():
         torch.testing.assert_close(weight_singular_values(w), torch.linalg.svdvals(w), rtol=1e-8, atol=1e-8)
 
 
-def test_saved_statistics_keep_the_covariance_of_inputs_with_large_means(tmp_path):
+def test_statistics_keep_the_covariance_of_inputs_with_large_means_in_memory_and_saved(tmp_path):
     from analysis.profile import PROFILE_FORMAT, Profile
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4096, 16, generator=g, dtype=torch.float64)
     x[:, 3] += 300.0  # a channel with a large mean (like the attention sink's)
+    fresh = torch.cov(x.T, correction=0)
     s = InputStats.zeros(16, "cpu")
-    s.update(x)
+    for batch in x.float().split(512):  # float32 batches, as the profiling hooks see them
+        s.update(batch)
+    err = ((s.cov - fresh).abs().max() / fresh.diagonal().min()).item()
+    assert err < 1e-5, err  # an uncentred float32 product gave 2.6e-3 here
     lm = wrap_model(tiny_model("llama"))
     li = lm.adapter.linears(lm.model)[0]
     Profile({"format": PROFILE_FORMAT}, [li], {li.input_key: s}).save(tmp_path / "p")
     back = Profile.load(tmp_path / "p").inputs[li.input_key]
-    fresh = torch.cov(x.T, correction=0)
-    assert torch.allclose(s.cov, fresh, rtol=1e-9, atol=1e-9)
-    err = ((back.cov - fresh).abs().max() / fresh.diagonal().min()).item()
-    assert err < 1e-5, err  # storing x xᵀ in float32 gave 1.6e-3 here
+    err = ((back.cov - s.cov).abs().max() / fresh.diagonal().min()).item()
+    assert err < 1e-6, err  # storing x xᵀ itself in float32 gave 1.6e-3 here
     assert torch.equal(back.x_sum, s.x_sum) and back.n_tokens == 4096

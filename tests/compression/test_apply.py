@@ -139,7 +139,8 @@ def test_validation_messages():
         (Plan(lillama=LillamaOptions(steps=-1)), "lillama: steps must be >= 0"),
         (Plan(modules={q: ModuleSpec(rank=12, bits=4)}),  # factor B has 12 inputs: groups of gcd(128, 12) = 4
          "rank 12 with 4-bit factors cannot be quantised .*ranks that work near it: 8, 16"),
-        (Plan(modules={q: ModuleSpec(rank=40, bits=4, quant="mxfp4")}), "ranks that work near it: 32, 64"),
+        (Plan(modules={q: ModuleSpec(rank=40, bits=4, quant="mxfp4")}), "ranks that work near it: 32$"),  # 64 is full
+        (Plan(modules={q: ModuleSpec(rank=16, bits=4, group_size=-128)}), "group size -128 must be a positive"),
     ]
     for plan, msg in cases:
         with pytest.raises(ValueError, match=msg):

@@ -146,7 +146,11 @@ def test_torn_history_line_is_skipped(tmp_path):
     newer = {**row, "run_id": "c", "field_of_a_newer_ranklab": 1}  # kept, without the unknown field
     h.path.write_text("\n".join([json.dumps(row), "not json", json.dumps(newer), json.dumps({"run_id": "d"})]) + "\n")
     assert [r.run_id for r in h.records()] == ["a", "c"]
-    assert h.unreadable == [2, 4] and "2 line(s)" in h.unreadable_note() and "line 2, 4" in h.unreadable_note()
+    assert h.unreadable == [2, 4]
+    note = h.unreadable_note()
+    assert "2 line(s)" in note and "line 2, 4" in note
+    h.records()
+    assert h.unreadable_note() is None  # the same lines: said once
 
 
 def test_energy_preset_needs_profile_then_works(tiny_lab):
@@ -269,10 +273,17 @@ def test_texts_and_models_change_only_when_nothing_runs_and_only_if_valid(tiny_l
             tiny_lab.set_texts("default", "default", **kw)
         assert tiny_lab.split is split
     lm = tiny_lab.lm
-    tiny_lab.settings.calib_text = str(tmp_path / "gone.txt")  # a text that cannot be read with the new model
-    with pytest.raises(FileNotFoundError, match="gone.txt"):
-        tiny_lab.load("other")  # loads, then fails on the texts: the session keeps its model and split
-    assert tiny_lab.lm is lm and tiny_lab.split is split
-    tiny_lab.settings.calib_text = "default"
-    tiny_lab.load("other")
-    assert tiny_lab.lm.source != lm.source and tiny_lab.split is not split
+    tiny_lab.settings.calib_text = str(tmp_path / "gone.txt")  # texts that cannot be windowed any more ...
+    info = tiny_lab.load("other")  # ... the new model takes the default texts and says why
+    assert tiny_lab.lm is not lm and tiny_lab.split is not split and tiny_lab.settings.calib_text == "default"
+    assert "gone.txt" in info["note"] and "uses the default texts" in info["note"]
+    tiny_lab.settings.seqlen = 512  # longer than the tiny model's 256 positions: not a dead end
+    info = tiny_lab.load("other")
+    assert tiny_lab.settings.seqlen == 256 and tiny_lab.split.eval_ids.shape[1] == 256
+    assert "window length (seqlen) 512 exceeds the model's maximum of 256" in info["note"]
+    assert tiny_lab.load("other")["note"] is None  # texts that fit: nothing to say
+    monkeypatch.setattr(Lab, "_corpus", staticmethod(lambda spec: (_ for _ in ()).throw(ValueError("unreadable"))))
+    before, split = tiny_lab.lm, tiny_lab.split
+    with pytest.raises(ValueError, match="unreadable"):  # not even the default texts: nothing changes
+        tiny_lab.load("other")
+    assert tiny_lab.lm is before and tiny_lab.split is split
