@@ -501,6 +501,10 @@ def build_budget_tab(state):
         try:
             plan = current_plan(lab, lr, q, g, ov, *vals)
             return _readout(lab, plan)
+        except (ValueError, FileNotFoundError) as e:  # a setting to change: said in the readout, figures kept
+            if lab is None or lab.lm is None:
+                raise _err(e) from e
+            return f"**This plan cannot be predicted:** {_err_text(e)}", gr.update(), gr.update(), gr.update()
         except Exception as e:
             raise _err(e) from e
 

@@ -36,9 +36,10 @@ class InputStats:
         s = xf.sum(0, dtype=torch.float64)  # (n,)
         m = (s / max(xf.shape[0], 1)).to(xf.dtype)  # the batch mean as subtracted (n,)
         c = xf - m  # (T, n)
-        cs, m64 = c.sum(0, dtype=torch.float64), m.double()
-        cross = torch.outer(m64, cs)
-        self.xxt += (c.T @ c).double() + cross + cross.T + xf.shape[0] * torch.outer(m64, m64)
+        m64 = m.double()
+        u = c.sum(0, dtype=torch.float64).add_(m64, alpha=xf.shape[0] / 2)  # Σc + T m / 2: the rank-2 term below
+        self.xxt += (c.T @ c).double()
+        self.xxt.addr_(m64, u).addr_(u, m64)  # + m (Σc)ᵀ + (Σc) mᵀ + T m mᵀ, in place
         self.x_sum += s
         self.n_tokens += x2.shape[0]
 
