@@ -313,6 +313,14 @@ def _energy_figs(lab: Lab, layer_v, role_v):
             F.spectrum_plot(prof.act_eigvals[name].numpy(), prof.weight_sv[name].numpy(), name, proto))
 
 
+def _same_specs(a: Plan, b: Plan, linears) -> bool:
+    """Whether two plans compress every decoder linear the same way (methods, ranks, bits, groups)."""
+    def key(s):
+        return (s.rank, s.bits, s.lowrank if s.rank else None, s.quant if s.bits else None,
+                s.group_size if s.bits else None)
+    return all(key(a.spec_for(li.name)) == key(b.spec_for(li.name)) for li in linears)
+
+
 def _sensitivity_view(lab: Lab) -> tuple[pd.DataFrame | None, str, dict]:
     """The table the Sensitivity tab shows, its protocol (probe data, device, dtype, what it
     is) and what its numbers are (KL or loss increase), for the figures."""
@@ -495,6 +503,9 @@ def build_budget_tab(state):
 
             # refined from whitened SVD (a run profiles first): plain SVD starts far off on real models
             plan.lillama = LillamaOptions(init="svd-llm", steps=30, calib_tokens=4096)
+        preset = lab.plan  # the last preset's plan: while the sliders still give it, runs keep its name
+        if preset.meta.get("method") and _same_specs(plan, preset, lab.linears):
+            plan.meta = dict(preset.meta)
         return plan
 
     def on_predict(lab, lr, q, g, ov, *vals):
@@ -566,6 +577,7 @@ def build_budget_tab(state):
                                  "better allocations.*\n\n")
                     plan = lab.plan_allocate(float(tg), None if on == "ranks and bits" else on)
                 filled = fill(lab, plan)
+                lab.plan = plan
                 text, *figs = _readout(lab, plan)
                 return [*filled, *_method_updates(plan), first + text, *figs]
             except InterruptedError as e:

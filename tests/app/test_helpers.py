@@ -36,3 +36,16 @@ def test_run_table_is_rounded_for_display_and_the_original_kept():
     assert (row.prefill_tok_s, row.decode_ms_per_token, row.seconds) == (339, 59.4, 8)
     assert "bytes" not in shown.columns and math.isnan(shown.iloc[1].ppl) and shown.iloc[1].error == "boom"
     assert raw.iloc[0].bytes == 528807424  # the CSV export keeps full precision
+
+
+def test_same_specs_compares_what_compresses_each_linear():
+    from analysis.adapters import LinearInfo
+    from compression.plan import ModuleSpec, Plan
+
+    lins = [LinearInfo(f"l.{i}", i, "q", "attn_in", 64, 64) for i in range(2)]
+    a = Plan(modules={"l.0": ModuleSpec(rank=8, lowrank="act-pca")}, meta={"method": "energy 95%"})
+    same = Plan(modules={"l.0": ModuleSpec(rank=8, lowrank="act-pca", quant="gptq")}, meta={"method": "sliders"})
+    assert app._same_specs(a, same, lins)  # the quantiser of a module with no bits does not matter
+    assert not app._same_specs(a, Plan(modules={"l.0": ModuleSpec(rank=8, lowrank="svd-llm")}), lins)
+    assert not app._same_specs(a, Plan(modules={"l.0": ModuleSpec(rank=16, lowrank="act-pca")}), lins)
+    assert not app._same_specs(a, Plan(modules={**a.modules, "l.1": ModuleSpec(bits=4)}), lins)
