@@ -78,8 +78,8 @@ def _runs_display(table: pd.DataFrame) -> pd.DataFrame:
     """The run table as shown: rounded, bytes in MB (the CSV export keeps full precision)."""
     t = table.copy()
     t["bytes"] = pd.to_numeric(t["bytes"], errors="coerce") / 1e6
-    digits = dict(ppl=2, predicted_ppl=2, bytes=2, bits_per_weight=3, prefill_tok_s=0, decode_ms_per_token=1,
-                  seconds=0)
+    digits = dict(ppl=2, predicted_ppl=2, corrected_ppl=2, bytes=2, bits_per_weight=3, prefill_tok_s=0,
+                  decode_ms_per_token=1, seconds=0)
     for col, d in digits.items():
         t[col] = pd.to_numeric(t[col], errors="coerce").round(d)
     return t.rename(columns={"bytes": "MB"})
@@ -90,12 +90,14 @@ def _cancelled(e: InterruptedError, kept: str = "") -> str:
     return f"**Cancelled.** {str(e)[:1].upper()}{str(e)[1:]}.{' ' + kept if kept else ''}"
 
 
-def _cancel_text(lab: Lab | None) -> str:
+def _cancel_text(lab: Lab | None):
     """Cancel whatever heavy job this session runs. The line stays true after the job ends
-    (the job reports its own stop where it reports, which may be another tab)."""
+    (the job reports its own stop where it reports, which may be another tab). With nothing
+    running, the box keeps what it shows (a finished job's result) and a toast says so."""
     job = lab.request_stop() if lab is not None else None
     if job is None:
-        return "Nothing to cancel: no job of this session is running."
+        gr.Info("Nothing to cancel: no job of this session is running.")
+        return gr.update()
     return f"Cancel requested: {job} stops at its next batch or layer and says so where it reports."
 
 
@@ -160,7 +162,8 @@ def build_model_tab(state, cfg: AppConfig):
             # the model loaded before stays loaded and shown; the failure is said above it
             traceback.print_exc()
             gr.Warning(_err_text(e))
-            return (lab, f"**{spec_v} was not loaded:** {_err_text(e)}  \n**Still loaded:**\n\n"
+            what = f"`{spec_v.strip()}`" if spec_v and spec_v.strip() else "The model"
+            return (lab, f"**{what} was not loaded:** {_err_text(e)}  \n**Still loaded:**\n\n"
                     + _summary_md(lab, lab.summary()), lab.layer_table())
         note = f"  \n**Note:** {info['note']}" if info.get("note") else ""
         if note:
@@ -625,6 +628,9 @@ def _readout(lab: Lab, plan: Plan):
     pr = lab.predict(plan)
     dense = lab.dense_eval
     ppl = f"{pr['ppl']:.2f}" if pr["ppl"] is not None else "– (compute sensitivities to predict)"
+    cal = pr.get("correction")
+    if cal is not None:
+        ppl += f" (corrected by {cal.n} measured run{'s' if cal.n > 1 else ''}: {pr['ppl_corrected']:.2f})"
     src = "" if lab.predictor is None else (" (measured grid)" if lab.sensitivity is not None else
                                             " (first view, an estimate)")
     text = (f"### Predicted: {_fmt_bytes(pr['bytes'])} · ratio {pr['ratio']:.3f} of dense · "
@@ -636,7 +642,8 @@ def _readout(lab: Lab, plan: Plan):
                f"Perplexity predicted from the calibration loss{src} (measure the dense model to put it on the "
                "evaluation text's scale); bytes are exact.")
             + " Adding per-linear increases ranks plans well but runs optimistic for heavy compression (errors "
-              "compound across layers, and within a layer): measure a plan before a long run.")
+              "compound across layers, and within a layer): measure a plan before a long run."
+            + _correction_text(lab, pr))
     if pr["notes"]:
         shown = "\n".join(f"- {n}" for n in pr["notes"][:5])
         more = f"\n- … and {len(pr['notes']) - 5} more" if len(pr["notes"]) > 5 else ""
@@ -644,9 +651,17 @@ def _readout(lab: Lab, plan: Plan):
     runs = lab.history.tradeoff_frame(lab.lm.fingerprint, protocol=lab.protocol())
     cur = pd.DataFrame([dict(run_id="current", label="current plan", kind="predicted",
                              ppl=pr["ppl"] if pr["ppl"] is not None else np.nan, bytes=pr["bytes"],
-                             bits_per_weight=pr["bits_per_weight"], decode_ms_per_token=np.nan, method="current")])
+                             bits_per_weight=pr["bits_per_weight"], decode_ms_per_token=np.nan, method="current")]
+                       + ([dict(run_id="current-corrected", label="current plan, corrected by runs", kind="predicted",
+                                ppl=pr["ppl_corrected"], bytes=pr["bytes"], bits_per_weight=pr["bits_per_weight"],
+                                decode_ms_per_token=np.nan, method="current, corrected by runs")]
+                          if pr.get("ppl_corrected") is not None else []))
     frame = pd.concat([runs, cur], ignore_index=True) if len(runs) else cur
-    fig = F.tradeoff(frame.dropna(subset=["ppl"]) if pr["ppl"] is not None else runs, "bytes", lab.protocol())
+    protocol = lab.protocol()
+    if pr.get("ppl_basis") == "calibration":  # not yet on the evaluation text's scale: say where it comes from
+        protocol += (f"; the current plan's perplexity is predicted on the calibration text ({lab.split.calib_label})"
+                     ": measure the dense model to put it on this scale")
+    fig = F.tradeoff(frame.dropna(subset=["ppl"]) if pr["ppl"] is not None else runs, "bytes", protocol)
     table = []
     for li in lab.linears:
         s = plan.spec_for(li.name)
@@ -654,6 +669,23 @@ def _readout(lab: Lab, plan: Plan):
                           full_rank=min(li.out_features, li.in_features)))
     bars = F.budget_bars(pd.DataFrame(table), lab.protocol())
     return text, fig, bars, plan.to_json()
+
+
+def _correction_text(lab: Lab, pr: dict) -> str:
+    """What the readout says of correcting the prediction with measured runs."""
+    if pr.get("ppl_basis") != "evaluation":
+        return ""
+    cal, left_out = lab.correction()
+    skipped = "; ".join(f"{n} run(s): {why}" for why, n in left_out.items())
+    if skipped:
+        skipped = f" Runs left out of the correction (not comparable with the grid's predictions): {skipped}."
+    if cal is None:
+        return ("  \nAfter two measured runs of plans compressed with the grid's methods (on these texts), the readout "
+                "also gives the prediction corrected by how far the runs fell from theirs." + skipped)
+    ext = (" **This plan lies outside the predictions it was fitted on: the corrected figure is an extrapolation.**"
+           if pr.get("correction_extrapolates") else "")
+    return (f"  \nCorrected perplexity: {cal.describe()}; dense perplexity x exp(corrected increase). The order of "
+            f"plans (and every allocation) is unchanged.{ext}{skipped}")
 
 
 def build_run_tab(state, budget):
@@ -695,7 +727,10 @@ def build_run_tab(state, budget):
             raise _err(e) from e
         if rec.status == "ok":
             m = rec.measured
-            pred = f" (predicted {rec.predicted['ppl']:.2f})" if rec.predicted.get("ppl") else ""
+            pred = f" (predicted {rec.predicted['ppl']:.2f}" if rec.predicted.get("ppl") else ""
+            if pred and rec.predicted.get("ppl_corrected"):
+                pred += f", corrected by earlier runs {rec.predicted['ppl_corrected']:.2f}"
+            pred += ")" if pred else ""
             msg = (f"Run `{rec.run_id}` done in {rec.seconds:.0f} s: perplexity **{m['ppl']:.2f}**{pred}, "
                    f"{_fmt_bytes(m['bytes'])}, {m['bits_per_weight']:.2f} bits/weight, prefill "
                    f"{m['prefill_tok_s']:.0f} tok/s, decode {m['decode_ms_per_token']:.1f} ms/token.  \n"
@@ -719,9 +754,11 @@ def build_run_tab(state, budget):
                      f"{d['prefill_tok_s']:.0f} tok/s, decode {d['decode_ms_per_token']:.1f} ms/token.  \n"
                      f"Protocol: {d['protocol']}", *tables(lab))
 
-    def on_gen(lab, text):
+    def on_gen(lab, text, p=gr.Progress()):
         try:
-            return _require(lab).generate(text)
+            return _require(lab).generate(text, progress=_progress(p))
+        except InterruptedError as e:
+            return _cancelled(e), ""
         except Exception as e:
             raise _err(e) from e
 
@@ -767,6 +804,9 @@ def build_export_tab(state, budget):
                     paths.append(path)
                 if ex.notes:
                     md.append(f"**{tool}**\n" + "\n".join(f"- {n}" for n in ex.notes))
+            if md:  # JSON configs cannot carry comments: what each translation could not express travels beside
+                paths.append(out_dir / "export_notes.md")
+                paths[-1].write_text("# What the translations could not express\n\n" + "\n\n".join(md) + "\n")
         except Exception as e:
             raise _err(e) from e
         return [str(p) for p in paths], "\n\n".join(md) or "Every setting translates exactly.", *[

@@ -72,6 +72,8 @@ class Prediction:
     bytes: int  # whole model after compression
     bits_per_weight: float  # over the decoder linears (SizeReport.bits_per_weight)
     ratio: float  # bytes / dense bytes
+    dloss_rank: float = 0.0  # the part of dloss from ranks (rank-only settings, and the rank of rank + bits)
+    dloss_bits: float = 0.0  # the part from bit widths (dloss = dloss_rank + dloss_bits)
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,7 @@ class Predictor:
                 self._ranks[name] = (np.append(xs[keep], full).astype(np.float64), np.append(ys[keep], 0.0))
             elif kind == "bits":
                 self._bits[name] = (xs, ys)
-        self._cache: dict[tuple[str, ModuleSpec], float] = {}
+        self._cache: dict[tuple[str, ModuleSpec], tuple[float, float]] = {}
 
     # -------------------------------------------------------------------- per linear
     def grid_ranks(self, name: str) -> list[int]:
@@ -167,21 +169,23 @@ class Predictor:
         i = int(np.searchsorted(xs, bits, side="right")) - 1  # nearest lower grid width
         return float(ys[max(i, 0)])
 
-    def dloss(self, name: str, spec: ModuleSpec) -> float:
+    def dloss_parts(self, name: str, spec: ModuleSpec) -> tuple[float, float]:
+        """``(rank part, bits part)`` of one linear's predicted increase."""
         if spec.is_dense:
-            return 0.0
+            return (0.0, 0.0)
         key = (name, spec)
         hit = self._cache.get(key)
         if hit is None:
             if name not in self.by_name:
                 raise ValueError(f"{name} is not a decoder linear of this model")
-            hit = 0.0
-            if spec.rank is not None:
-                hit += self.rank_dloss(name, spec.rank)
-            if spec.bits is not None:
-                hit += self.bits_dloss(name, spec.bits)
+            hit = (self.rank_dloss(name, spec.rank) if spec.rank is not None else 0.0,
+                   self.bits_dloss(name, spec.bits) if spec.bits is not None else 0.0)
             self._cache[key] = hit
         return hit
+
+    def dloss(self, name: str, spec: ModuleSpec) -> float:
+        r, b = self.dloss_parts(name, spec)
+        return r + b
 
     def option(self, li: LinearInfo, spec: ModuleSpec) -> Option:
         lil = self.base_plan.lillama
@@ -196,10 +200,12 @@ class Predictor:
         return plan_size(plan, self.linears, self.dense_total_bytes, self.dtype_bytes, self.biases)
 
     def predict(self, plan: Plan) -> Prediction:
-        d = math.fsum(self.dloss(li.name, plan.spec_for(li.name)) for li in self.linears)
+        parts = [self.dloss_parts(li.name, plan.spec_for(li.name)) for li in self.linears]
+        dr, db = math.fsum(p[0] for p in parts), math.fsum(p[1] for p in parts)
+        d = dr + db
         rep = self.size(plan)
         loss = self.dense_loss + d
-        return Prediction(loss, math.exp(loss), d, rep.total_bytes, rep.bits_per_weight, rep.ratio)
+        return Prediction(loss, math.exp(loss), d, rep.total_bytes, rep.bits_per_weight, rep.ratio, dr, db)
 
 
 # ------------------------------------------------------------------------ options

@@ -14,7 +14,7 @@ GPTQModel          ``QuantizeConfig`` kwargs: base ``bits``/``group_size``/``sym
                    (``"+:regex"`` overrides, ``"-:regex"`` skips; first matching key decides)
 llm-compressor     recipe YAML: ``QuantizationModifier`` (``GPTQModifier`` when the plan uses
                    gptq) with one ``config_groups`` entry per setting, ``re:`` targets, ``ignore``
-HQQ                ``HqqConfig(dynamic_config=...)``: ``{linear tag: {nbits, group_size}}``
+HQQ                ``HqqConfig(dynamic_config=...)``: ``{linear tag: {nbits, group_size, axis}}``
 torchao            Python source building ``FqnToConfig({fqn: config | None})``
 llama.cpp          ``llama-quantize`` argv: ``["--tensor-type", "REGEX=type", ...]``
 =================  ==========================================================================
@@ -205,6 +205,41 @@ def _fused_notes(settings: dict[str, object], linears: list[LinearInfo], tool: s
                      "layer and cannot serve mixed settings there")
 
 
+_FUSED = {("k", "q", "v"): "qkv_proj", ("gate", "up"): "gate_up_proj"}  # vLLM's merged layer names
+
+
+def _fused_names(settings: dict[str, object], linears: list[LinearInfo]) -> dict[str, object]:
+    """The names vLLM gives fused layers (``...self_attn.qkv_proj``, ``...mlp.gate_up_proj``)
+    whose members share one setting, with that setting. vLLM looks a fused layer's setting up by
+    the fused name, so an export that names only q/k/v (or gate/up) would give it the base."""
+    by_input: dict[str, list[LinearInfo]] = defaultdict(list)
+    for li in linears:
+        if li.group in ("attn_in", "mlp_in"):
+            by_input[li.input_key].append(li)
+    out = {}
+    for lis in by_input.values():
+        fused = _FUSED.get(tuple(sorted(li.role for li in lis)))
+        parents = {li.name.rsplit(".", 1)[0] for li in lis}
+        same = len({repr(settings[li.name]) for li in lis}) == 1
+        if fused and same and len(parents) == 1 and all(li.name.endswith(f".{li.role}_proj") for li in lis):
+            out[f"{parents.pop()}.{fused}"] = settings[lis[0].name]
+    return out
+
+
+def _ragged_notes(wants: dict[str, _Want | None], linears: list[LinearInfo], tool: str, consequence: str,
+                  notes: list[str]) -> None:
+    """Groups that do not divide a module's input width: RankLab gives each row a ragged last
+    group; ``consequence`` says what ``tool`` does with them."""
+    ragged = [li for li in linears if (w := wants.get(li.name)) is not None and w.kind == "int" and w.group > 0
+              and li.in_features % w.group]
+    if ragged:
+        li = ragged[0]
+        notes.append(f"{tool}: {_plural(len(ragged), 'module')} have a group size that does not divide their input "
+                     f"width (e.g. {li.name}: {li.in_features} inputs, group {wants[li.name].group}; RankLab gives "
+                     f"each row a ragged last group): {consequence}. Pick a group that divides the width (the plan's "
+                     "validation suggests one) before a batch run")
+
+
 def _layers_phrase(layers: Iterable[int]) -> str:
     xs = sorted(set(layers))
     return ("layer " if len(xs) == 1 else "layers ") + _layers_str(xs)
@@ -232,10 +267,13 @@ def _gptqmodel_setting(w: _Want | None) -> tuple[int, int] | None:
 
 def to_gptqmodel_dynamic(plan: Plan, linears: list[LinearInfo], notes: list[str] | None = None) -> dict:
     """``QuantizeConfig`` keyword arguments: the base ``bits``/``group_size`` (the most common
-    setting), ``sym=False`` (RankLab's grids are asymmetric), ``desc_act=False`` and ``dynamic``:
+    setting), ``sym=False`` (RankLab's grids are asymmetric), ``desc_act=False``, ``dynamic``:
     ``"-:regex": {}`` skips dense modules, ``"+:regex": {"bits", "group_size"}`` overrides the
-    rest that differ from the base. GPTQModel ``re.match``-es each key in order and the first
-    match decides; keys here are anchored and disjoint, so order does not matter."""
+    rest that differ from the base, and ``meta`` (``QuantizeConfig``'s field for producer
+    information) with the notes, so the file says what it could not express. GPTQModel and vLLM
+    ``re.match`` each key in order and the first match decides; keys here are anchored and
+    disjoint, so order does not matter. Where q/k/v (gate/up) share a setting, the keys also name
+    vLLM's fused ``qkv_proj`` (``gate_up_proj``), which vLLM looks the setting up by."""
     notes = _sink(notes)
     tool = "GPTQModel"
     wants = _wants(plan, linears)
@@ -243,13 +281,20 @@ def to_gptqmodel_dynamic(plan: Plan, linears: list[LinearInfo], notes: list[str]
     quantised = Counter(s for s in settings.values() if s is not None)
     base = quantised.most_common(1)[0][0] if quantised else (4, 128)
     dynamic: dict[str, dict] = {}
-    groups = _grouped(settings, linears)
-    if None in groups:
-        for rx in _regexes(_module_items(groups[None])):
+    fused = _fused_names(settings, linears)
+    items: dict[object, list] = defaultdict(list)  # setting -> regex items, fused names (for vLLM) included
+    for s, lis in _grouped(settings, linears).items():
+        items[s] += _module_items(lis)
+    for name, s in fused.items():
+        layer = next(li.layer for li in linears if name.startswith(li.name.rsplit(".", 1)[0] + "."))
+        parts = _split(name, layer)
+        items[s].append((parts[0], layer, parts[1], name) if parts else (None, layer, "", name))
+    if None in items:
+        for rx in _regexes(items[None]):
             dynamic["-:" + rx] = {}
-    for s, lis in groups.items():
+    for s, its in items.items():
         if s is not None and s != base:
-            for rx in _regexes(_module_items(lis)):
+            for rx in _regexes(its):
                 dynamic["+:" + rx] = {"bits": s[0], "group_size": s[1]}
 
     def resolve(name: str):
@@ -258,10 +303,14 @@ def to_gptqmodel_dynamic(plan: Plan, linears: list[LinearInfo], notes: list[str]
                 return None if key.startswith("-:") else (override["bits"], override["group_size"])
         return base
 
-    _verify(tool, settings, resolve)
+    _verify(tool, {**settings, **fused}, resolve)  # vLLM's fused names resolve like their members
     _common_notes(plan, linears, tool, notes)
     if not quantised:
         notes.append(f"{tool}: the plan quantises nothing; every decoder linear is skipped")
+    if any(w is not None and w.method == "gptq" for w in wants.values()):
+        notes.append(f"{tool}: RankLab's GPTQ orders columns by activation (act-order with static groups); this "
+                     "config leaves desc_act off (the simplest kernels): set desc_act=True and static_groups=True "
+                     "to match RankLab's numbers more closely")
     if any(w is not None and w.method == "rtn" for w in wants.values()):
         notes.append(f"{tool}: runs GPTQ (needs calibration data) on every quantised module, including the "
                      "plan's rtn ones (same grid, error-compensated)")
@@ -273,7 +322,10 @@ def to_gptqmodel_dynamic(plan: Plan, linears: list[LinearInfo], notes: list[str]
                  "instead of a shared power-of-two scale)",
     }, notes)
     _fused_notes(settings, linears, tool, notes)
-    return {"bits": base[0], "group_size": base[1], "sym": False, "desc_act": False, "dynamic": dynamic}
+    _ragged_notes(wants, linears, tool, "GPTQModel's kernels and vLLM expect groups that divide the input width "
+                  "and may refuse such modules", notes)
+    return {"bits": base[0], "group_size": base[1], "sym": False, "desc_act": False, "dynamic": dynamic,
+            "meta": {"producer": "RankLab", "ranklab_notes": list(notes)}}
 
 
 # ----------------------------------------------------------------------------- llm-compressor
@@ -345,6 +397,12 @@ def _llmcompressor_recipe(plan: Plan, linears: list[LinearInfo], notes: list[str
                  "its power-of-two (uint8 E8M0) scale dtype is not set here, so scales stay fp16",
     }, notes)
     _fused_notes(settings, linears, tool, notes)
+    low = sorted({w.bits for w in wants.values() if w is not None and w.kind == "int" and w.bits not in (4, 8)})
+    if low:
+        notes.append(f"{tool}: {'/'.join(map(str, low))}-bit asymmetric int weights are produced, but vLLM serves "
+                     "asymmetric (zero-point) compressed-tensors weights at 4 and 8 bits only")
+    _ragged_notes(wants, linears, tool, "compressed-tensors checkpoints with such groups may be refused by vLLM",
+                  notes)
     return {"quant_stage": {"quant_modifiers": {"GPTQModifier" if use_gptq else "QuantizationModifier": modifier}}}
 
 
@@ -382,7 +440,9 @@ def _hqq_desc(s: tuple[int, int] | None) -> str:
 
 def to_hqq_dynamic_config(plan: Plan, linears: list[LinearInfo], notes: list[str] | None = None,
                           keep_dense: bool = True) -> dict:
-    """``HqqConfig(dynamic_config=...)``: ``{tag: {"nbits", "group_size"}}``. HQQ configures a tag
+    """``HqqConfig(dynamic_config=...)``: ``{tag: {"nbits", "group_size", "axis": 1}}`` (transformers
+    passes each entry to HQQ as it is, whose own default ``axis=0`` would group along the
+    outputs; RankLab's groups run along the inputs, as ``axis=1`` does). HQQ configures a tag
     (e.g. ``self_attn.q_proj``) for all layers at once, so where the plan varies across layers the
     least aggressive setting of the tag is kept (a dense layer keeps the whole tag dense; else most
     bits, then smallest group) and a note says so. ``keep_dense=False`` instead ignores dense layers
@@ -404,8 +464,8 @@ def to_hqq_dynamic_config(plan: Plan, linears: list[LinearInfo], notes: list[str
         if chosen is not None and None in by_setting:
             notes.append(f"{tool}: {tag} is dense in {_layers_phrase(by_setting[None])} but quantised there too "
                          "(keep_dense=False)")
-        if chosen is not None:
-            config[tag] = {"nbits": chosen[0], "group_size": chosen[1]}
+        if chosen is not None:  # axis 1: groups of consecutive inputs in a row (HQQ's own default is 0)
+            config[tag] = {"nbits": chosen[0], "group_size": chosen[1], "axis": 1}
         if len(by_setting) > 1:
             spread = "; ".join(f"{_hqq_desc(s)} in {_layers_phrase(ls)}" for s, ls in by_setting.items())
             notes.append(f"{tool}: {tag} varies across layers ({spread}); HQQ's dynamic_config is per tag, not per "
@@ -421,12 +481,17 @@ def to_hqq_dynamic_config(plan: Plan, linears: list[LinearInfo], notes: list[str
     if not config:
         notes.append(f"{tool}: no tag is quantised; do not pass an empty dynamic_config (transformers would "
                      "then apply it as one global config) - skip HQQ instead")
-    _method_notes(wants, tool, {
+    # methods as exported: a module whose tag took another layer's setting is covered by the tag's note
+    exported = {li.name: w for li in linears if (w := wants[li.name]) is not None
+                and _hqq_setting(w, li) == chosen_for[hqq_linear_tag(li.name)]}
+    _method_notes(exported, tool, {
         "binary": "no sign-times-mean format; exported as 2-bit HQQ (affine)",
         "ternary": "no ternary format; exported as 2-bit HQQ (affine)",
         "fp8": "no fp8 format; exported as 8-bit HQQ with one group per row",
         "mxfp4": "no MX format; exported as 4-bit HQQ with group 32 (affine, fp16 scale/zero)",
     }, notes)
+    _ragged_notes(exported, linears, tool, "HQQ groups the flattened weight, so its groups would cross rows there",
+                  notes)
     return config
 
 
@@ -467,7 +532,10 @@ def to_torchao_fqn_config(plan: Plan, linears: list[LinearInfo], notes: list[str
         "mxfp4": "no weight-only MX config outside torchao.prototype; exported as Int4WeightOnlyConfig(group_size=32)",
     }, notes)
     if any(e is not None and e.startswith("Int4") for e in exprs.values()):
-        notes.append(f"{tool}: Int4WeightOnlyConfig targets CUDA kernels; on CPU add int4_packing_format=\"opaque\"")
+        notes.append(f"{tool}: Int4WeightOnlyConfig targets CUDA kernels; CPU int4 needs another packing format "
+                     "or config, whose name changes between torchao versions: see your version's documentation")
+    _ragged_notes(wants, linears, tool, "torchao refuses them (the input width must be divisible by the block "
+                  "size)", notes)
     used = sorted({m for e in names for m in re.findall(r"[A-Z]\w*(?=[(.])", e)})
     lines = ["# torchao FqnToConfig generated by RankLab from a compression plan"]
     lines += [f"# note: {n}" for n in notes]
@@ -554,10 +622,16 @@ def _llamacpp(plan: Plan, linears: list[LinearInfo], notes: list[str], dense_typ
     misfit = Counter(t for g, t in types.items() if infos[g].in_features % GGUF_BLOCK.get(t, 1))
     for t, n in misfit.items():
         notes.append(f"{tool}: {_plural(n, 'tensor')} typed {t} have rows that are not a multiple of "
-                     f"{GGUF_BLOCK[t]}; llama.cpp falls back to another type for them (and recent versions "
-                     "then ignore the --tensor-type override)")
+                     f"{GGUF_BLOCK[t]}; llama.cpp falls back to another type for them")
     quantised = Counter(t for t in types.values() if t in _GGUF_FTYPE)
     base = _GGUF_FTYPE[quantised.most_common(1)[0][0]] if quantised else "Q8_0"
+    if base not in ("Q8_0", "Q4_0", "Q4_1") and any(infos[g].in_features % 256 for g in types):
+        # older llama-quantize builds apply a --tensor-type override only where the base type's own
+        # choice for the tensor fits it; a 32-block base fits every row a multiple of 32
+        notes.append(f"{tool}: some rows are not a multiple of 256, so the base file type is Q8_0 instead of "
+                     f"{base}: older llama-quantize builds drop a --tensor-type override where the base type's "
+                     "own choice does not fit the tensor. Every decoder linear is typed explicitly either way")
+        base = "Q8_0"
     return rules, base
 
 
@@ -577,8 +651,8 @@ def _llamacpp_script(plan: Plan, linears: list[LinearInfo], notes: list[str], de
     args = [f"--tensor-type {shlex.quote(f'{rx}={t}')}" for rx, t in rules]
     args += ["--leave-output-tensor", f"--token-embedding-type {dense_type}"]
     lines = ["#!/bin/sh", "# llama-quantize arguments generated by RankLab from a compression plan",
-             "# usage: sh llama_quantize.sh model-f16.gguf model-out.gguf  (keep the base type quantised and "
-             "do not add --pure, or the overrides are ignored)"]
+             "# usage: sh llama_quantize.sh model-f16.gguf model-out.gguf  (every decoder linear is typed by a "
+             "--tensor-type rule; the base type only names the file type)"]
     lines += [f"# note: {n}" for n in notes]
     lines += ["llama-quantize \\"] + [f"  {a} \\" for a in args] + [f'  "$1" "$2" {base}', ""]
     return "\n".join(lines)

@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -35,6 +36,7 @@ from analysis.metrics import (
 from analysis.profile import Profile, load_or_profile, rank_for_energy
 from analysis.sensitivity import DEFAULT_TOKENS as SENSITIVITY_TOKENS
 from compression.apply import apply_plan
+from compression.correction import Correction, fit_correction
 from compression.plan import ModuleSpec, Plan, needs_calibration, plan_size, validate
 
 Progress = Callable[[float, str], None]
@@ -126,11 +128,13 @@ class RunHistory:
         for r in self.records(fingerprint):
             m, p = r.measured, r.predicted
             rows.append(dict(run_id=r.run_id, time=r.time, label=r.label, status=r.status,
-                             ppl=m.get("ppl"), predicted_ppl=p.get("ppl"), bytes=m.get("bytes"),
+                             ppl=m.get("ppl"), predicted_ppl=p.get("ppl"), corrected_ppl=p.get("ppl_corrected"),
+                             bytes=m.get("bytes"),
                              bits_per_weight=m.get("bits_per_weight"), prefill_tok_s=m.get("prefill_tok_s"),
                              decode_ms_per_token=m.get("decode_ms_per_token"), seconds=r.seconds,
                              protocol=r.protocol, error=r.error))
-        cols = ["run_id", "time", "label", "status", "ppl", "predicted_ppl", "bytes", "bits_per_weight",
+        cols = ["run_id", "time", "label", "status", "ppl", "predicted_ppl", "corrected_ppl", "bytes",
+                "bits_per_weight",
                 "prefill_tok_s", "decode_ms_per_token", "seconds", "protocol", "error"]
         return pd.DataFrame(rows, columns=cols)
 
@@ -189,6 +193,7 @@ class Lab:
         self.history = RunHistory(self.workspace)
         self._stop = False
         self.job: str | None = None  # what is running now (profiling, a run, ...), for Cancel
+        self._correction: tuple[tuple, Correction | None, dict] | None = None  # (key, fit, runs left out)
 
     # ----------------------------------------------------------------- state
     def require_model(self) -> LoadedModel:
@@ -432,10 +437,18 @@ class Lab:
             return plan
         mods = dict(plan.modules)
         known = {li.name for li in self.linears}
+        seen: set[str] = set()
         for _, row in overrides.iterrows():
-            name = str(row.get("name", "")).strip()
+            name = row.get("name")
+            name = "" if name is None or (isinstance(name, float) and math.isnan(name)) else str(name).strip()
             if not name:
+                if _cell(row.get("rank")) is not None or _cell(row.get("bits")) is not None:
+                    raise ValueError("a table row sets a rank or bits but names no module; type the module's name "
+                                     "(the Model & data tab lists them) or clear the row")
                 continue
+            if name in seen:
+                raise ValueError(f"{name} appears in two table rows; keep one (the rows would contradict)")
+            seen.add(name)
             if name not in known:
                 raise ValueError(f"table row {name!r} is not a decoder linear of this model; the Model & data tab "
                                  "lists the names")
@@ -499,7 +512,8 @@ class Lab:
         return validate(plan, self.linears, warn=False)  # the app shows them; no process-wide warning filter
 
     def predict(self, plan: Plan) -> dict:
-        """Exact bytes always; predicted loss/ppl when sensitivities exist. Milliseconds."""
+        """Exact bytes always; predicted loss/ppl when sensitivities exist, and a corrected
+        perplexity once runs of this model and texts have been measured. Milliseconds."""
         lm = self.require_model()
         notes = self.check(plan)
         size = plan_size(plan, self.linears, model_bytes(lm.model).weight_bytes,
@@ -514,13 +528,88 @@ class Lab:
                 notes.insert(0, f"{len(below)} linear(s) have ranks below those the sensitivities measured (e.g. "
                                 f"{name}: rank {r}, smallest measured {r0}); their predicted damage is extrapolated "
                                 "and may be far too low: run the plan to measure it")
+            notes[:0] = self._method_mismatch_notes(plan)
             pr = self.predictor.predict(plan)
             out.update(ppl=pr.ppl, loss=pr.loss, dloss=pr.dloss, ppl_basis="calibration")
             if self.dense_eval is not None and self.dense_eval.get("ppl"):
                 # on the evaluation text: its measured dense perplexity times exp(predicted increase),
                 # so that predicted and measured runs share one scale
-                out.update(ppl=float(self.dense_eval["ppl"]) * math.exp(pr.dloss), ppl_basis="evaluation")
+                dense_ppl = float(self.dense_eval["ppl"])
+                out.update(ppl=dense_ppl * math.exp(pr.dloss), ppl_basis="evaluation")
+                cal, _ = self.correction()
+                if cal is not None:
+                    out.update(ppl_corrected=dense_ppl * math.exp(cal.apply(pr.dloss_rank, pr.dloss_bits)),
+                               correction=cal, correction_extrapolates=cal.extrapolates(pr.dloss))
         return out
+
+    def _method_mismatch_notes(self, plan: Plan) -> list[str]:
+        """Where the plan compresses with other settings than the sensitivities were probed with:
+        the prediction then adds the probed settings' damage, which the notes say."""
+        pred, other = self.predictor, Counter()
+        for li in self.linears:
+            s = plan.spec_for(li.name)
+            if s.rank is not None and s.lowrank != pred.method:
+                other[f"low-rank method {s.lowrank}"] += 1
+            if s.bits is not None and s.quant != pred.quant:
+                other[f"quantiser {s.quant}"] += 1
+            elif s.bits is not None and s.group_size != pred.group_size:
+                other[f"group size {s.group_size}"] += 1
+        return [f"{n} linear(s) use {what}, but the sensitivities were probed with {pred.method} ranks and "
+                f"{pred.quant} g{pred.group_size} bits: the prediction adds the probed settings' damage (measure the "
+                "grid with these settings, or run the plan, for its own)" for what, n in other.items()]
+
+    def comparable_to_predictor(self, plan: Plan) -> str | None:
+        """Why a measured run of ``plan`` cannot correct the current predictor (None: it can):
+        its methods must be the grid's, and its ranks within the grid's (not extrapolated)."""
+        pred = self.predictor
+        if pred is None:
+            return "no predictor"
+        if plan.lillama is not None or plan.slicegpt is not None:
+            return "Lillama / SliceGPT plan"
+        for li in self.linears:
+            s = plan.spec_for(li.name)
+            if s.rank is not None and s.lowrank != pred.method:
+                return f"low-rank method {s.lowrank} (the sensitivities measured {pred.method})"
+            if s.bits is not None and s.quant != pred.quant:
+                return f"quantiser {s.quant} (the sensitivities measured {pred.quant})"
+        if pred.below_grid(plan):
+            return "ranks below the measured grid"
+        return None
+
+    def correction(self) -> tuple[Correction | None, dict[str, int]]:
+        """The map from the current predictor's increases to measured ones
+        (``compression.correction``), fitted on this model's successful runs measured on the
+        current texts and device, and how many such runs were left out, by reason (methods other
+        than the grid's, ranks below it, a plan this RankLab cannot read). ``(None, ...)`` before
+        the dense model is measured or without a usable run. Each run's prediction is
+        recomputed with the current predictor, so the map belongs to the predictor the readout uses."""
+        if self.predictor is None or not self.dense_eval or self.dense_eval.get("nll") is None:
+            return None, {}
+        lm = self.require_model()
+        dense_nll, protocol = float(self.dense_eval["nll"]), self.protocol()
+        recs = [r for r in self.history.records(lm.fingerprint)
+                if r.status == "ok" and r.protocol == protocol and r.measured.get("nll") is not None]
+        key = (self.predictor, dense_nll, protocol, tuple(r.run_id for r in recs))  # the predictor by identity
+        if self._correction is not None and self._correction[0] == key:
+            return self._correction[1], dict(self._correction[2])
+        rank, bits, measured, left_out = [], [], [], Counter()
+        for r in recs:
+            try:
+                plan = Plan.from_dict(r.plan)
+            except (ValueError, TypeError, KeyError, AttributeError) as e:  # a hand-edited or foreign runs.jsonl
+                left_out[f"plan unreadable ({type(e).__name__})"] += 1
+                continue
+            why = self.comparable_to_predictor(plan)
+            if why is not None:
+                left_out[why] += 1
+                continue
+            pr = self.predictor.predict(plan)
+            rank.append(pr.dloss_rank)
+            bits.append(pr.dloss_bits)
+            measured.append(float(r.measured["nll"]) - dense_nll)
+        cal = fit_correction(rank, bits, measured)
+        self._correction = (key, cal, dict(left_out))
+        return cal, dict(left_out)
 
     def _plan_params(self, plan: Plan) -> int:
         total = 0
@@ -567,7 +656,8 @@ class Lab:
         with self.running("the run"):
             try:
                 pred = self.predict(plan)
-                rec.predicted = {k: pred[k] for k in ("ppl", "bytes", "bits_per_weight") if pred.get(k) is not None}
+                rec.predicted = {k: pred[k] for k in ("ppl", "ppl_corrected", "bytes", "bits_per_weight")
+                                 if pred.get(k) is not None}
                 if needs_calibration(plan, self.linears) and self.profile is None:
                     say(0.0, "profiling first (statistics feed the methods)")
                     self.run_profile(lambda f, m: say(0.2 * f, m))
@@ -593,10 +683,16 @@ class Lab:
 
     # ----------------------------------------------------------------- generation & export
     @torch.no_grad()
-    def generate(self, prompt: str, max_new_tokens: int = 40) -> tuple[str, str]:
+    def generate(self, prompt: str, max_new_tokens: int = 40,
+                 progress: Progress | None = None) -> tuple[str, str]:
+        """Greedy continuations of ``prompt`` by the dense and the last compressed model, with
+        progress per token; Cancel stops it (``InterruptedError``) after the current token."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
         lm = self.require_model()
         if not prompt.strip():
             raise ValueError("type a prompt first")
+        say = progress or (lambda f, m: None)
         tok = lm.tokenizer
         if getattr(tok, "chat_template", None):
             ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
@@ -604,15 +700,30 @@ class Lab:
         else:
             ids = tok(prompt, return_tensors="pt")["input_ids"]
         ids = ids.to(lm.device)
+        models = [("dense", lm.model)] + ([("compressed", self.compressed)] if self.compressed is not None else [])
+        lab = self
 
-        def gen(model):
+        class _Watch(StoppingCriteria):  # called once per generated token
+            def __init__(self, k: int, which: str):
+                self.k, self.which = k, which
+
+            def __call__(self, input_ids, scores, **kwargs) -> bool:
+                done = input_ids.shape[1] - ids.shape[1]
+                say((self.k + done / max_new_tokens) / len(models),
+                    f"{self.which} model: token {done}/{max_new_tokens}")
+                return lab.should_stop()
+
+        def gen(k: int, which: str, model: nn.Module) -> str:
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+                                 do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id,
+                                 stopping_criteria=StoppingCriteriaList([_Watch(k, which)]))
+            if self.should_stop():
+                raise InterruptedError(f"generation cancelled during the {which} model's continuation")
             return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
-        dense = gen(lm.model)
-        comp = gen(self.compressed) if self.compressed is not None else "(run a compression first)"
-        return dense, comp
+        with self.running("the generation"):
+            texts = [gen(k, which, model) for k, (which, model) in enumerate(models)]
+        return texts[0], texts[1] if len(texts) > 1 else "(run a compression first)"
 
     def export_model(self, folder: Path) -> Path:
         """The last compressed model as a folder and a zip archive beside it."""
@@ -641,7 +752,11 @@ def _cell(v) -> int | str | None:
     if s in (KEEP, KEEP_RANK, "none", "dense"):
         return KEEP
     try:
-        return int(float(s))
+        x = float(s)
     except ValueError as e:
         raise ValueError(f"table value {v!r} is not a number; use an integer, 'full' (rank) or 'keep' (bits), "
                          "or leave it blank for the layer's setting") from e
+    if not math.isfinite(x) or x != int(x):
+        raise ValueError(f"table value {v!r} is not a whole number; use an integer, 'full' (rank) or 'keep' "
+                         "(bits), or leave it blank for the layer's setting")
+    return int(x)

@@ -305,8 +305,10 @@ def validate(plan: Plan, linears: list[LinearInfo], warn: bool = True) -> list[s
             if lr is None and q.group_size and ragged(n, q.group_size):
                 ragged_notes.setdefault((n, q.group_size), []).append(li.name)
     for (n, g), names in ragged_notes.items():
+        tail = (f"each row is one group of {n} (the group is wider than the row)" if g > n else
+                f"each row ends with a ragged group of {n % g}; a divisor of {n} avoids it")
         notes.append(f"group size {g} does not divide the input width {n} of {len(names)} linear(s) "
-                     f"(e.g. {names[0]}): each row ends with a ragged group of {n % g}; a divisor of {n} avoids it")
+                     f"(e.g. {names[0]}): {tail}")
     if plan.lillama is not None:
         try:
             plan.lillama.check()

@@ -24,10 +24,12 @@ def test_bytes_in_decimal_units_like_the_axes():
 
 def test_run_table_is_rounded_for_display_and_the_original_kept():
     raw = pd.DataFrame([dict(run_id="a", time="t", label="l", status="ok", ppl=87.57683563232422,
-                             predicted_ppl=24.016888177408546, bytes=528807424, bits_per_weight=31.302777777777777,
+                             predicted_ppl=24.016888177408546, corrected_ppl=30.123456,
+                             bytes=528807424, bits_per_weight=31.302777777777777,
                              prefill_tok_s=339.1034226, decode_ms_per_token=59.44, seconds=8.4, protocol="p",
                              error=""),
                         dict(run_id="b", time="t", label="failed", status="failed", ppl=None, predicted_ppl=None,
+                             corrected_ppl=None,
                              bytes=None, bits_per_weight=None, prefill_tok_s=None, decode_ms_per_token=None,
                              seconds=1.0, protocol="p", error="boom")])
     shown = app._runs_display(raw)
@@ -49,3 +51,42 @@ def test_same_specs_compares_what_compresses_each_linear():
     assert not app._same_specs(a, Plan(modules={"l.0": ModuleSpec(rank=8, lowrank="svd-llm")}), lins)
     assert not app._same_specs(a, Plan(modules={"l.0": ModuleSpec(rank=16, lowrank="act-pca")}), lins)
     assert not app._same_specs(a, Plan(modules={**a.modules, "l.1": ModuleSpec(bits=4)}), lins)
+
+
+def test_readout_gives_the_prediction_corrected_by_measured_runs(tiny_lab, monkeypatch):
+    from compression.lab import RunRecord
+
+    monkeypatch.setattr("compression.correction.MIN_PREDICTED", 0.0)  # a random tiny model moves little
+    tiny_lab.run_profile()
+    tiny_lab.run_proxy()
+    plan = tiny_lab.plan_from_sliders([25, 25], [2, 2], group_size=32)
+    text, *_ = app._readout(tiny_lab, plan)
+    assert "corrected" not in text.split("\n")[0] and "After two measured runs" not in text  # dense not measured
+    caption = app._readout(tiny_lab, plan)[1].layout.meta["protocol"]
+    assert "predicted on the calibration text" in caption  # not the evaluation protocol's scale yet
+    dense = tiny_lab.evaluate_dense()
+    text, fig, *_ = app._readout(tiny_lab, plan)
+    assert "After two measured runs of plans compressed with the grid's methods" in text
+    assert not any("corrected" in (t.name or "") for t in fig.data)
+    for label, p in (("heavy", plan), ("medium", tiny_lab.plan_from_sliders([50, 50], [3, 3], group_size=32))):
+        nll = dense["nll"] + 2.0 * tiny_lab.predictor.predict(p).dloss  # measured: twice the predicted increase
+        tiny_lab.history.append(RunRecord(run_id=label, time="t", label=label, status="ok",
+                                          fingerprint=tiny_lab.lm.fingerprint, plan=p.to_dict(),
+                                          measured=dict(nll=nll, ppl=math.exp(nll)), protocol=tiny_lab.protocol()))
+        if label == "heavy":
+            heavy_ppl = math.exp(nll)
+            assert "measured run" not in app._readout(tiny_lab, plan)[0].split("\n")[0]  # one run is not enough
+    text, fig, *_ = app._readout(tiny_lab, plan)
+    head = text.split("\n")[0]
+    assert f"(corrected by 2 measured runs: {heavy_ppl:.2f})" in head
+    assert "measured increase ≈ 2.00 x the rank part + 2.00 x the bits part of the prediction, fitted on 2 run(s)" \
+        in text
+    assert "current, corrected by runs (predicted)" in {t.name for t in fig.data}
+
+
+def test_cancel_with_nothing_running_keeps_the_finished_result(tiny_lab):
+    kept = app._cancel_text(tiny_lab)  # nothing runs: the box keeps what it shows (a toast says so)
+    assert not isinstance(kept, str) and kept.get("__type__") == "update" and "value" not in kept
+    with tiny_lab.running("the run"):
+        said = app._cancel_text(tiny_lab)
+    assert said.startswith("Cancel requested: the run stops")

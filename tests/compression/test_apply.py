@@ -155,6 +155,8 @@ def test_validation_messages():
         assert "above break-even" in validate(Plan(modules={q: ModuleSpec(rank=40)}), L, warn=False)[0]
     with pytest.warns(PlanWarning, match="group size 48 does not divide the input width 64 .*ragged group of 16"):
         validate(Plan(modules={q: ModuleSpec(bits=4, group_size=48)}), L)
+    wide = validate(Plan(modules={q: ModuleSpec(bits=4, group_size=1000)}), L, warn=False)
+    assert any("each row is one group of 64 (the group is wider than the row)" in n for n in wide)
 
 
 def test_needs_calibration_only_for_methods_that_read_data():

@@ -16,6 +16,7 @@ from analysis.adapters import LinearInfo
 from compression.export import (
     EXPORTERS,
     Export,
+    _llamacpp,
     _matches,
     _regexes,
     _verify,
@@ -261,7 +262,9 @@ def _check_hqq_shape(config: dict, lin: list[LinearInfo]) -> None:
     assert set(HQQ_DOC_DYNAMIC) == tags  # the doc's tags are this model's tags
     for tag, c in config.items():
         assert tag in tags
-        assert set(c) == set(next(iter(HQQ_DOC_DYNAMIC.values())))
+        # transformers hands each entry to hqq's BaseQuantizeConfig as it is (its axis=1 default applies only
+        # without dynamic_config), whose own default axis=0 groups along the outputs: axis 1 must be written
+        assert set(c) == set(next(iter(HQQ_DOC_DYNAMIC.values()))) | {"axis"} and c["axis"] == 1
         assert c["nbits"] in (8, 4, 3, 2, 1)
         assert c["group_size"] > 0
 
@@ -290,9 +293,9 @@ def test_hqq_picks_the_least_aggressive_setting_per_tag(lin):
     notes: list[str] = []
     config = to_hqq_dynamic_config(plan, lin, notes)
     _check_hqq_shape(config, lin)
-    assert config["mlp.down_proj"] == {"nbits": 8, "group_size": 64}
-    assert config["self_attn.k_proj"] == {"nbits": 4, "group_size": 32}  # same bits, finer group
-    assert config["self_attn.q_proj"] == {"nbits": 4, "group_size": 64}
+    assert config["mlp.down_proj"] == {"nbits": 8, "group_size": 64, "axis": 1}
+    assert config["self_attn.k_proj"] == {"nbits": 4, "group_size": 32, "axis": 1}  # same bits, finer group
+    assert config["self_attn.q_proj"] == {"nbits": 4, "group_size": 64, "axis": 1}
     for li in lin:
         assert _never_coarser(hqq_resolve(config, li.name), expected_int(plan, li.name)), li.name
     assert any("mlp.down_proj varies" in n for n in notes)
@@ -301,8 +304,8 @@ def test_hqq_picks_the_least_aggressive_setting_per_tag(lin):
 def test_hqq_keep_dense_false_quantises_the_tag(plan, lin):
     notes: list[str] = []
     config = to_hqq_dynamic_config(plan, lin, notes, keep_dense=False)
-    assert config["mlp.down_proj"] == {"nbits": 8, "group_size": 64}
-    assert config["self_attn.q_proj"] == {"nbits": 4, "group_size": 64}
+    assert config["mlp.down_proj"] == {"nbits": 8, "group_size": 64, "axis": 1}
+    assert config["self_attn.q_proj"] == {"nbits": 4, "group_size": 64, "axis": 1}
     assert any("dense in layer 3 but quantised" in n for n in notes)
 
 
@@ -532,3 +535,67 @@ def test_matches_and_verify():
     assert len(rx) == 2
     with pytest.raises(RuntimeError, match="does not reproduce"):
         _verify("x", {"a": 1}, lambda n: 2)
+
+
+# ============================================================================ serving-side names, ragged groups
+def test_gptqmodel_keys_also_name_vllms_fused_layers(plan, lin):
+    """vLLM looks a fused layer's setting up by its own name (``qkv_proj``, ``gate_up_proj``,
+    vllm gptq_utils.get_dynamic_override), with the same first-match rule."""
+    notes: list[str] = []
+    cfg = to_gptqmodel_dynamic(plan, lin, notes)
+    assert gptqmodel_resolve(cfg, "model.layers.2.self_attn.qkv_proj") == (3, 64)  # q/k/v all 3-bit
+    assert gptqmodel_resolve(cfg, "model.layers.3.self_attn.qkv_proj") is None  # all dense: skipped
+    assert gptqmodel_resolve(cfg, "model.layers.3.mlp.gate_up_proj") is None
+    assert gptqmodel_resolve(cfg, "model.layers.1.mlp.gate_up_proj") == (4, 64)  # the base
+    for li in lin:  # the members still resolve to the plan
+        assert gptqmodel_resolve(cfg, li.name) == expected_int(plan, li.name), li.name
+    # layer 2: gate is 3-bit while up is rank-only (dense bits): no fused key, and a note says vLLM cannot fuse
+    assert not any(_matches(k, "model.layers.2.mlp.gate_up_proj") for k in cfg["dynamic"])
+    assert any("layer 2 gives different settings" in n for n in notes)
+    assert cfg["meta"] == {"producer": "RankLab", "ranklab_notes": notes}  # the file says what it lost
+
+
+def test_ragged_groups_are_named_for_every_tool_that_carries_groups():
+    lin = llama_linears(2, hidden=96, inter=192)  # 96 inputs: group 64 leaves a ragged last group
+    plan = Plan(default=ModuleSpec(bits=4, group_size=64))
+    out = export_all(plan, lin)
+    for tool in ("gptqmodel", "llm-compressor", "hqq", "torchao"):
+        ragged = [n for n in out[tool].notes if "does not divide their input width" in n]
+        assert len(ragged) == 1 and "12 modules" in ragged[0] and "96 inputs, group 64" in ragged[0], tool
+    assert "torchao refuses them" in " ".join(out["torchao"].notes)
+    assert not any("does not divide" in n for n in out["llama.cpp"].notes)  # GGUF types fix their own blocks
+    even = export_all(Plan(default=ModuleSpec(bits=4, group_size=32)), lin)
+    assert not any("does not divide" in n for e in even.values() for n in e.notes)
+
+
+def test_llmcompressor_says_vllm_serves_zero_point_ints_at_4_and_8_bits_only(plan, lin):
+    notes: list[str] = []
+    to_llmcompressor_recipe(plan, lin, notes)
+    assert any("3-bit asymmetric int weights are produced" in n for n in notes)
+    four: list[str] = []
+    to_llmcompressor_recipe(Plan(default=ModuleSpec(bits=4, group_size=64)), lin, four)
+    assert not any("vLLM serves" in n for n in four)
+
+
+def test_hqq_method_notes_describe_what_was_exported(lin):
+    # layer 1 down_proj ternary, but the tag's other layers are 4-bit: the tag exports 4-bit, and the ternary
+    # layer is covered by the tag's note, not by a "ternary exported as 2-bit" note
+    plan = Plan(default=ModuleSpec(bits=4, group_size=64),
+                modules={"model.layers.1.mlp.down_proj": ModuleSpec(bits=2, quant="ternary", group_size=64)})
+    notes: list[str] = []
+    config = to_hqq_dynamic_config(plan, lin, notes)
+    assert config["mlp.down_proj"] == {"nbits": 4, "group_size": 64, "axis": 1}
+    assert not any("ternary module" in n for n in notes)
+    assert any("mlp.down_proj varies across layers" in n for n in notes)
+
+
+def test_llamacpp_base_type_fits_every_row_so_old_builds_keep_the_overrides():
+    lin = llama_linears(2, hidden=96, inter=192)  # rows of 96 / 192: no k-quant block fits
+    notes: list[str] = []
+    rules, base = _llamacpp(Plan(default=ModuleSpec(bits=3, group_size=32)), lin, notes, "f16")
+    assert base == "Q8_0" and any("base file type is Q8_0 instead of Q3_K_M" in n for n in notes)
+    wide = llama_linears(2, hidden=256, inter=512)
+    _, base_wide = _llamacpp(Plan(default=ModuleSpec(bits=3, group_size=32)), wide, [], "f16")
+    assert base_wide == "Q3_K_M"
+    text = export_all(Plan(default=ModuleSpec(bits=3, group_size=32)), lin)["llama.cpp"].text
+    assert text.rstrip().endswith('"$1" "$2" Q8_0') and "--pure" not in text

@@ -39,6 +39,20 @@ def test_overrides_table(tiny_lab):
     with pytest.raises(ValueError, match="not a number"):
         tiny_lab.plan_from_sliders([100, 100], [None, None], overrides=pd.DataFrame({"name": [name], "rank": ["x"],
                                                                                  "bits": [""]}))
+    for bad in ("inf", "1e400", "-inf", "3.7", 2.5):  # infinite or fractional: refused, never truncated
+        with pytest.raises(ValueError, match="not a whole number"):
+            tiny_lab.plan_from_sliders([100, 100], [None, None],
+                                       overrides=pd.DataFrame({"name": [name], "rank": [bad], "bits": [""]}))
+    assert tiny_lab.plan_from_sliders([100, 100], [None, None], overrides=pd.DataFrame(
+        {"name": [name], "rank": ["16.0"], "bits": [""]})).spec_for(name).rank == 16
+    blank = pd.DataFrame({"name": ["", None], "rank": ["", None], "bits": [None, ""]})  # empty rows: ignored
+    assert tiny_lab.plan_from_sliders([100, 100], [None, None], overrides=blank).modules == {}
+    with pytest.raises(ValueError, match="names no module"):
+        tiny_lab.plan_from_sliders([100, 100], [None, None],
+                                   overrides=pd.DataFrame({"name": [""], "rank": [16], "bits": [""]}))
+    with pytest.raises(ValueError, match="appears in two table rows"):
+        tiny_lab.plan_from_sliders([100, 100], [None, None],
+                                   overrides=pd.DataFrame({"name": [name, name], "rank": [16, 8], "bits": ["", ""]}))
 
 
 def test_override_table_keeps_full_rank_and_dtype_and_refuses_unknown_names(tiny_lab):
@@ -287,3 +301,86 @@ def test_texts_and_models_change_only_when_nothing_runs_and_only_if_valid(tiny_l
     with pytest.raises(ValueError, match="unreadable"):  # not even the default texts: nothing changes
         tiny_lab.load("other")
     assert tiny_lab.lm is before and tiny_lab.split is split
+
+
+def test_predictions_are_corrected_by_measured_runs_of_the_grids_methods(tiny_lab):
+    tiny_lab.run_profile()
+    tiny_lab.run_proxy()
+    heavy = tiny_lab.plan_from_sliders([25, 25], [2, 2], group_size=32)
+    light = tiny_lab.plan_from_sliders([75, 75], [4, 4], group_size=32)
+    assert tiny_lab.correction() == (None, {})  # the dense model is not measured yet
+    dense = tiny_lab.evaluate_dense()
+    assert tiny_lab.correction() == (None, {}) and "ppl_corrected" not in tiny_lab.predict(heavy)
+    # a random tiny model barely moves under compression (its increases can be negative): runs with
+    # chosen measured increases are written into the history
+
+    def measured(plan: Plan, label: str, factor: float) -> RunRecord:
+        nll = dense["nll"] + factor * tiny_lab.predictor.predict(plan).dloss
+        return RunRecord(run_id=label, time="t", label=label, status="ok", fingerprint=tiny_lab.lm.fingerprint,
+                         plan=plan.to_dict(), measured=dict(nll=nll, ppl=math.exp(nll)),
+                         protocol=tiny_lab.protocol())
+
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr("compression.correction.MIN_PREDICTED", 0.0)
+    try:
+        medium = tiny_lab.plan_from_sliders([50, 50], [3, 3], group_size=32)
+        tiny_lab.history.append(measured(heavy, "heavy", 1.5))
+        assert tiny_lab.correction() == (None, {})  # one run: not enough (MIN_RUNS)
+        assert "ppl_corrected" not in tiny_lab.predict(light)
+        tiny_lab.history.append(measured(medium, "medium", 1.5))
+        cal, left_out = tiny_lab.correction()
+        assert cal.n == 2 and left_out == {}  # both measured 1.5x their prediction: both scales 1.5
+        assert cal.rank_scale == pytest.approx(1.5, rel=1e-3) and cal.bits_scale == pytest.approx(1.5, rel=1e-3)
+        # the measured runs are reproduced by the correction; other plans are scaled alike
+        assert tiny_lab.predict(heavy)["ppl_corrected"] == pytest.approx(
+            dense["ppl"] * math.exp(1.5 * tiny_lab.predictor.predict(heavy).dloss), rel=1e-4)
+        pl = tiny_lab.predict(light)
+        assert pl["ppl_corrected"] == pytest.approx(dense["ppl"] * math.exp(1.5 * pl["dloss"]), rel=1e-4)
+        run = tiny_lab.run(light, "light")  # a real run records the correction fitted on the runs before it
+        assert run.status == "ok", run.error
+        assert run.predicted["ppl_corrected"] == pytest.approx(pl["ppl_corrected"])
+        assert tiny_lab.history.table(tiny_lab.lm.fingerprint).corrected_ppl.notna().tolist() == [False, False, True]
+        # runs with another quantiser than the grid's, or on other texts, say nothing about its predictions
+        gptq = Plan(default=ModuleSpec(bits=3, group_size=32, quant="gptq"))
+        tiny_lab.history.append(measured(gptq, "gptq", 9.0))
+        other = measured(heavy, "other texts", 9.0)
+        other.protocol += " (other)"
+        tiny_lab.history.append(other)
+        cal2, left_out = tiny_lab.correction()
+        assert cal2.n == 3 and left_out == {"quantiser gptq (the sensitivities measured rtn)": 1}
+        # the measured grid replaces the first view: the same runs, predicted again by it
+        tiny_lab.run_sensitivity()
+        cal3, _ = tiny_lab.correction()
+        assert cal3.n == 3 and cal3 != cal2
+    finally:
+        monkey.undo()
+
+
+def test_prediction_says_when_the_plan_uses_other_settings_than_the_probes(tiny_lab):
+    tiny_lab.run_profile()
+    tiny_lab.run_proxy()
+    pred = tiny_lab.predictor
+    same = tiny_lab.plan_from_sliders([100, 100], [4, 4], group_size=pred.group_size, quant=pred.quant)
+    assert not any("the sensitivities were probed with" in n for n in tiny_lab.predict(same)["notes"])
+    gptq = tiny_lab.plan_from_sliders([100, 100], [4, 4], group_size=pred.group_size, quant="gptq")
+    notes = tiny_lab.predict(gptq)["notes"]
+    n = len(tiny_lab.linears)
+    assert f"{n} linear(s) use quantiser gptq, but the sensitivities were probed with" in notes[0]
+    other_group = tiny_lab.plan_from_sliders([50, 100], [4, 4], group_size=pred.group_size // 2,
+                                             lowrank="act-pca", quant=pred.quant)
+    notes = " ".join(tiny_lab.predict(other_group)["notes"])
+    assert f"{n} linear(s) use group size {pred.group_size // 2}" in notes and "use low-rank method act-pca" in notes
+    assert tiny_lab.predict(gptq)["ppl"] == tiny_lab.predict(same)["ppl"]  # the same probed damage, now said
+
+
+def test_generation_reports_progress_and_cancels(tiny_lab):
+    said = []
+    dense, comp = tiny_lab.generate("hello", max_new_tokens=3, progress=lambda f, m: said.append((f, m)))
+    assert comp == "(run a compression first)" and said[-1] == (1.0, "dense model: token 3/3")
+    assert tiny_lab.run(Plan(default=ModuleSpec(bits=4, group_size=32))).status == "ok"
+    said.clear()
+    tiny_lab.generate("hello", max_new_tokens=2, progress=lambda f, m: said.append((f, m)))
+    assert said[-1] == (1.0, "compressed model: token 2/2") and (0.5, "dense model: token 2/2") in said
+    with pytest.raises(InterruptedError, match="generation cancelled during the dense model's continuation"):
+        tiny_lab.generate("hello", max_new_tokens=50, progress=lambda f, m: tiny_lab.request_stop())
+    assert tiny_lab.job is None
