@@ -54,6 +54,11 @@ def _progress(p: gr.Progress):
     return lambda frac, msg: p(min(max(frac, 0.0), 1.0), desc=msg)
 
 
+def _stage(p: gr.Progress, k: int, n: int, name: str):
+    """Progress of step ``k`` (from 0) of ``n`` on one bar: its share of the bar, named in the text."""
+    return lambda frac, msg: p(min(max((k + frac) / n, 0.0), 1.0), desc=f"step {k + 1}/{n}, {name}: {msg}")
+
+
 def _fmt_bytes(n: float | None) -> str:
     """Decimal units, as on the figures' axes (MB = 10^6 bytes)."""
     if n is None:
@@ -235,8 +240,8 @@ def build_spectra_tab(state):
         try:
             lab = _require(lab)
             with lab.running("profiling"):  # one job: Cancel stops either step
-                prof, reused = lab.run_profile(_progress(p))
-                lab.run_proxy(_progress(p))  # a first sensitivity view, so the Budget tab predicts at once
+                prof, reused = lab.run_profile(_stage(p, 0, 2, "profile"))
+                lab.run_proxy(_stage(p, 1, 2, "first sensitivity view"))  # so the Budget tab predicts at once
         except InterruptedError as e:
             return (lab, _cancelled(e), *[gr.update()] * 7)
         except Exception as e:

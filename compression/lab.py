@@ -132,7 +132,7 @@ class RunHistory:
                              bytes=m.get("bytes"),
                              bits_per_weight=m.get("bits_per_weight"), prefill_tok_s=m.get("prefill_tok_s"),
                              decode_ms_per_token=m.get("decode_ms_per_token"), seconds=r.seconds,
-                             protocol=r.protocol, error=r.error))
+                             protocol=m.get("protocol", r.protocol), error=r.error))  # latency too
         cols = ["run_id", "time", "label", "status", "ppl", "predicted_ppl", "corrected_ppl", "bytes",
                 "bits_per_weight",
                 "prefill_tok_s", "decode_ms_per_token", "seconds", "protocol", "error"]
@@ -630,11 +630,15 @@ class Lab:
 
     def _measure(self, model: nn.Module, progress: Progress | None) -> dict:
         s = self.settings
+        say = progress or (lambda f, m: None)
         reset_cuda_peak(self.require_model().device)  # the run's peak: this measurement's, not the session's
-        ppl = perplexity(model, self.split.eval_ids, self.split.eval_label, progress=progress,
+        ppl = perplexity(model, self.split.eval_ids, self.split.eval_label, progress=lambda f, m: say(0.8 * f, m),
                          should_stop=self.should_stop)
+        say(0.8, f"latency: prefill 1 x {min(s.latency_seqlen, s.seqlen)} and {s.decode_tokens} decode tokens, "
+                 f"{s.latency_runs + 1} rounds")
         lat = latency(model, seqlen=min(s.latency_seqlen, s.seqlen), decode_tokens=s.decode_tokens,
                       runs=s.latency_runs, warmup=1)
+        say(1.0, "measured")
         mem = model_bytes(model)
         lin_bytes = linear_weight_bytes(model, self.linears)
         params = sum(li.out_features * li.in_features for li in self.linears)

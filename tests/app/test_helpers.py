@@ -90,3 +90,14 @@ def test_cancel_with_nothing_running_keeps_the_finished_result(tiny_lab):
     with tiny_lab.running("the run"):
         said = app._cancel_text(tiny_lab)
     assert said.startswith("Cancel requested: the run stops")
+
+
+def test_two_step_jobs_share_one_progress_bar():
+    seen = []
+    bar = lambda frac, desc: seen.append((frac, desc))  # noqa: E731 (gr.Progress's call signature)
+    app._stage(bar, 0, 2, "profile")(1.0, "spectra 210/210")
+    app._stage(bar, 1, 2, "first sensitivity view")(0.0, "gradient pass")
+    app._stage(bar, 1, 2, "first sensitivity view")(1.5, "done")
+    assert seen == [(0.5, "step 1/2, profile: spectra 210/210"),
+                    (0.5, "step 2/2, first sensitivity view: gradient pass"),
+                    (1.0, "step 2/2, first sensitivity view: done")]  # never back to 0, never past the end

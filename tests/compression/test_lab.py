@@ -93,8 +93,11 @@ def test_sliders_for_gives_back_any_plan(tiny_lab):
 
 def test_run_measures_and_history_survives_restart(tiny_lab):
     plan = tiny_lab.plan_from_sliders([50, 50], [None, 4], group_size=32)
-    rec = tiny_lab.run(plan, "half rank")
+    said = []
+    rec = tiny_lab.run(plan, "half rank", progress=lambda f, m: said.append((round(f, 6), m)))
     assert rec.status == "ok", rec.error
+    assert any(m.startswith("latency: prefill 1 x 16") for _, m in said) and said[-1] == (1.0, "measured")
+    assert [f for f, _ in said] == sorted(f for f, _ in said)  # the bar never goes back
     pred = tiny_lab.predict(plan)
     assert rec.measured["bytes"] == pred["bytes"]  # measured bytes == predicted bytes
     assert rec.measured["ppl"] > 1 and "seqlen 32" in rec.measured["protocol"]
@@ -112,6 +115,7 @@ def test_run_measures_and_history_survives_restart(tiny_lab):
     again = Lab(tiny_lab.workspace)  # a restarted app reads the same folder
     rows = again.history.table(tiny_lab.lm.fingerprint)
     assert list(rows.run_id) == [rec.run_id, low_rank_only.run_id, "old"] and rows.iloc[0].label == "half rank"
+    assert "latency: prefill 1 x 16" in rows.iloc[0].protocol  # the table's timings carry their protocol
 
 
 def test_tradeoff_draws_only_runs_measured_with_the_current_protocol(tiny_lab):
