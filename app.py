@@ -480,6 +480,9 @@ def build_budget_tab(state):
         only = gr.Radio(["ranks and bits", "rank", "bits"], value="ranks and bits", label="Allocate")
         alloc_btn = gr.Button("Preset: allocate to target", elem_id="alloc-btn")
         preset_cancel = gr.Button("Cancel", variant="stop", elem_id="budget-cancel", min_width=80, scale=0)
+    with gr.Row():
+        plan_file = gr.File(label="Load a plan JSON (from Export, the CLI's allocate, or edited by hand)",
+                            file_types=[".json"], type="filepath", elem_id="plan-upload", height=90)
     readout = gr.Markdown("Load a model to see the budget.", elem_id="readout")
     with gr.Row():
         point = gr.Plot(label="Predicted point on the trade-off", elem_id="predicted-plot")
@@ -600,6 +603,48 @@ def build_budget_tab(state):
                 raise _err(e) from e
         return fn
 
+    def on_plan_file(lab, path):
+        """A plan file into the sliders and table: checked against the model first; a plan the
+        sliders cannot hold exactly (mixed methods or groups, Lillama / SliceGPT options) is
+        refused with what to do instead."""
+        unchanged = [gr.update()] * (len(preset_out) - 4)
+        if path is None:
+            return [*unchanged, gr.update(), *[gr.update()] * 3, gr.update()]
+        try:
+            lab = _require(lab)
+            name = Path(path).name
+            try:
+                plan = Plan.load(path)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{name} is not a text file ({e.reason})") from e
+            if plan.lillama is not None or plan.slicegpt is not None:
+                raise ValueError("this plan carries Lillama or SliceGPT options, which the sliders cannot hold: run "
+                                 f"it with `python -m compression apply --plan {name}`")
+            notes = lab.check(plan)  # raises on what would fail (unknown modules, unsupported bits ...)
+            filled = fill(lab, plan)
+            methods = _method_updates(plan)
+            rank_v = [u["value"] for u in filled[:MAX_LAYERS]]
+            bits_v = [_bits_value(u["value"]) for u in filled[MAX_LAYERS:2 * MAX_LAYERS]]
+            n = len(lab.lm.adapter.layers(lab.lm.model))
+            lr = methods[0].get("value", "svd-llm") if isinstance(methods[0], dict) else "svd-llm"
+            q = methods[1].get("value", "rtn") if isinstance(methods[1], dict) else "rtn"
+            g = methods[2].get("value", 128) if isinstance(methods[2], dict) else 128
+            back = lab.plan_from_sliders(rank_v[:n], bits_v[:n], lr, q, int(g), overrides=filled[-1])
+            if not _same_specs(back, plan, lab.linears):
+                raise ValueError("this plan mixes low-rank methods, quantisers or group sizes across modules, which "
+                                 "the sliders (one of each) cannot hold exactly: run it with `python -m compression "
+                                 f"apply --plan {name}`, or edit it to one method and group size")
+        except (ValueError, FileNotFoundError) as e:
+            gr.Warning(_err_text(e))
+            return [*unchanged, f"**The plan file was not loaded:** {_err_text(e)}  \nThe sliders are unchanged.",
+                    *[gr.update()] * 3, None]  # the box is emptied, ready for the next file
+        except Exception as e:
+            raise _err(e) from e
+        lab.plan = plan
+        text, *figs = _readout(lab, plan)
+        said = f"*Loaded `{name}`*" + (f" ({len(notes)} note(s) below)" if notes else "") + ".\n\n"
+        return [*filled, *methods, said + text, *figs, None]
+
     preset_in = [state, lowrank, quant, group, u_rank, u_bits, energy, target, only]
     preset_out = [*ranks, *bits, overrides, lowrank, quant, group, *outputs]
     dense_btn.click(preset("dense"), preset_in, preset_out)
@@ -608,6 +653,7 @@ def build_budget_tab(state):
     alloc_btn.click(preset("allocate"), preset_in, preset_out, concurrency_id=HEAVY, concurrency_limit=1)
 
     preset_cancel.click(_cancel_text, [state], [readout], queue=False)
+    plan_file.upload(on_plan_file, [state, plan_file], [*preset_out, plan_file])
 
     def _method_updates(plan: Plan) -> list:
         """Set the method dropdowns to the plan's (the most common among its modules), so that
@@ -645,7 +691,9 @@ def _readout(lab: Lab, plan: Plan):
             + ("Perplexity predicted as the measured dense perplexity of the evaluation text x exp(sum of the "
                f"per-linear increases){src}; bytes are exact." if pr.get("ppl_basis") == "evaluation" else
                f"Perplexity predicted from the calibration loss{src} (measure the dense model to put it on the "
-               "evaluation text's scale); bytes are exact.")
+               "evaluation text's scale); bytes are exact." if pr["ppl"] is not None else
+               "No sensitivities yet: profile the model (Spectra tab) for a first view, or measure the grid "
+               "(Sensitivity tab), to predict perplexity; bytes are exact.")
             + " Adding per-linear increases ranks plans well but runs optimistic for heavy compression (errors "
               "compound across layers, and within a layer): measure a plan before a long run."
             + _correction_text(lab, pr))

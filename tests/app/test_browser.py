@@ -7,6 +7,7 @@ find the history. Screenshots land in artifacts/ (one is the README's).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -157,4 +158,18 @@ def test_profile_slider_run_reload(app_url):
         expect(page.locator("#model-status")).to_contain_text("Fingerprint", timeout=240_000)
         page.get_by_role("tab", name="Run & compare").click()
         expect(page.locator("#run-table")).to_contain_text(run_id)
+
+        # a plan file goes back into the sliders; a broken one is refused and changes nothing
+        ARTIFACTS.mkdir(exist_ok=True)
+        good, bad = ARTIFACTS / "plan-4bit.json", ARTIFACTS / "broken.json"
+        good.write_text(json.dumps({"version": 1, "default": {"bits": 4, "group_size": 16}, "modules": {}}))
+        bad.write_text("{ this is not json")
+        page.get_by_role("tab", name="Budget").click()
+        readout = page.locator("#readout")
+        page.locator("#plan-upload input[type=file]").set_input_files(str(good))
+        expect(readout).to_contain_text("Loaded plan-4bit.json", timeout=60_000)
+        expect(page.locator("#bits-0 input")).to_have_value("4")
+        page.locator("#plan-upload input[type=file]").set_input_files(str(bad))
+        expect(readout).to_contain_text("The plan file was not loaded", timeout=60_000)
+        expect(page.locator("#bits-0 input")).to_have_value("4")
         browser.close()
