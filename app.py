@@ -878,7 +878,7 @@ def build_export_tab(state, budget):
         try:
             lab = _require(lab)
             d = _tmp("runs.csv").parent
-            lab.history.table(lab.lm.fingerprint).to_csv(d / "runs.csv", index=False)
+            lab.runs_table().to_csv(d / "runs.csv", index=False)  # the dense baseline first, when measured
             paths = [d / "runs.csv"]
             if len(lab.history.tradeoff_frame(lab.lm.fingerprint)) or lab.dense_eval:
                 for x, fig in zip(("bytes", "latency_ms"), tradeoff_figures(lab)):

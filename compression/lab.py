@@ -628,6 +628,20 @@ class Lab:
                 self.dense_eval = self._measure(lm.model, progress)
         return self.dense_eval
 
+    def runs_table(self) -> pd.DataFrame:
+        """This model's run table, with the dense model's measurement (when made this session,
+        on the current texts) as a first row, so an exported table carries its baseline."""
+        table = self.history.table(self.require_model().fingerprint)
+        d = self.dense_eval
+        if not d:
+            return table
+        row = dict(run_id="dense", time="", label="dense (this session)", status="ok", ppl=d.get("ppl"),
+                   bytes=d.get("bytes"), bits_per_weight=d.get("bits_per_weight"),
+                   prefill_tok_s=d.get("prefill_tok_s"), decode_ms_per_token=d.get("decode_ms_per_token"),
+                   protocol=d.get("protocol", self.protocol()), error="")
+        dense = pd.DataFrame([row], columns=table.columns)
+        return dense if table.empty else pd.concat([dense, table], ignore_index=True)
+
     def _measure(self, model: nn.Module, progress: Progress | None) -> dict:
         s = self.settings
         say = progress or (lambda f, m: None)

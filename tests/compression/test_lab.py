@@ -116,6 +116,12 @@ def test_run_measures_and_history_survives_restart(tiny_lab):
     rows = again.history.table(tiny_lab.lm.fingerprint)
     assert list(rows.run_id) == [rec.run_id, low_rank_only.run_id, "old"] and rows.iloc[0].label == "half rank"
     assert "latency: prefill 1 x 16" in rows.iloc[0].protocol  # the table's timings carry their protocol
+    exported = tiny_lab.runs_table()  # the dense baseline measured this session comes first
+    dense = tiny_lab.evaluate_dense()
+    assert list(exported.run_id) == ["dense", rec.run_id, low_rank_only.run_id, "old"]
+    assert exported.iloc[0].ppl == dense["ppl"] and "latency" in exported.iloc[0].protocol
+    tiny_lab.dense_eval = None  # not measured (yet): the history alone
+    assert tiny_lab.runs_table().equals(tiny_lab.history.table(tiny_lab.lm.fingerprint))
 
 
 def test_tradeoff_draws_only_runs_measured_with_the_current_protocol(tiny_lab):
