@@ -321,6 +321,16 @@ def _energy_figs(lab: Lab, layer_v, role_v):
             F.spectrum_plot(prof.act_eigvals[name].numpy(), prof.weight_sv[name].numpy(), name, proto))
 
 
+def _plan_methods(plan: Plan) -> tuple[str | None, str | None, int | None]:
+    """The plan's most common low-rank method, quantiser and group size (None: it uses none)."""
+    specs = list(plan.modules.values()) + ([] if plan.default.is_dense else [plan.default])
+    lowranks = Counter(s.lowrank for s in specs if s.rank is not None)
+    quants = Counter((s.quant, s.group_size) for s in specs if s.bits is not None)
+    lowrank = lowranks.most_common(1)[0][0] if lowranks else None
+    quant, group = quants.most_common(1)[0][0] if quants else (None, None)
+    return lowrank, quant, group
+
+
 def _same_specs(a: Plan, b: Plan, linears) -> bool:
     """Whether two plans compress every decoder linear the same way (methods, ranks, bits, groups)."""
     def key(s):
@@ -623,13 +633,9 @@ def build_budget_tab(state):
             notes = lab.check(plan)  # raises on what would fail (unknown modules, unsupported bits ...)
             filled = fill(lab, plan)
             methods = _method_updates(plan)
-            rank_v = [u["value"] for u in filled[:MAX_LAYERS]]
-            bits_v = [_bits_value(u["value"]) for u in filled[MAX_LAYERS:2 * MAX_LAYERS]]
-            n = len(lab.lm.adapter.layers(lab.lm.model))
-            lr = methods[0].get("value", "svd-llm") if isinstance(methods[0], dict) else "svd-llm"
-            q = methods[1].get("value", "rtn") if isinstance(methods[1], dict) else "rtn"
-            g = methods[2].get("value", 128) if isinstance(methods[2], dict) else 128
-            back = lab.plan_from_sliders(rank_v[:n], bits_v[:n], lr, q, int(g), overrides=filled[-1])
+            rank_v, bits_v, table = lab.sliders_for(plan)  # what fill shows, as values
+            lr, q, g = _plan_methods(plan)
+            back = lab.plan_from_sliders(rank_v, bits_v, lr or "svd-llm", q or "rtn", g or 128, overrides=table)
             if not _same_specs(back, plan, lab.linears):
                 raise ValueError("this plan mixes low-rank methods, quantisers or group sizes across modules, which "
                                  "the sliders (one of each) cannot hold exactly: run it with `python -m compression "
@@ -658,13 +664,10 @@ def build_budget_tab(state):
     def _method_updates(plan: Plan) -> list:
         """Set the method dropdowns to the plan's (the most common among its modules), so that
         the next slider move keeps compressing the way the preset chose."""
-        specs = list(plan.modules.values()) + ([] if plan.default.is_dense else [plan.default])
-        lowranks = Counter(s.lowrank for s in specs if s.rank is not None)
-        quants = Counter((s.quant, s.group_size) for s in specs if s.bits is not None)
-        lowrank_v = gr.update(value=lowranks.most_common(1)[0][0]) if lowranks else gr.update()
-        if not quants:
+        lowrank, quant, group = _plan_methods(plan)
+        lowrank_v = gr.update(value=lowrank) if lowrank is not None else gr.update()
+        if quant is None:
             return [lowrank_v, gr.update(), gr.update()]
-        quant, group = quants.most_common(1)[0][0]
         return [lowrank_v, gr.update(value=quant), gr.update(value=group)]
 
     def show_rows(lab):

@@ -151,12 +151,14 @@ def _regexes(items: Iterable[tuple[str | None, int, str, str]]) -> list[str]:
     return out + exact
 
 
+def _item(name: str, layer: int) -> tuple[str | None, int, str, str]:
+    """``(prefix, layer, path, name)`` for ``_regexes``."""
+    parts = _split(name, layer)
+    return (parts[0], layer, parts[1], name) if parts else (None, layer, "", name)
+
+
 def _module_items(lis: Iterable[LinearInfo]) -> list[tuple[str | None, int, str, str]]:
-    items = []
-    for li in lis:
-        parts = _split(li.name, li.layer)
-        items.append((parts[0], li.layer, parts[1], li.name) if parts else (None, li.layer, "", li.name))
-    return items
+    return [_item(li.name, li.layer) for li in lis]
 
 
 def _grouped(settings: dict[str, object], linears: list[LinearInfo]) -> dict[object, list[LinearInfo]]:
@@ -190,14 +192,19 @@ def _verify(tool: str, expected: dict[str, object], resolve: Callable[[str], obj
         raise RuntimeError(f"{tool} export does not reproduce the plan:\n- " + "\n- ".join(bad[:12]))
 
 
-def _fused_notes(settings: dict[str, object], linears: list[LinearInfo], tool: str, notes: list[str]) -> None:
-    """vLLM fuses linears that read the same input (q/k/v, gate/up); they must share a setting."""
+def _fusable(linears: list[LinearInfo]) -> list[list[LinearInfo]]:
+    """Linears that read the same input (q/k/v, gate/up), which vLLM fuses into one layer."""
     by_input: dict[str, list[LinearInfo]] = defaultdict(list)
     for li in linears:
         if li.group in ("attn_in", "mlp_in"):
             by_input[li.input_key].append(li)
-    mixed = sorted({li.layer for lis in by_input.values() if len(lis) > 1
-                    and len({repr(settings[li.name]) for li in lis}) > 1 for li in lis})
+    return [lis for lis in by_input.values() if len(lis) > 1]
+
+
+def _fused_notes(settings: dict[str, object], linears: list[LinearInfo], tool: str, notes: list[str]) -> None:
+    """vLLM fuses linears that read the same input (q/k/v, gate/up); they must share a setting."""
+    mixed = sorted({li.layer for lis in _fusable(linears)
+                    if len({repr(settings[li.name]) for li in lis}) > 1 for li in lis})
     if mixed:
         verb = "gives" if len(mixed) == 1 else "give"
         notes.append(f"{tool}: {_layers_phrase(mixed)} {verb} different settings to linears that read the "
@@ -208,21 +215,18 @@ def _fused_notes(settings: dict[str, object], linears: list[LinearInfo], tool: s
 _FUSED = {("k", "q", "v"): "qkv_proj", ("gate", "up"): "gate_up_proj"}  # vLLM's merged layer names
 
 
-def _fused_names(settings: dict[str, object], linears: list[LinearInfo]) -> dict[str, object]:
+def _fused_names(settings: dict[str, object], linears: list[LinearInfo]) -> dict[str, tuple[int, object]]:
     """The names vLLM gives fused layers (``...self_attn.qkv_proj``, ``...mlp.gate_up_proj``)
-    whose members share one setting, with that setting. vLLM looks a fused layer's setting up by
-    the fused name, so an export that names only q/k/v (or gate/up) would give it the base."""
-    by_input: dict[str, list[LinearInfo]] = defaultdict(list)
-    for li in linears:
-        if li.group in ("attn_in", "mlp_in"):
-            by_input[li.input_key].append(li)
+    whose members share one setting, with their layer and that setting. vLLM looks a fused
+    layer's setting up by the fused name, so an export that names only q/k/v (or gate/up) would
+    give it the base."""
     out = {}
-    for lis in by_input.values():
+    for lis in _fusable(linears):
         fused = _FUSED.get(tuple(sorted(li.role for li in lis)))
         parents = {li.name.rsplit(".", 1)[0] for li in lis}
         same = len({repr(settings[li.name]) for li in lis}) == 1
         if fused and same and len(parents) == 1 and all(li.name.endswith(f".{li.role}_proj") for li in lis):
-            out[f"{parents.pop()}.{fused}"] = settings[lis[0].name]
+            out[f"{parents.pop()}.{fused}"] = (lis[0].layer, settings[lis[0].name])
     return out
 
 
@@ -285,10 +289,8 @@ def to_gptqmodel_dynamic(plan: Plan, linears: list[LinearInfo], notes: list[str]
     items: dict[object, list] = defaultdict(list)  # setting -> regex items, fused names (for vLLM) included
     for s, lis in _grouped(settings, linears).items():
         items[s] += _module_items(lis)
-    for name, s in fused.items():
-        layer = next(li.layer for li in linears if name.startswith(li.name.rsplit(".", 1)[0] + "."))
-        parts = _split(name, layer)
-        items[s].append((parts[0], layer, parts[1], name) if parts else (None, layer, "", name))
+    for name, (layer, s) in fused.items():
+        items[s].append(_item(name, layer))
     if None in items:
         for rx in _regexes(items[None]):
             dynamic["-:" + rx] = {}
@@ -303,7 +305,7 @@ def to_gptqmodel_dynamic(plan: Plan, linears: list[LinearInfo], notes: list[str]
                 return None if key.startswith("-:") else (override["bits"], override["group_size"])
         return base
 
-    _verify(tool, {**settings, **fused}, resolve)  # vLLM's fused names resolve like their members
+    _verify(tool, {**settings, **{n: s for n, (_, s) in fused.items()}}, resolve)  # fused names too
     _common_notes(plan, linears, tool, notes)
     if not quantised:
         notes.append(f"{tool}: the plan quantises nothing; every decoder linear is skipped")

@@ -542,21 +542,28 @@ class Lab:
                                correction=cal, correction_extrapolates=cal.extrapolates(pr.dloss))
         return out
 
-    def _method_mismatch_notes(self, plan: Plan) -> list[str]:
-        """Where the plan compresses with other settings than the sensitivities were probed with:
-        the prediction then adds the probed settings' damage, which the notes say."""
+    def _method_mismatches(self, plan: Plan) -> Counter:
+        """``(what, value)`` -> how many linears the plan compresses with other settings than
+        the sensitivities were probed with, in the order of the linears."""
         pred, other = self.predictor, Counter()
         for li in self.linears:
             s = plan.spec_for(li.name)
             if s.rank is not None and s.lowrank != pred.method:
-                other[f"low-rank method {s.lowrank}"] += 1
+                other["low-rank method", s.lowrank] += 1
             if s.bits is not None and s.quant != pred.quant:
-                other[f"quantiser {s.quant}"] += 1
+                other["quantiser", s.quant] += 1
             elif s.bits is not None and s.group_size != pred.group_size:
-                other[f"group size {s.group_size}"] += 1
-        return [f"{n} linear(s) use {what}, but the sensitivities were probed with {pred.method} ranks and "
+                other["group size", s.group_size] += 1
+        return other
+
+    def _method_mismatch_notes(self, plan: Plan) -> list[str]:
+        """Where the plan compresses with other settings than the sensitivities were probed with:
+        the prediction then adds the probed settings' damage, which the notes say."""
+        pred = self.predictor
+        return [f"{n} linear(s) use {what} {value}, but the sensitivities were probed with {pred.method} ranks and "
                 f"{pred.quant} g{pred.group_size} bits: the prediction adds the probed settings' damage (measure the "
-                "grid with these settings, or run the plan, for its own)" for what, n in other.items()]
+                "grid with these settings, or run the plan, for its own)"
+                for (what, value), n in self._method_mismatches(plan).items()]
 
     def comparable_to_predictor(self, plan: Plan) -> str | None:
         """Why a measured run of ``plan`` cannot correct the current predictor (None: it can):
@@ -566,12 +573,10 @@ class Lab:
             return "no predictor"
         if plan.lillama is not None or plan.slicegpt is not None:
             return "Lillama / SliceGPT plan"
-        for li in self.linears:
-            s = plan.spec_for(li.name)
-            if s.rank is not None and s.lowrank != pred.method:
-                return f"low-rank method {s.lowrank} (the sensitivities measured {pred.method})"
-            if s.bits is not None and s.quant != pred.quant:
-                return f"quantiser {s.quant} (the sensitivities measured {pred.quant})"
+        probed = {"low-rank method": pred.method, "quantiser": pred.quant}  # a group size alone still compares
+        for what, value in self._method_mismatches(plan):
+            if what in probed:
+                return f"{what} {value} (the sensitivities measured {probed[what]})"
         if pred.below_grid(plan):
             return "ranks below the measured grid"
         return None
