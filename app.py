@@ -7,7 +7,9 @@ messages in the page. Session state lives in ``gr.State``; run history on disk.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import tempfile
 import time
 import traceback
@@ -84,10 +86,26 @@ def _runs_display(table: pd.DataFrame) -> pd.DataFrame:
     t = table.copy()
     t["bytes"] = pd.to_numeric(t["bytes"], errors="coerce") / 1e6
     digits = dict(ppl=2, predicted_ppl=2, corrected_ppl=2, bytes=2, bits_per_weight=3, prefill_tok_s=0,
-                  decode_ms_per_token=1, seconds=0)
+                  decode_ms_per_token=1, decode_ms_min=1, decode_ms_max=1, seconds=0)
     for col, d in digits.items():
         t[col] = pd.to_numeric(t[col], errors="coerce").round(d)
     return t.rename(columns={"bytes": "MB"})
+
+
+BUSY_SPREAD = 1.5  # slowest / fastest decode run above which the timings are flagged as unsteady
+
+
+def _latency_text(m: dict) -> str:
+    """Prefill and decode timings of a measurement, with the decode range over its runs and a
+    warning when the runs disagree (a busy machine: compare latencies only from steady runs)."""
+    text = f"prefill {m['prefill_tok_s']:.0f} tok/s, decode {m['decode_ms_per_token']:.1f} ms/token"
+    lo, hi = (m.get("decode_ms_range") or (None, None))
+    if lo and hi:
+        text += f" (runs {lo:.1f}–{hi:.1f})"
+        if hi / lo > BUSY_SPREAD:
+            text += (f". **The decode runs differed {hi / lo:.1f}x: the machine was busy, so this timing is "
+                     "unsteady; measure again when it is idle before comparing latencies**")
+    return text
 
 
 def _cancelled(e: InterruptedError, kept: str = "") -> str:
@@ -106,14 +124,32 @@ def _cancel_text(lab: Lab | None):
     return f"Cancel requested: {job} stops at its next batch or layer and says so where it reports."
 
 
-def _tmp(name: str) -> Path:
-    d = Path(tempfile.mkdtemp(prefix="ranklab-"))
-    return d / name
+class Scratch:
+    """Where the app writes files for the browser to download: one folder per export under one
+    root per app. Gradio copies a returned file into its own cache as the callback returns, so
+    a folder older than ``keep_s`` is removed at the next export, and the root when the process
+    exits; gradio's copies are removed by ``delete_cache`` (``build_app``)."""
+
+    def __init__(self, keep_s: float = 600.0):
+        self.root = Path(tempfile.mkdtemp(prefix="ranklab-"))
+        self.keep_s = keep_s
+        atexit.register(self.close)
+
+    def folder(self) -> Path:
+        """A new empty folder; older ones past ``keep_s`` are removed first."""
+        cutoff = time.time() - self.keep_s
+        for old in self.root.iterdir():
+            if old.stat().st_mtime < cutoff:
+                shutil.rmtree(old)
+        return Path(tempfile.mkdtemp(dir=self.root))
+
+    def close(self) -> None:
+        if self.root.exists():
+            shutil.rmtree(self.root)
 
 
 def html_to_png(html: Path, png: Path, width: int = 1200, height: int = 800) -> Path | None:
     """Render a standalone figure page to PNG with the system's chromium; None if absent."""
-    import shutil
     import subprocess
 
     exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -215,7 +251,7 @@ def _summary_md(lab: Lab, info: dict) -> str:
             f"Calibration: {sp.calib_label if sp else '–'} · Evaluation: {sp.eval_label if sp else '–'}")
 
 
-def build_spectra_tab(state):
+def build_spectra_tab(state, scratch: Scratch):
     gr.Markdown("**Weights are nearly full-rank; activations are not.** For each linear `y = W x`, RankLab "
                 "accumulates the covariance of its outputs on the calibration text and compares its eigenvalues "
                 "with the singular values of `W`. A curve that reaches 95 % of the energy after a few directions "
@@ -247,7 +283,7 @@ def build_spectra_tab(state):
         except Exception as e:
             raise _err(e) from e
         proto = _profile_protocol(lab)
-        path = _tmp("spectra_summary.csv")
+        path = scratch.folder() / "spectra_summary.csv"
         prof.summary.to_csv(path, index=False)
         layers = sorted(prof.summary.layer.unique().tolist())
         roles = list(dict.fromkeys(prof.summary.role))
@@ -597,6 +633,10 @@ def build_budget_tab(state):
                                  f"({time.perf_counter() - t0:.0f} s); measure the grid (Sensitivity tab) for "
                                  "better allocations.*\n\n")
                     plan = lab.plan_allocate(float(tg), None if on == "ranks and bits" else on)
+                    # the slider brings a typed value inside its range without a word: say what was used
+                    first += (f"*Allocated {'ranks and bits' if on == 'ranks and bits' else on + 's only'} to a "
+                              f"target of {float(tg):.2f} of the dense bytes (the target slider takes "
+                              f"{target.minimum:.2f}–{target.maximum:.2f}).*\n\n")
                 filled = fill(lab, plan)
                 lab.plan = plan
                 text, *figs = _readout(lab, plan)
@@ -788,8 +828,7 @@ def build_run_tab(state, budget):
                 pred += f", corrected by earlier runs {rec.predicted['ppl_corrected']:.2f}"
             pred += ")" if pred else ""
             msg = (f"Run `{rec.run_id}` done in {rec.seconds:.0f} s: perplexity **{m['ppl']:.2f}**{pred}, "
-                   f"{_fmt_bytes(m['bytes'])}, {m['bits_per_weight']:.2f} bits/weight, prefill "
-                   f"{m['prefill_tok_s']:.0f} tok/s, decode {m['decode_ms_per_token']:.1f} ms/token.  \n"
+                   f"{_fmt_bytes(m['bytes'])}, {m['bits_per_weight']:.2f} bits/weight, {_latency_text(m)}.  \n"
                    f"Protocol: {m['protocol']}")
         else:
             err = (rec.error or "").rstrip()
@@ -806,8 +845,7 @@ def build_run_tab(state, budget):
             return (lab, _cancelled(e, "Nothing was recorded."), *tables(lab))
         except Exception as e:
             raise _err(e) from e
-        return (lab, f"Dense: perplexity **{d['ppl']:.2f}**, {_fmt_bytes(d['bytes'])}, prefill "
-                     f"{d['prefill_tok_s']:.0f} tok/s, decode {d['decode_ms_per_token']:.1f} ms/token.  \n"
+        return (lab, f"Dense: perplexity **{d['ppl']:.2f}**, {_fmt_bytes(d['bytes'])}, {_latency_text(d)}.  \n"
                      f"Protocol: {d['protocol']}", *tables(lab))
 
     def on_gen(lab, text, p=gr.Progress()):
@@ -827,7 +865,7 @@ def build_run_tab(state, budget):
     return dict(tables=tables, runs=runs, fig_bytes=fig_bytes, fig_lat=fig_lat)
 
 
-def build_export_tab(state, budget):
+def build_export_tab(state, budget, scratch: Scratch):
     gr.Markdown("Take a budget to batch tools. The plan JSON runs with `python -m compression apply --plan "
                 "PLAN.json`; the translations target GPTQModel, llm-compressor, HQQ, torchao and llama.cpp — each "
                 "lists what that tool cannot express (low-rank factors, for instance).")
@@ -848,7 +886,7 @@ def build_export_tab(state, budget):
             lab = _require(lab)
             plan = budget["current_plan"](lab, *plan_inputs)
             lab.check(plan)
-            out_dir = _tmp("plan").parent
+            out_dir = scratch.folder()
             paths = [out_dir / "plan.json"]
             paths[0].write_text(plan.to_json())
             exports = export_all(plan, lab.linears)
@@ -872,7 +910,9 @@ def build_export_tab(state, budget):
         try:
             lab = _require(lab)
             p(0.2, desc="writing the compressed model")
-            z = lab.export_model(_tmp("ranklab-compressed"))
+            folder = scratch.folder() / "ranklab-compressed"
+            z = lab.export_model(folder)
+            shutil.rmtree(folder)  # the zip is what the browser gets
         except Exception as e:
             raise _err(e) from e
         return [str(z)], "Compressed model folder (zip): load it with `python -m analysis eval --model FOLDER`."
@@ -880,7 +920,7 @@ def build_export_tab(state, budget):
     def on_runs(lab, tables_fn=None):
         try:
             lab = _require(lab)
-            d = _tmp("runs.csv").parent
+            d = scratch.folder()
             lab.runs_table().to_csv(d / "runs.csv", index=False)  # the dense baseline first, when measured
             paths = [d / "runs.csv"]
             if len(lab.history.tradeoff_frame(lab.lm.fingerprint)) or lab.dense_eval:
@@ -907,7 +947,9 @@ def build_export_tab(state, budget):
 
 # ------------------------------------------------------------------------------ assembly
 def build_app(cfg: AppConfig) -> gr.Blocks:
-    with gr.Blocks(title="RankLab") as demo:
+    scratch = Scratch()
+    # hourly, gradio removes the copies it served that are more than a day old (a model zip is hundreds of MB)
+    with gr.Blocks(title="RankLab", delete_cache=(3600, 86400)) as demo:
         gr.Markdown("# RankLab\nSee where a language model is low-rank and fragile, set per-layer rank and bit "
                     "budgets, run the compression, and compare measured perplexity, memory and latency with the "
                     "predictions.", elem_id="title")
@@ -916,7 +958,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             with gr.Tab("Model & data", id="model"):
                 model = build_model_tab(state, cfg)
             with gr.Tab("Spectra", id="spectra"):
-                build_spectra_tab(state)
+                build_spectra_tab(state, scratch)
             with gr.Tab("Sensitivity", id="sensitivity") as sens_tab:
                 sens = build_sensitivity_tab(state)
             with gr.Tab("Budget", id="budget") as budget_tab:
@@ -924,7 +966,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             with gr.Tab("Run & compare", id="run"):
                 run = build_run_tab(state, budget)
             with gr.Tab("Export", id="export"):
-                build_export_tab(state, budget)
+                build_export_tab(state, budget, scratch)
 
         def after_load(lab):
             if lab is None or lab.lm is None:

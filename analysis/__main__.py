@@ -34,7 +34,8 @@ def cmd_eval(a: argparse.Namespace) -> dict:
     if not a.no_latency:
         lat = latency(lm.model, seqlen=min(a.latency_seqlen or a.seqlen, a.seqlen), runs=a.latency_runs)
         out.update(prefill_tok_s=lat.prefill_tok_s, decode_ms_per_token=lat.decode_ms_per_token,
-                   latency_seqlen=lat.seqlen, latency_runs=lat.runs, **({"latency_note": lat.note} if lat.note else {}))
+                   decode_ms_range=[round(x, 3) for x in lat.decode_range], latency_seqlen=lat.seqlen,
+                   latency_runs=lat.runs, **({"latency_note": lat.note} if lat.note else {}))
     else:
         out.update(prefill_tok_s=None, decode_ms_per_token=None)
     return out

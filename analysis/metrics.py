@@ -1,6 +1,7 @@
 """Perplexity, memory and latency, each returned with the protocol that produced it."""
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -52,6 +53,14 @@ class Latency:
     device: str
     dtype: str
     note: str = ""  # what the timings measure when that is not what a deployed model would run
+    prefill_range: tuple[float, float] = (math.nan, math.nan)  # slowest and fastest run (tokens/s)
+    decode_range: tuple[float, float] = (math.nan, math.nan)  # fastest and slowest run (ms/token)
+
+    @property
+    def spread(self) -> float:
+        """Slowest over fastest decode run: near 1 on a quiet machine, large when it is busy."""
+        lo, hi = self.decode_range
+        return hi / lo if lo > 0 else math.nan
 
 
 def dequantize_note(model: nn.Module) -> str:
@@ -165,7 +174,8 @@ def latency(model: nn.Module, seqlen: int = 2048, decode_tokens: int = 32, runs:
         if r >= warmup:
             decode.append((time.perf_counter() - t) * 1000 / decode_tokens)
     return Latency(statistics.median(prefill), statistics.median(decode), seqlen, decode_tokens, runs,
-                   str(device), str(dtype).replace("torch.", ""), dequantize_note(model))
+                   str(device), str(dtype).replace("torch.", ""), dequantize_note(model),
+                   prefill_range=(min(prefill), max(prefill)), decode_range=(min(decode), max(decode)))
 
 
 def as_dict(obj) -> dict:

@@ -131,11 +131,14 @@ class RunHistory:
                              ppl=m.get("ppl"), predicted_ppl=p.get("ppl"), corrected_ppl=p.get("ppl_corrected"),
                              bytes=m.get("bytes"),
                              bits_per_weight=m.get("bits_per_weight"), prefill_tok_s=m.get("prefill_tok_s"),
-                             decode_ms_per_token=m.get("decode_ms_per_token"), seconds=r.seconds,
+                             decode_ms_per_token=m.get("decode_ms_per_token"),
+                             decode_ms_min=_at(m.get("decode_ms_range"), 0),
+                             decode_ms_max=_at(m.get("decode_ms_range"), 1), seconds=r.seconds,
                              protocol=m.get("protocol", r.protocol), error=r.error))  # latency too
         cols = ["run_id", "time", "label", "status", "ppl", "predicted_ppl", "corrected_ppl", "bytes",
                 "bits_per_weight",
-                "prefill_tok_s", "decode_ms_per_token", "seconds", "protocol", "error"]
+                "prefill_tok_s", "decode_ms_per_token", "decode_ms_min", "decode_ms_max", "seconds", "protocol",
+                "error"]
         return pd.DataFrame(rows, columns=cols)
 
     def tradeoff_frame(self, fingerprint: str | None = None, protocol: str | None = None) -> pd.DataFrame:
@@ -643,6 +646,7 @@ class Lab:
         row = dict(run_id="dense", time="", label="dense (this session)", status="ok", ppl=d.get("ppl"),
                    bytes=d.get("bytes"), bits_per_weight=d.get("bits_per_weight"),
                    prefill_tok_s=d.get("prefill_tok_s"), decode_ms_per_token=d.get("decode_ms_per_token"),
+                   decode_ms_min=_at(d.get("decode_ms_range"), 0), decode_ms_max=_at(d.get("decode_ms_range"), 1),
                    protocol=d.get("protocol", self.protocol()), error="")
         dense = pd.DataFrame([row], columns=table.columns)
         return dense if table.empty else pd.concat([dense, table], ignore_index=True)
@@ -663,6 +667,7 @@ class Lab:
         params = sum(li.out_features * li.in_features for li in self.linears)
         return dict(ppl=ppl.ppl, nll=ppl.nll, bytes=mem.weight_bytes, bits_per_weight=lin_bytes * 8 / params,
                     prefill_tok_s=lat.prefill_tok_s, decode_ms_per_token=lat.decode_ms_per_token,
+                    prefill_tok_s_range=list(lat.prefill_range), decode_ms_range=list(lat.decode_range),
                     peak_allocated=mem.peak_allocated, latency_note=lat.note,
                     protocol=f"{ppl.protocol}; latency: prefill 1 x {lat.seqlen}, decode {lat.decode_tokens} tokens, "
                              f"median of {lat.runs}" + (f" ({lat.note})" if lat.note else ""))
@@ -758,6 +763,11 @@ class Lab:
         save_compressed(self.compressed, folder, plan_json=self.compressed_plan.to_json(), tokenizer=lm.tokenizer,
                         meta={"base_model": lm.spec, "base_fingerprint": lm.fingerprint})
         return Path(shutil.make_archive(str(folder), "zip", root_dir=folder))
+
+
+def _at(pair, i: int) -> float | None:
+    """Element ``i`` of a stored [low, high] pair; None for records made before ranges were kept."""
+    return pair[i] if isinstance(pair, (list, tuple)) and len(pair) == 2 else None
 
 
 def _round8(k: float, li) -> int:

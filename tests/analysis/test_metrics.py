@@ -21,6 +21,15 @@ def test_dense_latency_is_measured_with_no_note():
     assert lat.note == ""
 
 
+def test_latency_keeps_the_range_of_its_runs_around_the_median():
+    lm = wrap_model(tiny_model("llama"))
+    lat = latency(lm.model, **{**FAST, "runs": 3})
+    (p_lo, p_hi), (d_lo, d_hi) = lat.prefill_range, lat.decode_range
+    assert 0 < p_lo <= lat.prefill_tok_s <= p_hi
+    assert 0 < d_lo <= lat.decode_ms_per_token <= d_hi
+    assert lat.spread == d_hi / d_lo >= 1.0
+
+
 def test_latency_says_how_many_linears_are_dequantised_on_every_call():
     lm = wrap_model(tiny_model("llama"))
     names = [li.name for li in lm.adapter.linears(lm.model)]

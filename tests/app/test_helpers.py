@@ -26,18 +26,29 @@ def test_run_table_is_rounded_for_display_and_the_original_kept():
     raw = pd.DataFrame([dict(run_id="a", time="t", label="l", status="ok", ppl=87.57683563232422,
                              predicted_ppl=24.016888177408546, corrected_ppl=30.123456,
                              bytes=528807424, bits_per_weight=31.302777777777777,
-                             prefill_tok_s=339.1034226, decode_ms_per_token=59.44, seconds=8.4, protocol="p",
-                             error=""),
+                             prefill_tok_s=339.1034226, decode_ms_per_token=59.44, decode_ms_min=58.04,
+                             decode_ms_max=61.96, seconds=8.4, protocol="p", error=""),
                         dict(run_id="b", time="t", label="failed", status="failed", ppl=None, predicted_ppl=None,
                              corrected_ppl=None,
                              bytes=None, bits_per_weight=None, prefill_tok_s=None, decode_ms_per_token=None,
-                             seconds=1.0, protocol="p", error="boom")])
+                             decode_ms_min=None, decode_ms_max=None, seconds=1.0, protocol="p", error="boom")])
     shown = app._runs_display(raw)
     row = shown.iloc[0]
     assert (row.ppl, row.predicted_ppl, row.MB, row.bits_per_weight) == (87.58, 24.02, 528.81, 31.303)
     assert (row.prefill_tok_s, row.decode_ms_per_token, row.seconds) == (339, 59.4, 8)
+    assert (row.decode_ms_min, row.decode_ms_max) == (58.0, 62.0)
     assert "bytes" not in shown.columns and math.isnan(shown.iloc[1].ppl) and shown.iloc[1].error == "boom"
     assert raw.iloc[0].bytes == 528807424  # the CSV export keeps full precision
+
+
+def test_latency_text_gives_the_run_range_and_flags_a_busy_machine():
+    steady = dict(prefill_tok_s=1234.4, decode_ms_per_token=20.04, decode_ms_range=[19.5, 21.0])
+    assert app._latency_text(steady) == "prefill 1234 tok/s, decode 20.0 ms/token (runs 19.5–21.0)"
+    busy = dict(steady, decode_ms_range=[12.0, 30.0])
+    assert "differed 2.5x: the machine was busy" in app._latency_text(busy)
+    # records made before ranges were kept read as before
+    old = dict(prefill_tok_s=1234.4, decode_ms_per_token=20.04)
+    assert app._latency_text(old) == "prefill 1234 tok/s, decode 20.0 ms/token"
 
 
 def test_same_specs_compares_what_compresses_each_linear():
@@ -101,3 +112,19 @@ def test_two_step_jobs_share_one_progress_bar():
     assert seen == [(0.5, "step 1/2, profile: spectra 210/210"),
                     (0.5, "step 2/2, first sensitivity view: gradient pass"),
                     (1.0, "step 2/2, first sensitivity view: done")]  # never back to 0, never past the end
+
+
+def test_scratch_folders_are_pruned_after_keep_s_and_removed_on_close():
+    import os
+    import time
+
+    scratch = app.Scratch(keep_s=60)
+    old, new = scratch.folder(), scratch.folder()
+    (old / "runs.csv").write_text("x")
+    aged = time.time() - 120
+    os.utime(old, (aged, aged))  # served two minutes ago: gradio holds its own copy by now
+    third = scratch.folder()
+    assert not old.exists() and new.exists() and third.exists() and third.parent == scratch.root
+    scratch.close()
+    assert not scratch.root.exists()
+    scratch.close()  # a second close (at exit, after an explicit one) is harmless

@@ -116,6 +116,8 @@ def test_run_measures_and_history_survives_restart(tiny_lab):
     rows = again.history.table(tiny_lab.lm.fingerprint)
     assert list(rows.run_id) == [rec.run_id, low_rank_only.run_id, "old"] and rows.iloc[0].label == "half rank"
     assert "latency: prefill 1 x 16" in rows.iloc[0].protocol  # the table's timings carry their protocol
+    first = rows.iloc[0]  # and the range of the decode runs around their median
+    assert 0 < first.decode_ms_min <= first.decode_ms_per_token <= first.decode_ms_max
     exported = tiny_lab.runs_table()  # the dense baseline measured this session comes first
     dense = tiny_lab.evaluate_dense()
     assert list(exported.run_id) == ["dense", rec.run_id, low_rank_only.run_id, "old"]
