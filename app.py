@@ -244,11 +244,24 @@ def _require(lab: Lab | None) -> Lab:
 
 def _summary_md(lab: Lab, info: dict) -> str:
     sp = lab.split
-    return (f"**{info['source']}** — `{info['model_type']}`, {info['layers']} layers, hidden {info['hidden']}, "
-            f"{info['parameters'] / 1e6:.1f} M parameters ({info['decoder_linear_parameters'] / 1e6:.1f} M in decoder "
-            f"linears), {_fmt_bytes(info['bytes'])} held on {info['device']} in {info['dtype']}. "
-            f"Fingerprint `{info['fingerprint']}`.  \n"
-            f"Calibration: {sp.calib_label if sp else '–'} · Evaluation: {sp.eval_label if sp else '–'}")
+    head = f"**{info['source']}** — `{info['model_type']}`, {info['layers']} layers, hidden {info['hidden']}, "
+    if info.get("compressed_from") is not None:  # packed integers and thin factors: a parameter count misleads
+        head += (f"compressed by RankLab: {_fmt_bytes(info['bytes'])} of weights held on {info['device']} "
+                 f"(its dense form has {info['decoder_linear_parameters'] / 1e6:.1f} M decoder-linear weights). "
+                 f"Fingerprint `{info['fingerprint']}`.  \n{_compressed_note(lab)}  \n")
+    else:
+        head += (f"{info['parameters'] / 1e6:.1f} M parameters ({info['decoder_linear_parameters'] / 1e6:.1f} M in "
+                 f"decoder linears), {_fmt_bytes(info['bytes'])} held on {info['device']} in {info['dtype']}. "
+                 f"Fingerprint `{info['fingerprint']}`.  \n")
+    return head + f"Calibration: {sp.calib_label if sp else '–'} · Evaluation: {sp.eval_label if sp else '–'}"
+
+
+def _compressed_note(lab: Lab) -> str:
+    """What a compressed model is good for here, and what to load for the rest."""
+    base = lab.lm.compressed_from
+    load = f"load its base model `{base}`" if base else "load the dense model it came from"
+    return ("A compressed model can be measured (Run & compare: *Measure dense* measures it as it is) and can "
+            f"generate text; profiling, sensitivity, budgets and runs need dense weights: {load} for those.")
 
 
 def build_spectra_tab(state, scratch: Scratch):
@@ -845,7 +858,8 @@ def build_run_tab(state, budget):
             return (lab, _cancelled(e, "Nothing was recorded."), *tables(lab))
         except Exception as e:
             raise _err(e) from e
-        return (lab, f"Dense: perplexity **{d['ppl']:.2f}**, {_fmt_bytes(d['bytes'])}, {_latency_text(d)}.  \n"
+        what = "This compressed model" if lab.lm.compressed else "Dense"
+        return (lab, f"{what}: perplexity **{d['ppl']:.2f}**, {_fmt_bytes(d['bytes'])}, {_latency_text(d)}.  \n"
                      f"Protocol: {d['protocol']}", *tables(lab))
 
     def on_gen(lab, text, p=gr.Progress()):
@@ -971,6 +985,9 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         def after_load(lab):
             if lab is None or lab.lm is None:
                 return [*budget["show_rows"](lab), *[gr.update()] * 7]
+            if lab.lm.compressed:  # nothing to budget: the readout says what to load instead
+                return [*budget["show_rows"](lab), f"**No budget for this model:** {_compressed_note(lab)}",
+                        None, None, "", *run["tables"](lab)]
             pred = _readout(lab, Plan())
             return [*budget["show_rows"](lab), *pred, *run["tables"](lab)]
 

@@ -52,6 +52,7 @@ def cmd_profile(a: argparse.Namespace) -> dict:
     check_replaceable(a.out, PROFILE_MARKERS, "a profile")  # before the long work
     require_at_least_one(("--tokens", a.tokens), ("--seqlen", a.seqlen), ("--batch-size", a.batch_size))
     lm = load_model(a.model, a.device, a.dtype, trust_remote_code=a.trust_remote_code, progress=say)
+    lm.require_dense("profiling")
     corpus = load_corpus(a.text)
     n_win = max(1, -(-a.tokens // a.seqlen))
     ids = calibration_windows(tokenize(lm.tokenizer, corpus), a.seqlen, n_win, a.seed)

@@ -40,6 +40,22 @@ class LoadedModel:
     source: str  # where the weights came from, in words
     device: torch.device
     dtype: torch.dtype
+    # set for a folder RankLab compressed: the base model it names ("" when it names none)
+    compressed_from: str | None = None
+
+    @property
+    def compressed(self) -> bool:
+        return self.compressed_from is not None
+
+    def require_dense(self, what: str) -> None:
+        """Refuse ``what`` (profiling, sensitivity, compression, a budget) on a compressed model:
+        its linears are replaced, so there is no dense weight left to measure or compress."""
+        if self.compressed_from is None:
+            return
+        base = f"its base model `{self.compressed_from}`" if self.compressed_from else "the dense model it came from"
+        raise ValueError(f"{self.spec} holds a model RankLab already compressed, so {what} cannot run on it: load "
+                         f"{base} instead. A compressed model can be evaluated and its text generated, not "
+                         "profiled or compressed again.")
 
     @property
     def max_positions(self) -> int | None:

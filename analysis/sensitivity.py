@@ -1148,6 +1148,7 @@ def cli_sensitivity(args, progress: Progress | None = None, say: Callable[[str],
     require_at_least_one(("--tokens", args.tokens), ("--seqlen", args.seqlen))
     t0 = time.perf_counter()
     lm = load_model(args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code, progress=say)
+    lm.require_dense("the sensitivity grid")
     if lm.max_positions and args.seqlen > lm.max_positions:
         raise ValueError(f"seqlen {args.seqlen} exceeds the model's maximum of {lm.max_positions} positions; "
                          f"use --seqlen {lm.max_positions} or less")

@@ -85,6 +85,7 @@ def cmd_apply(a: argparse.Namespace) -> dict:
     plan = Plan.load(a.plan) if a.plan else None  # a bad plan file fails before the model loads
     check_replaceable(a.out, (COMPRESSED_MARKER,), "a compressed model")  # before the long work
     lm = load_model(a.model, a.device, a.dtype, trust_remote_code=a.trust_remote_code, progress=say)
+    lm.require_dense("compression")
     linears = lm.adapter.linears(lm.model)
     if plan is not None:
         method = plan.meta.get("method", "plan")

@@ -474,6 +474,7 @@ def cli_allocate(args, say=None) -> dict:
         raise ValueError(f"--out: {e}") from None
     grid = SensitivityGrid.load(args.sensitivity)
     lm = load_model(args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code, progress=say)
+    lm.require_dense("allocation")
     check_compatible(grid, lm.fingerprint)
     linears = lm.adapter.linears(lm.model)
     biases = linear_biases(lm.model, linears)

@@ -204,6 +204,12 @@ class Lab:
             raise ValueError("load a model first (Model & data tab)")
         return self.lm
 
+    def require_dense(self, what: str) -> LoadedModel:
+        """The loaded model, refused with what to load instead when RankLab compressed it."""
+        lm = self.require_model()
+        lm.require_dense(what)
+        return lm
+
     def request_stop(self) -> str | None:
         """Ask the running job to stop at its next layer or batch; returns what is running
         (None: nothing is, and nothing is stopped)."""
@@ -319,7 +325,7 @@ class Lab:
                     parameters=sum(p.numel() for p in lm.model.parameters()),
                     decoder_linear_parameters=sum(li.out_features * li.in_features for li in lins),
                     bytes=mem.weight_bytes, device=str(lm.device), dtype=str(lm.dtype).replace("torch.", ""),
-                    fingerprint=lm.fingerprint)
+                    fingerprint=lm.fingerprint, compressed_from=lm.compressed_from)
 
     def layer_table(self) -> pd.DataFrame:
         return pd.DataFrame([dict(name=li.name, layer=li.layer, role=li.role, out_features=li.out_features,
@@ -328,7 +334,7 @@ class Lab:
 
     # ----------------------------------------------------------------- profiling
     def run_profile(self, progress: Progress | None = None) -> tuple[Profile, bool]:
-        lm = self.require_model()
+        lm = self.require_dense("profiling")
         sp = self.split
         with self.running("profiling"):
             prof, reused = load_or_profile(lm.model, lm.adapter, sp.calib_ids, fingerprint=lm.fingerprint,
@@ -370,7 +376,7 @@ class Lab:
                         progress: Progress | None = None) -> object:
         from analysis.sensitivity import load_or_measure
 
-        lm, prof = self.require_model(), self.require_profile()
+        lm, prof = self.require_dense("the sensitivity grid"), self.require_profile()
         ids, label = self.sensitivity_ids()
         with self.running("the sensitivity grid"):
             self.sensitivity, _reused = load_or_measure(lm.model, lm.adapter, ids, prof.all_stats(),
@@ -517,7 +523,7 @@ class Lab:
     def predict(self, plan: Plan) -> dict:
         """Exact bytes always; predicted loss/ppl when sensitivities exist, and a corrected
         perplexity once runs of this model and texts have been measured. Milliseconds."""
-        lm = self.require_model()
+        lm = self.require_dense("a budget")
         notes = self.check(plan)
         size = plan_size(plan, self.linears, model_bytes(lm.model).weight_bytes,
                          next(lm.model.parameters()).element_size(), self._biases())
@@ -675,7 +681,7 @@ class Lab:
     def run(self, plan: Plan, label: str = "", progress: Progress | None = None) -> RunRecord:
         """Apply ``plan``, measure it, append it to the history (also when it fails or is
         cancelled, with the reason). The loaded dense model stays usable."""
-        lm = self.require_model()
+        lm = self.require_dense("compression")
         say = progress or (lambda f, m: None)
         rec = RunRecord(run_id=uuid.uuid4().hex[:8], time=_dt.datetime.now().isoformat(timespec="seconds"),
                         label=label or plan.meta.get("method", "plan"), status="failed",
@@ -751,7 +757,10 @@ class Lab:
 
         with self.running("the generation"):
             texts = [gen(k, which, model) for k, (which, model) in enumerate(models)]
-        return texts[0], texts[1] if len(texts) > 1 else "(run a compression first)"
+        if len(texts) > 1:
+            return texts[0], texts[1]
+        return texts[0], ("(the loaded model is itself compressed: its continuation is in the first box)"
+                          if lm.compressed else "(run a compression first)")
 
     def export_model(self, folder: Path) -> Path:
         """The last compressed model as a folder and a zip archive beside it."""

@@ -111,5 +111,6 @@ def load_compressed(folder: str | Path, device: torch.device | str = "cpu", dtyp
                          f"{unexpected[:3]})")
     model = model.to(device).eval()
     tok = AutoTokenizer.from_pretrained(str(folder)) if (folder / "tokenizer_config.json").exists() else None
+    base = str((info.get("meta") or {}).get("base_model") or "")
     return LoadedModel(model, tok, adapter, model_fingerprint(model), str(folder), f"compressed folder {folder}",
-                       device, saved_dtype)
+                       device, saved_dtype, compressed_from=base)

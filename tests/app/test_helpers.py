@@ -128,3 +128,14 @@ def test_scratch_folders_are_pruned_after_keep_s_and_removed_on_close():
     scratch.close()
     assert not scratch.root.exists()
     scratch.close()  # a second close (at exit, after an explicit one) is harmless
+
+
+def test_summary_of_a_compressed_model_says_what_it_is_for(tiny_lab):
+    import dataclasses
+
+    dense = app._summary_md(tiny_lab, tiny_lab.summary())
+    assert "M parameters" in dense and "compressed" not in dense
+    tiny_lab.lm = dataclasses.replace(tiny_lab.lm, compressed_from="default")
+    text = app._summary_md(tiny_lab, tiny_lab.summary())
+    assert "compressed by RankLab" in text and "M parameters" not in text  # packed counts would mislead
+    assert "load its base model `default` for those" in text

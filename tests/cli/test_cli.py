@@ -67,6 +67,14 @@ def test_eval_profile_apply_reload(model_dir, tmp_path, capsys, monkeypatch):
     assert comp["weight_bytes"] == comp["predicted_weight_bytes"] < comp["dense_weight_bytes"]
     assert comp["bits_per_weight"] == pytest.approx(4 + 32 / 32)
     _assert_reloads(tmp_path / "c", text, comp, capsys)
+    # a compressed folder evaluates, but is refused for the work that needs dense weights, naming its base model
+    for main, argv in ((analysis_main, ["profile", "--out", str(tmp_path / "p2")]),
+                       (analysis_main, ["sensitivity", "--tokens", "64", "--out", str(tmp_path / "s2")]),
+                       (compression_main, ["apply", "--method", "rtn", "--bits", "4", "--out", str(tmp_path / "c2")])):
+        assert main([argv[0], "--model", str(tmp_path / "c"), "--text", str(text), *argv[1:]]) == 2
+        err = capsys.readouterr().err
+        assert "already compressed" in err and f"load its base model `{folder}` instead" in err, err
+        assert not (tmp_path / argv[-1]).exists()
     timed = _run(analysis_main, ["eval", "--model", str(tmp_path / "c"), "--text", str(text), "--seqlen", "32",
                                  "--windows", "1", "--json", "--latency-runs", "1", "--latency-seqlen", "16"], capsys)
     n_linears = len(pd.read_csv(tmp_path / "prof" / "summary.csv"))

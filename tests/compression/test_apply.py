@@ -110,6 +110,14 @@ def test_save_and_reload_gives_identical_logits(tmp_path):
     assert isinstance(dict(again.model.named_modules())[linears[1].name], QuantLinear)
     torch.testing.assert_close(again.model(ids).logits, comp(ids).logits, rtol=0, atol=0)
     assert model_bytes(again.model).weight_bytes == model_bytes(comp).weight_bytes
+    # nothing dense is left to profile or compress: refused with what to load instead
+    assert again.compressed and again.compressed_from == ""
+    with pytest.raises(ValueError, match="already compressed, so profiling cannot run on it: load the dense model"):
+        again.require_dense("profiling")
+    lm.require_dense("profiling")  # a dense model passes
+    save_compressed(comp, tmp_path / "d", plan_json=plan.to_json(), meta={"base_model": "default"})
+    with pytest.raises(ValueError, match="load its base model `default` instead"):
+        load_model(str(tmp_path / "d"), device="cpu").require_dense("compression")
 
 
 def test_cancel_leaves_original_intact():

@@ -396,3 +396,18 @@ def test_generation_reports_progress_and_cancels(tiny_lab):
     with pytest.raises(InterruptedError, match="generation cancelled during the dense model's continuation"):
         tiny_lab.generate("hello", max_new_tokens=50, progress=lambda f, m: tiny_lab.request_stop())
     assert tiny_lab.job is None
+
+
+def test_a_compressed_model_is_measured_but_not_profiled_budgeted_or_run(tiny_lab):
+    import dataclasses
+
+    tiny_lab.lm = dataclasses.replace(tiny_lab.lm, compressed_from="tiny-base")
+    assert tiny_lab.summary()["compressed_from"] == "tiny-base"
+    for call, what in ((tiny_lab.run_profile, "profiling"), (lambda: tiny_lab.predict(Plan()), "a budget"),
+                       (lambda: tiny_lab.run(Plan()), "compression")):
+        with pytest.raises(ValueError, match=f"so {what} cannot run on it: load its base model `tiny-base`"):
+            call()
+    assert tiny_lab.history.table(tiny_lab.lm.fingerprint).empty  # a refused run records nothing
+    assert tiny_lab.evaluate_dense()["ppl"] > 1  # measuring it as it is works
+    _, second = tiny_lab.generate("ab", max_new_tokens=2)
+    assert "itself compressed" in second
