@@ -898,7 +898,7 @@ def build_export_tab(state, budget, scratch: Scratch):
     def on_plan(lab, *plan_inputs):
         try:
             lab = _require(lab)
-            plan = budget["current_plan"](lab, *plan_inputs)
+            plan = lab.stamped(budget["current_plan"](lab, *plan_inputs))
             lab.check(plan)
             out_dir = scratch.folder()
             paths = [out_dir / "plan.json"]

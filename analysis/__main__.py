@@ -16,11 +16,11 @@ def cmd_eval(a: argparse.Namespace) -> dict:
     latency_flags = () if a.no_latency else (("--latency-runs", a.latency_runs), ("--latency-seqlen", a.latency_seqlen))
     require_at_least_one(("--seqlen", a.seqlen), ("--windows", a.windows), *latency_flags,
                          hints={"--windows": " (leave it out to evaluate every window)"})
+    corpus = load_corpus(a.text)  # a missing text file is said before the model loads
     lm = load_model(a.model, a.device, a.dtype, trust_remote_code=a.trust_remote_code, progress=say)
     if lm.max_positions and a.seqlen > lm.max_positions:
         raise ValueError(f"seqlen {a.seqlen} exceeds the model's maximum of {lm.max_positions} positions; "
                          f"use --seqlen {lm.max_positions} or less")
-    corpus = load_corpus(a.text)
     ids = windows(tokenize(lm.tokenizer, corpus), a.seqlen, a.windows)
     reset_cuda_peak(lm.device)  # the peak reported is the evaluation's (weights included)
     t = time.perf_counter()
@@ -51,9 +51,9 @@ def cmd_profile(a: argparse.Namespace) -> dict:
 
     check_replaceable(a.out, PROFILE_MARKERS, "a profile")  # before the long work
     require_at_least_one(("--tokens", a.tokens), ("--seqlen", a.seqlen), ("--batch-size", a.batch_size))
+    corpus = load_corpus(a.text)  # a missing text file is said before the model loads
     lm = load_model(a.model, a.device, a.dtype, trust_remote_code=a.trust_remote_code, progress=say)
     lm.require_dense("profiling")
-    corpus = load_corpus(a.text)
     n_win = max(1, -(-a.tokens // a.seqlen))
     ids = calibration_windows(tokenize(lm.tokenizer, corpus), a.seqlen, n_win, a.seed)
     say(f"profiling {ids.numel()} tokens ({n_win} x {a.seqlen}) of {corpus.label} on {lm.device}")

@@ -26,11 +26,18 @@ def require_at_least_one(*flags: tuple[str, int | None], hints: dict[str, str] |
             raise ValueError(f"{flag} must be at least 1, got {value}{(hints or {}).get(flag, '')}")
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one ``warning:`` line on stderr (no source file and line: they mean nothing to a user)."""
+    print(f"warning: {message}", file=file or sys.stderr, flush=True)
+
+
 def run_command(a: argparse.Namespace, indent: int | None = None) -> int:
-    """Run ``a.fn(a)``; print its result as JSON on stdout, or one ``error:`` line (exit 2)."""
+    """Run ``a.fn(a)``; print its result as JSON on stdout, or one ``error:`` line (exit 2);
+    warnings (each said once) as ``warning:`` lines."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # restores the filters and showwarning afterwards
             warnings.simplefilter("default")
+            warnings.showwarning = _warning_line
             out = a.fn(a)
     except USER_ERRORS as ex:
         # on a terminal a progress line may still be open (it ends with \r, not \n)

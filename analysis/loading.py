@@ -166,6 +166,12 @@ def load_model(spec: str = "default", device: str | torch.device = "auto", dtype
     elif spec.endswith(".gguf"):
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {spec} not found; give the path to an existing .gguf file")
+        with path.open("rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            what = "is empty" if not magic else "does not start with the GGUF magic bytes"
+            raise ValueError(f"{spec} {what}, so it is not a GGUF model file (an interrupted download?); give a "
+                             "complete .gguf file")
         folder, source = _gguf_cached_folder(path.resolve(), say), f"gguf file {path}"
     elif path.is_dir() and (path / COMPRESSED_MARKER).exists():
         from compression.saved import load_compressed  # compressed folders are read by their writer

@@ -178,7 +178,7 @@ def _check_settings(linears: list[LinearInfo], grid: dict[str, list[tuple[str, i
                     group_size: int) -> None:
     """Raise before any long run if a setting cannot be built (unknown method, bad group size)."""
     check_methods(method, quant)
-    errors = []
+    errors: dict[str, list[str]] = {}  # message -> the settings it refuses (one line per distinct reason)
     for li in linears:
         for kind, s in grid[li.name]:
             spec = setting_spec(kind, s, method, quant, group_size)
@@ -189,10 +189,12 @@ def _check_settings(linears: list[LinearInfo], grid: dict[str, list[tuple[str, i
                 if q is not None:
                     q.check(li.in_features)
             except ValueError as e:
-                errors.append(f"{li.name} ({kind} {s}): {e}")
+                errors.setdefault(str(e), []).append(f"{li.name} ({kind} {s})")
     if errors:
-        more = f"\n(and {len(errors) - 6} more)" if len(errors) > 6 else ""
-        raise ValueError("sensitivity settings cannot be built:\n- " + "\n- ".join(errors[:6]) + more)
+        lines = [f"{msg} ({len(where)} setting{'s' if len(where) > 1 else ''}, e.g. {where[0]})"
+                 for msg, where in list(errors.items())[:6]]
+        more = f"\n(and {len(errors) - 6} more reasons)" if len(errors) > 6 else ""
+        raise ValueError("sensitivity settings cannot be built:\n- " + "\n- ".join(lines) + more)
 
 
 # ------------------------------------------------------------------------ replacements
@@ -519,6 +521,10 @@ class SensitivityGrid:
             raise FileNotFoundError(f"{folder} holds no complete sensitivity grid (meta.json missing); "
                                     "measure one with `python -m analysis sensitivity --out FOLDER`")
         meta = json.loads((folder / "meta.json").read_text())
+        if not (folder / "table.csv").exists():  # another RankLab artefact, named for what it is
+            what = ("a profile (spectra), not a sensitivity grid" if (folder / "arrays.safetensors").exists()
+                    else "no sensitivity table (table.csv)")
+            raise ValueError(f"{folder} holds {what}: give the --out folder of `python -m analysis sensitivity`")
         if meta.get("format") != SENSITIVITY_FORMAT:
             raise ValueError(f"{folder}: sensitivity format {meta.get('format')} is not {SENSITIVITY_FORMAT}; "
                              "measure it again")
@@ -1128,8 +1134,10 @@ def parse_bits(text: str) -> tuple[int, ...]:
     except ValueError:
         raise ValueError(f"--derive-bits {text!r}: give comma-separated bit widths such as 8 or 4,8, "
                          "or '' to probe every setting") from None
-    if any(b < 1 or b > 16 for b in out):
-        raise ValueError(f"--derive-bits {text!r}: widths must be between 1 and 16")
+    allowed = BITS_GRID[1:]  # a derived width is scaled from a lower probed one
+    if any(b not in allowed for b in out):
+        raise ValueError(f"--derive-bits {text!r}: derived widths are among {', '.join(map(str, allowed))} (the grid's "
+                         f"widths above its lowest, {BITS_GRID[0]}, which is always probed)")
     return out
 
 
@@ -1145,14 +1153,16 @@ def cli_sensitivity(args, progress: Progress | None = None, say: Callable[[str],
     check_replaceable(args.out, SENSITIVITY_MARKERS, "a sensitivity grid")  # before the long work
     check_methods(args.method, args.quant)
     derive = parse_bits(getattr(args, "derive_bits", ",".join(map(str, DERIVED_BITS))))
-    require_at_least_one(("--tokens", args.tokens), ("--seqlen", args.seqlen))
+    require_at_least_one(("--tokens", args.tokens), ("--seqlen", args.seqlen),
+                         ("--profile-tokens", getattr(args, "profile_tokens", None)),
+                         ("--workers", getattr(args, "workers", None)), ("--group-size", args.group_size))
     t0 = time.perf_counter()
+    corpus = load_corpus(args.text)  # a missing text file is said before the model loads
     lm = load_model(args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code, progress=say)
     lm.require_dense("the sensitivity grid")
     if lm.max_positions and args.seqlen > lm.max_positions:
         raise ValueError(f"seqlen {args.seqlen} exceeds the model's maximum of {lm.max_positions} positions; "
                          f"use --seqlen {lm.max_positions} or less")
-    corpus = load_corpus(args.text)
     tokens = tokenize(lm.tokenizer, corpus)
     n_win = max(1, -(-args.tokens // args.seqlen))
     # the replacements are fitted on a profile of at least PROFILE_TOKENS tokens; its first

@@ -351,6 +351,19 @@ def _solve_lagrangian(costs: list[np.ndarray], dls: list[np.ndarray], cap: int) 
 
 
 # ------------------------------------------------------------------------ allocation
+TARGET_FLAGS = {"bytes": "--target-bytes", "ratio": "--target-ratio", "bits": "--target-bits"}
+TARGET_WORDS = {"bytes": "target bytes", "ratio": "target ratio", "bits": "target bits per weight"}
+
+
+def check_target(kind: str, value: float) -> None:
+    """A size target must be a finite positive number (whole bytes for a byte target)."""
+    flag = TARGET_FLAGS[kind]
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"the {TARGET_WORDS[kind]} ({flag}) must be a finite positive number, got {value}")
+    if kind == "bytes" and value != int(value):
+        raise ValueError(f"the {TARGET_WORDS[kind]} ({flag}) must be a whole number of bytes, got {value}")
+
+
 def allocate(predictor: Predictor, *, target_bytes: int | None = None, target_ratio: float | None = None,
              target_bits: float | None = None, only: str | None = None, group_size: int | None = None,
              quant: str | None = None, lowrank: str | None = None, solver: str = "auto",
@@ -366,6 +379,7 @@ def allocate(predictor: Predictor, *, target_bytes: int | None = None, target_ra
     if len(given) != 1:
         raise ValueError("give exactly one of target_bytes, target_ratio, target_bits")
     kind, value = given[0]
+    check_target(kind, value)
     if solver not in ("auto", "exact", "lagrangian"):
         raise ValueError(f"solver must be auto, exact or lagrangian, got {solver!r}")
     p = predictor
@@ -381,15 +395,11 @@ def allocate(predictor: Predictor, *, target_bytes: int | None = None, target_ra
     names = [li.name for li in p.linears]
     dense_linear_bytes = p.dense_linear_params * p.dtype_bytes
     if kind == "bits":
-        if not value > 0:
-            raise ValueError(f"target bits per weight must be positive, got {value}")
         cap = math.floor(value * p.dense_linear_params / 8 + 1e-9)
         costs = [np.array([o.weight_bytes for o in opts[nm]], dtype=np.int64) for nm in names]
         dense_cost = dense_linear_bytes
     else:
         if kind == "ratio":
-            if not value > 0:
-                raise ValueError(f"target ratio must be positive, got {value}")
             total_cap = math.floor(value * p.dense_total_bytes + 1e-9)
         else:
             total_cap = int(value)
@@ -472,6 +482,10 @@ def cli_allocate(args, say=None) -> dict:
         check_plan_path(args.out)
     except ValueError as e:
         raise ValueError(f"--out: {e}") from None
+    for kind in TARGET_FLAGS:  # cheap checks before the model loads
+        value = getattr(args, f"target_{kind}", None)
+        if value is not None:
+            check_target(kind, value)
     grid = SensitivityGrid.load(args.sensitivity)
     lm = load_model(args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code, progress=say)
     lm.require_dense("allocation")

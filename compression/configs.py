@@ -273,9 +273,11 @@ class LillamaConfig(LowRankConfig):
 
 
 def _divisor_near(n: int, g: int) -> int | None:
-    """The multiple of 8 dividing ``n`` nearest to ``g``; None if there is none."""
+    """The multiple of 8 dividing ``n`` nearest to ``g`` (to the usual 128 when ``g`` is not
+    positive); None if there is none."""
     divs = [d for d in range(8, n + 1, 8) if n % d == 0]
-    return min(divs, key=lambda d: abs(d - g)) if divs else None
+    want = g if g > 0 else 128
+    return min(divs, key=lambda d: abs(d - want)) if divs else None
 
 
 def break_even_rank(m: int, n: int) -> float:

@@ -16,7 +16,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import pandas as pd
@@ -37,7 +37,7 @@ from analysis.profile import Profile, load_or_profile, rank_for_energy
 from analysis.sensitivity import DEFAULT_TOKENS as SENSITIVITY_TOKENS
 from compression.apply import apply_plan
 from compression.correction import Correction, fit_correction
-from compression.plan import ModuleSpec, Plan, needs_calibration, plan_size, validate
+from compression.plan import ModuleSpec, Plan, needs_calibration, other_model_notes, plan_size, validate
 
 Progress = Callable[[float, str], None]
 BITS_CHOICES = [2, 3, 4, 8, None]  # the per-layer bit widths offered (None = keep the dtype)
@@ -518,7 +518,13 @@ class Lab:
         return allocate(self.predictor, target_ratio=target_ratio, only=only)
 
     def check(self, plan: Plan) -> list[str]:
-        return validate(plan, self.linears, warn=False)  # the app shows them; no process-wide warning filter
+        # the app shows the notes itself: no process-wide warning filter
+        return validate(plan, self.linears, warn=False) + other_model_notes(plan, self.require_model().fingerprint)
+
+    def stamped(self, plan: Plan) -> Plan:
+        """``plan`` with the loaded model it was made for in its meta (an exported plan says so)."""
+        lm = self.require_model()
+        return replace(plan, meta={**plan.meta, "base_model": lm.spec, "base_fingerprint": lm.fingerprint})
 
     def predict(self, plan: Plan) -> dict:
         """Exact bytes always; predicted loss/ppl when sensitivities exist, and a corrected

@@ -266,6 +266,20 @@ def _typed(cls, d, where: str):
 
 
 # --------------------------------------------------------------------------- validation
+def other_model_notes(plan: Plan, fingerprint: str) -> list[str]:
+    """A note when ``plan`` says it was made for another model (its ``meta["base_fingerprint"]``):
+    its names and shapes may still fit (same architecture, another dtype or fine-tune), but its
+    ranks and bits were chosen for that model's weights."""
+    theirs = plan.meta.get("base_fingerprint")
+    if not theirs or theirs == fingerprint:
+        return []
+    model = plan.meta.get("base_model") or plan.meta.get("model")
+    made = f" (`{model}`)" if model else ""
+    return [f"this plan was made for another model{made}, fingerprint {theirs}, not this one ({fingerprint}): its "
+            "ranks and bits were chosen for that model's weights (another dtype or fine-tune also changes the "
+            "fingerprint); allocate again for this model to be sure"]
+
+
 def validate(plan: Plan, linears: list[LinearInfo], warn: bool = True) -> list[str]:
     """Check ``plan`` against a model's decoder linears. Raises ``ValueError`` listing every
     problem and what to change; returns the warnings (and, if ``warn``, emits them as
@@ -426,6 +440,9 @@ def uniform_plan(method: str, linears: list[LinearInfo], *, param_ratio: float |
         if param_ratio is None:
             raise ValueError(f"{method} is a low-rank method: give --param-ratio R (fraction of decoder-linear "
                              "parameters kept, e.g. 0.8)")
+        if not 0 < param_ratio <= 1:
+            raise ValueError(f"--param-ratio {param_ratio} must be in (0, 1]: the fraction of each linear's "
+                             "parameters the factors keep, e.g. 0.8")
         mods = {li.name: ModuleSpec(rank=rank_for_ratio(li, param_ratio), lowrank=method) for li in linears}
         return Plan(modules=mods, lillama=(lillama or LillamaOptions()) if method == "lillama" else None,
                     meta={"method": method, "param_ratio": param_ratio})

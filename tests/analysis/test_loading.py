@@ -34,5 +34,11 @@ def test_model_specs_that_cannot_load_say_what_to_give(tmp_path):
         load_model(str(tmp_path / "weights.txt"))
     with pytest.raises(FileNotFoundError, match="GGUF file .* not found"):
         load_model(str(tmp_path / "missing.gguf"))
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.gguf is empty, so it is not a GGUF model file"):
+        load_model(str(tmp_path / "empty.gguf"))
+    (tmp_path / "page.gguf").write_bytes(b"<html>not found</html>")
+    with pytest.raises(ValueError, match="does not start with the GGUF magic bytes"):
+        load_model(str(tmp_path / "page.gguf"))
     with pytest.raises(FileNotFoundError, match="no model folder at"):
         load_model(str(tmp_path / "missing"))

@@ -1,6 +1,7 @@
 """Sensitivity grid on a tiny llama: exact against applying the plan, zero-ish at full rank /
 8 bits, growing as rank and bits fall, the model untouched, artifacts, proxy, CLI."""
 import copy
+import re
 from argparse import Namespace
 
 import numpy as np
@@ -543,3 +544,15 @@ def test_draw_tokens_samples_the_distribution_and_never_a_zero_probability_token
     one_hot = torch.zeros(3, 5)
     one_hot[:, 4] = 1.0  # the last token, the one a rounded cumulative sum could overshoot
     assert draw_tokens(one_hot, torch.Generator().manual_seed(0)).tolist() == [4, 4, 4]
+
+
+def test_settings_that_cannot_be_built_are_refused_once_per_reason(trained):
+    lm, ids, stats = trained
+    with pytest.raises(ValueError) as e:
+        measure_sensitivity(lm.model, lm.adapter, ids, stats, group_size=12, fractions=FRACTIONS)
+    lines = str(e.value).splitlines()
+    n_bits = len(lm.adapter.linears(lm.model)) * 4  # every linear, at every probed width
+    # one line per distinct reason (here: per input width), not one per linear and width
+    assert lines[0] == "sensitivity settings cannot be built:" and 2 <= len(lines) <= 3
+    assert sum(int(re.search(r"\((\d+) settings?, e\.g\.", ln).group(1)) for ln in lines[1:]) == n_bits
+    assert "group size 12 must be a positive multiple of 8" in lines[1] and "e.g. model.layers.0." in lines[1]

@@ -59,6 +59,9 @@ def test_eval_profile_apply_reload(model_dir, tmp_path, capsys, monkeypatch):
     assert {"name", "layer", "role", "out_features", "in_features", "eff_rank_act", "eff_rank_weight", "rank90",
             "rank95", "rank99", "break_even"} <= set(summary.columns)
     assert (tmp_path / "prof" / "meta.json").exists()
+    assert compression_main(["allocate", "--model", str(folder), "--sensitivity", str(tmp_path / "prof"),
+                             "--target-ratio", "0.5", "--out", str(tmp_path / "p.json")]) == 2
+    assert "holds a profile (spectra), not a sensitivity grid" in capsys.readouterr().err
 
     comp = _run(compression_main, ["apply", "--model", str(folder), "--text", str(text), "--method", "gptq",
                                    "--bits", "4", "--group-size", "32", "--calib-tokens", "256", "--seqlen", "32",
@@ -99,6 +102,7 @@ def test_apply_lillama_defaults_to_svd_llm_and_reports_its_options(model_dir, tm
 
 
 def test_data_free_apply_reads_no_calibration_and_refuses_ignored_flags(model_dir, tmp_path, capsys, monkeypatch):
+    from analysis.__main__ import main as analysis_main
     from compression.__main__ import main as compression_main
 
     monkeypatch.setenv("RANKLAB_CACHE", str(tmp_path / "cache"))
@@ -107,6 +111,15 @@ def test_data_free_apply_reads_no_calibration_and_refuses_ignored_flags(model_di
                                   "4", "--group-size", "32", "--out", str(tmp_path / "rtn")], capsys)
     assert out["calibration"] == "none (data-free methods)" and out["weight_bytes"] == out["predicted_weight_bytes"]
     assert not (tmp_path / "cache" / "profiles").exists()  # nothing was profiled
+    # a plan made for another model applies (names and shapes fit) with a note saying so
+    from compression.plan import ModuleSpec, Plan
+
+    Plan(default=ModuleSpec(bits=4, group_size=32), meta={"base_model": "other", "base_fingerprint": "f00d"}).save(
+        tmp_path / "foreign.json")
+    assert compression_main(["apply", "--model", str(folder), "--plan", str(tmp_path / "foreign.json"), "--out",
+                             str(tmp_path / "foreign")]) == 0
+    err = capsys.readouterr().err
+    assert "note: this plan was made for another model (`other`), fingerprint f00d, not this one" in err
     for flags, msg in ((["--method", "rtn", "--bits", "4", "--param-ratio", "0.5"], "--param-ratio would be ignored"),
                        (["--method", "svd-llm", "--param-ratio", "0.8", "--bits", "4"], "--bits would be ignored"),
                        (["--method", "svd", "--param-ratio", "0.8", "--steps", "5"], "--steps would be ignored"),
@@ -119,13 +132,21 @@ def test_data_free_apply_reads_no_calibration_and_refuses_ignored_flags(model_di
     assert not (tmp_path / "o").exists()
     # checked before the model loads (a missing model is only reported once the flags pass)
     missing = ["--model", "org/missing-model", "--out", str(tmp_path / "o")]
+    for main, cmd in ((analysis_main, "eval"), (analysis_main, "profile"), (analysis_main, "sensitivity"),
+                      (compression_main, "apply")):  # a missing text file, before the (missing) model
+        extra = {"apply": ["--method", "rtn", "--bits", "4"], "eval": []}.get(cmd, [])
+        extra += [] if cmd == "eval" else ["--out", str(tmp_path / "o")]
+        assert main([cmd, *missing[:2], "--text", str(tmp_path / "nope.txt"), *extra]) == 2
+        assert "nope.txt" in capsys.readouterr().err, cmd
     for flags, msg in ((["--method", "binary", "--bits", "1"], "not on disk"),  # the format's own width: fine
                        (["--method", "binary", "--bits", "2"], "--bits would be ignored"),
                        (["--method", "svd-llm"], "give --param-ratio"),
                        (["--method", "gptq"], "gptq needs --bits"),
                        (["--method", "slicegpt"], "slicegpt needs --slice"),
                        ([], "give --plan PLAN.json or --method NAME"),
-                       (["--method", "rtn", "--bits", "4", "--seqlen", "0"], "--seqlen must be at least 1")):
+                       (["--method", "rtn", "--bits", "4", "--seqlen", "0"], "--seqlen must be at least 1"),
+                       (["--method", "svd-llm", "--param-ratio", "0"], "--param-ratio 0.0 must be in (0, 1]"),
+                       (["--method", "svd", "--param-ratio", "nan"], "--param-ratio nan must be in (0, 1]")):
         assert compression_main(["apply", *missing, *flags]) == 2
         assert msg in capsys.readouterr().err, flags
 
@@ -148,9 +169,18 @@ def test_bad_input_is_one_clear_line(model_dir, tmp_path, capsys):
     assert "--seqlen must be at least 1, got 0" in capsys.readouterr().err
     for flags, msg in ((["--method", "lillama"], "probes one of svd, act-pca, svd-llm (lillama plans use"),
                        (["--quant", "fp8"], "--quant 'fp8': probes one of rtn, gptq"),
-                       (["--derive-bits", "x"], "--derive-bits 'x'")):
+                       (["--derive-bits", "x"], "--derive-bits 'x'"),
+                       (["--derive-bits", "5"], "derived widths are among 3, 4, 8"),
+                       (["--workers", "0"], "--workers must be at least 1, got 0"),
+                       (["--profile-tokens", "-3"], "--profile-tokens must be at least 1, got -3"),
+                       (["--group-size", "0"], "--group-size must be at least 1, got 0")):
         assert analysis_main(["sensitivity", "--model", str(folder), "--out", str(tmp_path / "s"), *flags]) == 2
         assert msg in capsys.readouterr().err
+    for flag in ("--target-bits", "--target-ratio", "--target-bytes"):  # refused before anything loads
+        for bad in (("inf", "-5") if flag != "--target-bytes" else ("-5", "0")):
+            assert compression_main(["allocate", "--model", "org/missing-model", "--sensitivity", str(tmp_path / "no"),
+                                     flag, bad, "--out", str(tmp_path / "p.json")]) == 2
+            assert f"({flag}) must be a finite positive number" in capsys.readouterr().err
     assert compression_main(["apply", "--model", str(folder), "--text", str(text), "--method", "svd-llm",
                              "--out", str(tmp_path / "x")]) == 2
     assert "--param-ratio" in capsys.readouterr().err
@@ -166,3 +196,19 @@ def test_bad_input_is_one_clear_line(model_dir, tmp_path, capsys):
         assert analysis_main(argv) == 2
         assert "not empty and does not hold a" in capsys.readouterr().err
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_warnings_are_one_line_each_and_errors_one_line(capsys):
+    import argparse
+    import warnings
+
+    from analysis.cli import run_command
+
+    def fn(_a):
+        warnings.warn("only 3 tokens: the spectra are noisy", UserWarning, stacklevel=1)
+        return {"ok": 1}
+
+    assert run_command(argparse.Namespace(fn=fn)) == 0
+    err = capsys.readouterr().err
+    assert err == "warning: only 3 tokens: the spectra are noisy\n"  # no file name, no source line
+    assert warnings.showwarning is not None and warnings.showwarning.__name__ != "_warning_line"  # restored

@@ -202,6 +202,13 @@ def test_impossible_target_names_the_smallest_reachable_size():
         allocate(p, target_bits=2.5, only="bits")
     with pytest.raises(ValueError, match="exactly one"):
         allocate(p, target_bits=3.0, target_ratio=0.5)
+    for kw, flag in (("target_bits", "--target-bits"), ("target_ratio", "--target-ratio"),
+                     ("target_bytes", "--target-bytes")):
+        for bad in (float("inf"), float("nan"), 0, -5):
+            with pytest.raises(ValueError, match=f"\\({flag}\\) must be a finite positive number, got {bad}"):
+                allocate(p, **{kw: bad})
+    with pytest.raises(ValueError, match="must be a whole number of bytes, got 10.5"):
+        allocate(p, target_bytes=10.5)
 
 
 def _brute_force(p, opts, kind, value):

@@ -411,3 +411,13 @@ def test_a_compressed_model_is_measured_but_not_profiled_budgeted_or_run(tiny_la
     assert tiny_lab.evaluate_dense()["ppl"] > 1  # measuring it as it is works
     _, second = tiny_lab.generate("ab", max_new_tokens=2)
     assert "itself compressed" in second
+
+
+def test_an_exported_plan_names_its_model_and_a_foreign_plan_gets_a_note(tiny_lab):
+    plan = tiny_lab.stamped(Plan(default=ModuleSpec(bits=4, group_size=32)))
+    assert plan.meta["base_fingerprint"] == tiny_lab.lm.fingerprint and plan.meta["base_model"] == "tiny"
+    assert not any("another model" in n for n in tiny_lab.check(Plan.from_json(plan.to_json())))
+    plan.meta["base_fingerprint"] = "f00d"
+    notes = tiny_lab.check(plan)
+    assert any(n.startswith("this plan was made for another model (`tiny`), fingerprint f00d") for n in notes)
+    assert any("another model" in n for n in tiny_lab.predict(plan)["notes"])  # the readout shows it
