@@ -297,7 +297,7 @@ def build_spectra_tab(state, scratch: Scratch):
             raise _err(e) from e
         proto = _profile_protocol(lab)
         path = scratch.folder() / "spectra_summary.csv"
-        prof.summary.to_csv(path, index=False)
+        prof.summary.assign(protocol=proto).to_csv(path, index=False)  # a downloaded table carries its protocol
         layers = sorted(prof.summary.layer.unique().tolist())
         roles = list(dict.fromkeys(prof.summary.role))
         took = (f"statistics {prof.meta.get('seconds_stats', 0):.1f} s, eigendecompositions "
@@ -727,7 +727,8 @@ def build_budget_tab(state):
         n = len(lab.lm.adapter.layers(lab.lm.model)) if lab is not None and lab.lm is not None else 0
         return [gr.update(visible=i < n) for i in range(MAX_LAYERS)]
 
-    return dict(current_plan=current_plan, inputs=inputs, outputs=outputs, show_rows=show_rows,
+    return dict(current_plan=current_plan, inputs=inputs, outputs=outputs, show_rows=show_rows, fill=fill,
+                settings=[*ranks, *bits, overrides],
                 rows=[r.row for r in ranks], on_predict=on_predict)
 
 
@@ -738,10 +739,10 @@ def _readout(lab: Lab, plan: Plan):
     cal = pr.get("correction")
     if cal is not None:
         ppl += f" (corrected by {cal.n} measured run{'s' if cal.n > 1 else ''}: {pr['ppl_corrected']:.2f})"
-    src = "" if lab.predictor is None else (" (measured grid)" if lab.sensitivity is not None else
-                                            " (first view, an estimate)")
+    src = "" if lab.predictor is None else (", from the measured grid" if lab.sensitivity is not None else
+                                            ", from the first view (an estimate)")
     text = (f"### Predicted: {_fmt_bytes(pr['bytes'])} · ratio {pr['ratio']:.3f} of dense · "
-            f"{pr['bits_per_weight']:.2f} bits/weight · perplexity {ppl}\n"
+            f"{pr['bits_per_weight']:.2f} bits per decoder-linear weight · perplexity {ppl}\n"
             f"Decoder-linear parameters: {pr['params'] / 1e6:.2f} M · dense {_fmt_bytes(pr['dense_bytes'])}"
             f"{' · measured dense perplexity ' + format(dense['ppl'], '.2f') if dense else ''}  \n"
             + ("Perplexity predicted as the measured dense perplexity of the evaluation text x exp(sum of the "
@@ -750,8 +751,9 @@ def _readout(lab: Lab, plan: Plan):
                "evaluation text's scale); bytes are exact." if pr["ppl"] is not None else
                "No sensitivities yet: profile the model (Spectra tab) for a first view, or measure the grid "
                "(Sensitivity tab), to predict perplexity; bytes are exact.")
-            + " Adding per-linear increases ranks plans well but runs optimistic for heavy compression (errors "
-              "compound across layers, and within a layer): measure a plan before a long run."
+            + (" Adding per-linear increases ranks plans well but runs optimistic for heavy compression (errors "
+               "compound across layers, and within a layer): measure a plan before a long run."
+               if pr["ppl"] is not None else "")
             + _correction_text(lab, pr))
     if pr["notes"]:
         shown = "\n".join(f"- {n}" for n in pr["notes"][:5])
@@ -789,8 +791,9 @@ def _correction_text(lab: Lab, pr: dict) -> str:
     if skipped:
         skipped = f" Runs left out of the correction (not comparable with the grid's predictions): {skipped}."
     if cal is None:
-        return ("  \nAfter two measured runs of plans compressed with the grid's methods (on these texts), the readout "
-                "also gives the prediction corrected by how far the runs fell from theirs." + skipped)
+        return ("  \nAfter two measured runs of plans compressed with the methods this prediction assumes (on these "
+                "texts), the readout also gives the prediction corrected by how far the runs fell from theirs."
+                + skipped)
     ext = (" **This plan lies outside the predictions it was fitted on: the corrected figure is an extrapolation.**"
            if pr.get("correction_extrapolates") else "")
     return (f"  \nCorrected perplexity: {cal.describe()}; dense perplexity x exp(corrected increase). The order of "
@@ -803,7 +806,8 @@ def build_run_tab(state, budget):
                 "saved in the workspace folder. Latency of dequantise-on-the-fly layers is *slower* than dense "
                 "without custom kernels: that is measured, not hidden.")
     with gr.Row():
-        label = gr.Textbox("", label="Run label (optional)", scale=2)
+        label = gr.Textbox("", label="Run label (optional)", scale=2,
+                           placeholder="left empty: the preset's name, or what the plan does")
         dense_btn = gr.Button("Measure dense", scale=1)
         run_btn = gr.Button("Run the current plan", variant="primary", elem_id="run-btn", scale=1)
         cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn", scale=1)
@@ -876,7 +880,7 @@ def build_run_tab(state, budget):
                     concurrency_limit=1)
     cancel_btn.click(_cancel_text, [state], [status], queue=False)  # the run then reports how it ended
     gen_btn.click(on_gen, [state, prompt], [out_dense, out_comp], concurrency_id=HEAVY, concurrency_limit=1)
-    return dict(tables=tables, runs=runs, fig_bytes=fig_bytes, fig_lat=fig_lat)
+    return dict(tables=tables, runs=runs, fig_bytes=fig_bytes, fig_lat=fig_lat, status=status)
 
 
 def build_export_tab(state, budget, scratch: Scratch):
@@ -983,18 +987,25 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                 build_export_tab(state, budget, scratch)
 
         def after_load(lab):
+            """A new model: its rows, dense sliders (the loaded plan is dense), its prediction and runs;
+            the last run's message belonged to the model before."""
             if lab is None or lab.lm is None:
-                return [*budget["show_rows"](lab), *[gr.update()] * 7]
+                return [*budget["show_rows"](lab), *[gr.update()] * (len(budget["settings"]) + 8)]
+            try:
+                dense = budget["fill"](lab, Plan())
+            except ValueError:  # more layers than sliders: the readout's plan table and the CLI take it
+                dense = [gr.update()] * len(budget["settings"])
             if lab.lm.compressed:  # nothing to budget: the readout says what to load instead
-                return [*budget["show_rows"](lab), f"**No budget for this model:** {_compressed_note(lab)}",
-                        None, None, "", *run["tables"](lab)]
+                return [*budget["show_rows"](lab), *dense, f"**No budget for this model:** {_compressed_note(lab)}",
+                        None, None, "", *run["tables"](lab), ""]
             pred = _readout(lab, Plan())
-            return [*budget["show_rows"](lab), *pred, *run["tables"](lab)]
+            return [*budget["show_rows"](lab), *dense, *pred, *run["tables"](lab), ""]
 
         # predictions may have appeared since (profiling computes a first sensitivity view)
         sens_tab.select(sens["on_open"], [state], sens["outputs"], show_progress="hidden")
         budget_tab.select(budget["on_predict"], budget["inputs"], budget["outputs"], show_progress="hidden")
-        post = [*budget["rows"], *budget["outputs"], run["runs"], run["fig_bytes"], run["fig_lat"]]
+        post = [*budget["rows"], *budget["settings"], *budget["outputs"], run["runs"], run["fig_bytes"], run["fig_lat"],
+                run["status"]]
         model["load_event"].then(after_load, [state], post)
         # new texts, new protocol: the prediction's scale, the run tab's figures and captions follow
         (model["data_event"].success(budget["on_predict"], budget["inputs"], budget["outputs"], show_progress="hidden")

@@ -37,7 +37,15 @@ from analysis.profile import Profile, load_or_profile, rank_for_energy
 from analysis.sensitivity import DEFAULT_TOKENS as SENSITIVITY_TOKENS
 from compression.apply import apply_plan
 from compression.correction import Correction, fit_correction
-from compression.plan import ModuleSpec, Plan, needs_calibration, other_model_notes, plan_size, validate
+from compression.plan import (
+    ModuleSpec,
+    Plan,
+    describe_plan,
+    needs_calibration,
+    other_model_notes,
+    plan_size,
+    validate,
+)
 
 Progress = Callable[[float, str], None]
 BITS_CHOICES = [2, 3, 4, 8, None]  # the per-layer bit widths offered (None = keep the dtype)
@@ -73,6 +81,7 @@ class RunRecord:
     protocol: str = ""
     error: str = ""
     seconds: float = 0.0
+    summary: str = ""  # what the plan does, in words (describe_plan)
 
 
 class RunHistory:
@@ -127,7 +136,7 @@ class RunHistory:
         rows = []
         for r in self.records(fingerprint):
             m, p = r.measured, r.predicted
-            rows.append(dict(run_id=r.run_id, time=r.time, label=r.label, status=r.status,
+            rows.append(dict(run_id=r.run_id, time=r.time, label=r.label, status=r.status, plan=r.summary,
                              ppl=m.get("ppl"), predicted_ppl=p.get("ppl"), corrected_ppl=p.get("ppl_corrected"),
                              bytes=m.get("bytes"),
                              bits_per_weight=m.get("bits_per_weight"), prefill_tok_s=m.get("prefill_tok_s"),
@@ -135,7 +144,7 @@ class RunHistory:
                              decode_ms_min=_at(m.get("decode_ms_range"), 0),
                              decode_ms_max=_at(m.get("decode_ms_range"), 1), seconds=r.seconds,
                              protocol=m.get("protocol", r.protocol), error=r.error))  # latency too
-        cols = ["run_id", "time", "label", "status", "ppl", "predicted_ppl", "corrected_ppl", "bytes",
+        cols = ["run_id", "time", "label", "status", "plan", "ppl", "predicted_ppl", "corrected_ppl", "bytes",
                 "bits_per_weight",
                 "prefill_tok_s", "decode_ms_per_token", "decode_ms_min", "decode_ms_max", "seconds", "protocol",
                 "error"]
@@ -192,6 +201,7 @@ class Lab:
         self.plan = Plan()
         self.compressed: nn.Module | None = None
         self.compressed_plan: Plan | None = None
+        self.compressed_run: RunRecord | None = None  # the run that made ``compressed``: its export says it
         self.dense_eval: dict | None = None
         self.history = RunHistory(self.workspace)
         self._stop = False
@@ -267,7 +277,7 @@ class Lab:
             note = (f"the texts in use could not be windowed for this model ({e}); it uses the default texts "
                     f"with a window length of {seqlen} instead: change them under Use these texts")
         self.lm = lm
-        self.compressed = self.compressed_plan = None
+        self.compressed = self.compressed_plan = self.compressed_run = None
         self.plan = Plan()
         self._commit_split(split, calib, evalt, seqlen)
         return {**self.summary(), "note": note}
@@ -655,7 +665,7 @@ class Lab:
         d = self.dense_eval
         if not d:
             return table
-        row = dict(run_id="dense", time="", label="dense (this session)", status="ok", ppl=d.get("ppl"),
+        row = dict(run_id="dense", time="", label="dense (this session)", status="ok", plan="dense", ppl=d.get("ppl"),
                    bytes=d.get("bytes"), bits_per_weight=d.get("bits_per_weight"),
                    prefill_tok_s=d.get("prefill_tok_s"), decode_ms_per_token=d.get("decode_ms_per_token"),
                    decode_ms_min=_at(d.get("decode_ms_range"), 0), decode_ms_max=_at(d.get("decode_ms_range"), 1),
@@ -689,9 +699,12 @@ class Lab:
         cancelled, with the reason). The loaded dense model stays usable."""
         lm = self.require_dense("compression")
         say = progress or (lambda f, m: None)
+        summary = describe_plan(plan, self.linears)
+        method = plan.meta.get("method")  # a preset's name; hand-set sliders are named by what they do
         rec = RunRecord(run_id=uuid.uuid4().hex[:8], time=_dt.datetime.now().isoformat(timespec="seconds"),
-                        label=label or plan.meta.get("method", "plan"), status="failed",
-                        fingerprint=lm.fingerprint, plan=plan.to_dict(), protocol=self.protocol())
+                        label=label.strip() or (method if method not in (None, "sliders", "plan") else summary),
+                        status="failed", fingerprint=lm.fingerprint, plan=plan.to_dict(), protocol=self.protocol(),
+                        summary=summary)
         t0 = time.perf_counter()
         with self.running("the run"):
             try:
@@ -707,7 +720,7 @@ class Lab:
                                        should_stop=self.should_stop)
                 rec.measured = self._measure(comp, lambda f, m: say(0.7 + 0.3 * f, m))
                 rec.status = "ok"
-                self.compressed, self.compressed_plan = comp, plan
+                self.compressed, self.compressed_plan, self.compressed_run = comp, plan, rec
             except InterruptedError as e:
                 rec.status, rec.error = "cancelled", str(e)
             except torch.cuda.OutOfMemoryError as e:
@@ -775,8 +788,15 @@ class Lab:
         if self.compressed is None:
             raise ValueError("run a compression first (Run & compare tab)")
         lm = self.require_model()
+        run = self.compressed_run
+        meta = {"base_model": lm.spec, "base_fingerprint": lm.fingerprint}
+        if run is not None:  # what was measured of it, and how
+            meta["run"] = dict(run_id=run.run_id, time=run.time, label=run.label, plan=run.summary,
+                               measured={k: run.measured.get(k) for k in ("ppl", "bytes", "bits_per_weight",
+                                                                          "prefill_tok_s", "decode_ms_per_token")},
+                               predicted=run.predicted, protocol=run.measured.get("protocol", run.protocol))
         save_compressed(self.compressed, folder, plan_json=self.compressed_plan.to_json(), tokenizer=lm.tokenizer,
-                        meta={"base_model": lm.spec, "base_fingerprint": lm.fingerprint})
+                        meta=meta)
         return Path(shutil.make_archive(str(folder), "zip", root_dir=folder))
 
 

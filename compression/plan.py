@@ -265,6 +265,34 @@ def _typed(cls, d, where: str):
     return cls(**d)
 
 
+# --------------------------------------------------------------------------- description
+def describe_plan(plan: Plan, linears: list[LinearInfo]) -> str:
+    """One line saying what ``plan`` does to a model's decoder linears, for run tables and
+    default run labels: each setting with how many linears use it, ranks as their mean
+    fraction of full rank, e.g. ``svd-llm rank 52% of full x 120 · rtn 4b g128 x 90``."""
+    if plan.slicegpt is not None:
+        return f"slicegpt {plan.slicegpt.slice_fraction:.0%} of the hidden width deleted"
+    groups: dict[str, list[float]] = {}
+    for li in linears:
+        s = plan.spec_for(li.name)
+        parts = []
+        if s.rank is not None:
+            parts.append(f"{s.lowrank} rank")
+        if s.bits is not None:
+            g = "" if s.quant in ("fp8", "mxfp4") else f" g{s.group_size}"
+            parts.append(f"{s.quant} {s.bits}b{g}")
+        key = " + ".join(parts) or "dense"
+        groups.setdefault(key, []).append(s.rank / min(li.out_features, li.in_features) if s.rank else 1.0)
+    out = []
+    for key, fracs in sorted(groups.items(), key=lambda kv: (kv[0] == "dense", -len(kv[1]))):
+        mean = f" {sum(fracs) / len(fracs):.0%} of full" if "rank" in key else ""
+        out.append(f"{key.replace(' rank', ' rank' + mean, 1)} x {len(fracs)}")
+    text = " · ".join(out)
+    if plan.lillama is not None and any("lillama" in k for k in groups):
+        text += f" (lillama from {plan.lillama.init}, {plan.lillama.steps} steps)"
+    return text
+
+
 # --------------------------------------------------------------------------- validation
 def other_model_notes(plan: Plan, fingerprint: str) -> list[str]:
     """A note when ``plan`` says it was made for another model (its ``meta["base_fingerprint"]``):

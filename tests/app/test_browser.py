@@ -127,11 +127,11 @@ def test_profile_slider_run_reload(app_url):
             page.wait_for_timeout(250)
         assert after and after != before, "the predicted point did not move"
         # bits are picked as real widths: layer 0 at 3 bits lowers the predicted bits per weight
-        bpw = re.compile(r"([\d.]+) bits/weight")
+        bpw = re.compile(r"([\d.]+) bits per decoder-linear weight")
         before_bits = float(bpw.search(readout.inner_text()).group(1))
         page.locator("#bits-0 input").click()
         page.get_by_role("option", name="3", exact=True).click()
-        expect(readout).to_contain_text(re.compile(r"bits/weight"))
+        expect(readout).to_contain_text(re.compile(r"bits per decoder-linear weight"))
         for _ in range(40):
             found_bits = bpw.search(readout.inner_text())
             if found_bits and float(found_bits.group(1)) < before_bits:

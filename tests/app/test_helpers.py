@@ -77,7 +77,8 @@ def test_readout_gives_the_prediction_corrected_by_measured_runs(tiny_lab, monke
     assert "predicted on the calibration text" in caption  # not the evaluation protocol's scale yet
     dense = tiny_lab.evaluate_dense()
     text, fig, *_ = app._readout(tiny_lab, plan)
-    assert "After two measured runs of plans compressed with the grid's methods" in text
+    assert "After two measured runs of plans compressed with the methods this prediction assumes" in text
+    assert ") (" not in text.split("\n")[0] + text.split("\n")[2]  # one parenthesis at a time
     assert not any("corrected" in (t.name or "") for t in fig.data)
     for label, p in (("heavy", plan), ("medium", tiny_lab.plan_from_sliders([50, 50], [3, 3], group_size=32))):
         nll = dense["nll"] + 2.0 * tiny_lab.predictor.predict(p).dloss  # measured: twice the predicted increase
@@ -139,3 +140,13 @@ def test_summary_of_a_compressed_model_says_what_it_is_for(tiny_lab):
     text = app._summary_md(tiny_lab, tiny_lab.summary())
     assert "compressed by RankLab" in text and "M parameters" not in text  # packed counts would mislead
     assert "load its base model `default` for those" in text
+
+
+def test_readout_without_sensitivities_says_how_to_get_a_prediction_and_no_caveat(tiny_lab):
+    text, *_ = app._readout(tiny_lab, tiny_lab.plan_from_sliders([50, 50], [None, None], group_size=32))
+    assert "No sensitivities yet: profile the model" in text and "bits per decoder-linear weight" in text
+    assert "runs optimistic" not in text  # a caveat on a prediction that is not there would confuse
+    tiny_lab.run_profile()
+    tiny_lab.run_proxy()
+    text, *_ = app._readout(tiny_lab, tiny_lab.plan_from_sliders([50, 50], [None, None], group_size=32))
+    assert "runs optimistic" in text and ", from the first view (an estimate)" in text

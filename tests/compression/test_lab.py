@@ -118,6 +118,11 @@ def test_run_measures_and_history_survives_restart(tiny_lab):
     assert "latency: prefill 1 x 16" in rows.iloc[0].protocol  # the table's timings carry their protocol
     first = rows.iloc[0]  # and the range of the decode runs around their median
     assert 0 < first.decode_ms_min <= first.decode_ms_per_token <= first.decode_ms_max
+    # an unlabelled run of hand-set sliders is named by what its plan does; every row says it
+    fracs = [plan.spec_for(li.name).rank / min(li.out_features, li.in_features) for li in tiny_lab.linears]
+    mean = f"{sum(fracs[:7]) / 7:.0%}"
+    assert first.plan == f"svd-llm rank {mean} of full x 7 · svd-llm rank {mean} of full + rtn 4b g32 x 7"
+    assert rows.iloc[1].label == rows.iloc[1].plan == low_rank_only.summary == f"svd-llm rank {mean} of full x 14"
     exported = tiny_lab.runs_table()  # the dense baseline measured this session comes first
     dense = tiny_lab.evaluate_dense()
     assert list(exported.run_id) == ["dense", rec.run_id, low_rank_only.run_id, "old"]
@@ -421,3 +426,15 @@ def test_an_exported_plan_names_its_model_and_a_foreign_plan_gets_a_note(tiny_la
     notes = tiny_lab.check(plan)
     assert any(n.startswith("this plan was made for another model (`tiny`), fingerprint f00d") for n in notes)
     assert any("another model" in n for n in tiny_lab.predict(plan)["notes"])  # the readout shows it
+
+
+def test_an_exported_model_says_which_run_made_it_and_what_was_measured(tiny_lab, tmp_path):
+    rec = tiny_lab.run(tiny_lab.plan_from_sliders([100, 100], [4, 4], group_size=32), "four bits")
+    assert rec.status == "ok", rec.error
+    tiny_lab.export_model(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "ranklab.json").read_text())["meta"]
+    assert meta["base_model"] == "tiny" and meta["base_fingerprint"] == tiny_lab.lm.fingerprint
+    run = meta["run"]
+    assert run["run_id"] == rec.run_id and run["label"] == "four bits" and run["plan"] == "rtn 4b g32 x 14"
+    assert run["measured"]["ppl"] == rec.measured["ppl"] and run["protocol"] == rec.measured["protocol"]
+    assert "seqlen 32" in run["protocol"]
