@@ -124,6 +124,31 @@ def _cancel_text(lab: Lab | None):
     return f"Cancel requested: {job} stops at its next batch or layer and says so where it reports."
 
 
+class Sessions:
+    """The Lab of each open browser session, so that closing or reloading the page stops its
+    job and frees its model at once: gradio deletes a session's state only an hour after it
+    disconnects, and meanwhile an orphaned run would hold the heavy-job queue that the new
+    page's clicks wait in."""
+
+    def __init__(self):
+        self._labs: dict[str, Lab] = {}
+
+    def track(self, session: str | None, lab: Lab | None) -> None:
+        if session and lab is not None:
+            old = self._labs.get(session)
+            if old is not None and old is not lab:
+                old.close()
+            self._labs[session] = lab
+
+    def close(self, session: str | None) -> None:
+        lab = self._labs.pop(session, None) if session else None
+        if lab is not None:
+            lab.close()
+
+    def __len__(self) -> int:
+        return len(self._labs)
+
+
 class Scratch:
     """Where the app writes files for the browser to download: one folder per export under one
     root per app. Gradio copies a returned file into its own cache as the callback returns, so
@@ -965,7 +990,7 @@ def build_export_tab(state, budget, scratch: Scratch):
 
 # ------------------------------------------------------------------------------ assembly
 def build_app(cfg: AppConfig) -> gr.Blocks:
-    scratch = Scratch()
+    scratch, sessions = Scratch(), Sessions()
     # hourly, gradio removes the copies it served that are more than a day old (a model zip is hundreds of MB)
     with gr.Blocks(title="RankLab", delete_cache=(3600, 86400)) as demo:
         gr.Markdown("# RankLab\nSee where a language model is low-rank and fragile, set per-layer rank and bit "
@@ -986,9 +1011,10 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             with gr.Tab("Export", id="export"):
                 build_export_tab(state, budget, scratch)
 
-        def after_load(lab):
+        def after_load(lab, request: gr.Request):
             """A new model: its rows, dense sliders (the loaded plan is dense), its prediction and runs;
             the last run's message belonged to the model before."""
+            sessions.track(getattr(request, "session_hash", None), lab)
             if lab is None or lab.lm is None:
                 return [*budget["show_rows"](lab), *[gr.update()] * (len(budget["settings"]) + 8)]
             try:
@@ -1022,6 +1048,11 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                 return lab, _summary_md(lab, info) + note, lab.layer_table()
 
             demo.load(initial, None, [state, model["status"], model["table"]]).then(after_load, [state], post)
+        # a closed or reloaded page: its job stops and its model is freed now, not in an hour
+        def on_unload(request: gr.Request):
+            sessions.close(getattr(request, "session_hash", None))
+
+        demo.unload(on_unload)
     return demo
 
 

@@ -206,6 +206,7 @@ class Lab:
         self.history = RunHistory(self.workspace)
         self._stop = False
         self.job: str | None = None  # what is running now (profiling, a run, ...), for Cancel
+        self._close_after = False  # close() came while a job ran: free the models when it stops
         self._correction: tuple[tuple, Correction | None, dict] | None = None  # (key, fit, runs left out)
 
     # ----------------------------------------------------------------- state
@@ -241,6 +242,25 @@ class Lab:
             yield
         finally:
             self.job, self._stop = None, False
+            if self._close_after:
+                self._free()
+
+    def close(self) -> None:
+        """The session ended (page closed or reloaded): stop the running job at its next layer or
+        batch (it is recorded as cancelled) and free the models, at once or when the job stops.
+        The workspace (run history) and the caches on disk stay."""
+        if self.job is not None:
+            self._stop = self._close_after = True
+        else:
+            self._free()
+
+    def _free(self) -> None:
+        device = self.lm.device if self.lm is not None else None
+        self.lm = self.compressed = self.compressed_plan = self.compressed_run = None
+        self.profile = self.proxy = self.sensitivity = self.predictor = None
+        self._correction, self._close_after = None, False
+        if device is not None and device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def should_stop(self) -> bool:
         return self._stop

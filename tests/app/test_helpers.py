@@ -150,3 +150,22 @@ def test_readout_without_sensitivities_says_how_to_get_a_prediction_and_no_cavea
     tiny_lab.run_proxy()
     text, *_ = app._readout(tiny_lab, tiny_lab.plan_from_sliders([50, 50], [None, None], group_size=32))
     assert "runs optimistic" in text and ", from the first view (an estimate)" in text
+
+
+def test_sessions_close_the_lab_of_a_closed_page_and_only_that_one(tiny_lab, tmp_path):
+    from compression.lab import Lab
+
+    other = Lab(tmp_path / "ws2")
+    other.lm = tiny_lab.lm
+    sessions = app.Sessions()
+    sessions.track("a", tiny_lab)
+    sessions.track("b", other)
+    sessions.track(None, tiny_lab)  # no session id (a direct API call): not tracked
+    assert len(sessions) == 2
+    sessions.close("a")
+    assert tiny_lab.lm is None and other.lm is not None and len(sessions) == 1
+    sessions.close("a")  # closing twice, or an unknown session, is harmless
+    sessions.close("zzz")
+    replacement = Lab(tmp_path / "ws3")
+    sessions.track("b", replacement)  # the session made a new Lab: the old one is closed
+    assert other.lm is None and len(sessions) == 1

@@ -438,3 +438,20 @@ def test_an_exported_model_says_which_run_made_it_and_what_was_measured(tiny_lab
     assert run["run_id"] == rec.run_id and run["label"] == "four bits" and run["plan"] == "rtn 4b g32 x 14"
     assert run["measured"]["ppl"] == rec.measured["ppl"] and run["protocol"] == rec.measured["protocol"]
     assert "seqlen 32" in run["protocol"]
+
+
+def test_close_stops_the_running_job_and_frees_the_models_when_it_ends(tiny_lab):
+    with tiny_lab.running("the run"):
+        tiny_lab.close()  # the page closed mid-job: the job is asked to stop, the model stays until it does
+        assert tiny_lab.should_stop() and tiny_lab.lm is not None
+    assert tiny_lab.lm is None and tiny_lab.compressed is None and not tiny_lab.should_stop()
+    with pytest.raises(ValueError, match="load a model first"):
+        tiny_lab.require_model()
+
+
+def test_close_with_nothing_running_frees_at_once_and_keeps_the_history(tiny_lab):
+    rec = tiny_lab.run(tiny_lab.plan_from_sliders([100, 100], [4, 4], group_size=32))
+    fp = tiny_lab.lm.fingerprint
+    tiny_lab.close()
+    assert tiny_lab.lm is None and tiny_lab.compressed is None and tiny_lab.compressed_run is None
+    assert list(tiny_lab.history.table(fp).run_id) == [rec.run_id]  # on disk, for the next session
