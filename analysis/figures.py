@@ -479,6 +479,13 @@ def pareto_front(df: pd.DataFrame, x: str, y: str = "ppl") -> pd.DataFrame:
     return d.iloc[keep]
 
 
+POINT_LABEL_CHARS = 28  # a point's written label is cut to this many characters (the hover shows it whole)
+
+
+def _clip(text: str, n: int = POINT_LABEL_CHARS) -> str:
+    return text if len(text) <= n else text[:n - 1].rstrip() + "…"
+
+
 MAX_POINT_LABELS = 10  # measured runs beyond which the trade-off plots stop writing labels by the points
 
 
@@ -531,7 +538,8 @@ def tradeoff(runs: pd.DataFrame, x: str = "bytes", protocol: str = "") -> go.Fig
             g = d[~is_dense & (d["method"] == method) & (d["kind"] == kind)]
             if g.empty:
                 continue
-            text = [str(lb) if str(lb) != str(method) else "" for lb in g["label"]]
+            # long labels (an unlabelled run is named by its whole plan) are cut; the hover has them whole
+            text = [_clip(str(lb)) if str(lb) != str(method) else "" for lb in g["label"]]
             labelled = kind == "measured" and n_measured <= MAX_POINT_LABELS and any(text)
             right = float(d["_x"].max())  # labels of points near the right edge go to their left
             where = ["middle left" if xv > 0.75 * right else "middle right" for xv in g["_x"]]

@@ -222,6 +222,10 @@ def test_tradeoff_traces_links_front_and_dense():
     # a run labelled otherwise than its method is named by its point; predictions and plain runs are not
     assert by["svd (measured)"].mode == "markers+text" and list(by["svd (measured)"].text) == ["svd half"]
     assert by["int4 (measured)"].mode == "markers" and by["svd (predicted)"].mode == "markers"
+    long = "svd-llm rank 23% of full + rtn 3b g128 x 7 · dense x 203"  # an unlabelled run's plan: cut at the point
+    fig = F.tradeoff(runs.assign(label=runs.label.where(runs.label != "svd half", long)), "bytes", PROTOCOL)
+    point = {t.name: t for t in fig.data}["svd (measured)"]
+    assert list(point.text) == [long[:F.POINT_LABEL_CHARS - 1].rstrip() + "…"] and long in point.hovertext[0]
     many = pd.concat([runs] + [runs[runs.run_id == "a"].assign(run_id=f"a{i}") for i in range(F.MAX_POINT_LABELS)])
     assert all(t.mode != "markers+text" for t in F.tradeoff(many, "bytes", PROTOCOL).data if t.name != "dense baseline")
 
