@@ -19,10 +19,14 @@ $(STAMP): requirements.txt Makefile
 	@touch $(STAMP)
 
 # Debian's chromium for the browser tests (playwright never downloads a browser here).
+# apt-get needs root: sudo is used when this is not root; without either, it says what to do.
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
-	  echo "installing Debian chromium for the browser tests"; \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null; }
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  echo "installing Debian chromium for the browser tests $${SUDO:+(with sudo)}"; \
+	  ($$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+	    >/dev/null || { echo "could not install chromium: install it (apt-get install chromium), or run" \
+	    "make test-fast, which leaves out the browser test" >&2; exit 1; }; }
 
 run: setup
 	$(PY) app.py --host $(HOST) --port $(PORT)

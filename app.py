@@ -251,6 +251,9 @@ def build_model_tab(state, cfg: AppConfig):
                 raise gr.Error(text) from ex
             gr.Warning(text)  # something to change: said once, above the summary of what stays in use
             return lab, f"**The texts were not changed:** {text}  \n**In use:**\n\n" + _summary_md(lab, lab.summary())
+        if up:  # said, since the typed specs stay in their boxes but are not what is used
+            msg += (f"\nThe uploaded file `{Path(up).name}` is used for both texts; the typed specs are ignored while "
+                    "a file is uploaded (remove it to use them).")
         return lab, _summary_md(lab, lab.summary()) + "\n\n" + msg.replace("\n", "  \n")
 
     load_ev = load_btn.click(on_load, [state, spec, device, dtype], [state, status, table],

@@ -54,7 +54,8 @@ def load_corpus(spec: str) -> Corpus:
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise ValueError(f"{path} is not UTF-8 text: {e}") from e
+            raise ValueError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}), so it cannot be read as a "
+                             "corpus: give a plain-text file (.txt, .md, code), saved as UTF-8") from e
         label = path.name
     if not text.strip():
         raise ValueError(f"{path} holds no text; give a file with some prose or code")

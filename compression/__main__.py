@@ -152,10 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="default", help="default | model id | folder | file.gguf")
     ap.add_argument("--text", default="default", help="calibration text: default | PATH | wikitext2:PATH")
     ap.add_argument("--out", required=True, help="folder to write (new, empty, or an earlier compressed model)")
-    ap.add_argument("--plan")
+    ap.add_argument("--plan", help="plan JSON (from `allocate` or the app's Export tab): per-module ranks and bits; "
+                                   "instead of --method")
     ap.add_argument("--method", help="svd act-pca svd-llm lillama rtn gptq binary ternary fp8 mxfp4 slicegpt")
-    ap.add_argument("--param-ratio", type=float)
-    ap.add_argument("--bits", type=int)
+    ap.add_argument("--param-ratio", type=float,
+                    help="low-rank methods: fraction of each linear's parameters the factors keep, in (0, 1]")
+    ap.add_argument("--bits", type=int, help="quantisers: bit width (rtn/gptq: 2, 3, 4 or 8)")
     ap.add_argument("--group-size", type=int, help="quantisation group (default 128)")
     ap.add_argument("--slice", type=float, help="SliceGPT: fraction of the hidden width to delete")
     ap.add_argument("--calib-tokens", type=int, default=32 * 2048)
@@ -176,10 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     al.add_argument("--model", default="default", help="default | model id | folder | file.gguf")
     al.add_argument("--sensitivity", required=True, help="folder written by `python -m analysis sensitivity`")
     g = al.add_mutually_exclusive_group(required=True)
-    g.add_argument("--target-bytes", type=int)
-    g.add_argument("--target-ratio", type=float)
-    g.add_argument("--target-bits", type=float)
-    al.add_argument("--only", choices=["rank", "bits"])
+    g.add_argument("--target-bytes", type=int, help="whole-model weight bytes")
+    g.add_argument("--target-ratio", type=float, help="fraction of the dense model's weight bytes")
+    g.add_argument("--target-bits", type=float, help="average bits per decoder-linear weight")
+    al.add_argument("--only", choices=["rank", "bits"], help="allocate ranks only or bits only (default: both)")
     al.add_argument("--lowrank", help="low-rank method the plan applies its ranks with (default: the grid's); "
                                       "lillama refines them from the grid's method (e.g. svd-llm), whose "
                                       "sensitivities the prediction still uses")

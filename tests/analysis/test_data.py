@@ -34,7 +34,7 @@ def test_load_corpus_says_what_to_give(tmp_path):
         load_corpus(str(blank))
     latin = tmp_path / "latin.txt"
     latin.write_bytes("café".encode("latin-1"))
-    with pytest.raises(ValueError, match="not UTF-8"):
+    with pytest.raises(ValueError, match="not UTF-8 text \\(byte 3: unexpected end of data\\).*saved as UTF-8"):
         load_corpus(str(latin))
 
 
