@@ -209,7 +209,7 @@ def build_model_tab(state, cfg: AppConfig):
         evalt = gr.Textbox(s.eval_text, label="Evaluation text", elem_id="eval-text")
         upload = gr.File(label="…or upload a text file (used for both)", file_types=[".txt"], type="filepath")
     with gr.Row():
-        seqlen = gr.Number(s.seqlen, label="Window length (tokens)", precision=0)
+        seqlen = gr.Number(s.seqlen, label="Window length (seqlen, tokens)", precision=0)
         cwin = gr.Number(s.calib_windows, label="Calibration windows", precision=0)
         ewin = gr.Number(s.eval_windows, label="Evaluation windows", precision=0)
         data_btn = gr.Button("Use these texts", elem_id="data-btn")
@@ -569,7 +569,7 @@ def build_budget_tab(state):
         preset_cancel = gr.Button("Cancel", variant="stop", elem_id="budget-cancel", min_width=80, scale=0)
     with gr.Row():
         plan_file = gr.File(label="Load a plan JSON (from Export, the CLI's allocate, or edited by hand)",
-                            file_types=[".json"], type="filepath", elem_id="plan-upload", height=90)
+                            file_types=[".json"], type="filepath", elem_id="plan-upload", height=120)
     readout = gr.Markdown("Load a model to see the budget.", elem_id="readout")
     with gr.Row():
         point = gr.Plot(label="Predicted point on the trade-off", elem_id="predicted-plot")
@@ -968,17 +968,21 @@ def build_export_tab(state, budget, scratch: Scratch):
             lab = _require(lab)
             d = scratch.folder()
             lab.runs_table().to_csv(d / "runs.csv", index=False)  # the dense baseline first, when measured
-            paths = [d / "runs.csv"]
+            paths, figs = [d / "runs.csv"], {}
             if len(lab.history.tradeoff_frame(lab.lm.fingerprint)) or lab.dense_eval:
                 for x, fig in zip(("bytes", "latency_ms"), tradeoff_figures(lab)):
-                    path = d / f"tradeoff_{x}.html"
-                    path.write_text(F.to_html(fig))
-                    paths.append(path)
+                    figs[f"tradeoff_{x}.html"] = fig
             if lab.profile is not None:
-                path = d / "rank_heatmap.html"
-                path.write_text(F.to_html(F.rank_heatmap(lab.profile.summary, _profile_protocol(lab))))
-                paths.append(path)
-            pngs = [html_to_png(h, h.with_suffix(".png")) for h in paths if h.suffix == ".html"]
+                figs["rank_heatmap.html"] = F.rank_heatmap(lab.profile.summary, _profile_protocol(lab))
+            for name, fig in figs.items():
+                paths.append(d / name)
+                paths[-1].write_text(F.to_html(fig))
+            pngs = []
+            for h in (h for h in paths if h.suffix == ".html"):  # rendered from a page without plotly's toolbar
+                still = h.with_name(h.stem + "_png.html")
+                still.write_text(F.to_html(figs[h.name], toolbar=False))
+                pngs.append(html_to_png(still, h.with_suffix(".png")))
+                still.unlink()
         except Exception as e:
             raise _err(e) from e
         note = "Run table and figures (standalone HTML, opens offline)"

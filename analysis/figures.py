@@ -646,6 +646,8 @@ def budget_bars(table: pd.DataFrame, protocol: str) -> go.Figure:
 
 
 # ------------------------------------------------------------------------ 9. export
-def to_html(fig: go.Figure) -> str:
-    """A standalone HTML page for ``fig`` with plotly.js inlined (works offline)."""
-    return pio.to_html(fig, full_html=True, include_plotlyjs=True, config={"displaylogo": False, "responsive": True})
+def to_html(fig: go.Figure, toolbar: bool = True) -> str:
+    """A standalone HTML page for ``fig`` with plotly.js inlined (works offline); without the
+    ``toolbar`` (plotly's mode bar) for pages rendered to images."""
+    return pio.to_html(fig, full_html=True, include_plotlyjs=True,
+                       config={"displaylogo": False, "responsive": True, "displayModeBar": toolbar})

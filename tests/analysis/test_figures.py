@@ -307,6 +307,9 @@ def test_to_html_is_standalone_and_offline():
     assert not re.search(r"<script[^>]*\bsrc=", page) and len(page) > 1_000_000  # plotly.js inlined, no CDN
     assert "Plotly.newPlot" in page
     assert PROTOCOL in page
+    assert '"displayModeBar": true' in page
+    still = F.to_html(F.rank_heatmap(_summary(), PROTOCOL), toolbar=False)  # for images: no toolbar drawn
+    assert '"displayModeBar": false' in still
 
 
 def test_protocol_is_escaped_and_wrapped():

@@ -1,5 +1,6 @@
 """The app's small pure helpers (no server, no browser)."""
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -169,3 +170,25 @@ def test_sessions_close_the_lab_of_a_closed_page_and_only_that_one(tiny_lab, tmp
     replacement = Lab(tmp_path / "ws3")
     sessions.track("b", replacement)  # the session made a new Lab: the old one is closed
     assert other.lm is None and len(sessions) == 1
+
+
+def _callback(demo, name: str):
+    return next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", None) == name)
+
+
+def test_export_of_runs_and_figures_writes_csv_pages_and_toolbar_free_images(tiny_lab, tmp_path):
+    import shutil as sh
+
+    demo = app.build_app(app.AppConfig(autoload=False, workspace=tmp_path / "ws"))
+    tiny_lab.run_profile()
+    rec = tiny_lab.run(tiny_lab.plan_from_sliders([100, 100], [4, 4], group_size=32), "four bits")
+    assert rec.status == "ok", rec.error
+    files, note = _callback(demo, "on_runs")(tiny_lab)
+    names = sorted(Path(f).name for f in files)
+    runs = pd.read_csv([f for f in files if f.endswith("runs.csv")][0])
+    assert list(runs.run_id) == [rec.run_id] and runs.plan[0] == "rtn 4b g32 x 14"
+    pages = {"rank_heatmap.html", "tradeoff_bytes.html", "tradeoff_latency_ms.html"}
+    assert pages <= set(names) and not any(n.endswith("_png.html") for n in names)  # the image pages are removed
+    if sh.which("chromium"):
+        assert {p.replace(".html", ".png") for p in pages} <= set(names), note
+        assert not list(Path(files[0]).parent.glob("*_png.html"))
