@@ -89,10 +89,11 @@ class ModuleSpec:
             return cls(**kwargs)
         return cls(bits=self.bits, group_size=self.group_size)
 
-    def label(self) -> str:
+    def label(self, rank_text: str | None = None) -> str:
+        """``svd-llm r64 + rtn 4b g128``; ``rank_text`` replaces ``r64`` (to describe several ranks)."""
         parts = []
         if self.rank is not None:
-            parts.append(f"{self.lowrank} r{self.rank}")
+            parts.append(f"{self.lowrank} {rank_text or f'r{self.rank}'}")
         if self.bits is not None:
             g = "" if self.quant in ("fp8", "mxfp4") else f" g{self.group_size}"
             parts.append(f"{self.quant} {self.bits}b{g}")
@@ -275,13 +276,7 @@ def describe_plan(plan: Plan, linears: list[LinearInfo]) -> str:
     groups: dict[str, list[float]] = {}
     for li in linears:
         s = plan.spec_for(li.name)
-        parts = []
-        if s.rank is not None:
-            parts.append(f"{s.lowrank} rank")
-        if s.bits is not None:
-            g = "" if s.quant in ("fp8", "mxfp4") else f" g{s.group_size}"
-            parts.append(f"{s.quant} {s.bits}b{g}")
-        key = " + ".join(parts) or "dense"
+        key = s.label(rank_text="rank")
         groups.setdefault(key, []).append(s.rank / min(li.out_features, li.in_features) if s.rank else 1.0)
     out = []
     for key, fracs in sorted(groups.items(), key=lambda kv: (kv[0] == "dense", -len(kv[1]))):
