@@ -494,8 +494,9 @@ def test_parse_derive_bits():
     assert parse_bits("8") == (8,) and parse_bits("4, 8") == (4, 8) and parse_bits("") == ()
     with pytest.raises(ValueError, match="comma-separated"):
         parse_bits("eight")
-    with pytest.raises(ValueError, match="between 1 and 16"):
-        parse_bits("32")
+    for bad in ("32", "5", "2"):  # not a grid width, or the lowest (nothing below to scale from)
+        with pytest.raises(ValueError, match="derived widths are among 3, 4, 8"):
+            parse_bits(bad)
 
 
 def test_a_width_without_statistics_to_scale_from_is_probed(trained):
