@@ -10,6 +10,7 @@ import argparse
 import atexit
 import json
 import shutil
+import subprocess
 import tempfile
 import time
 import traceback
@@ -174,17 +175,19 @@ class Scratch:
 
 
 def html_to_png(html: Path, png: Path, width: int = 1200, height: int = 800) -> Path | None:
-    """Render a standalone figure page to PNG with the system's chromium; None if absent."""
-    import subprocess
-
+    """Render a standalone figure page to PNG with the system's chromium; None if there is none
+    (``RuntimeError`` or ``subprocess`` errors when it fails)."""
     exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if exe is None:
         return None
-    subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-                    f"--screenshot={png}", f"--window-size={width},{height}", html.as_uri()],
-                   check=True, capture_output=True, timeout=60)
-    return png if png.exists() else None
+    with tempfile.TemporaryDirectory(prefix="ranklab-chromium-") as profile:  # never the user's running profile
+        subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                        "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+                        f"--user-data-dir={profile}", f"--screenshot={png}", f"--window-size={width},{height}",
+                        html.as_uri()], check=True, capture_output=True, timeout=60)
+    if not png.exists():
+        raise RuntimeError("chromium ran but wrote no image")
+    return png
 
 
 def _lab(lab: Lab | None, cfg: AppConfig) -> Lab:
@@ -645,8 +648,7 @@ def build_budget_tab(state):
                 if kind == "dense":
                     plan = Plan()
                 elif kind == "uniform":
-                    n = len(lab.lm.adapter.layers(lab.lm.model))
-                    plan = lab.plan_from_sliders([ur] * n, [_bits_value(ub)] * n, lr, q, int(g))
+                    plan = lab.plan_uniform(ur, _bits_value(ub), lr, q, int(g))
                 elif kind == "energy":
                     if lab.profile is None:
                         t0 = time.perf_counter()
@@ -977,17 +979,24 @@ def build_export_tab(state, budget, scratch: Scratch):
             for name, fig in figs.items():
                 paths.append(d / name)
                 paths[-1].write_text(F.to_html(fig))
-            pngs = []
+            pngs, failed = [], None
             for h in (h for h in paths if h.suffix == ".html"):  # rendered from a page without plotly's toolbar
                 still = h.with_name(h.stem + "_png.html")
                 still.write_text(F.to_html(figs[h.name], toolbar=False))
-                pngs.append(html_to_png(still, h.with_suffix(".png")))
-                still.unlink()
+                try:
+                    pngs.append(html_to_png(still, h.with_suffix(".png")))
+                except (RuntimeError, subprocess.SubprocessError) as e:  # the pages hold the figures: said, not fatal
+                    traceback.print_exc()
+                    failed = str(e).strip().splitlines()[-1][:200]
+                finally:
+                    still.unlink()
         except Exception as e:
             raise _err(e) from e
         note = "Run table and figures (standalone HTML, opens offline)"
-        if any(p is None for p in pngs):
-            note += "; PNG copies need chromium (`apt-get install chromium`), which is not installed here."
+        if failed:
+            note += f"; the PNG copies could not be rendered ({failed}): the HTML pages hold the same figures"
+        elif any(p is None for p in pngs):
+            note += "; PNG copies need chromium (`apt-get install chromium`), which is not installed here"
         return [str(p) for p in paths + [p for p in pngs if p is not None]], note + "."
 
     plan_btn.click(on_plan, budget["inputs"], [files, notes, *codes.values()])

@@ -144,10 +144,10 @@ class RunHistory:
                              decode_ms_min=_at(m.get("decode_ms_range"), 0),
                              decode_ms_max=_at(m.get("decode_ms_range"), 1), seconds=r.seconds,
                              protocol=m.get("protocol", r.protocol), error=r.error))  # latency too
-        cols = ["run_id", "time", "label", "status", "plan", "ppl", "predicted_ppl", "corrected_ppl", "bytes",
-                "bits_per_weight",
-                "prefill_tok_s", "decode_ms_per_token", "decode_ms_min", "decode_ms_max", "seconds", "protocol",
-                "error"]
+        # the figures first, the long texts (plan, protocol, error) last: a narrow table shows the numbers
+        cols = ["run_id", "time", "label", "status", "ppl", "predicted_ppl", "corrected_ppl", "bytes",
+                "bits_per_weight", "prefill_tok_s", "decode_ms_per_token", "decode_ms_min", "decode_ms_max",
+                "seconds", "plan", "protocol", "error"]
         return pd.DataFrame(rows, columns=cols)
 
     def tradeoff_frame(self, fingerprint: str | None = None, protocol: str | None = None) -> pd.DataFrame:
@@ -466,6 +466,18 @@ class Lab:
         plan = Plan(modules=mods, meta={"method": "sliders", "lowrank": lowrank, "quant": quant})
         return self.apply_overrides(plan, overrides,
                                     base=ModuleSpec(group_size=group_size, lowrank=lowrank, quant=quant))
+
+    def plan_uniform(self, rank_pct: float, bits: int | None, lowrank: str = "svd-llm", quant: str = "rtn",
+                     group_size: int = 128) -> Plan:
+        """Every layer at one rank (% of break-even) and one width, named by them (the run label
+        and legend entry of an unlabelled run), e.g. ``uniform rtn 4b g128``."""
+        n = len(self.require_model().adapter.layers(self.lm.model))
+        plan = self.plan_from_sliders([rank_pct] * n, [bits] * n, lowrank, quant, group_size)
+        what = ModuleSpec(rank=0 if rank_pct < DENSE_PCT else None, bits=bits, group_size=group_size,
+                          lowrank=lowrank, quant=quant)  # rank 0 only stands for "a rank" in the name
+        plan.meta["method"] = "dense" if what.is_dense else \
+            "uniform " + what.label(rank_text=f"{rank_pct:g}% of break-even")
+        return plan
 
     def apply_overrides(self, plan: Plan, overrides: pd.DataFrame | None, base: ModuleSpec | None = None) -> Plan:
         """Rows of the per-module table (name, rank, bits) override the sliders: a number sets

@@ -270,17 +270,18 @@ def _typed(cls, d, where: str):
 def describe_plan(plan: Plan, linears: list[LinearInfo]) -> str:
     """One line saying what ``plan`` does to a model's decoder linears, for run tables and
     default run labels: each setting with how many linears use it, ranks as their mean
-    fraction of full rank, e.g. ``svd-llm rank 52% of full x 120 · rtn 4b g128 x 90``."""
+    fraction of the break-even rank (as the app's sliders give them), e.g.
+    ``svd-llm rank 60% of break-even x 120 · rtn 4b g128 x 90``."""
     if plan.slicegpt is not None:
         return f"slicegpt {plan.slicegpt.slice_fraction:.0%} of the hidden width deleted"
     groups: dict[str, list[float]] = {}
     for li in linears:
         s = plan.spec_for(li.name)
         key = s.label(rank_text="rank")
-        groups.setdefault(key, []).append(s.rank / min(li.out_features, li.in_features) if s.rank else 1.0)
+        groups.setdefault(key, []).append(s.rank / li.break_even if s.rank else 1.0)
     out = []
     for key, fracs in sorted(groups.items(), key=lambda kv: (kv[0] == "dense", -len(kv[1]))):
-        mean = f" {sum(fracs) / len(fracs):.0%} of full" if "rank" in key else ""
+        mean = f" {sum(fracs) / len(fracs):.0%} of break-even" if "rank" in key else ""
         out.append(f"{key.replace(' rank', ' rank' + mean, 1)} x {len(fracs)}")
     text = " · ".join(out)
     if plan.lillama is not None and any("lillama" in k for k in groups):

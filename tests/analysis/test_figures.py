@@ -222,7 +222,7 @@ def test_tradeoff_traces_links_front_and_dense():
     # a run labelled otherwise than its method is named by its point; predictions and plain runs are not
     assert by["svd (measured)"].mode == "markers+text" and list(by["svd (measured)"].text) == ["svd half"]
     assert by["int4 (measured)"].mode == "markers" and by["svd (predicted)"].mode == "markers"
-    long = "svd-llm rank 23% of full + rtn 3b g128 x 7 · dense x 203"  # an unlabelled run's plan: cut at the point
+    long = "svd-llm rank 60% of break-even + rtn 3b g128 x 7 · dense x 203"  # an unlabelled run: cut
     fig = F.tradeoff(runs.assign(label=runs.label.where(runs.label != "svd half", long)), "bytes", PROTOCOL)
     point = {t.name: t for t in fig.data}["svd (measured)"]
     assert list(point.text) == [long[:F.POINT_LABEL_CHARS - 1].rstrip() + "…"] and long in point.hovertext[0]

@@ -176,7 +176,7 @@ def _callback(demo, name: str):
     return next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", None) == name)
 
 
-def test_export_of_runs_and_figures_writes_csv_pages_and_toolbar_free_images(tiny_lab, tmp_path):
+def test_export_of_runs_and_figures_writes_csv_pages_and_toolbar_free_images(tiny_lab, tmp_path, monkeypatch):
     import shutil as sh
 
     demo = app.build_app(app.AppConfig(autoload=False, workspace=tmp_path / "ws"))
@@ -192,3 +192,14 @@ def test_export_of_runs_and_figures_writes_csv_pages_and_toolbar_free_images(tin
     if sh.which("chromium"):
         assert {p.replace(".html", ".png") for p in pages} <= set(names), note
         assert not list(Path(files[0]).parent.glob("*_png.html"))
+    # no chromium, or chromium failing: the pages still come, and the note says which
+    monkeypatch.setattr(app, "html_to_png", lambda html, png: None)
+    files, note = _callback(demo, "on_runs")(tiny_lab)
+    assert not any(f.endswith(".png") for f in files) and note.endswith("which is not installed here.")
+
+    def broken(html, png):
+        raise RuntimeError("chromium ran but wrote no image")
+
+    monkeypatch.setattr(app, "html_to_png", broken)
+    files, note = _callback(demo, "on_runs")(tiny_lab)
+    assert pages <= {Path(f).name for f in files} and "could not be rendered (chromium ran but wrote no image)" in note

@@ -119,10 +119,12 @@ def test_run_measures_and_history_survives_restart(tiny_lab):
     first = rows.iloc[0]  # and the range of the decode runs around their median
     assert 0 < first.decode_ms_min <= first.decode_ms_per_token <= first.decode_ms_max
     # an unlabelled run of hand-set sliders is named by what its plan does; every row says it
-    fracs = [plan.spec_for(li.name).rank / min(li.out_features, li.in_features) for li in tiny_lab.linears]
+    fracs = [plan.spec_for(li.name).rank / li.break_even for li in tiny_lab.linears]  # the sliders' 50 %, in 8s
     mean = f"{sum(fracs[:7]) / 7:.0%}"
-    assert first.plan == f"svd-llm rank {mean} of full x 7 · svd-llm rank {mean} of full + rtn 4b g32 x 7"
-    assert rows.iloc[1].label == rows.iloc[1].plan == low_rank_only.summary == f"svd-llm rank {mean} of full x 14"
+    assert first.plan == (f"svd-llm rank {mean} of break-even x 7 · svd-llm rank {mean} of break-even + rtn 4b g32 "
+                          "x 7")
+    assert rows.iloc[1].label == rows.iloc[1].plan == low_rank_only.summary
+    assert low_rank_only.summary == f"svd-llm rank {mean} of break-even x 14"
     exported = tiny_lab.runs_table()  # the dense baseline measured this session comes first
     dense = tiny_lab.evaluate_dense()
     assert list(exported.run_id) == ["dense", rec.run_id, low_rank_only.run_id, "old"]
@@ -455,3 +457,13 @@ def test_close_with_nothing_running_frees_at_once_and_keeps_the_history(tiny_lab
     tiny_lab.close()
     assert tiny_lab.lm is None and tiny_lab.compressed is None and tiny_lab.compressed_run is None
     assert list(tiny_lab.history.table(fp).run_id) == [rec.run_id]  # on disk, for the next session
+
+
+def test_a_uniform_plan_is_named_by_its_setting_and_so_are_its_runs(tiny_lab):
+    plan = tiny_lab.plan_uniform(100, 4, group_size=32)
+    assert plan.meta["method"] == "uniform rtn 4b g32"
+    assert plan.modules == tiny_lab.plan_from_sliders([100, 100], [4, 4], group_size=32).modules
+    assert tiny_lab.plan_uniform(60, None).meta["method"] == "uniform svd-llm 60% of break-even"
+    assert tiny_lab.plan_uniform(100, None).meta["method"] == "dense" and not tiny_lab.plan_uniform(100, None).modules
+    rec = tiny_lab.run(plan)  # unlabelled: the preset's name
+    assert rec.status == "ok" and rec.label == "uniform rtn 4b g32" and rec.summary == "rtn 4b g32 x 14"
