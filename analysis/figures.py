@@ -313,7 +313,7 @@ def effective_rank_profile(summary: pd.DataFrame, protocol: str, normalise: bool
                 legendgrouptitle=dict(text=group), line=dict(color=_color(j), dash=dash, width=2),
                 marker=dict(size=6, symbol="circle" if kind == "activations" else "diamond"), customdata=custom,
                 hovertemplate=(f"<b>%{{customdata[0]}}</b><br>{kind} effective rank: %{{customdata[1]:.2f}}"
-                               "<br>full rank: %{customdata[2]:.0f} (%{customdata[3]:.2%})<extra></extra>")))
+                               " (%{customdata[3]:.2%} of full rank %{customdata[2]:.0f})<extra></extra>")))
     fig.update_xaxes(dtick=1 if summary["layer"].nunique() <= 16 else None)
     fig.update_yaxes(rangemode="tozero", tickformat=".0%" if normalise else None)
     fig.update_layout(legend=dict(groupclick="toggleitem"))
