@@ -47,7 +47,8 @@ def check_apply_flags(a: argparse.Namespace) -> None:
         raise ValueError("give --plan PLAN.json or --method NAME")
     method = a.method
     if method is not None:  # an unknown method or a missing --param-ratio / --bits / --slice, before the model loads
-        uniform_plan(method, [], param_ratio=a.param_ratio, bits=a.bits, slice_fraction=a.slice)
+        uniform_plan(method, [], param_ratio=a.param_ratio, bits=a.bits, slice_fraction=a.slice,
+                     group_size=128 if a.group_size is None else a.group_size)
     extra = []
     if a.plan:
         extra = given("param_ratio", "bits", "group_size", "slice", *LILLAMA_FLAGS)

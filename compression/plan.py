@@ -474,6 +474,11 @@ def uniform_plan(method: str, linears: list[LinearInfo], *, param_ratio: float |
         b = FIXED_BITS.get(method, bits)
         if b is None:
             raise ValueError(f"{method} needs --bits B (one of {list(QUANT_METHODS[method].allowed_bits)})")
+        allowed = QUANT_METHODS[method].allowed_bits  # checked here, before any model loads
+        if b not in allowed:
+            raise ValueError(f"--bits {b}: {method} takes {' or '.join(map(str, allowed))} bits")
+        if method not in ("fp8", "mxfp4") and (group_size < 1 or group_size % 8):
+            raise ValueError(f"--group-size {group_size} must be a positive multiple of 8, e.g. 64 or 128")
         return Plan(default=ModuleSpec(bits=b, group_size=group_size, quant=method),
                     meta={"method": method, "bits": b, "group_size": group_size})
     known = sorted([*LOWRANK_METHODS, *QUANT_METHODS, "slicegpt"])

@@ -146,6 +146,8 @@ def test_data_free_apply_reads_no_calibration_and_refuses_ignored_flags(model_di
                        ([], "give --plan PLAN.json or --method NAME"),
                        (["--method", "rtn", "--bits", "4", "--seqlen", "0"], "--seqlen must be at least 1"),
                        (["--method", "svd-llm", "--param-ratio", "0"], "--param-ratio 0.0 must be in (0, 1]"),
+                       (["--method", "rtn", "--bits", "5"], "--bits 5: rtn takes 2 or 3 or 4 or 8 bits"),
+                       (["--method", "gptq", "--bits", "4", "--group-size", "0"], "--group-size 0 must be a positive"),
                        (["--method", "svd", "--param-ratio", "nan"], "--param-ratio nan must be in (0, 1]")):
         assert compression_main(["apply", *missing, *flags]) == 2
         assert msg in capsys.readouterr().err, flags
