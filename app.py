@@ -126,25 +126,45 @@ def _cancel_text(lab: Lab | None):
 
 
 class Sessions:
-    """The Lab of each open browser session, so that closing or reloading the page stops its
-    job and frees its model at once: gradio deletes a session's state only an hour after it
-    disconnects, and meanwhile an orphaned run would hold the heavy-job queue that the new
-    page's clicks wait in."""
+    """The Lab of each open browser session, so that a closed or reloaded page frees its model
+    (gradio deletes a session's state only an hour after it disconnects). A job running there
+    finishes first, its result saved in the history: a dropped connection loses nothing."""
 
     def __init__(self):
         self._labs: dict[str, Lab] = {}
+        self._seen: dict[str, int] = {}  # session -> the Lab's load count its page last showed
+        self._closing: list[Lab] = []  # closed while a job ran
 
     def track(self, session: str | None, lab: Lab | None) -> None:
         if session and lab is not None:
             old = self._labs.get(session)
             if old is not None and old is not lab:
-                old.close()
+                self._close(old)
             self._labs[session] = lab
+
+    def new_model(self, session: str | None, lab: Lab) -> bool:
+        """Whether ``lab`` loaded a model since this page last showed one (a failed load keeps
+        the page as it is)."""
+        key = session or ""
+        fresh = self._seen.get(key) != lab.loads
+        self._seen[key] = lab.loads
+        return fresh
 
     def close(self, session: str | None) -> None:
         lab = self._labs.pop(session, None) if session else None
+        self._seen.pop(session or "", None)
         if lab is not None:
-            lab.close()
+            self._close(lab)
+
+    def _close(self, lab: Lab) -> None:
+        lab.close()
+        if lab.closed_but_running:
+            self._closing.append(lab)
+
+    def still_running(self) -> list[str]:
+        """Jobs of closed pages that have not finished yet."""
+        self._closing = [lab for lab in self._closing if lab.closed_but_running]
+        return [lab.closed_but_running for lab in self._closing]
 
     def __len__(self) -> int:
         return len(self._labs)
@@ -180,7 +200,8 @@ def html_to_png(html: Path, png: Path, width: int = 1200, height: int = 800) -> 
     exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if exe is None:
         return None
-    with tempfile.TemporaryDirectory(prefix="ranklab-chromium-") as profile:  # never the user's running profile
+    with tempfile.TemporaryDirectory(prefix="ranklab-chromium-", ignore_cleanup_errors=True) as profile:
+        # its own profile: never the user's running chromium
         subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                         "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
                         f"--user-data-dir={profile}", f"--screenshot={png}", f"--window-size={width},{height}",
@@ -188,6 +209,17 @@ def html_to_png(html: Path, png: Path, width: int = 1200, height: int = 800) -> 
     if not png.exists():
         raise RuntimeError("chromium ran but wrote no image")
     return png
+
+
+def _render_error(e: Exception) -> str:
+    """Why chromium made no image, in a line: its own last error line and exit status, not its
+    command line."""
+    if isinstance(e, subprocess.CalledProcessError):
+        err = (e.stderr or b"").decode(errors="replace").strip().splitlines()
+        return f"chromium exited with status {e.returncode}" + (f": {err[-1][:160]}" if err else "")
+    if isinstance(e, subprocess.TimeoutExpired):
+        return f"chromium took over {e.timeout:.0f} s"
+    return str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
 
 
 def _lab(lab: Lab | None, cfg: AppConfig) -> Lab:
@@ -277,8 +309,7 @@ def _summary_md(lab: Lab, info: dict) -> str:
     sp = lab.split
     head = f"**{info['source']}** — `{info['model_type']}`, {info['layers']} layers, hidden {info['hidden']}, "
     if info.get("compressed_from") is not None:  # packed integers and thin factors: a parameter count misleads
-        head += (f"compressed by RankLab: {_fmt_bytes(info['bytes'])} of weights held on {info['device']} "
-                 f"(its dense form has {info['decoder_linear_parameters'] / 1e6:.1f} M decoder-linear weights). "
+        head += (f"compressed by RankLab: {_fmt_bytes(info['bytes'])} of weights held on {info['device']}. "
                  f"Fingerprint `{info['fingerprint']}`.  \n{_compressed_note(lab)}  \n")
     else:
         head += (f"{info['parameters'] / 1e6:.1f} M parameters ({info['decoder_linear_parameters'] / 1e6:.1f} M in "
@@ -369,10 +400,12 @@ def tradeoff_figures(lab: Lab) -> tuple:
     frame = lab.history.tradeoff_frame(fp, protocol=proto)
     if lab.dense_eval:
         d = lab.dense_eval
-        frame = pd.concat([frame, pd.DataFrame([dict(run_id="dense", label="dense", kind="measured", ppl=d["ppl"],
+        # a compressed model's own measurement is a point of its own, not the dense baseline
+        name = "this compressed model" if lab.lm.compressed else "dense"
+        frame = pd.concat([frame, pd.DataFrame([dict(run_id="dense", label=name, kind="measured", ppl=d["ppl"],
                                                      bytes=d["bytes"], bits_per_weight=d["bits_per_weight"],
                                                      decode_ms_per_token=d["decode_ms_per_token"],
-                                                     method="dense")])], ignore_index=True)
+                                                     method=name)])], ignore_index=True)
     hidden = lab.history.other_protocol_runs(fp, proto)
     if hidden:
         proto += f" · {hidden} run(s) measured with other settings not drawn (see the run table)"
@@ -531,6 +564,8 @@ def build_sensitivity_tab(state):
         """Opening the tab shows what exists (profiling makes a first view), else says what to do."""
         if lab is None or lab.lm is None:
             return lab, "Load a model first (Model & data tab).", *[gr.update()] * 3
+        if lab.lm.compressed:
+            return lab, f"No sensitivities for this model: {_compressed_note(lab)}", *[gr.update()] * 3
         table, _ = lab.sensitivity_table()
         if table is None:
             return lab, ("No sensitivities yet: **Quick first view** estimates them in one gradient pass; **Measure "
@@ -932,6 +967,7 @@ def build_export_tab(state, budget, scratch: Scratch):
     def on_plan(lab, *plan_inputs):
         try:
             lab = _require(lab)
+            lab.require_dense("a plan")
             plan = lab.stamped(budget["current_plan"](lab, *plan_inputs))
             lab.check(plan)
             out_dir = scratch.folder()
@@ -984,10 +1020,11 @@ def build_export_tab(state, budget, scratch: Scratch):
                 still = h.with_name(h.stem + "_png.html")
                 still.write_text(F.to_html(figs[h.name], toolbar=False))
                 try:
-                    pngs.append(html_to_png(still, h.with_suffix(".png")))
-                except (RuntimeError, subprocess.SubprocessError) as e:  # the pages hold the figures: said, not fatal
+                    if failed is None:  # after one failure the others would fail alike (up to a minute each)
+                        pngs.append(html_to_png(still, h.with_suffix(".png")))
+                except (RuntimeError, OSError, subprocess.SubprocessError) as e:  # the pages hold the figures
                     traceback.print_exc()
-                    failed = str(e).strip().splitlines()[-1][:200]
+                    failed = _render_error(e)
                 finally:
                     still.unlink()
         except Exception as e:
@@ -1029,10 +1066,13 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
 
         def after_load(lab, request: gr.Request):
             """A new model: its rows, dense sliders (the loaded plan is dense), its prediction and runs;
-            the last run's message belonged to the model before."""
-            sessions.track(getattr(request, "session_hash", None), lab)
-            if lab is None or lab.lm is None:
+            the last run's message belonged to the model before. A failed load changes nothing."""
+            session = getattr(request, "session_hash", None)
+            sessions.track(session, lab)
+            if lab is None or lab.lm is None:  # nothing loaded: no layer rows
                 return [*budget["show_rows"](lab), *[gr.update()] * (len(budget["settings"]) + 8)]
+            if not sessions.new_model(session, lab):
+                return [*[gr.update()] * (len(budget["rows"]) + len(budget["settings"]) + 8)]
             try:
                 dense = budget["fill"](lab, Plan())
             except ValueError:  # more layers than sliders: the readout's plan table and the CLI take it
@@ -1053,14 +1093,20 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         (model["data_event"].success(budget["on_predict"], budget["inputs"], budget["outputs"], show_progress="hidden")
          .success(run["tables"], [state], [run["runs"], run["fig_bytes"], run["fig_lat"]]))
         if cfg.autoload:
-            def initial(p=gr.Progress()):
+            def initial(request: gr.Request, p=gr.Progress()):
                 lab = _lab(None, cfg)
+                sessions.track(getattr(request, "session_hash", None), lab)  # a reload mid-load frees it too
                 try:
                     info = lab.load(cfg.model, "auto", "float32", say=lambda m: p(0.3, desc=m))
                 except Exception as e:
                     traceback.print_exc()
                     return None, f"Could not load `{cfg.model}`: {e}", None
                 note = f"  \n**Note:** {info['note']}" if info.get("note") else ""
+                busy = sessions.still_running()
+                if busy:  # heavy buttons queue behind it: say why they would wait
+                    note += (f"  \n**Note:** {' and '.join(busy)} started on a page that was since closed or "
+                             "reloaded is still running; buttons that compute wait for it, and a run's result "
+                             "joins the run table when it ends.")
                 return lab, _summary_md(lab, info) + note, lab.layer_table()
 
             demo.load(initial, None, [state, model["status"], model["table"]]).then(after_load, [state], post)

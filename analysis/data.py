@@ -34,23 +34,31 @@ def read_wikitext(path: Path) -> str:
     return "\n\n".join(rows)
 
 
-def load_corpus(spec: str) -> Corpus:
+def check_text_spec(spec: str) -> Path | None:
+    """What ``load_corpus`` refuses without reading anything (an empty spec, a missing file, a
+    folder): cheap, for checks before a model loads. The file's path, None for 'default'."""
     spec = (spec or "").strip()
     if not spec:
         raise ValueError("empty text spec; use 'default', a text file path, or wikitext2:PATH")
     if spec == "default":
+        return None
+    prefix = "wikitext2:" if spec.startswith("wikitext2:") else ""
+    path = Path(spec[len(prefix):]).expanduser()
+    _check_file(path, prefix)
+    return path
+
+
+def load_corpus(spec: str) -> Corpus:
+    path = check_text_spec(spec)
+    if path is None:
         from pydoc_data.topics import topics
 
         text = "\n\n".join(topics[k] for k in sorted(topics))
         return Corpus(text, "default (Python pydoc_data topics)", _digest(text))
-    if spec.startswith("wikitext2:"):
-        path = Path(spec.split(":", 1)[1]).expanduser()
-        _check_file(path, "wikitext2:")
+    if spec.strip().startswith("wikitext2:"):
         text = read_wikitext(path)
         label = f"wikitext2:{path.name}"
     else:
-        path = Path(spec).expanduser()
-        _check_file(path)
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:

@@ -11,14 +11,13 @@ from pathlib import Path
 from analysis.cli import progress_stderr, require_at_least_one, run_command, say
 
 
-def prepare_calibration(lm, text, calib_tokens: int, seqlen: int, seed: int, cache: bool = True):
-    """Calibration windows and (cached) profile statistics for ``lm`` on ``text`` (a text spec
-    or a ``Corpus`` already read)."""
+def prepare_calibration(lm, text: str, calib_tokens: int, seqlen: int, seed: int, cache: bool = True):
+    """Calibration windows and (cached) profile statistics for ``lm`` on ``text``."""
     from analysis.data import calibration_windows, load_corpus, tokenize
     from analysis.loading import cache_dir
     from analysis.profile import load_or_profile
 
-    corpus = load_corpus(text) if isinstance(text, str) else text
+    corpus = load_corpus(text)
     n_win = max(1, -(-calib_tokens // seqlen))
     ids = calibration_windows(tokenize(lm.tokenizer, corpus), seqlen, n_win, seed)
     label = f"{corpus.label}, {n_win} x {seqlen} tokens (seed {seed})"
@@ -77,7 +76,7 @@ def check_apply_flags(a: argparse.Namespace) -> None:
 
 def cmd_apply(a: argparse.Namespace) -> dict:
     from analysis.atomic import check_replaceable
-    from analysis.data import load_corpus
+    from analysis.data import check_text_spec
     from analysis.loading import COMPRESSED_MARKER, load_model
     from analysis.metrics import linear_biases, linear_weight_bytes, model_bytes
     from compression.apply import apply_plan
@@ -87,7 +86,7 @@ def cmd_apply(a: argparse.Namespace) -> dict:
     check_apply_flags(a)
     plan = Plan.load(a.plan) if a.plan else None  # a bad plan file fails before the model loads
     check_replaceable(a.out, (COMPRESSED_MARKER,), "a compressed model")  # before the long work
-    corpus = load_corpus(a.text)  # a missing text file is said before the model loads
+    check_text_spec(a.text)  # a missing text file is said before the model loads (read only if calibrating)
     lm = load_model(a.model, a.device, a.dtype, trust_remote_code=a.trust_remote_code, progress=say)
     lm.require_dense("compression")
     linears = lm.adapter.linears(lm.model)
@@ -107,7 +106,7 @@ def cmd_apply(a: argparse.Namespace) -> dict:
     dtype_bytes = next(lm.model.parameters()).element_size()
     t0 = time.perf_counter()
     if needs_calibration(plan, linears):
-        ids, prof, label = prepare_calibration(lm, corpus, a.calib_tokens, a.seqlen, a.seed)
+        ids, prof, label = prepare_calibration(lm, a.text, a.calib_tokens, a.seqlen, a.seed)
         stats = prof.all_stats()
     else:
         ids, stats, label = None, None, "none (data-free methods)"

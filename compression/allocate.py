@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import time
 from dataclasses import dataclass, replace
 
@@ -358,7 +359,7 @@ TARGET_WORDS = {"bytes": "target bytes", "ratio": "target ratio", "bits": "targe
 def check_target(kind: str, value: float) -> None:
     """A size target must be a finite positive number (whole bytes for a byte target)."""
     flag = TARGET_FLAGS[kind]
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    if not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):  # numpy scalars too
         raise ValueError(f"the {TARGET_WORDS[kind]} ({flag}) must be a finite positive number, got {value}")
     if kind == "bytes" and value != int(value):
         raise ValueError(f"the {TARGET_WORDS[kind]} ({flag}) must be a whole number of bytes, got {value}")

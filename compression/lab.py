@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections import Counter
@@ -206,12 +207,17 @@ class Lab:
         self.history = RunHistory(self.workspace)
         self._stop = False
         self.job: str | None = None  # what is running now (profiling, a run, ...), for Cancel
-        self._close_after = False  # close() came while a job ran: free the models when it stops
+        self._closed = False  # the session ended (close()): free the models once no job runs, load nothing more
+        self._lock = threading.Lock()  # close() (the unload handler's thread) against a job ending (a worker's)
+        self.loads = 0  # successful loads: the app resets its sliders only when a new model arrived
         self._correction: tuple[tuple, Correction | None, dict] | None = None  # (key, fit, runs left out)
 
     # ----------------------------------------------------------------- state
     def require_model(self) -> LoadedModel:
         if self.lm is None:
+            if self._closed:
+                raise ValueError("this page's session ended (the page was closed or reloaded, or lost its "
+                                 "connection) and its model was freed: reload the page")
             raise ValueError("load a model first (Model & data tab)")
         return self.lm
 
@@ -241,24 +247,33 @@ class Lab:
         try:
             yield
         finally:
-            self.job, self._stop = None, False
-            if self._close_after:
+            with self._lock:
+                self.job, self._stop = None, False
+                closed = self._closed
+            if closed:
                 self._free()
 
     def close(self) -> None:
-        """The session ended (page closed or reloaded): stop the running job at its next layer or
-        batch (it is recorded as cancelled) and free the models, at once or when the job stops.
-        The workspace (run history) and the caches on disk stay."""
-        if self.job is not None:
-            self._stop = self._close_after = True
-        else:
+        """The session ended (its page was closed, reloaded, or lost its connection). A running
+        job finishes (a run's result is saved in the history, nothing is lost) and the models are
+        freed when it ends; with nothing running, at once. The Lab loads nothing more. The
+        workspace and the caches on disk stay."""
+        with self._lock:
+            self._closed = True
+            busy = self.job is not None
+        if not busy:
             self._free()
+
+    @property
+    def closed_but_running(self) -> str | None:
+        """The job still running in a closed session, if any (what a new page waits behind)."""
+        return self.job if self._closed else None
 
     def _free(self) -> None:
         device = self.lm.device if self.lm is not None else None
         self.lm = self.compressed = self.compressed_plan = self.compressed_run = None
         self.profile = self.proxy = self.sensitivity = self.predictor = None
-        self._correction, self._close_after = None, False
+        self._correction = None
         if device is not None and device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -296,7 +311,10 @@ class Lab:
             split, seqlen = self._split(lm, calib, evalt, seqlen, None, None)  # fails: nothing changes
             note = (f"the texts in use could not be windowed for this model ({e}); it uses the default texts "
                     f"with a window length of {seqlen} instead: change them under Use these texts")
-        self.lm = lm
+        with self._lock:
+            if self._closed:  # the page went away while the model loaded: nobody would free it
+                raise InterruptedError("the page was closed while the model loaded; it was not kept")
+            self.lm, self.loads = lm, self.loads + 1
         self.compressed = self.compressed_plan = self.compressed_run = None
         self.plan = Plan()
         self._commit_split(split, calib, evalt, seqlen)
@@ -564,8 +582,11 @@ class Lab:
         return validate(plan, self.linears, warn=False) + other_model_notes(plan, self.require_model().fingerprint)
 
     def stamped(self, plan: Plan) -> Plan:
-        """``plan`` with the loaded model it was made for in its meta (an exported plan says so)."""
+        """``plan`` with the loaded model it was made for in its meta (an exported plan says so);
+        a plan that already names a model (one loaded from a file) keeps it."""
         lm = self.require_model()
+        if plan.meta.get("base_fingerprint"):
+            return plan
         return replace(plan, meta={**plan.meta, "base_model": lm.spec, "base_fingerprint": lm.fingerprint})
 
     def predict(self, plan: Plan) -> dict:
@@ -697,7 +718,10 @@ class Lab:
         d = self.dense_eval
         if not d:
             return table
-        row = dict(run_id="dense", time="", label="dense (this session)", status="ok", plan="dense", ppl=d.get("ppl"),
+        compressed = self.require_model().compressed
+        row = dict(run_id="dense", time="", status="ok", ppl=d.get("ppl"),
+                   label="this compressed model (this session)" if compressed else "dense (this session)",
+                   plan="as saved" if compressed else "dense",
                    bytes=d.get("bytes"), bits_per_weight=d.get("bits_per_weight"),
                    prefill_tok_s=d.get("prefill_tok_s"), decode_ms_per_token=d.get("decode_ms_per_token"),
                    decode_ms_min=_at(d.get("decode_ms_range"), 0), decode_ms_max=_at(d.get("decode_ms_range"), 1),

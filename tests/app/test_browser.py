@@ -156,18 +156,18 @@ def test_profile_slider_run_reload(app_url):
         page.wait_for_timeout(1000)
         page.screenshot(path=str(ARTIFACTS / "run.png"), full_page=False)
 
-        # a page reloaded mid-run: the orphaned run stops (recorded as cancelled) instead of holding the queue
+        # a page reloaded mid-run: the run is not lost; it finishes and is saved (its model then freed)
         page.locator("#run-btn").click()
         page.locator(".progress-text").first.wait_for(state="visible")
         page.reload()
         history = workspace / "runs.jsonl"
-        deadline = time.time() + 120
+        deadline = time.time() + 300
         while time.time() < deadline:
             records = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
             if len(records) == 2:
                 break
             time.sleep(0.5)
-        assert len(records) == 2 and records[-1]["status"] == "cancelled", records[-1:]
+        assert len(records) == 2 and records[-1]["status"] == "ok", records[-1:]
         expect(page.locator("#model-status")).to_contain_text("Fingerprint", timeout=240_000)
         page.get_by_role("tab", name="Run & compare").click()
         expect(page.locator("#run-table")).to_contain_text(run_id)

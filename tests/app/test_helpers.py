@@ -156,20 +156,30 @@ def test_readout_without_sensitivities_says_how_to_get_a_prediction_and_no_cavea
 def test_sessions_close_the_lab_of_a_closed_page_and_only_that_one(tiny_lab, tmp_path):
     from compression.lab import Lab
 
+    lm = tiny_lab.lm
     other = Lab(tmp_path / "ws2")
-    other.lm = tiny_lab.lm
+    other.lm = lm
     sessions = app.Sessions()
     sessions.track("a", tiny_lab)
     sessions.track("b", other)
     sessions.track(None, tiny_lab)  # no session id (a direct API call): not tracked
     assert len(sessions) == 2
+    assert sessions.new_model("b", other) and not sessions.new_model("b", other)  # shown once per load
+    other.loads += 1
+    assert sessions.new_model("b", other)
     sessions.close("a")
     assert tiny_lab.lm is None and other.lm is not None and len(sessions) == 1
     sessions.close("a")  # closing twice, or an unknown session, is harmless
     sessions.close("zzz")
-    replacement = Lab(tmp_path / "ws3")
-    sessions.track("b", replacement)  # the session made a new Lab: the old one is closed
-    assert other.lm is None and len(sessions) == 1
+    with other.running("the run"):  # a page closed mid-run: the run finishes, and a new page is told
+        sessions.close("b")
+        assert sessions.still_running() == ["the run"] and other.lm is not None
+    assert sessions.still_running() == [] and other.lm is None
+    replacement, newer = Lab(tmp_path / "ws3"), Lab(tmp_path / "ws4")
+    replacement.lm = newer.lm = lm
+    sessions.track("c", replacement)
+    sessions.track("c", newer)  # the session made a new Lab: the old one is closed
+    assert replacement.lm is None and newer.lm is not None and len(sessions) == 1
 
 
 def _callback(demo, name: str):
@@ -203,3 +213,15 @@ def test_export_of_runs_and_figures_writes_csv_pages_and_toolbar_free_images(tin
     monkeypatch.setattr(app, "html_to_png", broken)
     files, note = _callback(demo, "on_runs")(tiny_lab)
     assert pages <= {Path(f).name for f in files} and "could not be rendered (chromium ran but wrote no image)" in note
+    tried = []
+
+    def sandboxed(html, png):  # chromium's own last line and status, not its command line; tried once
+        import subprocess
+
+        tried.append(html)
+        raise subprocess.CalledProcessError(1, ["chromium", "--headless"], stderr=b"[0101]\nNo usable sandbox!\n")
+
+    monkeypatch.setattr(app, "html_to_png", sandboxed)
+    files, note = _callback(demo, "on_runs")(tiny_lab)
+    assert "(chromium exited with status 1: No usable sandbox!)" in note and "--headless" not in note
+    assert len(tried) == 1 and pages <= {Path(f).name for f in files}

@@ -111,6 +111,10 @@ def test_data_free_apply_reads_no_calibration_and_refuses_ignored_flags(model_di
                                   "4", "--group-size", "32", "--out", str(tmp_path / "rtn")], capsys)
     assert out["calibration"] == "none (data-free methods)" and out["weight_bytes"] == out["predicted_weight_bytes"]
     assert not (tmp_path / "cache" / "profiles").exists()  # nothing was profiled
+    latin = tmp_path / "latin.txt"  # a data-free method reads no text, so one it could not read is no obstacle
+    latin.write_bytes("café".encode("latin-1"))
+    assert compression_main(["apply", "--model", str(folder), "--text", str(latin), "--method", "rtn", "--bits", "4",
+                             "--group-size", "32", "--out", str(tmp_path / "rtn2")]) == 0
     # a plan made for another model applies (names and shapes fit) with a note saying so
     from compression.plan import ModuleSpec, Plan
 

@@ -207,6 +207,8 @@ def test_impossible_target_names_the_smallest_reachable_size():
         for bad in (float("inf"), float("nan"), 0, -5):
             with pytest.raises(ValueError, match=f"\\({flag}\\) must be a finite positive number, got {bad}"):
                 allocate(p, **{kw: bad})
+    base = allocate(p, target_ratio=0.5)  # numpy scalars are numbers too
+    assert allocate(p, target_ratio=np.float32(0.5)).modules == base.modules
     with pytest.raises(ValueError, match="must be a whole number of bytes, got 10.5"):
         allocate(p, target_bytes=10.5)
 

@@ -313,6 +313,7 @@ def test_texts_and_models_change_only_when_nothing_runs_and_only_if_valid(tiny_l
     tiny_lab.settings.seqlen = 512  # longer than the tiny model's 256 positions: not a dead end
     info = tiny_lab.load("other")
     assert tiny_lab.settings.seqlen == 256 and tiny_lab.split.eval_ids.shape[1] == 256
+    assert tiny_lab.loads == 2  # what the app checks before resetting its sliders to a new model
     assert "window length (seqlen) 512 exceeds the model's maximum of 256" in info["note"]
     assert tiny_lab.load("other")["note"] is None  # texts that fit: nothing to say
     monkeypatch.setattr(Lab, "_corpus", staticmethod(lambda spec: (_ for _ in ()).throw(ValueError("unreadable"))))
@@ -415,7 +416,8 @@ def test_a_compressed_model_is_measured_but_not_profiled_budgeted_or_run(tiny_la
         with pytest.raises(ValueError, match=f"so {what} cannot run on it: load its base model `tiny-base`"):
             call()
     assert tiny_lab.history.table(tiny_lab.lm.fingerprint).empty  # a refused run records nothing
-    assert tiny_lab.evaluate_dense()["ppl"] > 1  # measuring it as it is works
+    assert tiny_lab.evaluate_dense()["ppl"] > 1  # measuring it as it is works, and is not called dense
+    assert tiny_lab.runs_table().label.tolist() == ["this compressed model (this session)"]
     _, second = tiny_lab.generate("ab", max_new_tokens=2)
     assert "itself compressed" in second
 
@@ -425,6 +427,7 @@ def test_an_exported_plan_names_its_model_and_a_foreign_plan_gets_a_note(tiny_la
     assert plan.meta["base_fingerprint"] == tiny_lab.lm.fingerprint and plan.meta["base_model"] == "tiny"
     assert not any("another model" in n for n in tiny_lab.check(Plan.from_json(plan.to_json())))
     plan.meta["base_fingerprint"] = "f00d"
+    assert tiny_lab.stamped(plan).meta["base_fingerprint"] == "f00d"  # re-exported, it still names its model
     notes = tiny_lab.check(plan)
     assert any(n.startswith("this plan was made for another model (`tiny`), fingerprint f00d") for n in notes)
     assert any("another model" in n for n in tiny_lab.predict(plan)["notes"])  # the readout shows it
@@ -442,13 +445,20 @@ def test_an_exported_model_says_which_run_made_it_and_what_was_measured(tiny_lab
     assert "seqlen 32" in run["protocol"]
 
 
-def test_close_stops_the_running_job_and_frees_the_models_when_it_ends(tiny_lab):
+def test_close_lets_the_running_job_finish_then_frees_the_models_and_loads_nothing_more(tiny_lab, monkeypatch):
+    lm = tiny_lab.lm
+    monkeypatch.setattr("compression.lab.load_model", lambda spec, *a, **k: lm)  # no real model
+    assert tiny_lab.load("again") and tiny_lab.loads == 1
     with tiny_lab.running("the run"):
-        tiny_lab.close()  # the page closed mid-job: the job is asked to stop, the model stays until it does
-        assert tiny_lab.should_stop() and tiny_lab.lm is not None
-    assert tiny_lab.lm is None and tiny_lab.compressed is None and not tiny_lab.should_stop()
-    with pytest.raises(ValueError, match="load a model first"):
+        tiny_lab.close()  # the page closed mid-job: the job goes on (its result is saved), the model stays
+        assert not tiny_lab.should_stop() and tiny_lab.lm is not None
+        assert tiny_lab.closed_but_running == "the run"
+    assert tiny_lab.lm is None and tiny_lab.compressed is None and tiny_lab.closed_but_running is None
+    with pytest.raises(ValueError, match="this page's session ended .* reload the page"):
         tiny_lab.require_model()
+    with pytest.raises(InterruptedError, match="the page was closed while the model loaded"):
+        tiny_lab.load("again")  # a load that ends after the close keeps nothing
+    assert tiny_lab.lm is None and tiny_lab.loads == 1
 
 
 def test_close_with_nothing_running_frees_at_once_and_keeps_the_history(tiny_lab):
