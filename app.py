@@ -1070,9 +1070,9 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             session = getattr(request, "session_hash", None)
             sessions.track(session, lab)
             if lab is None or lab.lm is None:  # nothing loaded: no layer rows
-                return [*budget["show_rows"](lab), *[gr.update()] * (len(budget["settings"]) + 8)]
+                return [*budget["show_rows"](lab), *[gr.update()] * (len(post) - len(budget["rows"]))]
             if not sessions.new_model(session, lab):
-                return [*[gr.update()] * (len(budget["rows"]) + len(budget["settings"]) + 8)]
+                return [gr.update()] * len(post)
             try:
                 dense = budget["fill"](lab, Plan())
             except ValueError:  # more layers than sliders: the readout's plan table and the CLI take it
