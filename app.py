@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -170,6 +171,37 @@ class Sessions:
         return len(self._labs)
 
 
+PAGE_STATE_VERSION = 1
+TEXT_KEYS = ("calib_text", "eval_text", "seqlen", "calib_windows", "eval_windows")
+
+
+def page_state(lab: Lab | None, app_token: str, plan_text: str | None) -> dict | None:
+    """What the browser keeps of a page so that a reload comes back as it was: the model spec,
+    device and dtype, the texts and windowing in use, and the plan on the sliders (its JSON,
+    with the fingerprint of the model it was made for). ``app_token`` names this app process:
+    a page of an earlier run of the app restores nothing. None when no model is loaded."""
+    if lab is None or lab.lm is None:
+        return None
+    lm, s = lab.lm, lab.settings
+    return dict(version=PAGE_STATE_VERSION, app=app_token, model=lm.spec, device=lm.device.type,
+                dtype=str(lm.dtype).replace("torch.", ""), texts={k: getattr(s, k) for k in TEXT_KEYS},
+                fingerprint=lm.fingerprint, plan=plan_text or None)
+
+
+def restorable(saved: object, app_token: str) -> dict | None:
+    """``saved`` if it is a page state this app process wrote (see ``page_state``), else None:
+    anything else in the browser's storage (an older app, another version, a hand edit) is ignored."""
+    if not isinstance(saved, dict) or saved.get("version") != PAGE_STATE_VERSION or saved.get("app") != app_token:
+        return None
+    texts = saved.get("texts")
+    ok = (isinstance(saved.get("model"), str) and saved["model"].strip() and saved.get("device") in ("cpu", "cuda")
+          and saved.get("dtype") in ("float32", "bfloat16", "float16") and isinstance(texts, dict)
+          and all(isinstance(texts.get(k), str) for k in TEXT_KEYS[:2])
+          and all(isinstance(texts.get(k), int) and not isinstance(texts.get(k), bool) for k in TEXT_KEYS[2:])
+          and isinstance(saved.get("plan"), (str, type(None))))
+    return saved if ok else None
+
+
 class Scratch:
     """Where the app writes files for the browser to download: one folder per export under one
     root per app. Gradio copies a returned file into its own cache as the callback returns, so
@@ -296,7 +328,7 @@ def build_model_tab(state, cfg: AppConfig):
     data_ev = data_btn.click(on_data, [state, calib, evalt, upload, seqlen, cwin, ewin], [state, status],
                              concurrency_id=HEAVY, concurrency_limit=1)  # after any running job, never beside it
     return dict(load_event=load_ev, data_event=data_ev, on_load=on_load, spec=spec, device=device, dtype=dtype,
-                status=status, table=table)
+                status=status, table=table, texts=[calib, evalt, seqlen, cwin, ewin])
 
 
 def _require(lab: Lab | None) -> Lab:
@@ -788,13 +820,32 @@ def build_budget_tab(state):
             return [lowrank_v, gr.update(), gr.update()]
         return [lowrank_v, gr.update(value=quant), gr.update(value=group)]
 
+    def restore(lab, plan_text):
+        """The plan a reloaded page had on its sliders (``page_state``), back on them. One that no
+        longer fits the model leaves the sliders dense and says why."""
+        if not plan_text or lab is None or lab.lm is None or lab.lm.compressed:
+            return [gr.update()] * len(preset_out)
+        try:
+            plan = Plan.from_json(plan_text)
+            if plan.to_json() == Plan().to_json():  # dense: the sliders already say so
+                return [gr.update()] * len(preset_out)
+            lab.check(plan)
+            filled = fill(lab, plan)
+        except (ValueError, KeyError, TypeError) as e:
+            return [*[gr.update()] * (len(preset_out) - 4), "**The plan this page had before it was reloaded was "
+                    f"not restored:** {_err_text(e)}  \nThe sliders are dense.", *[gr.update()] * 3]
+        lab.plan = plan  # a preset's name (in its meta) keeps naming runs while the sliders give it
+        text, *figs = _readout(lab, plan)
+        return [*filled, *_method_updates(plan), "*Restored the plan this page had before it was reloaded.*\n\n"
+                + text, *figs]
+
     def show_rows(lab):
         n = len(lab.lm.adapter.layers(lab.lm.model)) if lab is not None and lab.lm is not None else 0
         return [gr.update(visible=i < n) for i in range(MAX_LAYERS)]
 
     return dict(current_plan=current_plan, inputs=inputs, outputs=outputs, show_rows=show_rows, fill=fill,
-                settings=[*ranks, *bits, overrides],
-                rows=[r.row for r in ranks], on_predict=on_predict)
+                settings=[*ranks, *bits, overrides], rows=[r.row for r in ranks], on_predict=on_predict,
+                plan_json=plan_json, restore=restore, preset_out=preset_out)
 
 
 def _readout(lab: Lab, plan: Plan):
@@ -1044,12 +1095,16 @@ def build_export_tab(state, budget, scratch: Scratch):
 # ------------------------------------------------------------------------------ assembly
 def build_app(cfg: AppConfig) -> gr.Blocks:
     scratch, sessions = Scratch(), Sessions()
+    app_token = secrets.token_hex(8)  # a page state written by this process (see page_state)
     # hourly, gradio removes the copies it served that are more than a day old (a model zip is hundreds of MB)
     with gr.Blocks(title="RankLab", delete_cache=(3600, 86400)) as demo:
         gr.Markdown("# RankLab\nSee where a language model is low-rank and fragile, set per-layer rank and bit "
                     "budgets, run the compression, and compare measured perplexity, memory and latency with the "
                     "predictions.", elem_id="title")
         state = gr.State(None)
+        # the browser's copy of the page (model, texts, plan), restored when it is reloaded (see page_state)
+        saved = gr.BrowserState(None, storage_key="ranklab-page")
+        pending_plan = gr.State(None)  # a restored page's plan, put on the sliders once its model is in
         with gr.Tabs():
             with gr.Tab("Model & data", id="model"):
                 model = build_model_tab(state, cfg)
@@ -1088,28 +1143,62 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         budget_tab.select(budget["on_predict"], budget["inputs"], budget["outputs"], show_progress="hidden")
         post = [*budget["rows"], *budget["settings"], *budget["outputs"], run["runs"], run["fig_bytes"], run["fig_lat"],
                 run["status"]]
-        model["load_event"].then(after_load, [state], post)
+        def remember(lab, plan_text):
+            return page_state(lab, app_token, plan_text)
+
+        remembered = dict(fn=remember, inputs=[state, budget["plan_json"]], outputs=[saved], show_progress="hidden")
+        model["load_event"].then(after_load, [state], post).then(**remembered)
         # new texts, new protocol: the prediction's scale, the run tab's figures and captions follow
         (model["data_event"].success(budget["on_predict"], budget["inputs"], budget["outputs"], show_progress="hidden")
-         .success(run["tables"], [state], [run["runs"], run["fig_bytes"], run["fig_lat"]]))
+         .success(run["tables"], [state], [run["runs"], run["fig_bytes"], run["fig_lat"]]).success(**remembered))
+        budget["plan_json"].change(**remembered)  # every slider move, preset and plan file
         if cfg.autoload:
-            def initial(request: gr.Request, p=gr.Progress()):
-                lab = _lab(None, cfg)
-                sessions.track(getattr(request, "session_hash", None), lab)  # a reload mid-load frees it too
+            restored = [model["spec"], model["device"], model["dtype"], *model["texts"]]
+
+            def initial(saved_v, request: gr.Request, p=gr.Progress()):
+                """Load the app's model; a reloaded page (``saved_v``, see ``page_state``) gets back its
+                own model, device, dtype and texts, and its plan follows (``budget["restore"]``)."""
+                keep = restorable(saved_v, app_token)
+                spec, device, dtype = (keep["model"], keep["device"], keep["dtype"]) if keep else (cfg.model, "auto",
+                                                                                                 "float32")
+                base = vars(cfg.settings or LabSettings())
+                lab = Lab(cfg.workspace, LabSettings(**{**base, **(keep["texts"] if keep else {})}))
+                session = getattr(request, "session_hash", None)
+                sessions.track(session, lab)  # a reload mid-load frees it too
+                note = ""
                 try:
-                    info = lab.load(cfg.model, "auto", "float32", say=lambda m: p(0.3, desc=m))
+                    info = lab.load(spec, device, dtype, say=lambda m: p(0.3, desc=m))
                 except Exception as e:
                     traceback.print_exc()
-                    return None, f"Could not load `{cfg.model}`: {e}", None
-                note = f"  \n**Note:** {info['note']}" if info.get("note") else ""
+                    if not keep:
+                        return None, f"Could not load `{cfg.model}`: {e}", None, *[gr.update()] * len(restored), None
+                    # the page's own model is gone (a folder moved ...): the app's model instead
+                    note = f"  \n**Note:** this page's model `{spec}` could not be loaded again ({_err_text(e)})."
+                    keep, lab = None, _lab(None, cfg)
+                    sessions.track(session, lab)
+                    try:
+                        info = lab.load(cfg.model, "auto", "float32", say=lambda m: p(0.3, desc=m))
+                    except Exception as e2:
+                        traceback.print_exc()
+                        return (None, f"Could not load `{cfg.model}`: {e2}" + note, None,
+                                *[gr.update()] * len(restored), None)
+                if info.get("note"):
+                    note += f"  \n**Note:** {info['note']}"
                 busy = sessions.still_running()
                 if busy:  # heavy buttons queue behind it: say why they would wait
                     note += (f"  \n**Note:** {' and '.join(busy)} started on a page that was since closed or "
                              "reloaded is still running; buttons that compute wait for it, and a run's result "
                              "joins the run table when it ends.")
-                return lab, _summary_md(lab, info) + note, lab.layer_table()
+                if not keep:
+                    return lab, _summary_md(lab, info) + note, lab.layer_table(), *[gr.update()] * len(restored), None
+                s = lab.settings  # what the load used: the page's texts, or the defaults it fell back to
+                boxes = [spec, device, dtype, *(getattr(s, k) for k in TEXT_KEYS)]
+                plan = keep["plan"] if keep["fingerprint"] == lab.lm.fingerprint else None
+                return (lab, _summary_md(lab, info) + note, lab.layer_table(), *boxes, plan)
 
-            demo.load(initial, None, [state, model["status"], model["table"]]).then(after_load, [state], post)
+            (demo.load(initial, [saved], [state, model["status"], model["table"], *restored, pending_plan])
+             .then(after_load, [state], post)
+             .then(budget["restore"], [state, pending_plan], budget["preset_out"]).then(**remembered))
         # a closed or reloaded page: its job stops and its model is freed now, not in an hour
         def on_unload(request: gr.Request):
             sessions.close(getattr(request, "session_hash", None))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,6 +72,24 @@ def tiny_llama():
 def token_ids() -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, 128, (4, 32), generator=g)
+
+
+def tiny_folder(folder: Path) -> tuple[Path, Path]:
+    """A tiny llama saved with a real character-level tokenizer (loadable by spec, like any
+    model folder), and a text file to calibrate and evaluate on."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i): i - 32 for i in range(32, 127)}
+    vocab["\n"], vocab["[UNK]"] = 95, 96
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]")
+    tiny_model("llama").save_pretrained(folder)
+    tok.save_pretrained(folder)
+    text = folder / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog.\n" * 200)
+    return folder, text
 
 
 class CharTokenizer:

@@ -3,7 +3,7 @@
 Open the app, cancel profiling and profile, move a slider and see the predicted point move,
 pick a layer's bits and see the predicted size fall, run a small
 compression, see the measured point and the run-table row appear, reload the page and
-find the history. Screenshots land in artifacts/ (one is the README's).
+find the history and the plan it had. Screenshots land in artifacts/ (one is the README's).
 """
 from __future__ import annotations
 
@@ -171,6 +171,11 @@ def test_profile_slider_run_reload(app_url):
         expect(page.locator("#model-status")).to_contain_text("Fingerprint", timeout=240_000)
         page.get_by_role("tab", name="Run & compare").click()
         expect(page.locator("#run-table")).to_contain_text(run_id)
+        # ... and the reloaded page has its plan back on the sliders (the browser kept it)
+        page.get_by_role("tab", name="Budget").click()
+        expect(page.locator("#readout")).to_contain_text("Restored the plan this page had", timeout=60_000)
+        expect(page.locator("#bits-0 input")).to_have_value("3")
+        assert page.locator("#rank-0 input[type=number]").input_value() != "100"
 
         # a plan file goes back into the sliders; a broken one is refused and changes nothing
         ARTIFACTS.mkdir(exist_ok=True)

@@ -225,3 +225,73 @@ def test_export_of_runs_and_figures_writes_csv_pages_and_toolbar_free_images(tin
     files, note = _callback(demo, "on_runs")(tiny_lab)
     assert "(chromium exited with status 1: No usable sandbox!)" in note and "--headless" not in note
     assert len(tried) == 1 and pages <= {Path(f).name for f in files}
+
+
+def test_page_state_round_trips_through_json_and_only_this_app_restores_it(tiny_lab):
+    import json
+
+    plan = tiny_lab.plan_from_sliders([50, 100], [4, None], group_size=32)
+    saved = json.loads(json.dumps(app.page_state(tiny_lab, "tok", plan.to_json())))  # the browser keeps JSON
+    assert saved["model"] == "tiny" and saved["device"] == "cpu" and saved["dtype"] == "float32"
+    assert saved["texts"] == dict(calib_text="default", eval_text="default", seqlen=32, calib_windows=8,
+                                  eval_windows=2)
+    assert saved["fingerprint"] == tiny_lab.lm.fingerprint and app.Plan.from_json(saved["plan"]) == plan
+    assert app.restorable(saved, "tok") == saved
+    assert app.restorable(saved, "an earlier run of the app") is None
+    for broken in ({**saved, "version": 99}, {**saved, "texts": {**saved["texts"], "seqlen": "32"}},
+                   {**saved, "texts": {**saved["texts"], "seqlen": True}}, {**saved, "model": " "},
+                   {**saved, "device": "tpu"}, {**saved, "plan": 3}, "junk", None):
+        assert app.restorable(broken, "tok") is None, broken
+    assert app.page_state(None, "tok", "{}") is None
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from tests.conftest import tiny_folder
+
+    return tiny_folder(tmp_path_factory.mktemp("tiny"))
+
+
+class _Request:
+    def __init__(self, session: str):
+        self.session_hash = session
+
+
+def test_a_reloaded_page_gets_its_model_texts_and_plan_back(tiny_dir, tmp_path, monkeypatch):
+    import gradio as gr
+
+    monkeypatch.setenv("RANKLAB_CACHE", str(tmp_path / "cache"))
+    folder, text = tiny_dir
+    monkeypatch.setattr(app.secrets, "token_hex", lambda n: "tok")
+    demo = app.build_app(app.AppConfig(model=str(folder), workspace=tmp_path / "ws",
+                                       settings=app.LabSettings(seqlen=32, calib_windows=4, eval_windows=2)))
+    initial, restore = _callback(demo, "initial"), _callback(demo, "restore")
+    # a first visit: the app's model, the boxes as built, nothing to restore
+    lab, status, _, *boxes, plan_text = initial(None, _Request("a"))
+    assert lab.lm.spec == str(folder) and all(isinstance(b, dict) for b in boxes) and plan_text is None
+    lab.set_texts(str(text), "default", 16, 3, 1)
+    plan = lab.plan_uniform(50, 4, group_size=32)
+    saved = app.page_state(lab, "tok", plan.to_json())
+    # the same page reloaded: its texts and windowing, and the plan for the sliders
+    lab2, status, _, *boxes, plan_text = initial(saved, _Request("b"))
+    assert boxes == [str(folder), "cpu", "float32", str(text), "default", 16, 3, 1]
+    assert lab2.split.calib_ids.shape == (3, 16) and lab2.split.eval_ids.shape == (1, 16)
+    assert plan_text == plan.to_json()
+    out = restore(lab2, plan_text)
+    ranks, bits = out[:app.MAX_LAYERS], out[app.MAX_LAYERS:2 * app.MAX_LAYERS]
+    assert [u["value"] for u in ranks[:2]] == [50, 50] and [u["value"] for u in bits[:2]] == ["4", "4"]
+    assert "Restored the plan this page had" in out[-4] and lab2.plan == plan  # runs keep the preset's name
+    assert "Predicted" in out[-4]
+    # a plan that no longer fits is said, the sliders stay dense; nothing to restore changes nothing
+    wrong = app.Plan.from_json(plan.to_json())
+    wrong.modules["model.layers.9.mlp.up_proj"] = wrong.default
+    out = restore(lab2, wrong.to_json())
+    assert "was not restored" in out[-4] and all(u == gr.update() for u in out[:2 * app.MAX_LAYERS])
+    assert all(u == gr.update() for u in restore(lab2, None))
+    # another process's state restores nothing; a page whose model is gone gets the app's with a note
+    lab3, *_, plan_text = initial({**saved, "app": "old"}, _Request("c"))
+    assert lab3.settings.seqlen == 32 and plan_text is None
+    gone = {**saved, "model": str(tmp_path / "moved-away")}
+    lab4, status, _, *boxes, plan_text = initial(gone, _Request("d"))
+    assert lab4.lm.spec == str(folder) and "moved-away` could not be loaded again" in status
+    assert plan_text is None and all(isinstance(b, dict) for b in boxes)

@@ -4,25 +4,12 @@ import json
 import pandas as pd
 import pytest
 
-from tests.conftest import tiny_model
+from tests.conftest import tiny_folder
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {chr(i): i - 32 for i in range(32, 127)}
-    vocab["\n"], vocab["[UNK]"] = 95, 96
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]")
-    folder = tmp_path_factory.mktemp("tiny")
-    tiny_model("llama").save_pretrained(folder)
-    tok.save_pretrained(folder)
-    text = folder / "text.txt"
-    text.write_text("The quick brown fox jumps over the lazy dog.\n" * 200)
-    return folder, text
+    return tiny_folder(tmp_path_factory.mktemp("tiny"))
 
 
 def _run(main, argv, capsys) -> dict:
