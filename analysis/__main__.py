@@ -18,9 +18,7 @@ def cmd_eval(a: argparse.Namespace) -> dict:
                          hints={"--windows": " (leave it out to evaluate every window)"})
     corpus = load_corpus(a.text)  # a missing text file is said before the model loads
     lm = load_model(a.model, a.device, a.dtype, trust_remote_code=a.trust_remote_code, progress=say)
-    if lm.max_positions and a.seqlen > lm.max_positions:
-        raise ValueError(f"seqlen {a.seqlen} exceeds the model's maximum of {lm.max_positions} positions; "
-                         f"use --seqlen {lm.max_positions} or less")
+    lm.check_seqlen(a.seqlen)
     ids = windows(tokenize(lm.tokenizer, corpus), a.seqlen, a.windows)
     reset_cuda_peak(lm.device)  # the peak reported is the evaluation's (weights included)
     t = time.perf_counter()
@@ -54,6 +52,7 @@ def cmd_profile(a: argparse.Namespace) -> dict:
     corpus = load_corpus(a.text)  # a missing text file is said before the model loads
     lm = load_model(a.model, a.device, a.dtype, trust_remote_code=a.trust_remote_code, progress=say)
     lm.require_dense("profiling")
+    lm.check_seqlen(a.seqlen)
     n_win = max(1, -(-a.tokens // a.seqlen))
     ids = calibration_windows(tokenize(lm.tokenizer, corpus), a.seqlen, n_win, a.seed)
     say(f"profiling {ids.numel()} tokens ({n_win} x {a.seqlen}) of {corpus.label} on {lm.device}")
@@ -108,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("sensitivity", help="per-linear loss increase on a grid of ranks and bits")
     common(s)
     s.add_argument("--tokens", type=int, default=sens.DEFAULT_TOKENS,
-                   help="probe tokens (cost is linear in them; the grid is ~1470 probes on 135M)")
+                   help="probe tokens (cost is linear in them; the grid is ~1470 settings on 135M, the 8-bit ones "
+                        "derived from the 4-bit probes unless --derive-bits says otherwise)")
     s.add_argument("--seqlen", type=int, default=sens.DEFAULT_SEQLEN)
     s.add_argument("--profile-tokens", type=int, default=sens.PROFILE_TOKENS,
                    help="tokens of the profile that fits svd-llm/gptq")

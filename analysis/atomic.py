@@ -1,13 +1,16 @@
 """Atomic folder writes: a crash or an interrupt never leaves a half-written artifact that a
 later run would read as complete, and a write never replaces a folder that is not an earlier
-artifact of the same kind (a mistyped ``--out`` must not delete someone's files). Artifacts
+artifact of the same kind, nor one that files were added to since (a mistyped ``--out`` must
+not delete someone's files). Artifacts
 read back give the numbers that were written (``EXACT_FLOATS``)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -47,11 +50,28 @@ def holds(folder: Path, markers: Sequence[str]) -> bool:
     return True
 
 
+MANIFEST = ".ranklab-files"  # the files an artifact's write put in its folder, one relative path a line
+
+
+def _files(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()}
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """Files in an artifact's ``folder`` that its write did not put there (a user's notes, a
+    plan saved into it), by its ``MANIFEST``; none known for folders written before manifests."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return []
+    return sorted(_files(folder) - set(manifest.read_text().splitlines()) - {MANIFEST})
+
+
 def check_replaceable(folder: str | Path, markers: Sequence[str], what: str) -> Path:
     """Where ``what`` (e.g. "a compressed model") may be written: ``folder`` resolved, when it
     does not exist, is empty, or ``holds`` the ``markers`` of that kind of artifact (an earlier
-    one, which the write replaces). Otherwise ``FileExistsError`` saying what to do; call it
-    before long work."""
+    one, which the write replaces, unless files were added to it since). The nearest existing
+    folder on the way must be writable. Otherwise ``FileExistsError`` or ``PermissionError``
+    saying what to do; call it before long work."""
     folder = Path(folder).expanduser().resolve()
     cwd = Path.cwd().resolve()
     if folder == cwd or folder in cwd.parents:
@@ -63,6 +83,14 @@ def check_replaceable(folder: str | Path, markers: Sequence[str], what: str) -> 
         raise FileExistsError(f"{folder} exists, is not empty and does not hold {what} (no {' + '.join(markers)}); "
                               "RankLab only replaces its own folders: give a new or empty folder for --out, or "
                               "delete this one")
+    if folder.is_dir() and (extra := foreign_files(folder)):
+        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        raise FileExistsError(f"{folder} holds {what} written earlier and also files added since ({shown}); "
+                              "replacing it would delete them: move them out, or give another folder for --out")
+    near = next(p for p in (folder, *folder.parents) if p.exists())
+    if not near.is_dir() or not os.access(near, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {what} to {folder}: {near} is not a folder you can write in; give "
+                              "another --out")
     return folder
 
 
@@ -81,6 +109,7 @@ def atomic_folder(folder: str | Path, markers: Sequence[str], what: str) -> Iter
         yield tmp
         if not holds(tmp, markers):
             raise RuntimeError(f"writing {what}: {' + '.join(markers)} not all written")
+        (tmp / MANIFEST).write_text("".join(f"{f}\n" for f in sorted(_files(tmp))))
         check_replaceable(folder, markers, what)  # nothing else appeared there meanwhile
         old = None
         if folder.exists():
@@ -106,3 +135,20 @@ def atomic_folder(folder: str | Path, markers: Sequence[str], what: str) -> Iter
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+class CacheWarning(UserWarning):
+    """A result could not be written to RankLab's cache (it is used, just not kept)."""
+
+
+def save_to_cache(save: Callable[[], object], what: str, folder: Path) -> bool:
+    """Run ``save`` (writing ``what`` into ``folder`` of the cache); a cache that cannot be
+    written (read-only, full) is said in a ``CacheWarning`` and skipped: the result in hand
+    is used, and computed again next time. Returns whether it was saved."""
+    try:
+        save()
+        return True
+    except OSError as e:
+        warnings.warn(f"could not cache {what} in {folder} ({e.strerror or e}): it is used now and computed again "
+                      "next time; set RANKLAB_CACHE to a folder you can write to keep it", CacheWarning, stacklevel=2)
+        return False

@@ -43,5 +43,9 @@ def run_command(a: argparse.Namespace, indent: int | None = None) -> int:
         # on a terminal a progress line may still be open (it ends with \r, not \n)
         print(("\n" if sys.stderr.isatty() else "") + f"error: {ex}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: every output is written atomically, so nothing half-written is left
+        print(("\n" if sys.stderr.isatty() else "") + "interrupted: outputs are written whole or not at "
+              "all, so nothing half-written is left", file=sys.stderr)
+        return 130
     print(json.dumps(out, indent=indent))
     return 0

@@ -89,6 +89,9 @@ def _digest(text: str) -> str:
 
 def tokenize(tokenizer, corpus: Corpus) -> Tensor:
     """The corpus as one 1-D LongTensor of token ids, no BOS (the evaluation convention)."""
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer (no tokenizer files beside its weights), so it cannot read "
+                         "text: copy its base model's tokenizer files into its folder")
     ids = tokenizer(corpus.text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
@@ -123,7 +126,9 @@ def calibration_windows(tokens: Tensor, seqlen: int, n: int, seed: int = 0,
     if hi < lo:
         avail = tokens.numel() - reserved_tokens
         raise ValueError(f"only {avail} tokens are left for calibration, fewer than one window of {seqlen}; "
-                         "use a longer text, a smaller seqlen, or fewer evaluation windows")
+                         "use a longer text or a smaller seqlen" + (", or fewer evaluation windows (they come "
+                                                                     "first from the same text)" if reserved_tokens
+                                                                     else ""))
     avail = tokens.numel() - reserved_tokens
     if n * seqlen > avail:
         raise ValueError(f"asked for {n} calibration windows of {seqlen} tokens ({n * seqlen:,} tokens) from "

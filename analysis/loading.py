@@ -8,6 +8,7 @@ tokenizer are cached as a transformers folder (safetensors) under the cache dire
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import json
@@ -61,6 +62,13 @@ class LoadedModel:
     def max_positions(self) -> int | None:
         cfg = self.model.config
         return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+    def check_seqlen(self, seqlen: int) -> None:
+        """Refuse windows longer than the model's positions (an index error deep in its forward,
+        or silently wrong positions, otherwise)."""
+        if self.max_positions and seqlen > self.max_positions:
+            raise ValueError(f"seqlen {seqlen} exceeds the model's maximum of {self.max_positions} positions; "
+                             f"use --seqlen {self.max_positions} or less")
 
 
 def cache_dir() -> Path:
@@ -130,13 +138,25 @@ def model_fingerprint(model: nn.Module) -> str:
 
 def _gguf_cached_folder(gguf: Path, progress: Progress) -> Path:
     """Dequantise a GGUF once into a transformers folder; later loads read safetensors."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     key = file_sha256(gguf)[:16]
     folder = cache_dir() / "models" / f"{gguf.stem}-{key}"
     if (folder / "done").exists():
         return folder
     progress(f"dequantising {gguf.name} once (cached afterwards in {folder})")
+    try:
+        _dequantise(gguf, folder)
+    except OSError as e:
+        if not (isinstance(e, PermissionError) or e.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT)):
+            raise
+        raise OSError(f"could not write the dequantised model to the cache {folder} ({e.strerror or e}): set "
+                      "RANKLAB_CACHE to a folder you can write (it needs about 4 bytes per parameter)") from e
+    return folder
+
+
+def _dequantise(gguf: Path, folder: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     with atomic_folder(folder, ("done",), "a dequantised model") as tmp:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -147,7 +167,6 @@ def _gguf_cached_folder(gguf: Path, progress: Progress) -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "done").write_text(str(gguf))
-    return folder
 
 
 def load_model(spec: str = "default", device: str | torch.device = "auto", dtype: str | torch.dtype = "float32",

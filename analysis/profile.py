@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from analysis.adapters import Adapter, LinearInfo
-from analysis.atomic import EXACT_FLOATS, atomic_folder, holds
+from analysis.atomic import EXACT_FLOATS, atomic_folder, holds, save_to_cache
 from analysis.layerwise import capture, run_layer
 from analysis.stats import InputStats, LinearStats
 
@@ -116,7 +116,7 @@ class Profile:
     def save(self, folder: Path) -> None:
         """Write atomically: a temp folder renamed into place, ``meta.json`` last inside it,
         so an interrupted save never leaves an artifact that reads as complete."""
-        folder = Path(folder)
+        folder = Path(folder).expanduser()
         with atomic_folder(folder, PROFILE_MARKERS, "a profile") as tmp:
             arrays = {}
             for key, s in self.inputs.items():
@@ -138,7 +138,7 @@ class Profile:
 
     @classmethod
     def load(cls, folder: Path, device: torch.device | str = "cpu") -> Profile:
-        folder = Path(folder)
+        folder = Path(folder).expanduser()
         if not (folder / "meta.json").exists():
             raise FileNotFoundError(f"{folder} holds no complete profile (meta.json missing)")
         meta = json.loads((folder / "meta.json").read_text())
@@ -300,8 +300,12 @@ def load_or_profile(model: nn.Module, adapter: Adapter, ids: Tensor, *, fingerpr
             return prof, True
     prof = profile_model(model, adapter, ids, fingerprint=fingerprint, data_label=data_label,
                          data_digest=data_digest, **kw)
-    if folder.exists() and not holds(folder, PROFILE_MARKERS):
-        shutil.rmtree(folder)  # a broken cache entry (RankLab's own cache): rebuilt
-    prof.save(folder)
-    prof.meta["folder"] = str(folder)
+
+    def save() -> None:
+        if folder.exists() and not holds(folder, PROFILE_MARKERS):
+            shutil.rmtree(folder)  # a broken cache entry (RankLab's own cache): rebuilt
+        prof.save(folder)
+
+    if save_to_cache(save, "the profile", folder):
+        prof.meta["folder"] = str(folder)
     return prof, False

@@ -107,7 +107,7 @@ from torch import Tensor, nn
 import compression.lowrank  # noqa: F401  (registers the low-rank handlers)
 import compression.quant  # noqa: F401  (registers the quantisation handlers)
 from analysis.adapters import Adapter, LinearInfo, get_submodule
-from analysis.atomic import EXACT_FLOATS, atomic_folder, check_replaceable, holds
+from analysis.atomic import EXACT_FLOATS, atomic_folder, check_replaceable, holds, save_to_cache
 from analysis.layerwise import _Recorder, _Stop, run_head, run_layer
 from analysis.stats import InputStats, LinearStats
 from compression.lowrank import NESTED, LowRankLinear
@@ -502,7 +502,7 @@ class SensitivityGrid:
 
     def save(self, folder: str | Path) -> None:
         """Write atomically: a temp folder renamed into place, ``meta.json`` written last."""
-        folder = Path(folder)
+        folder = Path(folder).expanduser()
         with atomic_folder(folder, SENSITIVITY_MARKERS, "a sensitivity grid") as tmp:
             self.table[TABLE_COLUMNS].to_csv(tmp / "table.csv", index=False)
             if self.proxy is not None:
@@ -516,7 +516,7 @@ class SensitivityGrid:
 
     @classmethod
     def load(cls, folder: str | Path) -> SensitivityGrid:
-        folder = Path(folder)
+        folder = Path(folder).expanduser()
         if not (folder / "meta.json").exists():
             raise FileNotFoundError(f"{folder} holds no complete sensitivity grid (meta.json missing); "
                                     "measure one with `python -m analysis sensitivity --out FOLDER`")
@@ -593,11 +593,18 @@ def sensitivity_key(fingerprint: str, data_digest: str, n_tokens: int, method: s
     return f"{fingerprint}-{data_digest}-{n_tokens}-{method}-{quant}-g{group_size}"
 
 
-def check_compatible(grid: SensitivityGrid, fingerprint: str, data_digest: str | None = None) -> None:
-    """Raise ``ValueError`` saying why ``grid`` does not belong to this model (or data)."""
+def check_compatible(grid: SensitivityGrid, fingerprint: str, data_digest: str | None = None,
+                     dtype: str | None = None) -> None:
+    """Raise ``ValueError`` saying why ``grid`` does not belong to this model (or data); a
+    model loaded in another ``dtype`` than the grid's has other weights, and is named as such."""
     where = grid.folder or "the sensitivity grid"
     got = grid.meta.get("fingerprint")
     if got != fingerprint:
+        measured = grid.meta.get("dtype")
+        if dtype is not None and measured and measured != dtype:
+            raise ValueError(f"{where} was measured on weights in {measured} and this model is loaded in {dtype}, so "
+                             f"their fingerprints differ (grid {got}, model {fingerprint}): if the grid is this "
+                             f"model's, load it with --dtype {measured}; otherwise measure this model's sensitivity")
         raise ValueError(f"{where} was measured on another model (fingerprint {got}, this model is {fingerprint}); "
                          "measure the sensitivity of this model with `python -m analysis sensitivity`")
     if data_digest is not None and grid.meta.get("data_digest") != data_digest:
@@ -910,9 +917,13 @@ def load_or_measure(model: nn.Module, adapter: Adapter, calib_ids: Tensor, stats
     grid = measure_sensitivity(model, adapter, calib_ids, stats, method=method, quant=quant, group_size=group_size,
                                fractions=fractions, bits=bits, derive_bits=derive_bits, fingerprint=fingerprint,
                                data_label=data_label, data_digest=data_digest, **kw)
-    if folder.exists() and not holds(folder, SENSITIVITY_MARKERS):
-        shutil.rmtree(folder)  # a broken cache entry (RankLab's own cache): rebuilt
-    grid.save(folder)
+
+    def save() -> None:
+        if folder.exists() and not holds(folder, SENSITIVITY_MARKERS):
+            shutil.rmtree(folder)  # a broken cache entry (RankLab's own cache): rebuilt
+        grid.save(folder)
+
+    save_to_cache(save, "the sensitivity grid", folder)
     return grid, False
 
 
@@ -1160,9 +1171,7 @@ def cli_sensitivity(args, progress: Progress | None = None, say: Callable[[str],
     corpus = load_corpus(args.text)  # a missing text file is said before the model loads
     lm = load_model(args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code, progress=say)
     lm.require_dense("the sensitivity grid")
-    if lm.max_positions and args.seqlen > lm.max_positions:
-        raise ValueError(f"seqlen {args.seqlen} exceeds the model's maximum of {lm.max_positions} positions; "
-                         f"use --seqlen {lm.max_positions} or less")
+    lm.check_seqlen(args.seqlen)
     tokens = tokenize(lm.tokenizer, corpus)
     n_win = max(1, -(-args.tokens // args.seqlen))
     # the replacements are fitted on a profile of at least PROFILE_TOKENS tokens; its first
@@ -1193,7 +1202,7 @@ def cli_sensitivity(args, progress: Progress | None = None, say: Callable[[str],
         grid.meta = {**grid.meta, "agreement": agreement(proxy, grid), "proxy_seconds": proxy.meta["seconds"],
                      "profile_data": prof_label, "proxy_token_cap": TOKEN_CAP}
         if grid.folder:
-            grid.save(Path(grid.folder))
+            save_to_cache(lambda: grid.save(Path(grid.folder)), "the first view", Path(grid.folder))
     agree = grid.meta["agreement"]
     cached_at = grid.folder
     grid.save(Path(args.out))

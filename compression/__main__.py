@@ -17,6 +17,7 @@ def prepare_calibration(lm, text: str, calib_tokens: int, seqlen: int, seed: int
     from analysis.loading import cache_dir
     from analysis.profile import load_or_profile
 
+    lm.check_seqlen(seqlen)
     corpus = load_corpus(text)
     n_win = max(1, -(-calib_tokens // seqlen))
     ids = calibration_windows(tokenize(lm.tokenizer, corpus), seqlen, n_win, seed)
@@ -69,9 +70,19 @@ def check_apply_flags(a: argparse.Namespace) -> None:
     if extra:
         raise ValueError(f"{', '.join(extra)} would be ignored: {why}. Drop {'it' if len(extra) == 1 else 'them'}")
     require_at_least_one(("--calib-tokens", a.calib_tokens), ("--seqlen", a.seqlen))
+    if a.seqlen == 1:
+        raise ValueError("--seqlen 1 is too short: a window needs at least 2 tokens (one predicts the next)")
     for name, default in (("group_size", 128), *LILLAMA_FLAGS.items()):
         if getattr(a, name) is None:
             setattr(a, name, default)
+    if method in ("lillama", "slicegpt"):  # their options, before the model loads
+        from compression.plan import LillamaOptions, Plan, SliceGPTOptions
+
+        opts = Plan(lillama=LillamaOptions(init=a.lillama_init, steps=a.steps, lr=a.lr, calib_tokens=a.calib_tokens,
+                                           granularity=a.granularity) if method == "lillama" else None,
+                    slicegpt=SliceGPTOptions(a.slice) if method == "slicegpt" else None)
+        if errors := opts.option_errors():
+            raise ValueError("; ".join(errors).replace("slicegpt slice_fraction", "--slice"))
 
 
 def cmd_apply(a: argparse.Namespace) -> dict:
@@ -85,6 +96,8 @@ def cmd_apply(a: argparse.Namespace) -> dict:
 
     check_apply_flags(a)
     plan = Plan.load(a.plan) if a.plan else None  # a bad plan file fails before the model loads
+    if plan is not None and (errors := plan.option_errors()):
+        raise ValueError(f"{a.plan}: " + "; ".join(errors))
     check_replaceable(a.out, (COMPRESSED_MARKER,), "a compressed model")  # before the long work
     check_text_spec(a.text)  # a missing text file is said before the model loads (read only if calibrating)
     lm = load_model(a.model, a.device, a.dtype, trust_remote_code=a.trust_remote_code, progress=say)
@@ -130,7 +143,8 @@ def cmd_apply(a: argparse.Namespace) -> dict:
     if rep.slicegpt is not None:
         out["slicegpt"] = {k: v for k, v in rep.slicegpt.__dict__.items() if isinstance(v, (int, float, bool, str))}
     if rep.lillama is not None:
-        out["lillama"] = {**dataclasses.asdict(plan.lillama), "init_loss": rep.lillama.init_loss,
+        out["lillama"] = {**dataclasses.asdict(plan.lillama or LillamaOptions()), "tokens_used": rep.lillama.tokens,
+                          "init_loss": rep.lillama.init_loss,
                           "final_loss": rep.lillama.final_loss, "seconds": rep.lillama.seconds,
                           "kept_init": sorted(rep.lillama.kept_init)}
     meta = dict(base_model=a.model, base_fingerprint=lm.fingerprint, calibration=label, summary=out)

@@ -490,7 +490,7 @@ def cli_allocate(args, say=None) -> dict:
     grid = SensitivityGrid.load(args.sensitivity)
     lm = load_model(args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code, progress=say)
     lm.require_dense("allocation")
-    check_compatible(grid, lm.fingerprint)
+    check_compatible(grid, lm.fingerprint, dtype=str(lm.dtype).replace("torch.", ""))
     linears = lm.adapter.linears(lm.model)
     biases = linear_biases(lm.model, linears)
     dense = model_bytes(lm.model).weight_bytes

@@ -24,7 +24,7 @@ from analysis.layerwise import capture, run_layer
 from analysis.stats import InputStats, LinearStats
 from compression.configs import GPTQConfig, LillamaConfig, QuantConfig, factor_quants
 from compression.lowrank import LowRankLinear
-from compression.plan import Plan, validate
+from compression.plan import LillamaOptions, Plan, validate
 from compression.registry import handler_for
 
 Progress = Callable[[float, str], None]
@@ -121,7 +121,8 @@ def apply_plan(model: nn.Module, adapter: Adapter, plan: Plan, stats: dict[str, 
         from compression.lillama import refine
 
         teacher = model if next(model.parameters()).device == dev else copy.deepcopy(model).to(dev)
-        report.lillama = refine(teacher, student, adapter, lillama_names, plan.lillama, calib_ids, device=dev,
+        options = plan.lillama or LillamaOptions()  # a plan may name lillama modules without options
+        report.lillama = refine(teacher, student, adapter, lillama_names, options, calib_ids, device=dev,
                                 progress=lambda f, m: say(0.6 + 0.3 * f, m), should_stop=should_stop)
 
     quant = [(li, q) for li in todo if (q := plan.spec_for(li.name).quant_config()) is not None]
@@ -161,7 +162,7 @@ def _sequential_quantise(student: nn.Module, adapter: Adapter, quant: list[tuple
     the quantised layer produces the next layer's inputs. Peak memory: the calibration
     hidden states plus one layer."""
     layers = adapter.layers(student)
-    batches = list(calib_ids.split(batch_size))
+    batches, seqlen = list(calib_ids.split(batch_size)), calib_ids.shape[1]
     states = [capture(student, adapter, b.to(dev)) for b in batches]
     hidden = [st.hidden for st in states]
     by_layer: dict[int, list[tuple[LinearInfo, QuantConfig]]] = {}
@@ -177,7 +178,8 @@ def _sequential_quantise(student: nn.Module, adapter: Adapter, quant: list[tuple
             rest = {k: InputStats.zeros(li.in_features, dev) for k, li in heads.items()}
             first = {k: InputStats.zeros(li.in_features, dev) for k, li in heads.items()}
 
-            def record(k: str, x: Tensor) -> None:  # x (B, L, n): first tokens apart
+            def record(k: str, x: Tensor) -> None:  # x (B, L, n), or (B L, n) in OPT's MLP: first tokens apart
+                x = x.reshape(-1, seqlen, x.shape[-1])
                 first[k].update(x[:, :1])
                 rest[k].update(x[:, 1:])
 

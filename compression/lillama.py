@@ -154,6 +154,7 @@ class LillamaReport:
     losses: dict[str, tuple[float, float]] = field(default_factory=dict)  # key -> (init, final)
     module_seconds: dict[str, float] = field(default_factory=dict)  # key -> training seconds
     kept_init: dict[str, float] = field(default_factory=dict)  # key -> trained (rejected) loss
+    tokens: int = 0  # calibration tokens used (``calib_tokens`` capped by the windows given)
 
 
 # ----------------------------------------------------------------------------- the fitting loop
@@ -506,6 +507,7 @@ def refine(teacher: nn.Module, student: nn.Module, adapter: Adapter, names: list
         return report
     ids = _limit_ids(calib_ids, options.calib_tokens)
     n_seq, seq_len = ids.shape
+    report.tokens = ids.numel()
     chunk = max(1, FORWARD_TOKENS // seq_len)
     stages = {i: _stages(adapter, i, members, options.granularity) for i, members in targets.items()}
     n_targets = sum(len(st.members) if st.kind == "linear" else 1 for per in stages.values() for st in per)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import types
 import typing
@@ -109,7 +110,7 @@ LILLAMA_ORDERS = ("bottom-first", "top-first")
 class LillamaOptions:
     """Local feature distillation settings (used when a module's ``lowrank`` is 'lillama')."""
 
-    init: str = "svd"  # "svd", "act-pca" or "svd-llm"
+    init: str = "svd"  # "svd" (data-free), "act-pca" or "svd-llm" (the CLI's and app's choice: better on real models)
     steps: int = 100
     lr: float = 1e-3
     calib_tokens: int = 8192
@@ -148,6 +149,19 @@ class Plan:
     def spec_for(self, name: str) -> ModuleSpec:
         return self.modules.get(name, self.default)
 
+    def option_errors(self) -> list[str]:
+        """What is wrong with the Lillama and SliceGPT options (no model needed: checked before one
+        loads)."""
+        errors = []
+        if self.lillama is not None:
+            try:
+                self.lillama.check()
+            except ValueError as e:
+                errors.append(str(e))
+        if self.slicegpt is not None and not 0 <= self.slicegpt.slice_fraction < 1:
+            errors.append(f"slicegpt slice_fraction {self.slicegpt.slice_fraction} must be in [0, 1)")
+        return errors
+
     def with_module(self, name: str, spec: ModuleSpec) -> Plan:
         return replace(self, modules={**self.modules, name: spec})
 
@@ -182,8 +196,9 @@ class Plan:
             raise ValueError("the plan's 'meta' must be an object")
         return cls(default=_typed(ModuleSpec, d.get("default", {}), "default"),
                    modules={k: _typed(ModuleSpec, v, f"modules[{k!r}]") for k, v in modules.items()},
-                   lillama=_typed(LillamaOptions, d["lillama"], "lillama") if d.get("lillama") else None,
-                   slicegpt=_typed(SliceGPTOptions, d["slicegpt"], "slicegpt") if d.get("slicegpt") else None,
+                   lillama=_typed(LillamaOptions, d["lillama"], "lillama") if d.get("lillama") is not None else None,
+                   slicegpt=_typed(SliceGPTOptions, d["slicegpt"], "slicegpt") if d.get("slicegpt") is not None
+                   else None,
                    meta=meta, version=version)
 
     @classmethod
@@ -196,7 +211,7 @@ class Plan:
     def save(self, path: str | Path) -> None:
         """Write atomically (a temp file renamed into place). An existing file is replaced only
         if it is a plan (a JSON object with a 'version' and 'modules'); anything else is refused."""
-        p = Path(path)
+        p = Path(path).expanduser()
         check_plan_path(p)
         tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
         try:
@@ -207,7 +222,7 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        p = Path(path)
+        p = Path(path).expanduser()
         if not p.exists():
             raise FileNotFoundError(f"plan file {p} not found")
         return cls.from_json(p.read_text())
@@ -219,7 +234,7 @@ PLAN_KEYS = frozenset({"version", "default", "modules", "lillama", "slicegpt", "
 def check_plan_path(path: str | Path) -> None:
     """Raise ``ValueError`` if a plan may not be written to ``path``: a folder, or an existing
     file that is not a plan (only an earlier plan is ever replaced)."""
-    p = Path(path)
+    p = Path(path).expanduser()
     if p.is_dir():
         raise ValueError(f"{p} is a folder; the plan is one JSON file: give a file name such as {p / 'plan.json'}")
     if p.exists() and not _is_plan_file(p):
@@ -347,13 +362,7 @@ def validate(plan: Plan, linears: list[LinearInfo], warn: bool = True) -> list[s
                 f"each row ends with a ragged group of {n % g}; a divisor of {n} avoids it")
         notes.append(f"group size {g} does not divide the input width {n} of {len(names)} linear(s) "
                      f"(e.g. {names[0]}): {tail}")
-    if plan.lillama is not None:
-        try:
-            plan.lillama.check()
-        except ValueError as e:
-            errors.append(str(e))
-    if plan.slicegpt is not None and not 0 <= plan.slicegpt.slice_fraction < 1:
-        errors.append(f"slicegpt slice_fraction {plan.slicegpt.slice_fraction} must be in [0, 1)")
+    errors += plan.option_errors()
     if errors:
         errors = _merge_same(errors, {li.name for li in linears})
         more = f"\n(and {len(errors) - 12} more)" if len(errors) > 12 else ""
@@ -445,11 +454,13 @@ def plan_size(plan: Plan, linears: list[LinearInfo], dense_total_bytes: int, dty
 
 # ---------------------------------------------------------------------------- builders
 def rank_for_ratio(li: LinearInfo, param_ratio: float) -> int:
-    """Rank keeping ``param_ratio`` of the layer's parameters: ``k (m + n) ~ r m n``."""
+    """The largest rank keeping at most ``param_ratio`` of the layer's parameters,
+    ``k (m + n) <= r m n`` (at least 1): a ratio of 1 never makes the factors larger than the
+    weight."""
     if not 0 < param_ratio <= 1:
         raise ValueError(f"param ratio {param_ratio} must be in (0, 1]")
-    return max(1, min(round(param_ratio * break_even_rank(li.out_features, li.in_features)),
-                      min(li.out_features, li.in_features)))
+    k = math.floor(param_ratio * break_even_rank(li.out_features, li.in_features) + 1e-9)
+    return max(1, min(k, min(li.out_features, li.in_features)))
 
 
 def uniform_plan(method: str, linears: list[LinearInfo], *, param_ratio: float | None = None, bits: int | None = None,

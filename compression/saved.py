@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 from torch import nn
@@ -65,8 +66,11 @@ def manifest(model: nn.Module) -> dict[str, dict]:
 
 def save_compressed(model: nn.Module, folder: str | Path, *, plan_json: str, tokenizer=None, meta: dict | None = None,
                     extra_modules: dict[str, dict] | None = None) -> Path:
-    """Write the compressed model atomically (temp folder renamed into place)."""
-    folder = Path(folder)
+    """Write the compressed model atomically (temp folder renamed into place). A sliced model's
+    reshaped modules are described in ``extra_modules`` (found from the model when not given)."""
+    folder = Path(folder).expanduser()
+    if extra_modules is None:
+        extra_modules = _sliced_modules(model)
     with atomic_folder(folder, (COMPRESSED_MARKER,), "a compressed model") as tmp:
         st_save_model(model, str(tmp / "model.safetensors"))
         dtype = next(p for p in model.parameters() if p.dtype.is_floating_point).dtype
@@ -79,16 +83,35 @@ def save_compressed(model: nn.Module, folder: str | Path, *, plan_json: str, tok
     return folder
 
 
+def _sliced_modules(model: nn.Module) -> dict[str, dict] | None:
+    """SliceGPT's rebuild entries for a sliced model (its embeddings and layers changed shape),
+    None for any other: without them the folder could not be loaded back."""
+    from analysis.adapters import adapter_for
+    from compression.slicegpt import SlicedDecoderLayer, slice_manifest
+
+    adapter = adapter_for(model)
+    layers = adapter.layers(model)
+    return slice_manifest(model, adapter) if len(layers) and isinstance(layers[0], SlicedDecoderLayer) else None
+
+
 def load_compressed(folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                     progress: Callable[[str], None] | None = None) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from analysis.adapters import adapter_for, set_submodule
 
-    folder = Path(folder)
-    info = json.loads((folder / COMPRESSED_MARKER).read_text())
-    if info.get("format") != SAVE_FORMAT:
-        raise ValueError(f"{folder}: saved format {info.get('format')} is not {SAVE_FORMAT}")
+    folder = Path(folder).expanduser()
+    damaged = "the folder is damaged or incomplete (an interrupted copy?): copy it again, or compress and save anew"
+    try:
+        info = json.loads((folder / COMPRESSED_MARKER).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{folder / COMPRESSED_MARKER} is not valid JSON ({e}); {damaged}") from e
+    if not isinstance(info, dict) or info.get("format") != SAVE_FORMAT:
+        found = info.get("format") if isinstance(info, dict) else None
+        raise ValueError(f"{folder}: saved format {found} is not {SAVE_FORMAT}")
+    missing = [k for k in ("config", "dtype", "modules") if k not in info]
+    if missing:
+        raise ValueError(f"{folder / COMPRESSED_MARKER} lacks {', '.join(missing)}; {damaged}")
     saved_dtype = getattr(torch, info["dtype"])
     if dtype is not None and dtype != saved_dtype and progress:
         progress(f"note: the compressed model was saved in {info['dtype']}; loading it in that dtype")
@@ -105,7 +128,13 @@ def load_compressed(folder: str | Path, device: torch.device | str = "cpu", dtyp
         set_submodule(model, name, rebuild_module(entry, saved_dtype))
     for name, entry in info["modules"].items():
         set_submodule(model, name, _build(entry, saved_dtype, torch.device("cpu")))
-    missing, unexpected = st_load_model(model, str(folder / "model.safetensors"), strict=True)
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing; {damaged}")
+    try:
+        missing, unexpected = st_load_model(model, str(weights), strict=False)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{weights} could not be read ({e}); {damaged}") from e
     if missing or unexpected:
         raise ValueError(f"{folder}: tensors do not match the manifest (missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]})")

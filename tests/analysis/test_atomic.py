@@ -37,6 +37,38 @@ def test_refuses_a_foreign_folder_a_file_and_the_current_directory(tmp_path, mon
     assert (mine / "thesis.txt").exists()
 
 
+def test_files_added_to_an_artifact_since_it_was_written_are_never_deleted(tmp_path):
+    art = tmp_path / "art"
+    with atomic_folder(art, ("marker",), "a test artifact") as tmp:
+        (tmp / "marker").write_text("one")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "part").write_text("p")
+    _write(art, "two")  # its own files only: replaced (sub/part went with it)
+    assert not (art / "sub").exists() and (art / "marker").read_text() == "two"
+    (art / "plan.json").write_text("the plan this run reads")
+    (art / "notes").mkdir()
+    (art / "notes" / "n.md").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"also files added since \(notes/n.md, plan.json\)"):
+        _write(art, "three")
+    assert (art / "plan.json").exists() and (art / "notes" / "n.md").exists()
+    assert (art / "marker").read_text() == "two"
+    (art / ".ranklab-files").unlink()  # written before manifests: its files cannot be told apart
+    _write(art, "four")
+    assert (art / "marker").read_text() == "four"
+
+
+def test_an_unwritable_place_is_refused_before_any_work(tmp_path, monkeypatch):
+    import os
+
+    real = os.access
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(locked) else real(p, mode))
+    with pytest.raises(PermissionError, match="locked is not a folder you can write in; give another --out"):
+        check_replaceable(locked / "a" / "b", ("marker",), "a test artifact")
+    assert check_replaceable(tmp_path / "free" / "b", ("marker",), "a test artifact") == tmp_path / "free" / "b"
+
+
 def test_a_failed_write_keeps_the_previous_artifact(tmp_path):
     _write(tmp_path / "art", "old")
     with pytest.raises(RuntimeError, match="boom"):

@@ -134,6 +134,23 @@ def test_cache_reused_and_invalidated(tmp_path, token_ids, monkeypatch):
     assert r5 is False and len(calls) == 4 and (Path(p1.meta["folder"]) / "arrays.safetensors").exists()
 
 
+def test_a_cache_that_cannot_be_written_is_said_and_skipped(tmp_path, token_ids, monkeypatch):
+    import os
+
+    from analysis.atomic import CacheWarning
+
+    lm = wrap_model(tiny_model("llama"))
+    ro, real = tmp_path / "read-only", os.access
+    ro.mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(ro) else real(p, mode))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TooFewTokens)
+        with pytest.warns(CacheWarning, match="could not cache the profile in .*read-only.* set RANKLAB_CACHE"):
+            prof, reused = load_or_profile(lm.model, lm.adapter, token_ids, fingerprint=lm.fingerprint,
+                                           data_label="t", data_digest="d1", cache_root=ro)
+    assert not reused and "folder" not in prof.meta and len(prof.linears) == 14 and not any(ro.iterdir())
+
+
 def test_interrupted_save_leaves_nothing_readable(tmp_path, token_ids, monkeypatch):
     lm = wrap_model(tiny_model("llama"))
     with warnings.catch_warnings():

@@ -83,9 +83,21 @@ def test_apply_lillama_defaults_to_svd_llm_and_reports_its_options(model_dir, tm
     assert (lil["init"], lil["granularity"], lil["steps"], lil["order"]) == ("svd-llm", "mlp", 3, "bottom-first")
     assert lil["init_loss"] > 0 and lil["final_loss"] > 0
     assert comp["weight_bytes"] == comp["predicted_weight_bytes"] < comp["dense_weight_bytes"]
+    assert lil["calib_tokens"] == 256 and lil["tokens_used"] == 256
     saved = json.loads((tmp_path / "l" / "ranklab.json").read_text())
     assert saved["plan"]["lillama"]["init"] == "svd-llm"
     _assert_reloads(tmp_path / "l", text, comp, capsys)
+    # a hand-written plan naming lillama modules without options: the defaults, and the tokens really used
+    for options in ({}, None):
+        plan = {"version": 1, "modules": {"model.layers.0.mlp.up_proj": {"rank": 16, "lowrank": "lillama"}}}
+        if options is not None:
+            plan["lillama"] = {**options, "steps": 2}
+        (tmp_path / "lil.json").write_text(json.dumps(plan))
+        comp = _run(compression_main, ["apply", "--model", str(folder), "--text", str(text), "--plan",
+                                       str(tmp_path / "lil.json"), "--calib-tokens", "256", "--seqlen", "32",
+                                       "--out", str(tmp_path / "l2")], capsys)
+        assert comp["lillama"]["init"] == "svd" and comp["lillama"]["calib_tokens"] == 8192  # the plan's defaults
+        assert comp["lillama"]["tokens_used"] == 256 and comp["lillama"]["final_loss"] > 0
 
 
 def test_data_free_apply_reads_no_calibration_and_refuses_ignored_flags(model_dir, tmp_path, capsys, monkeypatch):
@@ -139,9 +151,18 @@ def test_data_free_apply_reads_no_calibration_and_refuses_ignored_flags(model_di
                        (["--method", "svd-llm", "--param-ratio", "0"], "--param-ratio 0.0 must be in (0, 1]"),
                        (["--method", "rtn", "--bits", "5"], "--bits 5: rtn takes 2 or 3 or 4 or 8 bits"),
                        (["--method", "gptq", "--bits", "4", "--group-size", "0"], "--group-size 0 must be a positive"),
-                       (["--method", "svd", "--param-ratio", "nan"], "--param-ratio nan must be in (0, 1]")):
+                       (["--method", "svd", "--param-ratio", "nan"], "--param-ratio nan must be in (0, 1]"),
+                       (["--method", "rtn", "--bits", "4", "--seqlen", "1"], "--seqlen 1 is too short"),
+                       (["--method", "slicegpt", "--slice", "1.0"], "--slice 1.0 must be in [0, 1)"),
+                       (["--method", "lillama", "--param-ratio", "0.5", "--lr", "-1"], "lillama: lr must be > 0"),
+                       (["--method", "lillama", "--param-ratio", "0.5", "--granularity", "block"],
+                        "lillama: granularity 'block' is not one of")):
         assert compression_main(["apply", *missing, *flags]) == 2
         assert msg in capsys.readouterr().err, flags
+    bad_plan = tmp_path / "bad-lillama.json"
+    bad_plan.write_text(json.dumps({"version": 1, "lillama": {"steps": -2}}))
+    assert compression_main(["apply", *missing, "--plan", str(bad_plan)]) == 2
+    assert "bad-lillama.json: lillama: steps must be >= 0" in capsys.readouterr().err
 
 
 def test_bad_input_is_one_clear_line(model_dir, tmp_path, capsys):
@@ -151,8 +172,13 @@ def test_bad_input_is_one_clear_line(model_dir, tmp_path, capsys):
     folder, text = model_dir
     assert analysis_main(["eval", "--model", "org/missing-model", "--no-latency"]) == 2
     assert "not on disk" in capsys.readouterr().err
-    assert analysis_main(["eval", "--model", str(folder), "--text", str(text), "--seqlen", "100000"]) == 2
-    assert "exceeds the model's maximum" in capsys.readouterr().err
+    too_long = ["--model", str(folder), "--text", str(text), "--seqlen", "300"]  # the tiny model has 256 positions
+    for main, argv in ((analysis_main, ["eval", *too_long]), (analysis_main, ["profile", *too_long, "--out", str(
+            tmp_path / "p")]), (compression_main, ["apply", *too_long, "--method", "gptq", "--bits", "4",
+                                                   "--out", str(tmp_path / "c")])):
+        assert main(argv) == 2
+        assert "seqlen 300 exceeds the model's maximum of 256 positions" in capsys.readouterr().err, argv[0]
+    assert not (tmp_path / "p").exists() and not (tmp_path / "c").exists()
     for flag in ("--windows", "--latency-runs"):
         assert analysis_main(["eval", "--model", str(folder), flag, "0"]) == 2
         assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
@@ -205,3 +231,10 @@ def test_warnings_are_one_line_each_and_errors_one_line(capsys):
     err = capsys.readouterr().err
     assert err == "warning: only 3 tokens: the spectra are noisy\n"  # no file name, no source line
     assert warnings.showwarning is not None and warnings.showwarning.__name__ != "_warning_line"  # restored
+
+    def interrupted(_a):
+        raise KeyboardInterrupt
+
+    assert run_command(argparse.Namespace(fn=interrupted)) == 130  # Ctrl-C: one line, no traceback
+    assert capsys.readouterr().err == ("interrupted: outputs are written whole or not at all, so nothing "
+                                       "half-written is left\n")

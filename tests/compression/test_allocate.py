@@ -315,7 +315,7 @@ def test_cli_allocate_writes_a_loadable_plan_and_refuses_another_model(tmp_path,
     lm = wrap_model(tiny_model("llama"), CharTokenizer(), spec="tiny")
     linears = lm.adapter.linears(lm.model)
     grid = _grid(linears, ranks=(8, 16, 24), bits=(2, 3, 4, 8))
-    grid.meta["fingerprint"] = lm.fingerprint
+    grid.meta["fingerprint"], grid.meta["dtype"] = lm.fingerprint, "float32"
     grid.save(tmp_path / "sens")
     other = wrap_model(tiny_model("llama", seed=1), CharTokenizer(), spec="other")
     models = {"tiny": lm, "other": other}
@@ -334,6 +334,10 @@ def test_cli_allocate_writes_a_loadable_plan_and_refuses_another_model(tmp_path,
     assert plan.meta["estimator"] == "dloss"  # auto, and this grid has no KL
     with pytest.raises(ValueError, match="another model"):
         cli_allocate(Namespace(**{**vars(args), "model": "other"}), say=lambda m: None)
+    models["half"] = wrap_model(tiny_model("llama", dtype=torch.bfloat16), CharTokenizer(), spec="half")
+    with pytest.raises(ValueError, match="measured on weights in float32 and this model is loaded in bfloat16.*"
+                                         "load it with --dtype float32"):
+        cli_allocate(Namespace(**{**vars(args), "model": "half"}), say=lambda m: None)
     said: list[str] = []
     whole = cli_allocate(Namespace(**{**vars(args), "target_ratio": 1.5, "out": str(tmp_path / "p2.json")}),
                          say=said.append)

@@ -1,5 +1,6 @@
 """apply_plan, exact size accounting, save/reload, on tiny random models."""
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,6 +67,22 @@ def test_predicted_bytes_equal_real_bytes(plan_name, family):
     assert torch.isfinite(out).all()
 
 
+def test_a_parameter_ratio_never_keeps_more_than_it_says(family):
+    from compression.plan import rank_for_ratio
+
+    lm = wrap_model(tiny_model(family))
+    linears = lm.adapter.linears(lm.model)
+    for li in linears:
+        m, n = li.out_features, li.in_features
+        for ratio in (1.0, 0.8, 0.5, 0.1):
+            k = rank_for_ratio(li, ratio)
+            assert k * (m + n) <= ratio * m * n or k == 1, (li.name, ratio, k)
+            assert (k + 1) * (m + n) > ratio * m * n, (li.name, ratio, k)  # the largest such rank
+    plan = uniform_plan("svd", linears, param_ratio=1.0)
+    dense = model_bytes(lm.model).weight_bytes
+    assert plan_size(plan, linears, dense, 4, _biases(lm)).total_bytes <= dense
+
+
 def test_full_rank_plan_reconstructs_the_model():
     lm, ids, stats = _setup()
     linears = lm.adapter.linears(lm.model)
@@ -118,6 +135,27 @@ def test_save_and_reload_gives_identical_logits(tmp_path):
     save_compressed(comp, tmp_path / "d", plan_json=plan.to_json(), meta={"base_model": "default"})
     with pytest.raises(ValueError, match="load its base model `default` instead"):
         load_model(str(tmp_path / "d"), device="cpu").require_dense("compression")
+    # a damaged folder (an interrupted copy, a hand edit) says which file and what to do
+    import json
+    import shutil
+
+    from analysis.data import Corpus, tokenize
+
+    for damage, msg in ((lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:100]),
+                         "model.safetensors could not be read"),
+                        (lambda f: (f / "model.safetensors").unlink(), "model.safetensors is missing"),
+                        (lambda f: (f / "ranklab.json").write_text("{ oops"), "ranklab.json is not valid JSON"),
+                        (lambda f: (f / "ranklab.json").write_text(json.dumps(
+                            {k: v for k, v in json.loads((f / "ranklab.json").read_text()).items() if k != "dtype"})),
+                         "ranklab.json lacks dtype")):
+        broken = tmp_path / "broken"
+        shutil.rmtree(broken, ignore_errors=True)
+        shutil.copytree(tmp_path / "d", broken)
+        damage(broken)
+        with pytest.raises((ValueError, FileNotFoundError), match=msg + ".*copy it again, or compress and save anew"):
+            load_model(str(broken), device="cpu")
+    with pytest.raises(ValueError, match="has no tokenizer .* copy its base model's tokenizer files"):
+        tokenize(again.tokenizer, Corpus("some text", "t", "d"))
 
 
 def test_cancel_leaves_original_intact():
@@ -207,6 +245,13 @@ def test_plan_json_round_trip(tmp_path):
     assert other.read_text() == '{"a": 1}'
     with pytest.raises(ValueError, match="is a folder"):
         plan.save(tmp_path)
+    home = tmp_path / "home"  # `--out=~/p.json` reaches us unexpanded (the shell expands only a word's start)
+    home.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(home))
+        plan.save("~/p.json")
+        assert Plan.load("~/p.json") == plan and (home / "p.json").exists() and not Path("~").exists()
+    assert Plan.from_dict({**plan.to_dict(), "lillama": {}}).lillama == LillamaOptions()  # {}: the defaults
     with pytest.raises(ValueError, match="not valid JSON"):
         Plan.from_json("{nope")
     # hand-edited plans: wrong types and unknown keys name the entry and the field
@@ -249,8 +294,9 @@ def test_lillama_plan_through_apply_refines_and_keeps_exact_bytes():
     assert model_bytes(dist).weight_bytes == plan_size(lil, linears, dense, 4, _biases(lm)).total_bytes
 
 
-def test_sequential_gptq_beats_rtn_and_keeps_exact_bytes():
-    lm, ids, stats = _setup()
+def test_sequential_gptq_beats_rtn_and_keeps_exact_bytes(family):
+    # every family: OPT hands its MLP linears flattened (B L, n) inputs
+    lm, ids, stats = _setup(family)
     linears = lm.adapter.linears(lm.model)
     held = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(5))
     ref = lm.model(held).logits

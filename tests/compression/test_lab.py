@@ -445,6 +445,19 @@ def test_an_exported_model_says_which_run_made_it_and_what_was_measured(tiny_lab
     assert "seqlen 32" in run["protocol"]
 
 
+def test_a_sliced_model_exported_from_the_lab_loads_back(tiny_lab, tmp_path):
+    from analysis.loading import load_model
+    from compression.plan import SliceGPTOptions
+
+    rec = tiny_lab.run(Plan(slicegpt=SliceGPTOptions(0.25)), "sliced")
+    assert rec.status == "ok", rec.error
+    tiny_lab.export_model(tmp_path / "m")
+    again = load_model(str(tmp_path / "m"))
+    ids = tiny_lab.split.eval_ids[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(ids).logits, tiny_lab.compressed(ids).logits, rtol=0, atol=0)
+
+
 def test_close_lets_the_running_job_finish_then_frees_the_models_and_loads_nothing_more(tiny_lab, monkeypatch):
     lm = tiny_lab.lm
     monkeypatch.setattr("compression.lab.load_model", lambda spec, *a, **k: lm)  # no real model
