@@ -26,10 +26,13 @@ import pandas as pd
 from analysis import figures as F
 from compression.export import export_all
 from compression.lab import BITS_CHOICES, DENSE_PCT, Lab, LabSettings
-from compression.plan import LOWRANK_METHODS, QUANT_METHODS, Plan
+from compression.plan import LOWRANK_METHODS, QUANT_METHODS, LillamaOptions, Plan
 
 MAX_LAYERS = 64
 BITS_LABELS = ["keep" if b is None else str(b) for b in BITS_CHOICES]  # the bits dropdowns
+# the Lillama options of slider plans: refined from whitened SVD (a run profiles first), since plain
+# SVD starts far off on real models; few steps, to stay interactive
+APP_LILLAMA = LillamaOptions(init="svd-llm", steps=30, calib_tokens=4096)
 ENERGY_WARN_RANK = 8  # the energy preset warns about linears it cuts below this rank
 HEAVY = "heavy"  # concurrency id: one heavy job at a time; light callbacks stay responsive
 CSS = Path(__file__).with_name("assets").joinpath("style.css")
@@ -135,9 +138,13 @@ class Sessions:
         self._labs: dict[str, Lab] = {}
         self._seen: dict[str, int] = {}  # session -> the Lab's load count its page last showed
         self._closing: list[Lab] = []  # closed while a job ran
+        self._gone: set[str] = set()  # sessions whose page has closed
 
     def track(self, session: str | None, lab: Lab | None) -> None:
         if session and lab is not None:
+            if session in self._gone:  # the page closed before this Lab was made: nobody would free it
+                self._close(lab)
+                return
             old = self._labs.get(session)
             if old is not None and old is not lab:
                 self._close(old)
@@ -152,6 +159,8 @@ class Sessions:
         return fresh
 
     def close(self, session: str | None) -> None:
+        if session:
+            self._gone.add(session)
         lab = self._labs.pop(session, None) if session else None
         self._seen.pop(session or "", None)
         if lab is not None:
@@ -657,7 +666,7 @@ def build_budget_tab(state):
             r.row = row  # type: ignore[attr-defined]
     overrides = gr.Dataframe(pd.DataFrame({"name": [], "rank": [], "bits": []}), label="Per-module overrides",
                              interactive=True, column_count=(3, "fixed"), max_height=260)
-    plan_json = gr.Code(language="json", label="Current plan (JSON)", max_lines=20)
+    plan_json = gr.Code(language="json", label="Current plan (JSON)", max_lines=20, interactive=False)
 
     def current_plan(lab, lr, q, g, ov, *vals) -> Plan:
         lab = _require(lab)
@@ -667,10 +676,7 @@ def build_budget_tab(state):
             raise ValueError(f"this model has {n} layers; the sliders cover {MAX_LAYERS} — use the table")
         plan = lab.plan_from_sliders(rp, bi, lr, q, int(g), ov)
         if lr == "lillama":
-            from compression.plan import LillamaOptions
-
-            # refined from whitened SVD (a run profiles first): plain SVD starts far off on real models
-            plan.lillama = LillamaOptions(init="svd-llm", steps=30, calib_tokens=4096)
+            plan.lillama = APP_LILLAMA
         preset = lab.plan  # the last preset's plan: while the sliders still give it, runs keep its name
         if preset.meta.get("method") and _same_specs(plan, preset, lab.linears):
             plan.meta = dict(preset.meta)
@@ -763,6 +769,24 @@ def build_budget_tab(state):
                 raise _err(e) from e
         return fn
 
+    def for_sliders(lab, plan: Plan, name: str, app_lillama: bool = False) -> list[str]:
+        """Refuse (``ValueError`` saying what to do) a plan the sliders cannot hold exactly: one
+        that fails on this model, carries Lillama (other than the app's own, when
+        ``app_lillama``) or SliceGPT options, or mixes methods or group sizes. Returns its notes."""
+        own_lillama = app_lillama and plan.lillama == APP_LILLAMA
+        if plan.slicegpt is not None or (plan.lillama is not None and not own_lillama):
+            raise ValueError("this plan carries Lillama or SliceGPT options, which the sliders cannot hold: run "
+                             f"it with `python -m compression apply --plan {name}`")
+        notes = lab.check(plan)  # raises on what would fail (unknown modules, unsupported bits ...)
+        rank_v, bits_v, table = lab.sliders_for(plan)  # what fill shows, as values
+        lr, q, g = _plan_methods(plan)
+        back = lab.plan_from_sliders(rank_v, bits_v, lr or "svd-llm", q or "rtn", g or 128, overrides=table)
+        if not _same_specs(back, plan, lab.linears):
+            raise ValueError("this plan mixes low-rank methods, quantisers or group sizes across modules, which "
+                             "the sliders (one of each) cannot hold exactly: run it with `python -m compression "
+                             f"apply --plan {name}`, or edit it to one method and group size")
+        return notes
+
     def on_plan_file(lab, path):
         """A plan file into the sliders and table: checked against the model first; a plan the
         sliders cannot hold exactly (mixed methods or groups, Lillama / SliceGPT options) is
@@ -777,19 +801,9 @@ def build_budget_tab(state):
                 plan = Plan.load(path)
             except UnicodeDecodeError as e:
                 raise ValueError(f"{name} is not a text file ({e.reason})") from e
-            if plan.lillama is not None or plan.slicegpt is not None:
-                raise ValueError("this plan carries Lillama or SliceGPT options, which the sliders cannot hold: run "
-                                 f"it with `python -m compression apply --plan {name}`")
-            notes = lab.check(plan)  # raises on what would fail (unknown modules, unsupported bits ...)
+            notes = for_sliders(lab, plan, name)
             filled = fill(lab, plan)
             methods = _method_updates(plan)
-            rank_v, bits_v, table = lab.sliders_for(plan)  # what fill shows, as values
-            lr, q, g = _plan_methods(plan)
-            back = lab.plan_from_sliders(rank_v, bits_v, lr or "svd-llm", q or "rtn", g or 128, overrides=table)
-            if not _same_specs(back, plan, lab.linears):
-                raise ValueError("this plan mixes low-rank methods, quantisers or group sizes across modules, which "
-                                 "the sliders (one of each) cannot hold exactly: run it with `python -m compression "
-                                 f"apply --plan {name}`, or edit it to one method and group size")
         except (ValueError, FileNotFoundError) as e:
             gr.Warning(_err_text(e))
             return [*unchanged, f"**The plan file was not loaded:** {_err_text(e)}  \nThe sliders are unchanged.",
@@ -829,7 +843,7 @@ def build_budget_tab(state):
             plan = Plan.from_json(plan_text)
             if plan.to_json() == Plan().to_json():  # dense: the sliders already say so
                 return [gr.update()] * len(preset_out)
-            lab.check(plan)
+            for_sliders(lab, plan, "PLAN.json", app_lillama=True)
             filled = fill(lab, plan)
         except (ValueError, KeyError, TypeError) as e:
             return [*[gr.update()] * (len(preset_out) - 4), "**The plan this page had before it was reloaded was "
@@ -1143,10 +1157,13 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         budget_tab.select(budget["on_predict"], budget["inputs"], budget["outputs"], show_progress="hidden")
         post = [*budget["rows"], *budget["settings"], *budget["outputs"], run["runs"], run["fig_bytes"], run["fig_lat"],
                 run["status"]]
-        def remember(lab, plan_text):
+        def remember(lab, plan_text, pending):
+            if pending is not None:  # a reloaded page's plan is not back on the sliders yet: keep the saved one
+                return gr.skip()
             return page_state(lab, app_token, plan_text)
 
-        remembered = dict(fn=remember, inputs=[state, budget["plan_json"]], outputs=[saved], show_progress="hidden")
+        remembered = dict(fn=remember, inputs=[state, budget["plan_json"], pending_plan], outputs=[saved],
+                          show_progress="hidden")
         model["load_event"].then(after_load, [state], post).then(**remembered)
         # new texts, new protocol: the prediction's scale, the run tab's figures and captions follow
         (model["data_event"].success(budget["on_predict"], budget["inputs"], budget["outputs"], show_progress="hidden")
@@ -1170,8 +1187,8 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                     info = lab.load(spec, device, dtype, say=lambda m: p(0.3, desc=m))
                 except Exception as e:
                     traceback.print_exc()
-                    if not keep:
-                        return None, f"Could not load `{cfg.model}`: {e}", None, *[gr.update()] * len(restored), None
+                    if not keep or isinstance(e, InterruptedError):  # the page closed while it loaded: stop here
+                        return None, f"Could not load `{spec}`: {e}", None, *[gr.update()] * len(restored), None
                     # the page's own model is gone (a folder moved ...): the app's model instead
                     note = f"  \n**Note:** this page's model `{spec}` could not be loaded again ({_err_text(e)})."
                     keep, lab = None, _lab(None, cfg)
@@ -1198,7 +1215,8 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
 
             (demo.load(initial, [saved], [state, model["status"], model["table"], *restored, pending_plan])
              .then(after_load, [state], post)
-             .then(budget["restore"], [state, pending_plan], budget["preset_out"]).then(**remembered))
+             .then(budget["restore"], [state, pending_plan], budget["preset_out"])
+             .then(lambda: None, None, [pending_plan]).then(**remembered))  # saved again once restored
         # a closed or reloaded page: its job stops and its model is freed now, not in an hour
         def on_unload(request: gr.Request):
             sessions.close(getattr(request, "session_hash", None))

@@ -5,6 +5,7 @@ not delete someone's files). Artifacts
 read back give the numbers that were written (``EXACT_FLOATS``)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -57,21 +58,27 @@ def _files(folder: Path) -> set[str]:
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()}
 
 
+JUNK = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})  # what file browsers leave: not a user's work
+
+
 def foreign_files(folder: Path) -> list[str]:
     """Files in an artifact's ``folder`` that its write did not put there (a user's notes, a
     plan saved into it), by its ``MANIFEST``; none known for folders written before manifests."""
     manifest = folder / MANIFEST
     if not manifest.is_file():
         return []
-    return sorted(_files(folder) - set(manifest.read_text().splitlines()) - {MANIFEST})
+    added = _files(folder) - set(manifest.read_text().splitlines()) - {MANIFEST}
+    return sorted(f for f in added if Path(f).name not in JUNK)
 
 
-def check_replaceable(folder: str | Path, markers: Sequence[str], what: str) -> Path:
+def check_replaceable(folder: str | Path, markers: Sequence[str], what: str, cache: bool = False) -> Path:
     """Where ``what`` (e.g. "a compressed model") may be written: ``folder`` resolved, when it
     does not exist, is empty, or ``holds`` the ``markers`` of that kind of artifact (an earlier
-    one, which the write replaces, unless files were added to it since). The nearest existing
-    folder on the way must be writable. Otherwise ``FileExistsError`` or ``PermissionError``
-    saying what to do; call it before long work."""
+    one, which the write replaces, unless files were added to it since). The folder it is
+    written beside (the nearest existing one on the way), and ``folder`` itself when it exists,
+    must be writable. Otherwise ``FileExistsError`` or ``PermissionError`` saying what to do;
+    call it before long work. ``cache``: a folder of RankLab's own cache (replaced whatever was
+    added to it; the messages name ``RANKLAB_CACHE``)."""
     folder = Path(folder).expanduser().resolve()
     cwd = Path.cwd().resolve()
     if folder == cwd or folder in cwd.parents:
@@ -83,26 +90,27 @@ def check_replaceable(folder: str | Path, markers: Sequence[str], what: str) -> 
         raise FileExistsError(f"{folder} exists, is not empty and does not hold {what} (no {' + '.join(markers)}); "
                               "RankLab only replaces its own folders: give a new or empty folder for --out, or "
                               "delete this one")
-    if folder.is_dir() and (extra := foreign_files(folder)):
+    if not cache and folder.is_dir() and (extra := foreign_files(folder)):
         shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
         raise FileExistsError(f"{folder} holds {what} written earlier and also files added since ({shown}); "
                               "replacing it would delete them: move them out, or give another folder for --out")
-    near = next(p for p in (folder, *folder.parents) if p.exists())
-    if not near.is_dir() or not os.access(near, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write {what} to {folder}: {near} is not a folder you can write in; give "
-                              "another --out")
+    near = next(p for p in folder.parents if p.exists())  # where the new folder is made, then renamed
+    for place in (near, *([folder] if folder.is_dir() else [])):  # an earlier one is moved aside
+        if not place.is_dir() or not os.access(place, os.W_OK | os.X_OK):
+            fix = "set RANKLAB_CACHE to a folder you can write" if cache else "give another --out"
+            raise PermissionError(f"cannot write {what} to {folder}: {place} is not a folder you can write in; {fix}")
     return folder
 
 
 @contextmanager
-def atomic_folder(folder: str | Path, markers: Sequence[str], what: str) -> Iterator[Path]:
+def atomic_folder(folder: str | Path, markers: Sequence[str], what: str, cache: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``folder``. When the block ends normally it replaces
     ``folder`` by renames: an earlier ``folder`` is first renamed aside, deleted only once the
     new one is in place (a crash in between leaves it beside, as ``.NAME.old-*``, never lost);
     when the block raises (or is interrupted) the temporary folder is deleted. ``folder`` must
-    pass ``check_replaceable(folder, markers, what)``, before and after the block; the block
-    must write the ``markers``."""
-    folder = check_replaceable(folder, markers, what)
+    pass ``check_replaceable(folder, markers, what, cache)``, before and after the block; the
+    block must write the ``markers``."""
+    folder = check_replaceable(folder, markers, what, cache)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
     try:
@@ -110,7 +118,7 @@ def atomic_folder(folder: str | Path, markers: Sequence[str], what: str) -> Iter
         if not holds(tmp, markers):
             raise RuntimeError(f"writing {what}: {' + '.join(markers)} not all written")
         (tmp / MANIFEST).write_text("".join(f"{f}\n" for f in sorted(_files(tmp))))
-        check_replaceable(folder, markers, what)  # nothing else appeared there meanwhile
+        check_replaceable(folder, markers, what, cache)  # nothing else appeared there meanwhile
         old = None
         if folder.exists():
             old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-"))
@@ -149,6 +157,8 @@ def save_to_cache(save: Callable[[], object], what: str, folder: Path) -> bool:
         save()
         return True
     except OSError as e:
+        if not (isinstance(e, PermissionError) or e.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT)):
+            raise  # not the cache's place being unwritable: a real failure
         warnings.warn(f"could not cache {what} in {folder} ({e.strerror or e}): it is used now and computed again "
                       "next time; set RANKLAB_CACHE to a folder you can write to keep it", CacheWarning, stacklevel=2)
         return False

@@ -147,9 +147,9 @@ def _gguf_cached_folder(gguf: Path, progress: Progress) -> Path:
     try:
         _dequantise(gguf, folder)
     except OSError as e:
-        if not (isinstance(e, PermissionError) or e.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT)):
-            raise
-        raise OSError(f"could not write the dequantised model to the cache {folder} ({e.strerror or e}): set "
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+            raise  # not the cache's place (atomic_folder's own check already names RANKLAB_CACHE)
+        raise OSError(f"could not write the dequantised model to the cache {folder} ({e.strerror}): set "
                       "RANKLAB_CACHE to a folder you can write (it needs about 4 bytes per parameter)") from e
     return folder
 
@@ -157,7 +157,7 @@ def _gguf_cached_folder(gguf: Path, progress: Progress) -> Path:
 def _dequantise(gguf: Path, folder: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with atomic_folder(folder, ("done",), "a dequantised model") as tmp:
+    with atomic_folder(folder, ("done",), "a dequantised model", cache=True) as tmp:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         # the GGUF loader marks the model as "quantised"; its weights are plain dense tensors now

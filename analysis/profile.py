@@ -113,11 +113,12 @@ class Profile:
         return {li.name: LinearStats(self.inputs[li.input_key]) for li in self.linears}
 
     # -------------------------------------------------------------------- artifact
-    def save(self, folder: Path) -> None:
+    def save(self, folder: Path, cache: bool = False) -> None:
         """Write atomically: a temp folder renamed into place, ``meta.json`` last inside it,
-        so an interrupted save never leaves an artifact that reads as complete."""
+        so an interrupted save never leaves an artifact that reads as complete (``cache``: into
+        RankLab's cache, see ``atomic_folder``)."""
         folder = Path(folder).expanduser()
-        with atomic_folder(folder, PROFILE_MARKERS, "a profile") as tmp:
+        with atomic_folder(folder, PROFILE_MARKERS, "a profile", cache=cache) as tmp:
             arrays = {}
             for key, s in self.inputs.items():
                 # the centred scatter in float32, the sum in float64: E[x xᵀ] rebuilt on load keeps the
@@ -304,7 +305,7 @@ def load_or_profile(model: nn.Module, adapter: Adapter, ids: Tensor, *, fingerpr
     def save() -> None:
         if folder.exists() and not holds(folder, PROFILE_MARKERS):
             shutil.rmtree(folder)  # a broken cache entry (RankLab's own cache): rebuilt
-        prof.save(folder)
+        prof.save(folder, cache=True)
 
     if save_to_cache(save, "the profile", folder):
         prof.meta["folder"] = str(folder)

@@ -500,10 +500,11 @@ class SensitivityGrid:
     def dense_loss(self) -> float:
         return float(self.meta["dense_loss"])
 
-    def save(self, folder: str | Path) -> None:
-        """Write atomically: a temp folder renamed into place, ``meta.json`` written last."""
+    def save(self, folder: str | Path, cache: bool = False) -> None:
+        """Write atomically: a temp folder renamed into place, ``meta.json`` written last
+        (``cache``: into RankLab's cache, see ``atomic_folder``)."""
         folder = Path(folder).expanduser()
-        with atomic_folder(folder, SENSITIVITY_MARKERS, "a sensitivity grid") as tmp:
+        with atomic_folder(folder, SENSITIVITY_MARKERS, "a sensitivity grid", cache=cache) as tmp:
             self.table[TABLE_COLUMNS].to_csv(tmp / "table.csv", index=False)
             if self.proxy is not None:
                 self.proxy[TABLE_COLUMNS].to_csv(tmp / "proxy.csv", index=False)
@@ -921,7 +922,7 @@ def load_or_measure(model: nn.Module, adapter: Adapter, calib_ids: Tensor, stats
     def save() -> None:
         if folder.exists() and not holds(folder, SENSITIVITY_MARKERS):
             shutil.rmtree(folder)  # a broken cache entry (RankLab's own cache): rebuilt
-        grid.save(folder)
+        grid.save(folder, cache=True)
 
     save_to_cache(save, "the sensitivity grid", folder)
     return grid, False
@@ -1202,7 +1203,7 @@ def cli_sensitivity(args, progress: Progress | None = None, say: Callable[[str],
         grid.meta = {**grid.meta, "agreement": agreement(proxy, grid), "proxy_seconds": proxy.meta["seconds"],
                      "profile_data": prof_label, "proxy_token_cap": TOKEN_CAP}
         if grid.folder:
-            save_to_cache(lambda: grid.save(Path(grid.folder)), "the first view", Path(grid.folder))
+            save_to_cache(lambda: grid.save(Path(grid.folder), cache=True), "the first view", Path(grid.folder))
     agree = grid.meta["agreement"]
     cached_at = grid.folder
     grid.save(Path(args.out))

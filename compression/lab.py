@@ -298,6 +298,8 @@ class Lab:
         texts with a window it can hold, and the summary's ``note`` says so. On any other error
         the session keeps its model, texts and results."""
         self._refuse_while_running("load another model")
+        if self._closed:  # its page has gone: load nothing
+            raise InterruptedError("the page was closed; no model is loaded for it")
         lm = load_model(spec, device, dtype, progress=say)
         if lm.tokenizer is None:
             raise ValueError(f"{spec} has no tokenizer files; RankLab needs one to read text")

@@ -191,6 +191,9 @@ class Plan:
         modules = d.get("modules") or {}
         if not isinstance(modules, dict):
             raise ValueError("the plan's 'modules' must be an object mapping module names to settings")
+        if d.get("slicegpt") == {}:  # ambiguous: slice with the defaults, or not at all?
+            raise ValueError("the plan's 'slicegpt' is empty: give {\"slice_fraction\": 0.25} (the fraction of the "
+                             "hidden width to delete) to slice, or null not to")
         meta = d.get("meta") or {}
         if not isinstance(meta, dict):
             raise ValueError("the plan's 'meta' must be an object")

@@ -52,6 +52,13 @@ def test_files_added_to_an_artifact_since_it_was_written_are_never_deleted(tmp_p
         _write(art, "three")
     assert (art / "plan.json").exists() and (art / "notes" / "n.md").exists()
     assert (art / "marker").read_text() == "two"
+    with atomic_folder(art, ("marker",), "a cached thing", cache=True) as tmp:  # RankLab's own cache: replaced
+        (tmp / "marker").write_text("cached")
+    assert not (art / "plan.json").exists()
+    (art / ".DS_Store").write_text("file browser junk")  # not a user's work: no reason to refuse
+    _write(art, "three")
+    assert (art / "marker").read_text() == "three"
+    (art / "plan.json").write_text("the plan this run reads")
     (art / ".ranklab-files").unlink()  # written before manifests: its files cannot be told apart
     _write(art, "four")
     assert (art / "marker").read_text() == "four"
@@ -60,12 +67,24 @@ def test_files_added_to_an_artifact_since_it_was_written_are_never_deleted(tmp_p
 def test_an_unwritable_place_is_refused_before_any_work(tmp_path, monkeypatch):
     import os
 
-    real = os.access
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(locked) else real(p, mode))
+    real, locked = os.access, set()
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) in locked else real(p, mode))
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    locked.add(str(parent))
     with pytest.raises(PermissionError, match="locked is not a folder you can write in; give another --out"):
-        check_replaceable(locked / "a" / "b", ("marker",), "a test artifact")
+        check_replaceable(parent / "a" / "b", ("marker",), "a test artifact")
+    # an existing (empty, or earlier) --out in a folder one cannot write: the new one is made beside it
+    (parent / "out").mkdir()
+    with pytest.raises(PermissionError, match="locked is not a folder you can write in"):
+        check_replaceable(parent / "out", ("marker",), "a test artifact")
+    _write(tmp_path / "art", "one")  # an earlier artifact that cannot itself be moved aside
+    locked.add(str(tmp_path / "art"))
+    with pytest.raises(PermissionError, match="art is not a folder you can write in"):
+        _write(tmp_path / "art", "two")
+    with pytest.raises(PermissionError, match="set RANKLAB_CACHE to a folder you can write"):
+        check_replaceable(tmp_path / "art", ("marker",), "a cached thing", cache=True)
+    assert (tmp_path / "art" / "marker").read_text() == "one"
     assert check_replaceable(tmp_path / "free" / "b", ("marker",), "a test artifact") == tmp_path / "free" / "b"
 
 

@@ -171,6 +171,11 @@ def test_sessions_close_the_lab_of_a_closed_page_and_only_that_one(tiny_lab, tmp
     assert tiny_lab.lm is None and other.lm is not None and len(sessions) == 1
     sessions.close("a")  # closing twice, or an unknown session, is harmless
     sessions.close("zzz")
+    late = Lab(tmp_path / "late")  # made for a page that has already closed: closed at once, never loads
+    sessions.track("a", late)
+    assert len(sessions) == 1
+    with pytest.raises(InterruptedError):
+        late.load("anything")
     with other.running("the run"):  # a page closed mid-run: the run finishes, and a new page is told
         sessions.close("b")
         assert sessions.still_running() == ["the run"] and other.lm is not None
@@ -288,6 +293,25 @@ def test_a_reloaded_page_gets_its_model_texts_and_plan_back(tiny_dir, tmp_path, 
     out = restore(lab2, wrong.to_json())
     assert "was not restored" in out[-4] and all(u == gr.update() for u in out[:2 * app.MAX_LAYERS])
     assert all(u == gr.update() for u in restore(lab2, None))
+    # plans the sliders cannot hold are refused as a plan file would be (Run would use another plan)
+    from compression.plan import ModuleSpec, SliceGPTOptions
+
+    sliced = app.Plan.from_json(plan.to_json())
+    sliced.slicegpt = SliceGPTOptions(0.25)
+    mixed = app.Plan.from_json(plan.to_json())
+    first = lab2.linears[0].name
+    mixed.modules[first] = ModuleSpec(bits=4, group_size=32, quant="gptq")
+    for bad, why in ((sliced, "Lillama or SliceGPT options"), (mixed, "mixes low-rank methods, quantisers")):
+        out = restore(lab2, bad.to_json())
+        assert why in out[-4] and all(u == gr.update() for u in out[:2 * app.MAX_LAYERS])
+    own = lab2.plan_uniform(50, None, lowrank="lillama")  # the sliders' own Lillama plans come back
+    own.lillama = app.APP_LILLAMA
+    out = restore(lab2, own.to_json())
+    assert "Restored the plan" in out[-4] and out[2 * app.MAX_LAYERS + 1]["value"] == "lillama"
+    # the browser keeps the saved plan until it is back on the sliders
+    remember = _callback(demo, "remember")
+    assert remember(lab2, app.Plan().to_json(), plan.to_json()) == gr.skip()
+    assert remember(lab2, plan.to_json(), None)["plan"] == plan.to_json()
     # another process's state restores nothing; a page whose model is gone gets the app's with a note
     lab3, *_, plan_text = initial({**saved, "app": "old"}, _Request("c"))
     assert lab3.settings.seqlen == 32 and plan_text is None
@@ -295,3 +319,15 @@ def test_a_reloaded_page_gets_its_model_texts_and_plan_back(tiny_dir, tmp_path, 
     lab4, status, _, *boxes, plan_text = initial(gone, _Request("d"))
     assert lab4.lm.spec == str(folder) and "moved-away` could not be loaded again" in status
     assert plan_text is None and all(isinstance(b, dict) for b in boxes)
+    # a page closed while its model loads: that load stops, and no other model is loaded in its place
+    loads = []
+    real_load = app.Lab.load
+
+    def closing_load(self, spec, *a, **k):
+        loads.append(spec)
+        _callback(demo, "on_unload")(_Request("e"))  # the page goes away mid-load
+        return real_load(self, spec, *a, **k)
+
+    monkeypatch.setattr(app.Lab, "load", closing_load)
+    lab5, status, *_ = initial(saved, _Request("e"))
+    assert lab5 is None and loads == [str(folder)] and "page was closed" in status

@@ -91,7 +91,7 @@ def test_apply_lillama_defaults_to_svd_llm_and_reports_its_options(model_dir, tm
     for options in ({}, None):
         plan = {"version": 1, "modules": {"model.layers.0.mlp.up_proj": {"rank": 16, "lowrank": "lillama"}}}
         if options is not None:
-            plan["lillama"] = {**options, "steps": 2}
+            plan["lillama"] = options
         (tmp_path / "lil.json").write_text(json.dumps(plan))
         comp = _run(compression_main, ["apply", "--model", str(folder), "--text", str(text), "--plan",
                                        str(tmp_path / "lil.json"), "--calib-tokens", "256", "--seqlen", "32",

@@ -252,6 +252,8 @@ def test_plan_json_round_trip(tmp_path):
         plan.save("~/p.json")
         assert Plan.load("~/p.json") == plan and (home / "p.json").exists() and not Path("~").exists()
     assert Plan.from_dict({**plan.to_dict(), "lillama": {}}).lillama == LillamaOptions()  # {}: the defaults
+    with pytest.raises(ValueError, match="'slicegpt' is empty: give"):  # slicing is not a default to guess
+        Plan.from_dict({**plan.to_dict(), "slicegpt": {}})
     with pytest.raises(ValueError, match="not valid JSON"):
         Plan.from_json("{nope")
     # hand-edited plans: wrong types and unknown keys name the entry and the field

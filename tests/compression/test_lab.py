@@ -469,9 +469,22 @@ def test_close_lets_the_running_job_finish_then_frees_the_models_and_loads_nothi
     assert tiny_lab.lm is None and tiny_lab.compressed is None and tiny_lab.closed_but_running is None
     with pytest.raises(ValueError, match="this page's session ended .* reload the page"):
         tiny_lab.require_model()
-    with pytest.raises(InterruptedError, match="the page was closed while the model loaded"):
-        tiny_lab.load("again")  # a load that ends after the close keeps nothing
+    with pytest.raises(InterruptedError, match="the page was closed; no model is loaded for it"):
+        tiny_lab.load("again")  # a load asked for after the close does not start
     assert tiny_lab.lm is None and tiny_lab.loads == 1
+
+
+def test_a_load_the_page_closes_under_keeps_nothing(tiny_lab, monkeypatch):
+    lm = tiny_lab.lm
+
+    def closing(spec, *a, **k):
+        tiny_lab.close()  # the page goes away while the weights load
+        return lm
+
+    monkeypatch.setattr("compression.lab.load_model", closing)
+    with pytest.raises(InterruptedError, match="the page was closed while the model loaded"):
+        tiny_lab.load("again")
+    assert tiny_lab.lm is None and tiny_lab.loads == 0
 
 
 def test_close_with_nothing_running_frees_at_once_and_keeps_the_history(tiny_lab):
