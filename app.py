@@ -34,6 +34,7 @@ BITS_LABELS = ["keep" if b is None else str(b) for b in BITS_CHOICES]  # the bit
 # SVD starts far off on real models; few steps, to stay interactive
 APP_LILLAMA = LillamaOptions(init="svd-llm", steps=30, calib_tokens=4096)
 ENERGY_WARN_RANK = 8  # the energy preset warns about linears it cuts below this rank
+LABEL_CHARS = 48  # run labels shown in the run table (the CSV keeps them whole)
 HEAVY = "heavy"  # concurrency id: one heavy job at a time; light callbacks stay responsive
 CSS = Path(__file__).with_name("assets").joinpath("style.css")
 
@@ -94,6 +95,8 @@ def _runs_display(table: pd.DataFrame) -> pd.DataFrame:
                   decode_ms_per_token=1, decode_ms_min=1, decode_ms_max=1, seconds=0)
     for col, d in digits.items():
         t[col] = pd.to_numeric(t[col], errors="coerce").round(d)
+    if "label" in t:  # long generated labels would push the figures off the screen; the plan column has it all
+        t["label"] = t["label"].astype(str).map(lambda s: s if len(s) <= LABEL_CHARS else s[:LABEL_CHARS - 1] + "…")
     return t.rename(columns={"bytes": "MB"})
 
 
@@ -115,7 +118,10 @@ def _latency_text(m: dict) -> str:
 
 def _cancelled(e: InterruptedError, kept: str = "") -> str:
     """What a cancelled job says where it reports, in place of the "Cancel requested" line."""
-    return f"**Cancelled.** {str(e)[:1].upper()}{str(e)[1:]}.{' ' + kept if kept else ''}"
+    said = str(e).strip().rstrip(".")
+    head = f"**{said[:1].upper()}{said[1:]}.**" if "cancelled" in said or "stopped" in said else \
+        f"**Cancelled.** {said[:1].upper()}{said[1:]}."  # the job's own words when they say it stopped
+    return head + (f" {kept}" if kept else "")
 
 
 def _cancel_text(lab: Lab | None):
@@ -194,7 +200,7 @@ def page_state(lab: Lab | None, app_token: str, plan_text: str | None) -> dict |
     lm, s = lab.lm, lab.settings
     return dict(version=PAGE_STATE_VERSION, app=app_token, model=lm.spec, device=lm.device.type,
                 dtype=str(lm.dtype).replace("torch.", ""), texts={k: getattr(s, k) for k in TEXT_KEYS},
-                fingerprint=lm.fingerprint, plan=plan_text or None)
+                fingerprint=lm.fingerprint, plan=plan_text or None, had=lab.had())
 
 
 def restorable(saved: object, app_token: str) -> dict | None:
@@ -207,7 +213,7 @@ def restorable(saved: object, app_token: str) -> dict | None:
           and saved.get("dtype") in ("float32", "bfloat16", "float16") and isinstance(texts, dict)
           and all(isinstance(texts.get(k), str) for k in TEXT_KEYS[:2])
           and all(isinstance(texts.get(k), int) and not isinstance(texts.get(k), bool) for k in TEXT_KEYS[2:])
-          and isinstance(saved.get("plan"), (str, type(None))))
+          and isinstance(saved.get("plan"), (str, type(None))) and isinstance(saved.get("had", {}), dict))
     return saved if ok else None
 
 
@@ -411,7 +417,7 @@ def build_spectra_tab(state, scratch: Scratch):
         if len(spiky):
             msg += (f"  \n{len(spiky)} linear(s) put 95 % of their output energy in at most 2 directions (e.g. "
                     f"`{spiky.iloc[0]['name']}`): a few tokens with very large activations dominate their output "
-                    "covariance, so keeping X % of the energy cuts them to rank 1-2, which usually breaks the "
+                    "covariance, so keeping even 95 % of the energy cuts them to rank 1-2, which usually breaks the "
                     "model. Their sensitivity, not their spectrum, says how far they can be cut.")
         e, s_ = _energy_figs(lab, layers[0], roles[0])
         return (lab, msg, F.rank_heatmap(prof.summary, proto), str(path),
@@ -572,15 +578,20 @@ def build_sensitivity_tab(state):
         except Exception as e:
             raise _err(e) from e
         derived = (grid.meta.get("derived") or {}).get("settings", 0)
-        msg = (f"Measured grid: {grid.meta.get('probes', len(grid.table))} probes"
+        when = ("Reused the cached grid: " if lab.sensitivity_reused else "Measured grid: ")
+        msg = (f"{when}{grid.meta.get('probes', len(grid.table))} probes"
                + (f" (+{derived} 8-bit settings scaled from 4 bits)" if derived else "")
-               + f" on {grid.meta.get('n_tokens')} tokens in {grid.meta.get('seconds', 0):.0f} s "
-               f"({grid.meta.get('workers', 1)} worker(s), {grid.meta.get('device')}).")
+               + f" on {grid.meta.get('n_tokens')} tokens, measured in {grid.meta.get('seconds', 0):.0f} s "
+               f"({grid.meta.get('workers', 1)} worker(s), {grid.meta.get('device')})"
+               + (" when it was made." if lab.sensitivity_reused else "."))
         if lab.proxy is not None:
             from analysis.sensitivity import agreement
 
             a = agreement(lab.proxy, grid)
-            msg += f" First view vs measured: Spearman {a['spearman']:.2f} over {a['n']} settings."
+            rho = a["spearman"]
+            word = ("strong" if rho >= 0.9 else "fair" if rho >= 0.7 else
+                    "weak: the first view orders these settings poorly, so rely on this measured grid")
+            msg += f" First view vs measured: Spearman {rho:.2f} over {a['n']} settings ({word})."
         return _show(lab, msg)
 
     def on_layer(lab, layer_v):
@@ -965,6 +976,7 @@ def build_run_tab(state, budget):
         try:
             lab = _require(lab)
             plan = budget["current_plan"](lab, *plan_inputs)
+            lab.check(plan)  # a plan that cannot be applied is refused here, not recorded as a failed run
             rec = lab.run(plan, lbl, _progress(p))
         except Exception as e:
             raise _err(e) from e
@@ -977,12 +989,15 @@ def build_run_tab(state, budget):
             msg = (f"Run `{rec.run_id}` done in {rec.seconds:.0f} s: perplexity **{m['ppl']:.2f}**{pred}, "
                    f"{_fmt_bytes(m['bytes'])}, {m['bits_per_weight']:.2f} bits/weight, {_latency_text(m)}.  \n"
                    f"Protocol: {m['protocol']}")
+            # the compressed model changed: its earlier generation belonged to the run before
+            comp_box = gr.update(value="", label=f"Compressed model (run {rec.run_id})")
         else:
             err = (rec.error or "").rstrip()
             msg = (f"Run `{rec.run_id}` {rec.status}: {err}{'' if err.endswith(('.', '!', '?')) else '.'} "
                    "The history and the loaded model are intact.")
             gr.Warning(msg)
-        return (lab, msg, *tables(lab))
+            comp_box = gr.update()  # the last compressed model stays
+        return (lab, msg, *tables(lab), comp_box)
 
     def on_dense(lab, p=gr.Progress()):
         try:
@@ -1004,8 +1019,8 @@ def build_run_tab(state, budget):
         except Exception as e:
             raise _err(e) from e
 
-    run_btn.click(on_run, [state, label, *budget["inputs"][1:]], [state, status, runs, fig_bytes, fig_lat],
-                           concurrency_id=HEAVY, concurrency_limit=1)
+    run_btn.click(on_run, [state, label, *budget["inputs"][1:]], [state, status, runs, fig_bytes, fig_lat, out_comp],
+                  concurrency_id=HEAVY, concurrency_limit=1)
     dense_btn.click(on_dense, [state], [state, status, runs, fig_bytes, fig_lat], concurrency_id=HEAVY,
                     concurrency_limit=1)
     cancel_btn.click(_cancel_text, [state], [status], queue=False)  # the run then reports how it ended
@@ -1208,6 +1223,18 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                              "joins the run table when it ends.")
                 if not keep:
                     return lab, _summary_md(lab, info) + note, lab.layer_table(), *[gr.update()] * len(restored), None
+                if keep["fingerprint"] == lab.lm.fingerprint and not info.get("note"):  # same model, same texts
+                    try:
+                        back = lab.resume(keep.get("had") or {}, _progress(p))
+                    except InterruptedError:
+                        back = []
+                    except (ValueError, KeyError, TypeError, OSError) as e:
+                        traceback.print_exc()
+                        back, note = [], note + f"  \n**Note:** what this page had computed was not taken back: {e}"
+                    if back:
+                        note += (f"  \n*Taken back from before the reload: {', '.join(back)}"
+                                 + (" (the Spectra tab shows it again when you press Profile, from the cache)"
+                                    if "the profile" in back else "") + ".*")
                 s = lab.settings  # what the load used: the page's texts, or the defaults it fell back to
                 boxes = [spec, device, dtype, *(getattr(s, k) for k in TEXT_KEYS)]
                 plan = keep["plan"] if keep["fingerprint"] == lab.lm.fingerprint else None

@@ -287,9 +287,10 @@ def profile_model(model: nn.Module, adapter: Adapter, ids: Tensor, *, fingerprin
 
 
 def load_or_profile(model: nn.Module, adapter: Adapter, ids: Tensor, *, fingerprint: str, data_label: str,
-                    data_digest: str, cache_root: Path, **kw) -> tuple[Profile, bool]:
+                    data_digest: str, cache_root: Path, cached_only: bool = False,
+                    **kw) -> tuple[Profile | None, bool]:
     """The cached profile for (model, data, token count) if one is complete, else a new one
-    (saved). Returns (profile, reused)."""
+    (saved), or None when ``cached_only``. Returns (profile, reused)."""
     folder = Path(cache_root) / "profiles" / profile_key(fingerprint, data_digest, ids.numel())
     if (folder / "meta.json").exists():
         try:
@@ -299,6 +300,8 @@ def load_or_profile(model: nn.Module, adapter: Adapter, ids: Tensor, *, fingerpr
         if prof is not None and prof.meta.get("fingerprint") == fingerprint \
                 and prof.meta.get("n_tokens") == ids.numel():
             return prof, True
+    if cached_only:
+        return None, False
     prof = profile_model(model, adapter, ids, fingerprint=fingerprint, data_label=data_label,
                          data_digest=data_digest, **kw)
 

@@ -889,10 +889,12 @@ def load_or_measure(model: nn.Module, adapter: Adapter, calib_ids: Tensor, stats
                     fingerprint: str, data_label: str, data_digest: str, cache_root: str | Path,
                     method: str = "svd-llm", quant: str = "rtn", group_size: int = 128,
                     fractions: Sequence[float] = FRACTIONS, bits: Sequence[int] = BITS_GRID,
-                    derive_bits: Sequence[int] = DERIVED_BITS, **kw) -> tuple[SensitivityGrid, bool]:
+                    derive_bits: Sequence[int] = DERIVED_BITS, cached_only: bool = False,
+                    **kw) -> tuple[SensitivityGrid | None, bool]:
     """The cached grid for (model, data, token count, method, quant, group size, linears) if
-    one is complete and made with the same grid, else a new one (saved). Returns (grid, reused).
-    A grid of some linears only (``names=``) is cached apart from the whole model's."""
+    one is complete and made with the same grid, else a new one (saved), or None when
+    ``cached_only``. Returns (grid, reused). A grid of some linears only (``names=``) is cached
+    apart from the whole model's."""
     names = kw.get("names")
     wanted = sorted(set(names)) if names is not None else sorted(li.name for li in adapter.linears(model))
     key = sensitivity_key(fingerprint, data_digest, calib_ids.numel(), method, quant, group_size)
@@ -915,6 +917,8 @@ def load_or_measure(model: nn.Module, adapter: Adapter, calib_ids: Tensor, stats
                 and sorted((grid.meta.get("derived") or {}).get("bits", [])) == derived \
                 and sorted(grid.table["name"].unique()) == wanted:
             return grid, True
+    if cached_only:
+        return None, False
     grid = measure_sensitivity(model, adapter, calib_ids, stats, method=method, quant=quant, group_size=group_size,
                                fractions=fractions, bits=bits, derive_bits=derive_bits, fingerprint=fingerprint,
                                data_label=data_label, data_digest=data_digest, **kw)

@@ -202,6 +202,7 @@ class Lab:
         self.plan = Plan()
         self.compressed: nn.Module | None = None
         self.compressed_plan: Plan | None = None
+        self.sensitivity_reused = False  # the grid came from the disk cache
         self.compressed_run: RunRecord | None = None  # the run that made ``compressed``: its export says it
         self.dense_eval: dict | None = None
         self.history = RunHistory(self.workspace)
@@ -383,16 +384,19 @@ class Lab:
                              for li in self.linears])
 
     # ----------------------------------------------------------------- profiling
-    def run_profile(self, progress: Progress | None = None) -> tuple[Profile, bool]:
+    def run_profile(self, progress: Progress | None = None, cached_only: bool = False) -> tuple[Profile | None, bool]:
+        """Profile the calibration windows, or reuse the cached profile of them; with
+        ``cached_only``, only reuse (None and nothing changed when there is none)."""
         lm = self.require_dense("profiling")
         sp = self.split
         with self.running("profiling"):
             prof, reused = load_or_profile(lm.model, lm.adapter, sp.calib_ids, fingerprint=lm.fingerprint,
                                            data_label=sp.calib_label, data_digest=sp.digest, cache_root=cache_dir(),
                                            batch_size=self.settings.batch_size, progress=progress,
-                                           should_stop=self.should_stop)
-        self.profile = prof
-        self.proxy = None
+                                           should_stop=self.should_stop, cached_only=cached_only)
+        if prof is not None:
+            self.profile = prof
+            self.proxy = None
         return prof, reused
 
     def require_profile(self) -> Profile:
@@ -423,19 +427,48 @@ class Lab:
         return ids, f"{sp.calib_label}; probes on its first {ids.shape[0]} x {ids.shape[1]} tokens"
 
     def run_sensitivity(self, method: str = "svd-llm", quant: str = "rtn", group_size: int = 128,
-                        progress: Progress | None = None) -> object:
+                        progress: Progress | None = None, cached_only: bool = False) -> object:
+        """Measure the grid, or reuse the cached one (``sensitivity_reused`` says which); with
+        ``cached_only``, only reuse (None and nothing changed when there is none)."""
         from analysis.sensitivity import load_or_measure
 
         lm, prof = self.require_dense("the sensitivity grid"), self.require_profile()
         ids, label = self.sensitivity_ids()
         with self.running("the sensitivity grid"):
-            self.sensitivity, _reused = load_or_measure(lm.model, lm.adapter, ids, prof.all_stats(),
-                                                        fingerprint=lm.fingerprint, data_label=label,
-                                                        data_digest=self.split.digest, cache_root=cache_dir(),
-                                                        method=method, quant=quant, group_size=group_size,
-                                                        progress=progress, should_stop=self.should_stop)
+            grid, reused = load_or_measure(lm.model, lm.adapter, ids, prof.all_stats(), fingerprint=lm.fingerprint,
+                                           data_label=label, data_digest=self.split.digest, cache_root=cache_dir(),
+                                           method=method, quant=quant, group_size=group_size, progress=progress,
+                                           should_stop=self.should_stop, cached_only=cached_only)
+        if grid is None:
+            return None
+        self.sensitivity, self.sensitivity_reused = grid, reused
         self._refresh_predictor()
         return self.sensitivity
+
+    def had(self) -> dict:
+        """What this session has computed that a reloaded page can take back (``resume``)."""
+        grid = self.sensitivity
+        return dict(profile=self.profile is not None, dense=self.dense_eval is not None,
+                    grid=None if grid is None else {k: grid.meta.get(k) for k in ("method", "quant", "group_size")})
+
+    def resume(self, had: dict, progress: Progress | None = None) -> list[str]:
+        """Take back what a reloaded page had (``had()``): its profile and measured grid from the
+        disk cache (never computed anew here), and the dense model measured again. Returns what
+        came back, in words; what did not is left to the user's buttons."""
+        back = []
+        say = progress or (lambda f, m: None)
+        if had.get("profile") or had.get("grid"):
+            say(0.1, "the profile, from the cache")
+            if self.run_profile(cached_only=True)[0] is not None:
+                back.append("the profile")
+                g = had.get("grid")
+                if g and self.run_sensitivity(g["method"], g["quant"], int(g["group_size"]),
+                                              cached_only=True) is not None:
+                    back.append("the measured sensitivity grid")
+        if had.get("dense"):
+            self.evaluate_dense(lambda f, m: say(0.3 + 0.7 * f, "the dense model, measured again: " + m))
+            back.append("the dense measurement (taken again)")
+        return back
 
     def sensitivity_table(self) -> tuple[pd.DataFrame | None, str]:
         """The measured grid if there is one, else the cheap first view; and which it is."""

@@ -33,7 +33,10 @@ def test_run_table_is_rounded_for_display_and_the_original_kept():
                              corrected_ppl=None,
                              bytes=None, bits_per_weight=None, prefill_tok_s=None, decode_ms_per_token=None,
                              decode_ms_min=None, decode_ms_max=None, seconds=1.0, protocol="p", error="boom")])
+    raw.loc[1, "label"] = "svd-llm rank 45% of break-even + rtn 4b g128 x 98 · " * 3
     shown = app._runs_display(raw)
+    assert len(shown.label[1]) == app.LABEL_CHARS and shown.label[1].endswith("…") and shown.label[0] == "l"
+    assert raw.label[1].startswith(shown.label[1][:-1])  # the table shown is a copy: the export keeps it whole
     row = shown.iloc[0]
     assert (row.ppl, row.predicted_ppl, row.MB, row.bits_per_weight) == (87.58, 24.02, 528.81, 31.303)
     assert (row.prefill_tok_s, row.decode_ms_per_token, row.seconds) == (339, 59.4, 8)
@@ -95,6 +98,13 @@ def test_readout_gives_the_prediction_corrected_by_measured_runs(tiny_lab, monke
     assert "measured increase ≈ 2.00 x the rank part + 2.00 x the bits part of the prediction, fitted on 2 run(s)" \
         in text
     assert "current, corrected by runs (predicted)" in {t.name for t in fig.data}
+
+
+def test_a_cancelled_job_is_said_once():
+    assert app._cancelled(InterruptedError("profiling cancelled")) == "**Profiling cancelled.**"
+    assert app._cancelled(InterruptedError("lillama stopped at step 3 of 30"), "Kept.") == \
+        "**Lillama stopped at step 3 of 30.** Kept."
+    assert app._cancelled(InterruptedError("the page was closed")) == "**Cancelled.** The page was closed."
 
 
 def test_cancel_with_nothing_running_keeps_the_finished_result(tiny_lab):
@@ -262,6 +272,7 @@ class _Request:
         self.session_hash = session
 
 
+@pytest.mark.filterwarnings("ignore::analysis.profile.TooFewTokens")
 def test_a_reloaded_page_gets_its_model_texts_and_plan_back(tiny_dir, tmp_path, monkeypatch):
     import gradio as gr
 
@@ -277,6 +288,7 @@ def test_a_reloaded_page_gets_its_model_texts_and_plan_back(tiny_dir, tmp_path, 
     lab.set_texts(str(text), "default", 16, 3, 1)
     plan = lab.plan_uniform(50, 4, group_size=32)
     saved = app.page_state(lab, "tok", plan.to_json())
+    assert saved["had"] == dict(profile=False, dense=False, grid=None)
     # the same page reloaded: its texts and windowing, and the plan for the sliders
     lab2, status, _, *boxes, plan_text = initial(saved, _Request("b"))
     assert boxes == [str(folder), "cpu", "float32", str(text), "default", 16, 3, 1]
@@ -312,6 +324,21 @@ def test_a_reloaded_page_gets_its_model_texts_and_plan_back(tiny_dir, tmp_path, 
     remember = _callback(demo, "remember")
     assert remember(lab2, app.Plan().to_json(), plan.to_json()) == gr.skip()
     assert remember(lab2, plan.to_json(), None)["plan"] == plan.to_json()
+    # what the page had computed comes back from the cache (never computed anew), the dense model measured again
+    lab2.run_profile()
+    lab2.run_sensitivity(group_size=32)
+    lab2.evaluate_dense()
+    had = app.page_state(lab2, "tok", plan.to_json())
+    assert had["had"] == dict(profile=True, dense=True, grid=dict(method="svd-llm", quant="rtn", group_size=32))
+    lab6, status, *_ = initial(had, _Request("f"))
+    assert lab6.profile is not None and lab6.sensitivity is not None and lab6.sensitivity_reused
+    assert lab6.dense_eval is not None and lab6.predictor is not None
+    assert "Taken back from before the reload: the profile, the measured sensitivity grid, the dense" in status
+    import shutil
+
+    shutil.rmtree(tmp_path / "cache" / "sensitivity")  # a cache emptied since: nothing is measured at load
+    lab7, status, *_ = initial(had, _Request("g"))
+    assert lab7.profile is not None and lab7.sensitivity is None and "sensitivity grid" not in status
     # another process's state restores nothing; a page whose model is gone gets the app's with a note
     lab3, *_, plan_text = initial({**saved, "app": "old"}, _Request("c"))
     assert lab3.settings.seqlen == 32 and plan_text is None
