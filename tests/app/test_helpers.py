@@ -212,6 +212,7 @@ def test_export_of_runs_and_figures_writes_csv_pages_and_toolbar_free_images(tin
     names = sorted(Path(f).name for f in files)
     runs = pd.read_csv([f for f in files if f.endswith("runs.csv")][0])
     assert list(runs.run_id) == [rec.run_id] and runs.plan[0] == "rtn 4b g32 x 14"
+    assert runs.fingerprint[0] == tiny_lab.lm.fingerprint and runs.model[0] == tiny_lab.lm.source  # which model
     pages = {"rank_heatmap.html", "tradeoff_bytes.html", "tradeoff_latency_ms.html"}
     assert pages <= set(names) and not any(n.endswith("_png.html") for n in names)  # the image pages are removed
     if sh.which("chromium"):

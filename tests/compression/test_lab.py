@@ -137,8 +137,9 @@ def test_tradeoff_draws_only_runs_measured_with_the_current_protocol(tiny_lab):
     fp = tiny_lab.lm.fingerprint
     first = tiny_lab.run(tiny_lab.plan_from_sliders([50, 50], [None, None], group_size=32), "seqlen 32")
     old = tiny_lab.protocol()
-    tiny_lab.set_texts("default", "default", seqlen=16)
-    assert tiny_lab.protocol() != old
+    assert "the profile" in tiny_lab.set_texts("default", "default", seqlen=16).split("Cleared")[1]  # run profiled
+    assert tiny_lab.protocol() != old and tiny_lab.profile is None
+    assert "Cleared" not in tiny_lab.set_texts("default", "default", seqlen=16)  # nothing left to clear
     second = tiny_lab.run(tiny_lab.plan_from_sliders([50, 50], [None, None], group_size=32), "seqlen 16")
     assert set(tiny_lab.history.tradeoff_frame(fp, protocol=tiny_lab.protocol()).run_id) == {second.run_id}
     assert set(tiny_lab.history.tradeoff_frame(fp, protocol=old).run_id) == {first.run_id}
@@ -366,8 +367,12 @@ def test_predictions_are_corrected_by_measured_runs_of_the_grids_methods(tiny_la
         other = measured(heavy, "other texts", 9.0)
         other.protocol += " (other)"
         tiny_lab.history.append(other)
+        below = measured(medium, "below dense", 1.0)  # e.g. an 8-bit run measured just under dense: no scale
+        below.measured = dict(nll=dense["nll"] - 0.001, ppl=math.exp(dense["nll"] - 0.001))
+        tiny_lab.history.append(below)
         cal2, left_out = tiny_lab.correction()
-        assert cal2.n == 3 and left_out == {"quantiser gptq (the sensitivities measured rtn)": 1}
+        assert cal2.n == 3 and left_out == {"quantiser gptq (the sensitivities measured rtn)": 1,
+                                            "measured at or below the dense perplexity": 1}  # each said
         # the measured grid replaces the first view: the same runs, predicted again by it
         tiny_lab.run_sensitivity()
         cal3, _ = tiny_lab.correction()
