@@ -698,7 +698,8 @@ def build_budget_tab(state):
     def on_predict(lab, lr, q, g, ov, *vals):
         try:
             plan = current_plan(lab, lr, q, g, ov, *vals)
-            return _readout(lab, plan)
+            text, *figs = _readout(lab, plan)
+            return (text + _overrides_note(ov), *figs)
         except (ValueError, FileNotFoundError) as e:  # a setting to change: said in the readout, figures kept
             if lab is None or lab.lm is None:
                 raise _err(e) from e
@@ -769,7 +770,7 @@ def build_budget_tab(state):
                 filled = fill(lab, plan)
                 lab.plan = plan
                 text, *figs = _readout(lab, plan)
-                return [*filled, *_method_updates(plan), first + text, *figs]
+                return [*filled, *_method_updates(plan), first + text + _overrides_note(filled[-1]), *figs]
             except InterruptedError as e:
                 return [*[gr.update()] * (len(preset_out) - 4), _cancelled(e, "The sliders are unchanged."),
                         *[gr.update()] * 3]
@@ -873,6 +874,15 @@ def build_budget_tab(state):
     return dict(current_plan=current_plan, inputs=inputs, outputs=outputs, show_rows=show_rows, fill=fill,
                 settings=[*ranks, *bits, overrides], rows=[r.row for r in ranks], on_predict=on_predict,
                 plan_json=plan_json, restore=restore, preset_out=preset_out)
+
+
+def _overrides_note(ov: pd.DataFrame | None) -> str:
+    """Say that the table's modules ignore their layer's sliders (a preset such as energy fills it)."""
+    names = [] if ov is None or "name" not in ov else [n for n in ov["name"].astype(str) if n.strip()]
+    if not names:
+        return ""
+    return (f"\n\n*The per-module table sets {len(names)} module(s) (e.g. `{names[0]}`): for those, the layer "
+            "sliders change nothing. Clear their rows to let the sliders act.*")
 
 
 def _readout(lab: Lab, plan: Plan):

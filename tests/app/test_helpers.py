@@ -359,3 +359,9 @@ def test_a_reloaded_page_gets_its_model_texts_and_plan_back(tiny_dir, tmp_path, 
     monkeypatch.setattr(app.Lab, "load", closing_load)
     lab5, status, *_ = initial(saved, _Request("e"))
     assert lab5 is None and loads == [str(folder)] and "page was closed" in status
+
+
+def test_the_readout_says_when_the_table_overrides_the_sliders():
+    assert app._overrides_note(None) == "" and app._overrides_note(pd.DataFrame({"name": [], "rank": []})) == ""
+    note = app._overrides_note(pd.DataFrame({"name": ["model.layers.0.mlp.up_proj", " "], "rank": [8, None]}))
+    assert "sets 1 module(s) (e.g. `model.layers.0.mlp.up_proj`)" in note and "sliders change nothing" in note
