@@ -977,6 +977,8 @@ def build_run_tab(state, budget):
         out_comp = gr.Textbox(label="Compressed model (last run)", lines=5)
 
     def tables(lab: Lab):
+        if lab is None or lab.lm is None:  # the page closed during the job, which freed the model as it ended
+            return gr.update(), gr.update(), gr.update()
         runs_table = _runs_display(lab.history.table(lab.lm.fingerprint))
         note = lab.history.unreadable_note()
         if note:
