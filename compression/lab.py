@@ -50,6 +50,9 @@ from compression.plan import (
 )
 
 Progress = Callable[[float, str], None]
+# the compressed model lives in memory only: a reload or another model leaves none
+NO_COMPRESSED = ("(no compressed model in this session: a reload or another model clears it; run the "
+                 "plan in Run & compare)")
 BITS_CHOICES = [2, 3, 4, 8, None]  # the per-layer bit widths offered (None = keep the dtype)
 DENSE_PCT = 100  # rank slider value meaning "keep full rank"
 KEEP, KEEP_RANK = "keep", "full"  # override-table cells that leave a module's bits / rank uncompressed
@@ -884,14 +887,14 @@ class Lab:
         if len(texts) > 1:
             return texts[0], texts[1]
         return texts[0], ("(the loaded model is itself compressed: its continuation is in the first box)"
-                          if lm.compressed else "(run a compression first)")
+                          if lm.compressed else NO_COMPRESSED)
 
     def export_model(self, folder: Path) -> Path:
         """The last compressed model as a folder and a zip archive beside it."""
         from compression.saved import save_compressed
 
         if self.compressed is None:
-            raise ValueError("run a compression first (Run & compare tab)")
+            raise ValueError(NO_COMPRESSED.strip("()") + "; then export it")
         lm = self.require_model()
         run = self.compressed_run
         meta = {"base_model": lm.spec, "base_fingerprint": lm.fingerprint}

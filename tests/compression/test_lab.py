@@ -401,7 +401,7 @@ def test_prediction_says_when_the_plan_uses_other_settings_than_the_probes(tiny_
 def test_generation_reports_progress_and_cancels(tiny_lab):
     said = []
     dense, comp = tiny_lab.generate("hello", max_new_tokens=3, progress=lambda f, m: said.append((f, m)))
-    assert comp == "(run a compression first)" and said[-1] == (1.0, "dense model: token 3/3")
+    assert comp.startswith("(no compressed model in this session") and said[-1] == (1.0, "dense model: token 3/3")
     assert tiny_lab.run(Plan(default=ModuleSpec(bits=4, group_size=32))).status == "ok"
     said.clear()
     tiny_lab.generate("hello", max_new_tokens=2, progress=lambda f, m: said.append((f, m)))
