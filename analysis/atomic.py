@@ -58,6 +58,8 @@ def _files(folder: Path) -> set[str]:
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()}
 
 
+# what an OS error says when a place cannot be written (permissions, a read-only or full disk)
+UNWRITABLE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT})
 JUNK = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})  # what file browsers leave: not a user's work
 
 
@@ -157,7 +159,7 @@ def save_to_cache(save: Callable[[], object], what: str, folder: Path) -> bool:
         save()
         return True
     except OSError as e:
-        if not (isinstance(e, PermissionError) or e.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT)):
+        if not (isinstance(e, PermissionError) or e.errno in UNWRITABLE_ERRNOS):
             raise  # not the cache's place being unwritable: a real failure
         warnings.warn(f"could not cache {what} in {folder} ({e.strerror or e}): it is used now and computed again "
                       "next time; set RANKLAB_CACHE to a folder you can write to keep it", CacheWarning, stacklevel=2)

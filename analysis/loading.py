@@ -8,7 +8,6 @@ tokenizer are cached as a transformers folder (safetensors) under the cache dire
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import importlib.util
 import json
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from analysis.adapters import Adapter, adapter_for
-from analysis.atomic import atomic_folder
+from analysis.atomic import UNWRITABLE_ERRNOS, atomic_folder
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -147,7 +146,7 @@ def _gguf_cached_folder(gguf: Path, progress: Progress) -> Path:
     try:
         _dequantise(gguf, folder)
     except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+        if e.errno not in UNWRITABLE_ERRNOS:
             raise  # not the cache's place (atomic_folder's own check already names RANKLAB_CACHE)
         raise OSError(f"could not write the dequantised model to the cache {folder} ({e.strerror}): set "
                       "RANKLAB_CACHE to a folder you can write (it needs about 4 bytes per parameter)") from e
