@@ -26,7 +26,7 @@ import pandas as pd
 from analysis import figures as F
 from compression.export import export_all
 from compression.lab import BITS_CHOICES, DENSE_PCT, Lab, LabSettings
-from compression.plan import LOWRANK_METHODS, QUANT_METHODS, LillamaOptions, Plan
+from compression.plan import LOWRANK_METHODS, QUANT_METHODS, LillamaOptions, Plan, TuneOptions
 
 MAX_LAYERS = 64
 BITS_LABELS = ["keep" if b is None else str(b) for b in BITS_CHOICES]  # the bits dropdowns
@@ -816,6 +816,9 @@ def build_budget_tab(state):
             except UnicodeDecodeError as e:
                 raise ValueError(f"{name} is not a text file ({e.reason})") from e
             notes = for_sliders(lab, plan, name)
+            if plan.tuned:  # the sliders hold ranks and bits only: said where it cannot be missed
+                gr.Warning(f"{name} asks for tuning after compressing ({plan.tune.steps} steps per layer), which the "
+                           f"sliders do not hold: set the Run tab's tune steps to {plan.tune.steps} to run it tuned")
             filled = fill(lab, plan)
             methods = _method_updates(plan)
         except (ValueError, FileNotFoundError) as e:
@@ -961,6 +964,10 @@ def build_run_tab(state, budget):
     with gr.Row():
         label = gr.Textbox("", label="Run label (optional)", scale=2,
                            placeholder="left empty: the preset's name, or what the plan does")
+        tune = gr.Number(0, label="Tune after compressing: Adam steps per layer (0 = off; 60 is the CLI's advice)",
+                         precision=0, minimum=0, elem_id="tune-steps", scale=1,
+                         info="trains each layer's rtn/gptq weights and low-rank factors to match the dense layer's "
+                              "output; same bytes; minutes on a CPU")
         dense_btn = gr.Button("Measure dense", scale=1)
         run_btn = gr.Button("Run the current plan", variant="primary", elem_id="run-btn", scale=1)
         cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn", scale=1)
@@ -986,10 +993,12 @@ def build_run_tab(state, budget):
         return (runs_table, *tradeoff_figures(lab))
 
     def on_run(p=gr.Progress(), *args):  # progress first: gradio inserts it at its position
-        lab, lbl, *plan_inputs = args
+        lab, lbl, tune_steps, *plan_inputs = args
         try:
             lab = _require(lab)
             plan = budget["current_plan"](lab, *plan_inputs)
+            if tune_steps:  # None (emptied box) or 0: off
+                plan.tune = TuneOptions(steps=int(tune_steps))
             lab.check(plan)  # a plan that cannot be applied is refused here, not recorded as a failed run
             rec = lab.run(plan, lbl, _progress(p))
         except Exception as e:
@@ -1000,6 +1009,8 @@ def build_run_tab(state, budget):
             if pred and rec.predicted.get("ppl_corrected"):
                 pred += f", corrected by earlier runs {rec.predicted['ppl_corrected']:.2f}"
             pred += ")" if pred else ""
+            if m.get("tune"):
+                pred += f"; {m['tune']} (the prediction is for the plan untuned)"
             msg = (f"Run `{rec.run_id}` done in {rec.seconds:.0f} s: perplexity **{m['ppl']:.2f}**{pred}, "
                    f"{_fmt_bytes(m['bytes'])}, {m['bits_per_weight']:.2f} bits/weight, {_latency_text(m)}.  \n"
                    f"Protocol: {m['protocol']}")
@@ -1033,8 +1044,8 @@ def build_run_tab(state, budget):
         except Exception as e:
             raise _err(e) from e
 
-    run_btn.click(on_run, [state, label, *budget["inputs"][1:]], [state, status, runs, fig_bytes, fig_lat, out_comp],
-                  concurrency_id=HEAVY, concurrency_limit=1)
+    run_btn.click(on_run, [state, label, tune, *budget["inputs"][1:]],
+                  [state, status, runs, fig_bytes, fig_lat, out_comp], concurrency_id=HEAVY, concurrency_limit=1)
     dense_btn.click(on_dense, [state], [state, status, runs, fig_bytes, fig_lat], concurrency_id=HEAVY,
                     concurrency_limit=1)
     cancel_btn.click(_cancel_text, [state], [status], queue=False)  # the run then reports how it ended

@@ -11,8 +11,10 @@ from pathlib import Path
 from analysis.cli import progress_stderr, require_at_least_one, run_command, say
 
 
-def prepare_calibration(lm, text: str, calib_tokens: int, seqlen: int, seed: int, cache: bool = True):
-    """Calibration windows and (cached) profile statistics for ``lm`` on ``text``."""
+def prepare_calibration(lm, text: str, calib_tokens: int, seqlen: int, seed: int, cache: bool = True,
+                        statistics: bool = True):
+    """Calibration windows and (cached) profile statistics for ``lm`` on ``text``; with
+    ``statistics=False`` only the windows (the profile returned is None)."""
     from analysis.data import calibration_windows, load_corpus, tokenize
     from analysis.loading import cache_dir
     from analysis.profile import load_or_profile
@@ -22,6 +24,9 @@ def prepare_calibration(lm, text: str, calib_tokens: int, seqlen: int, seed: int
     n_win = max(1, -(-calib_tokens // seqlen))
     ids = calibration_windows(tokenize(lm.tokenizer, corpus), seqlen, n_win, seed)
     label = f"{corpus.label}, {n_win} x {seqlen} tokens (seed {seed})"
+    if not statistics:
+        say(f"calibration windows: {label} (no profile needed)")
+        return ids, None, label
     prof, reused = load_or_profile(lm.model, lm.adapter, ids, fingerprint=lm.fingerprint, data_label=label,
                                    data_digest=f"{corpus.digest}-{seqlen}-{seed}", cache_root=cache_dir(),
                                    progress=progress_stderr)
@@ -32,11 +37,18 @@ def prepare_calibration(lm, text: str, calib_tokens: int, seqlen: int, seed: int
 LILLAMA_FLAGS = {"steps": 100, "lr": 1e-3, "granularity": "linear", "lillama_init": "svd-llm"}
 
 
+def tune_options(a: argparse.Namespace):
+    """The ``TuneOptions`` that ``--tune-steps`` / ``--tune-lr`` ask for."""
+    from compression.plan import TuneOptions
+
+    return TuneOptions(steps=a.tune_steps, **({} if a.tune_lr is None else {"lr": a.tune_lr}))
+
+
 def check_apply_flags(a: argparse.Namespace) -> None:
     """Refuse flags the chosen --plan / --method would silently ignore, and fill the defaults
     of the flags that only some methods read (they default to None so that an explicit value
     can be told apart)."""
-    from compression.plan import FIXED_BITS, LOWRANK_METHODS, uniform_plan
+    from compression.plan import FIXED_BITS, LOWRANK_METHODS, Plan, uniform_plan
 
     def given(*names: str) -> list[str]:
         return ["--" + n.replace("_", "-") for n in names if getattr(a, n) is not None]
@@ -69,6 +81,13 @@ def check_apply_flags(a: argparse.Namespace) -> None:
                                     "--group-size" if method in FIXED_BITS else "--bits and --group-size")
     if extra:
         raise ValueError(f"{', '.join(extra)} would be ignored: {why}. Drop {'it' if len(extra) == 1 else 'them'}")
+    if a.tune_lr is not None and a.tune_steps is None:
+        raise ValueError("--tune-lr is read only with --tune-steps N (block-wise tuning after compression)")
+    if a.tune_steps is not None and method == "slicegpt":
+        raise ValueError("--tune-steps tunes quantised and low-rank weights; slicegpt has none: drop --tune-steps")
+    if a.tune_steps is not None:  # its options, before the model loads
+        if errors := Plan(tune=tune_options(a)).option_errors():
+            raise ValueError("; ".join(errors).replace("tune: steps", "--tune-steps").replace("tune: lr", "--tune-lr"))
     require_at_least_one(("--calib-tokens", a.calib_tokens), ("--seqlen", a.seqlen))
     if a.seqlen == 1:
         raise ValueError("--seqlen 1 is too short: a window needs at least 2 tokens (one predicts the next)")
@@ -76,7 +95,7 @@ def check_apply_flags(a: argparse.Namespace) -> None:
         if getattr(a, name) is None:
             setattr(a, name, default)
     if method in ("lillama", "slicegpt"):  # their options, before the model loads
-        from compression.plan import LillamaOptions, Plan, SliceGPTOptions
+        from compression.plan import LillamaOptions, SliceGPTOptions
 
         opts = Plan(lillama=LillamaOptions(init=a.lillama_init, steps=a.steps, lr=a.lr, calib_tokens=a.calib_tokens,
                                            granularity=a.granularity) if method == "lillama" else None,
@@ -91,11 +110,24 @@ def cmd_apply(a: argparse.Namespace) -> dict:
     from analysis.loading import COMPRESSED_MARKER, load_model
     from analysis.metrics import linear_biases, linear_weight_bytes, model_bytes
     from compression.apply import apply_plan
-    from compression.plan import LillamaOptions, Plan, PlanWarning, needs_calibration, plan_size, uniform_plan
+    from compression.plan import (
+        LillamaOptions,
+        Plan,
+        PlanWarning,
+        needs_calibration,
+        needs_statistics,
+        plan_size,
+        uniform_plan,
+    )
     from compression.saved import save_compressed
 
     check_apply_flags(a)
     plan = Plan.load(a.plan) if a.plan else None  # a bad plan file fails before the model loads
+    if plan is not None and a.tune_steps is not None:
+        if plan.tune is not None:
+            raise ValueError(f"{a.plan} carries its own 'tune' options ({plan.tune.steps} steps); drop --tune-steps "
+                             "/ --tune-lr, or edit the plan")
+        plan = dataclasses.replace(plan, tune=tune_options(a))
     if plan is not None and (errors := plan.option_errors()):
         raise ValueError(f"{a.plan}: " + "; ".join(errors))
     check_replaceable(a.out, (COMPRESSED_MARKER,), "a compressed model")  # before the long work
@@ -111,6 +143,8 @@ def cmd_apply(a: argparse.Namespace) -> dict:
         plan = uniform_plan(a.method, linears, param_ratio=a.param_ratio, bits=a.bits, group_size=a.group_size,
                             lillama=lil, slice_fraction=a.slice)
         method = a.method
+        if a.tune_steps is not None:
+            plan = dataclasses.replace(plan, tune=tune_options(a))
     from compression.plan import other_model_notes, validate
 
     for note in validate(plan, linears, warn=False) + other_model_notes(plan, lm.fingerprint):  # before the long step
@@ -119,8 +153,9 @@ def cmd_apply(a: argparse.Namespace) -> dict:
     dtype_bytes = next(lm.model.parameters()).element_size()
     t0 = time.perf_counter()
     if needs_calibration(plan, linears):
-        ids, prof, label = prepare_calibration(lm, a.text, a.calib_tokens, a.seqlen, a.seed)
-        stats = prof.all_stats()
+        ids, prof, label = prepare_calibration(lm, a.text, a.calib_tokens, a.seqlen, a.seed,
+                                               statistics=needs_statistics(plan, linears))
+        stats = prof.all_stats() if prof is not None else None
     else:
         ids, stats, label = None, None, "none (data-free methods)"
         say(f"{method} is data-free: no calibration text is read")
@@ -147,6 +182,12 @@ def cmd_apply(a: argparse.Namespace) -> dict:
                           "init_loss": rep.lillama.init_loss,
                           "final_loss": rep.lillama.final_loss, "seconds": rep.lillama.seconds,
                           "kept_init": sorted(rep.lillama.kept_init)}
+    if rep.tune is not None:
+        t = rep.tune
+        out["tune"] = {**dataclasses.asdict(plan.tune), "tokens_used": t.tokens, "layers_tuned": len(t.losses),
+                       "output_error": {k: [round(b, 6), round(f, 6)] for k, (b, f) in t.losses.items()},
+                       "kept": sorted(t.kept), "skipped": t.skipped, "seconds": round(t.seconds, 2),
+                       "summary": t.summary()}
     meta = dict(base_model=a.model, base_fingerprint=lm.fingerprint, calibration=label, summary=out)
     save_compressed(comp, Path(a.out), plan_json=plan.to_json(), tokenizer=lm.tokenizer, meta=meta,
                     extra_modules=getattr(rep.slicegpt, "manifest", None))
@@ -183,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lillama-init",
                     help="Lillama initialisation: svd-llm (default: on SmolLM2 plain svd starts at ppl 1.8e8 and "
                          "ends worse, bench/RESULTS.md §5) | svd | act-pca")
+    ap.add_argument("--tune-steps", type=int,
+                    help="after compressing, tune each decoder layer's rtn/gptq weights and low-rank factors for N "
+                         "Adam steps so its output matches the dense layer's (sizes unchanged; about 60 is enough, "
+                         "bench/RESULTS.md §15); default: no tuning")
+    ap.add_argument("--tune-lr", type=float, help="tuning learning rate (default 1e-2; offsets are in quantisation "
+                                                  "steps, scales in log space)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     ap.add_argument("--trust-remote-code", action="store_true")

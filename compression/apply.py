@@ -2,7 +2,8 @@
 
 Order: low-rank factorisations (registry handler per config type) -> Lillama refinement of
 the modules that asked for it (bottom-first, needs calibration windows) -> quantisation of
-plain weights and of low-rank factors. SliceGPT is a whole-model transform and is applied
+plain weights and of low-rank factors -> block-wise tuning when the plan asks for it
+(``compression.tune``). SliceGPT is a whole-model transform and is applied
 alone. The original model is never modified: it is deep-copied first, so the dense model
 stays usable for comparison.
 """
@@ -37,6 +38,7 @@ class ApplyReport:
     warnings: list[str] = field(default_factory=list)
     lillama: object | None = None
     slicegpt: object | None = None
+    tune: object | None = None  # compression.tune.TuneReport
     device: str = "cpu"
 
 
@@ -53,6 +55,11 @@ def factor_stats(stats: LinearStats | None, a_weight: Tensor) -> LinearStats | N
     s = stats.inputs
     dev = a.device
     return LinearStats(InputStats(s.n_tokens, a @ s.x_sum.to(dev), a @ s.xxt.to(dev) @ a.T))
+
+
+def _teacher(model: nn.Module, dev: torch.device) -> nn.Module:
+    """The dense model on ``dev`` (itself when it is there), read-only."""
+    return model if next(model.parameters()).device == dev else copy.deepcopy(model).to(dev)
 
 
 def quantise_module(mod: nn.Module, q: QuantConfig, stats: LinearStats | None) -> nn.Module:
@@ -76,7 +83,9 @@ def apply_plan(model: nn.Module, adapter: Adapter, plan: Plan, stats: dict[str, 
     ``stats`` (from ``analysis.profile``) feeds act-pca, svd-llm and gptq; ``calib_ids``
     (C, L) is needed by Lillama and SliceGPT. ``device`` defaults to the model's."""
     t0 = time.perf_counter()
-    say = progress or (lambda f, m: None)
+    tuning = plan.tuned
+    outer = progress or (lambda f, m: None)
+    say = (lambda f, m: outer(0.5 * f, m)) if tuning else outer  # tuning takes the second half
     linears = adapter.linears(model)
     report = ApplyReport()
     report.warnings = validate(plan, linears)
@@ -120,10 +129,11 @@ def apply_plan(model: nn.Module, adapter: Adapter, plan: Plan, stats: dict[str, 
             raise ValueError("Lillama needs calibration windows (calib_ids)")
         from compression.lillama import refine
 
-        teacher = model if next(model.parameters()).device == dev else copy.deepcopy(model).to(dev)
+        teacher = _teacher(model, dev)
         options = plan.lillama or LillamaOptions()  # a plan may name lillama modules without options
         report.lillama = refine(teacher, student, adapter, lillama_names, options, calib_ids, device=dev,
                                 progress=lambda f, m: say(0.6 + 0.3 * f, m), should_stop=should_stop)
+        del teacher  # a device copy is not kept while quantising (tuning makes its own)
 
     quant = [(li, q) for li in todo if (q := plan.spec_for(li.name).quant_config()) is not None]
     sequential = calib_ids is not None and any(isinstance(q, GPTQConfig) for _, q in quant)
@@ -138,8 +148,16 @@ def apply_plan(model: nn.Module, adapter: Adapter, plan: Plan, stats: dict[str, 
             set_submodule(student, li.name, quantise_module(get_submodule(student, li.name), q, st))
             report.modules.append((li.name, f"{q.name} {q.bits}b", time.perf_counter() - t))
             say(0.9 + 0.1 * (j + 1) / len(quant), f"quantise {li.name}")
+    if tuning:  # 4) block-wise tuning of the compressed layers, bottom-first
+        if calib_ids is None:
+            raise ValueError("tuning needs calibration windows (calib_ids)")
+        from compression.tune import tune
+
+        teacher = _teacher(model, dev)
+        report.tune = tune(teacher, student, adapter, plan.tune, calib_ids, device=dev,
+                           progress=lambda f, m: outer(0.5 + 0.5 * f, m), should_stop=should_stop)
     report.seconds = time.perf_counter() - t0
-    say(1.0, "done")
+    outer(1.0, "done")
     return student, report
 
 

@@ -103,6 +103,9 @@ def _common_notes(plan: Plan, linears: list[LinearInfo], tool: str, notes: list[
             f"{rank_only} stay dense; the exported size is larger than the plan's")
     if plan.slicegpt is not None:
         notes.append(f"{tool}: SliceGPT slicing ({plan.slicegpt.slice_fraction:.0%}) is not exported")
+    if plan.tuned:
+        notes.append(f"{tool}: RankLab's block-wise tuning ({plan.tune.steps} steps per layer) is not exported: "
+                     f"{tool} quantises the weights without it (export the compressed model itself to keep it)")
     known = {li.name for li in linears}
     unknown = [k for k in plan.modules if k not in known]
     if unknown:

@@ -43,7 +43,7 @@ from compression.plan import (
     ModuleSpec,
     Plan,
     describe_plan,
-    needs_calibration,
+    needs_statistics,
     other_model_notes,
     plan_size,
     validate,
@@ -639,6 +639,10 @@ class Lab:
         perplexity once runs of this model and texts have been measured. Milliseconds."""
         lm = self.require_dense("a budget")
         notes = self.check(plan)
+        if plan.tuned:
+            notes.append(f"this plan asks for tuning after compressing ({plan.tune.steps} steps per layer): the "
+                         "prediction is for it untuned, and the app's sliders do not hold tuning (set the Run tab's "
+                         "tune steps)")
         size = plan_size(plan, self.linears, model_bytes(lm.model).weight_bytes,
                          next(lm.model.parameters()).element_size(), self._biases())
         out = dict(bytes=size.total_bytes, dense_bytes=size.dense_total_bytes, ratio=size.ratio,
@@ -696,6 +700,8 @@ class Lab:
             return "no predictor"
         if plan.lillama is not None or plan.slicegpt is not None:
             return "Lillama / SliceGPT plan"
+        if plan.tuned:
+            return "tuned after compressing (the prediction does not model tuning)"
         probed = {"low-rank method": pred.method, "quantiser": pred.quant}  # a group size alone still compares
         for what, value in self._method_mismatches(plan):
             if what in probed:
@@ -819,7 +825,7 @@ class Lab:
                 pred = self.predict(plan)
                 rec.predicted = {k: pred[k] for k in ("ppl", "ppl_corrected", "bytes", "bits_per_weight")
                                  if pred.get(k) is not None}
-                if needs_calibration(plan, self.linears) and self.profile is None:
+                if needs_statistics(plan, self.linears) and self.profile is None:
                     say(0.0, "profiling first (statistics feed the methods)")
                     self.run_profile(lambda f, m: say(0.2 * f, m))
                 stats = self.profile.all_stats() if self.profile is not None else None
@@ -827,6 +833,8 @@ class Lab:
                                        calib_ids=self.split.calib_ids, progress=lambda f, m: say(0.2 + 0.5 * f, m),
                                        should_stop=self.should_stop)
                 rec.measured = self._measure(comp, lambda f, m: say(0.7 + 0.3 * f, m))
+                if rep.tune is not None:
+                    rec.measured["tune"] = rep.tune.summary()
                 rec.status = "ok"
                 self.compressed, self.compressed_plan, self.compressed_run = comp, plan, rec
             except InterruptedError as e:

@@ -158,20 +158,23 @@ class LillamaReport:
 
 
 # ----------------------------------------------------------------------------- the fitting loop
-def _fit(student_fn: Callable[[Tensor], Tensor], target_fn: Callable[[Tensor], Tensor], params: list[nn.Parameter],
-         x_t: Tensor, x_s: Tensor | None, *, steps: int, lr: float, sample: Callable[[], Tensor],
-         eval_chunks: list[Tensor], should_stop: StopCheck | None) -> FitResult:
+def _fit(student_fn: Callable[[Tensor], Tensor], target_fn: Callable[[Tensor], Tensor],
+         params: list[nn.Parameter] | list[dict], x_t: Tensor, x_s: Tensor | None, *, steps: int, lr: float,
+         sample: Callable[[], Tensor], eval_chunks: list[Tensor], should_stop: StopCheck | None,
+         loss_fn: Callable[[Tensor, Tensor], Tensor] = lillama_loss, what: str = "lillama") -> FitResult:
     """Adam on ``params`` for ``steps`` minibatches. Items are indexed along dim 0 of
     ``x_t`` / ``x_s`` (tokens, or whole sequences); ``target_fn(idx)`` is the teacher's output
     for items ``idx``; ``x_s=None`` means the student's input equals the teacher's (the loss
-    then counts the teacher-input term twice, keeping its scale)."""
+    then counts the teacher-input term twice, keeping its scale). ``loss_fn(target, output)``
+    defaults to ``lillama_loss`` (``compression.tune`` passes the mean squared error, and
+    ``params`` as Adam parameter groups with their own learning rates)."""
     t0 = time.perf_counter()
 
     def loss_on(idx: Tensor) -> Tensor:
         with torch.no_grad():
             y = target_fn(idx)
-        loss = lillama_loss(y, student_fn(x_t[idx]))
-        return 2 * loss if x_s is None else loss + lillama_loss(y, student_fn(x_s[idx]))
+        loss = loss_fn(y, student_fn(x_t[idx]))
+        return 2 * loss if x_s is None else loss + loss_fn(y, student_fn(x_s[idx]))
 
     @torch.no_grad()
     def evaluate() -> float:
@@ -183,13 +186,15 @@ def _fit(student_fn: Callable[[Tensor], Tensor], target_fn: Callable[[Tensor], T
 
     init = evaluate()
     curve: list[float] = []
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    params = [p for g in groups for p in g["params"]]
     start = [p.detach().clone() for p in params] if steps > 0 else []
     if steps > 0:
-        opt = torch.optim.Adam(params, lr=lr)
+        opt = torch.optim.Adam(groups, lr=lr)
         with torch.enable_grad():
             for step in range(steps):
                 if should_stop is not None and should_stop():
-                    raise InterruptedError(f"lillama stopped at step {step} of {steps}")
+                    raise InterruptedError(f"{what} stopped at step {step} of {steps}")
                 loss = loss_on(sample())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -132,6 +132,31 @@ class LillamaOptions:
 
 
 @dataclass(frozen=True)
+class TuneOptions:
+    """Block-wise tuning after compression (``compression.tune``): each decoder layer's
+    rtn / gptq weights (per-weight offsets, per-group scales) and plain low-rank factors are
+    trained, bottom-first, so the layer's output on the compressed stack's input matches the
+    dense layer's. Sizes are unchanged. Defaults: bench/RESULTS.md §15."""
+
+    steps: int = 60  # Adam steps per layer
+    lr: float = 1e-2  # offsets move in units of their quantisation step, scales in log space
+    factor_lr: float = 1e-3  # plain low-rank factors, in weight units (Lillama's default)
+    calib_tokens: int = 32768  # calibration tokens tuned on (the first windows, cut into seqlen)
+    seqlen: int = 512  # sequence length of the tuning windows (shorter windows are taken whole)
+    tokens_per_step: int = 1024  # tokens in one Adam step (whole sequences, at least one)
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the first setting out of range."""
+        for key in ("steps", "calib_tokens", "seqlen", "tokens_per_step"):
+            low = 0 if key == "steps" else 2 if key == "seqlen" else 1
+            if getattr(self, key) < low:
+                raise ValueError(f"tune: {key} must be >= {low}, got {getattr(self, key)}")
+        for key in ("lr", "factor_lr"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"tune: {key} must be > 0, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
 class SliceGPTOptions:
     slice_fraction: float = 0.25
     keep_tied_head: bool = True
@@ -143,21 +168,31 @@ class Plan:
     modules: dict[str, ModuleSpec] = field(default_factory=dict)
     lillama: LillamaOptions | None = None
     slicegpt: SliceGPTOptions | None = None
+    tune: TuneOptions | None = None
     meta: dict = field(default_factory=dict)  # free-form: model fingerprint, who made it, target ...
     version: int = PLAN_VERSION
 
     def spec_for(self, name: str) -> ModuleSpec:
         return self.modules.get(name, self.default)
 
+    @property
+    def tuned(self) -> bool:
+        """Whether applying the plan ends with block-wise tuning (``tune`` with steps > 0)."""
+        return self.tune is not None and self.tune.steps > 0
+
     def option_errors(self) -> list[str]:
-        """What is wrong with the Lillama and SliceGPT options (no model needed: checked before one
-        loads)."""
+        """What is wrong with the Lillama, SliceGPT and tuning options (no model needed: checked
+        before one loads)."""
         errors = []
-        if self.lillama is not None:
-            try:
-                self.lillama.check()
-            except ValueError as e:
-                errors.append(str(e))
+        for options in (self.lillama, self.tune):
+            if options is not None:
+                try:
+                    options.check()
+                except ValueError as e:
+                    errors.append(str(e))
+        if self.tune is not None and self.slicegpt is not None:
+            errors.append("tune does not apply to a SliceGPT plan (it tunes quantised and low-rank weights): "
+                          "set 'tune' to null, or compress with ranks or bits instead")
         if self.slicegpt is not None and not 0 <= self.slicegpt.slice_fraction < 1:
             errors.append(f"slicegpt slice_fraction {self.slicegpt.slice_fraction} must be in [0, 1)")
         return errors
@@ -167,10 +202,13 @@ class Plan:
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict:
-        return {"version": self.version, "default": asdict(self.default),
-                "modules": {k: asdict(v) for k, v in sorted(self.modules.items())},
-                "lillama": asdict(self.lillama) if self.lillama else None,
-                "slicegpt": asdict(self.slicegpt) if self.slicegpt else None, "meta": self.meta}
+        d = {"version": self.version, "default": asdict(self.default),
+             "modules": {k: asdict(v) for k, v in sorted(self.modules.items())},
+             "lillama": asdict(self.lillama) if self.lillama else None,
+             "slicegpt": asdict(self.slicegpt) if self.slicegpt else None, "meta": self.meta}
+        if self.tune is not None:  # only when set: plans without it stay readable by earlier RankLab
+            d["tune"] = asdict(self.tune)
+        return d
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -202,6 +240,7 @@ class Plan:
                    lillama=_typed(LillamaOptions, d["lillama"], "lillama") if d.get("lillama") is not None else None,
                    slicegpt=_typed(SliceGPTOptions, d["slicegpt"], "slicegpt") if d.get("slicegpt") is not None
                    else None,
+                   tune=_typed(TuneOptions, d["tune"], "tune") if d.get("tune") is not None else None,
                    meta=meta, version=version)
 
     @classmethod
@@ -231,7 +270,7 @@ class Plan:
         return cls.from_json(p.read_text())
 
 
-PLAN_KEYS = frozenset({"version", "default", "modules", "lillama", "slicegpt", "meta"})
+PLAN_KEYS = frozenset({"version", "default", "modules", "lillama", "slicegpt", "tune", "meta"})
 
 
 def check_plan_path(path: str | Path) -> None:
@@ -304,6 +343,8 @@ def describe_plan(plan: Plan, linears: list[LinearInfo]) -> str:
     text = " · ".join(out)
     if plan.lillama is not None and any("lillama" in k for k in groups):
         text += f" (lillama from {plan.lillama.init}, {plan.lillama.steps} steps)"
+    if plan.tuned:
+        text += f", tuned {plan.tune.steps} steps per layer"
     return text
 
 
@@ -393,9 +434,9 @@ def _merge_same(errors: list[str], names: set[str]) -> list[str]:
     return out
 
 
-def needs_calibration(plan: Plan, linears: list[LinearInfo]) -> bool:
-    """Whether applying ``plan`` reads calibration text (profile statistics or windows): false
-    when every module's methods are data-free (svd, rtn, binary, ternary, fp8, mxfp4)."""
+def needs_statistics(plan: Plan, linears: list[LinearInfo]) -> bool:
+    """Whether applying ``plan`` needs the profile's input statistics: false when every
+    module's methods are data-free (svd, rtn, binary, ternary, fp8, mxfp4) and it is not SliceGPT."""
     if plan.slicegpt is not None:
         return True
     for li in linears:
@@ -404,6 +445,12 @@ def needs_calibration(plan: Plan, linears: list[LinearInfo]) -> bool:
         if any(c is not None and not c.data_free for c in configs):
             return True
     return False
+
+
+def needs_calibration(plan: Plan, linears: list[LinearInfo]) -> bool:
+    """Whether applying ``plan`` reads calibration text: statistics (``needs_statistics``) or
+    only windows (tuning after a data-free method)."""
+    return plan.tuned or needs_statistics(plan, linears)
 
 
 # ---------------------------------------------------------------------------- sizes

@@ -365,3 +365,19 @@ def test_the_readout_says_when_the_table_overrides_the_sliders():
     assert app._overrides_note(None) == "" and app._overrides_note(pd.DataFrame({"name": [], "rank": []})) == ""
     note = app._overrides_note(pd.DataFrame({"name": ["model.layers.0.mlp.up_proj", " "], "rank": [8, None]}))
     assert "sets 1 module(s) (e.g. `model.layers.0.mlp.up_proj`)" in note and "sliders change nothing" in note
+
+
+def test_the_run_tab_runs_the_plan_tuned_when_asked(tiny_lab, tmp_path):
+    demo = app.build_app(app.AppConfig(autoload=False, workspace=tmp_path / "ws"))
+    on_run = _callback(demo, "on_run")
+    said = []
+    sliders = [app.DENSE_PCT] * app.MAX_LAYERS + ["2"] * app.MAX_LAYERS
+    table = pd.DataFrame({"name": [], "rank": [], "bits": []})
+    lab, msg, *_ = on_run(lambda f, desc="": said.append(desc), tiny_lab, "", 3, "svd-llm", "rtn", 32, table,
+                          *sliders)
+    rec = lab.history.records()[-1]
+    assert rec.status == "ok" and rec.plan["tune"]["steps"] == 3
+    assert "; tuned 2 layer(s) on 256 tokens" in msg and "(the prediction is for the plan untuned)" in msg
+    assert any(d.startswith("tune model.layers.1") for d in said)
+    lab, msg, *_ = on_run(lambda f, desc="": None, tiny_lab, "", 0, "svd-llm", "rtn", 32, table, *sliders)
+    assert "tune" not in lab.history.records()[-1].plan and "tuned" not in msg  # 0 = off

@@ -100,6 +100,36 @@ def test_apply_lillama_defaults_to_svd_llm_and_reports_its_options(model_dir, tm
         assert comp["lillama"]["tokens_used"] == 256 and comp["lillama"]["final_loss"] > 0
 
 
+def test_apply_with_tuning_reports_it_and_refuses_conflicting_flags(model_dir, tmp_path, capsys, monkeypatch):
+    from compression.__main__ import main as compression_main
+
+    monkeypatch.setenv("RANKLAB_CACHE", str(tmp_path / "cache"))
+    folder, text = model_dir
+    common = ["apply", "--model", str(folder), "--text", str(text), "--calib-tokens", "256", "--seqlen", "32"]
+    comp = _run(compression_main, [*common, "--method", "rtn", "--bits", "2", "--group-size", "32",
+                                   "--tune-steps", "5", "--out", str(tmp_path / "t")], capsys)
+    tuned = comp["tune"]
+    assert (tuned["steps"], tuned["lr"], tuned["tokens_used"], tuned["layers_tuned"]) == (5, 1e-2, 256, 2)
+    assert all(after <= before for before, after in tuned["output_error"].values())
+    assert comp["calibration"] != "none (data-free methods)"  # rtn is data-free, tuning is not
+    assert not (tmp_path / "cache" / "profiles").exists()  # but it needs windows only, no profile
+    assert comp["weight_bytes"] == comp["predicted_weight_bytes"]
+    saved = json.loads((tmp_path / "t" / "ranklab.json").read_text())
+    assert saved["plan"]["tune"]["steps"] == 5
+    _assert_reloads(tmp_path / "t", text, comp, capsys)
+    (tmp_path / "tp.json").write_text(json.dumps({"version": 1, "default": {"bits": 4, "group_size": 32},
+                                                  "modules": {}, "tune": {"steps": 2}}))
+    for flags, msg in ((["--method", "rtn", "--bits", "2", "--tune-lr", "0.1"], "--tune-lr is read only with"),
+                       (["--method", "rtn", "--bits", "2", "--tune-steps", "-1"], "--tune-steps must be >= 0"),
+                       (["--method", "slicegpt", "--slice", "0.1", "--tune-steps", "3"], "slicegpt has none"),
+                       (["--plan", str(tmp_path / "tp.json"), "--tune-steps", "3"], "carries its own 'tune' options"),
+                       (["--model", str(tmp_path / "missing"), "--plan", str(tmp_path / "tp.json"), "--tune-steps",
+                         "3"], "carries its own 'tune' options")):  # said before the (missing) model loads
+        assert compression_main([*common, "--out", str(tmp_path / "o"), *flags]) == 2
+        assert msg in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_data_free_apply_reads_no_calibration_and_refuses_ignored_flags(model_dir, tmp_path, capsys, monkeypatch):
     from analysis.__main__ import main as analysis_main
     from compression.__main__ import main as compression_main

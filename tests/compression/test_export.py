@@ -500,6 +500,13 @@ def test_export_all_returns_every_tool_with_rank_notes(plan, lin):
     for tool, exp in out.items():
         assert isinstance(exp, Export) and exp.tool == tool and exp.filename and exp.text
         assert any("ranks dropped" in n and "2 low-rank modules" in n for n in exp.notes), tool
+        assert not any("tuning" in n for n in exp.notes), tool
+    from dataclasses import replace
+
+    from compression.plan import TuneOptions
+
+    for tool, exp in export_all(replace(plan, tune=TuneOptions(steps=7)), lin).items():
+        assert any("block-wise tuning (7 steps per layer) is not exported" in n for n in exp.notes), tool
 
 
 def test_quantisers_with_nothing_to_quantise_write_no_file(plan, lin):

@@ -508,3 +508,21 @@ def test_a_uniform_plan_is_named_by_its_setting_and_so_are_its_runs(tiny_lab):
     assert tiny_lab.plan_uniform(100, None).meta["method"] == "dense" and not tiny_lab.plan_uniform(100, None).modules
     rec = tiny_lab.run(plan)  # unlabelled: the preset's name
     assert rec.status == "ok" and rec.label == "uniform rtn 4b g32" and rec.summary == "rtn 4b g32 x 14"
+
+
+def test_a_tuned_run_says_so_and_does_not_correct_the_predictions(tiny_lab):
+    from dataclasses import replace
+
+    from compression.plan import TuneOptions
+
+    tiny_lab.run_profile()
+    tiny_lab.run_proxy()
+    plan = replace(tiny_lab.plan_from_sliders([100, 100], [2, 2], group_size=32), tune=TuneOptions(steps=3))
+    assert "the prediction is for it untuned" in " ".join(tiny_lab.predict(plan)["notes"])
+    tiny_lab.evaluate_dense()
+    rec = tiny_lab.run(plan, "tuned")
+    assert rec.status == "ok", rec.error
+    assert rec.measured["tune"].startswith("tuned 2 layer(s) on 256 tokens")
+    assert rec.plan["tune"]["steps"] == 3 and rec.summary.endswith("tuned 3 steps per layer")
+    assert tiny_lab.comparable_to_predictor(plan) == "tuned after compressing (the prediction does not model tuning)"
+    assert tiny_lab.comparable_to_predictor(replace(plan, tune=None)) is None
