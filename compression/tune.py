@@ -253,8 +253,7 @@ def tune(teacher: nn.Module, student: nn.Module, adapter: Adapter, options: Tune
     calls = _Calls(teacher, adapter, ids, device)
     h_t = torch.cat([capture(teacher, adapter, ids[s:s + chunk]).hidden.to(device=device, dtype=_F32)
                      for s in range(0, n_seq, chunk)])  # (C', L', D)
-    h_s = torch.cat([capture(student, adapter, ids[s:s + chunk]).hidden.to(device=device, dtype=_F32)
-                     for s in range(0, n_seq, chunk)])
+    h_s = h_t.clone()  # compression changes decoder linears only: layer 0's input is the same (one capture pass)
     gen = torch.Generator().manual_seed(seed)
     eval_chunks = _eval_chunks(n_seq, max(1, EVAL_TOKENS // seqlen), batch, device)
     for i in range(todo[-1] + 1):
