@@ -187,6 +187,13 @@ class RunHistory:
         return sum(r.status == "ok" and r.protocol != protocol for r in self.records(fingerprint))
 
 
+def new_run_id() -> str:
+    """A short run id that no CSV reader takes for a number: 8 hex digits alone are all
+    digits one time in 43 (then read back as an int, leading zeros lost) or look like a
+    float exponent ("12e45678"), so ids start with a letter."""
+    return "r" + uuid.uuid4().hex[:7]
+
+
 def _never() -> bool:
     return False
 
@@ -815,7 +822,7 @@ class Lab:
         say = progress or (lambda f, m: None)
         summary = describe_plan(plan, self.linears)
         method = plan.meta.get("method")  # a preset's name; hand-set sliders are named by what they do
-        rec = RunRecord(run_id=uuid.uuid4().hex[:8], time=_dt.datetime.now().isoformat(timespec="seconds"),
+        rec = RunRecord(run_id=new_run_id(), time=_dt.datetime.now().isoformat(timespec="seconds"),
                         label=label.strip() or (method if method not in (None, "sliders", "plan") else summary),
                         status="failed", fingerprint=lm.fingerprint, plan=plan.to_dict(), protocol=self.protocol(),
                         summary=summary)

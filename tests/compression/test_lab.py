@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from compression.lab import BITS_CHOICES, Lab, RunHistory, RunRecord
+from compression.lab import BITS_CHOICES, Lab, RunHistory, RunRecord, new_run_id
 from compression.plan import ModuleSpec, Plan
 
 
@@ -170,6 +170,13 @@ def test_cancel_stops_the_running_job_only(tiny_lab):
     with pytest.raises(InterruptedError, match="profiling cancelled"):
         tiny_lab.run_profile(progress=lambda f, m: said.append(tiny_lab.request_stop()))
     assert "profiling" in said and tiny_lab.profile is None and tiny_lab.job is None
+
+
+def test_run_ids_read_back_from_a_csv_as_the_same_strings(tmp_path):
+    # bare 8-hex ids were all digits one time in 43 and came back from runs.csv as ints
+    ids = [new_run_id() for _ in range(500)]
+    pd.DataFrame(dict(run_id=ids)).to_csv(tmp_path / "runs.csv", index=False)
+    assert len(set(ids)) == 500 and list(pd.read_csv(tmp_path / "runs.csv").run_id) == ids
 
 
 def test_torn_history_line_is_skipped(tmp_path):
