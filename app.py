@@ -414,7 +414,7 @@ def build_spectra_tab(state, scratch: Scratch):
         took = (f"statistics {prof.meta.get('seconds_stats', 0):.1f} s, eigendecompositions "
                 f"{prof.meta.get('seconds_eig', 0):.1f} s" + (" when it was made" if reused else ""))
         msg = (f"{'Reused the cached profile' if reused else 'Profiled'} ({proto}; {took}). A first sensitivity "
-               "view is ready: the Budget tab predicts.")
+               f"view is ready{' (from the cache)' if lab.proxy_reused else ''}: the Budget tab predicts.")
         spiky = prof.summary[prof.summary["rank95"] <= 2]
         if len(spiky):
             msg += (f"  \n{len(spiky)} linear(s) put 95 % of their output energy in at most 2 directions (e.g. "
@@ -554,9 +554,9 @@ def build_sensitivity_tab(state):
             if lab.proxy is not None:  # profiling made it, or an earlier click: the texts have not changed since
                 shown = ("The measured grid is shown; the first view exists too" if lab.sensitivity is not None
                          else "The first view is shown")
+                made = "when it was made (from the cache)" if lab.proxy_reused else "with the profile or a click"
                 return _show(lab, f"{shown} ({_first_view_protocol(lab.proxy)}; computed in "
-                                  f"{lab.proxy.meta.get('seconds', 0):.0f} s with the profile or an earlier click; "
-                                  "an estimate, not a measurement).")
+                                  f"{lab.proxy.meta.get('seconds', 0):.0f} s {made}; an estimate, not a measurement).")
             with lab.running("the first sensitivity view"):
                 if lab.profile is None:
                     lab.run_profile(_progress(p))
@@ -565,7 +565,8 @@ def build_sensitivity_tab(state):
             return _stopped(lab, e)
         except Exception as e:
             raise _err(e) from e
-        return _show(lab, f"First view ready ({_first_view_protocol(lab.proxy)}; gradient-weighted output error; "
+        return _show(lab, f"First view ready{' (from the cache)' if lab.proxy_reused else ''} "
+                          f"({_first_view_protocol(lab.proxy)}; gradient-weighted output error; "
                           "an estimate, not a measurement).")
 
     def on_grid(lab, m, q, g, p=gr.Progress()):

@@ -1116,6 +1116,49 @@ def proxy_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, sta
     return SensitivityGrid(meta, pd.DataFrame(rows, columns=TABLE_COLUMNS))
 
 
+def load_or_proxy(model: nn.Module, adapter: Adapter, calib_ids: Tensor, stats: dict[str, LinearStats], *,
+                  fingerprint: str, data_label: str, data_digest: str, cache_root: str | Path,
+                  method: str = "svd-llm", quant: str = "rtn", group_size: int = 128,
+                  fractions: Sequence[float] = FRACTIONS, bits: Sequence[int] = BITS_GRID,
+                  token_cap: float | None = TOKEN_CAP, cached_only: bool = False,
+                  **kw) -> tuple[SensitivityGrid | None, bool]:
+    """The cached first view (``proxy_sensitivity`` over all of ``calib_ids``) for this model,
+    data, grid and token cap if there is one, else a new one (saved), or None when
+    ``cached_only``. Returns (grid, reused). The proxy is deterministic (its Fisher targets are
+    seeded), so a cached one is the one that would be computed."""
+    key = sensitivity_key(fingerprint, data_digest, calib_ids.numel(), method, quant, group_size) + "-proxy"
+    folder = Path(cache_root) / "sensitivity" / key
+    wanted = sorted(li.name for li in adapter.linears(model))
+    if (folder / "meta.json").exists():
+        try:
+            grid = SensitivityGrid.load(folder)
+        except (ValueError, OSError):
+            grid = None
+        if grid is not None and grid.meta.get("estimator") == "proxy-fisher" \
+                and grid.meta.get("fingerprint") == fingerprint and grid.meta.get("data_digest") == data_digest \
+                and grid.meta.get("n_tokens") == calib_ids.numel() \
+                and grid.meta.get("gradient_tokens") == calib_ids.numel() \
+                and grid.meta.get("token_cap") == token_cap \
+                and grid.meta.get("fractions") == [float(f) for f in fractions] \
+                and grid.meta.get("bits") == [int(b) for b in bits] \
+                and grid.meta.get("stats_tokens") == max((s.n_tokens for s in stats.values()), default=0) \
+                and sorted(grid.table["name"].unique()) == wanted:
+            return grid, True
+    if cached_only:
+        return None, False
+    grid = proxy_sensitivity(model, adapter, calib_ids, stats, method=method, quant=quant, group_size=group_size,
+                             fractions=fractions, bits=bits, token_cap=token_cap, fingerprint=fingerprint,
+                             data_label=data_label, data_digest=data_digest, **kw)
+
+    def save() -> None:
+        if folder.exists() and not holds(folder, SENSITIVITY_MARKERS):
+            shutil.rmtree(folder)  # a broken cache entry (RankLab's own cache): rebuilt
+        grid.save(folder, cache=True)
+
+    save_to_cache(save, "the first sensitivity view", folder)
+    return grid, False
+
+
 def agreement(proxy: SensitivityGrid | pd.DataFrame, measured: SensitivityGrid | pd.DataFrame) -> dict:
     """Spearman rank correlation of proxy vs measured dloss over the settings both hold,
     overall and per kind: ``{"spearman", "n", "by_kind": {kind: {"spearman", "n"}}}``."""

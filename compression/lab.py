@@ -214,6 +214,7 @@ class Lab:
         self.compressed: nn.Module | None = None
         self.compressed_plan: Plan | None = None
         self.sensitivity_reused = False  # the grid came from the disk cache
+        self.proxy_reused = False  # the first view came from the disk cache
         self.compressed_run: RunRecord | None = None  # the run that made ``compressed``: its export says it
         self.dense_eval: dict | None = None
         self.history = RunHistory(self.workspace)
@@ -422,15 +423,21 @@ class Lab:
         return self.profile
 
     # ----------------------------------------------------------------- sensitivity
-    def run_proxy(self, progress: Progress | None = None) -> object:
-        from analysis.sensitivity import proxy_sensitivity
+    def run_proxy(self, progress: Progress | None = None, cached_only: bool = False) -> object:
+        """The cheap first view of the sensitivities, or the cached one of these windows
+        (``proxy_reused`` says which); with ``cached_only``, only reuse (None and nothing
+        changed when there is none)."""
+        from analysis.sensitivity import load_or_proxy
 
         lm, prof = self.require_model(), self.require_profile()
         with self.running("the first sensitivity view"):
-            self.proxy = proxy_sensitivity(lm.model, lm.adapter, self.split.calib_ids, prof.all_stats(),
-                                           fingerprint=lm.fingerprint, data_label=self.split.calib_label,
-                                           data_digest=self.split.digest, progress=progress,
-                                           should_stop=self.should_stop)
+            proxy, reused = load_or_proxy(lm.model, lm.adapter, self.split.calib_ids, prof.all_stats(),
+                                          fingerprint=lm.fingerprint, data_label=self.split.calib_label,
+                                          data_digest=self.split.digest, cache_root=cache_dir(), progress=progress,
+                                          should_stop=self.should_stop, cached_only=cached_only)
+        if proxy is None:
+            return None
+        self.proxy, self.proxy_reused = proxy, reused
         self._refresh_predictor()
         return self.proxy
 
@@ -465,12 +472,12 @@ class Lab:
     def had(self) -> dict:
         """What this session has computed that a reloaded page can take back (``resume``)."""
         grid = self.sensitivity
-        return dict(profile=self.profile is not None, dense=self.dense_eval is not None,
+        return dict(profile=self.profile is not None, proxy=self.proxy is not None, dense=self.dense_eval is not None,
                     grid=None if grid is None else {k: grid.meta.get(k) for k in ("method", "quant", "group_size")})
 
     def resume(self, had: dict, progress: Progress | None = None) -> list[str]:
-        """Take back what a reloaded page had (``had()``): its profile and measured grid from the
-        disk cache (never computed anew here), and the dense model measured again. Returns what
+        """Take back what a reloaded page had (``had()``): its profile, first view and measured
+        grid from the disk cache (never computed anew here), and the dense model measured again. Returns what
         came back, in words; what did not is left to the user's buttons."""
         back = []
         say = progress or (lambda f, m: None)
@@ -478,6 +485,8 @@ class Lab:
             say(0.1, "the profile, from the cache")
             if self.run_profile(cached_only=True)[0] is not None:
                 back.append("the profile")
+                if had.get("proxy") and self.run_proxy(cached_only=True) is not None:
+                    back.append("the first sensitivity view")
                 g = had.get("grid")
                 if g and self.run_sensitivity(g["method"], g["quant"], int(g["group_size"]),
                                               cached_only=True) is not None:

@@ -22,6 +22,7 @@ from analysis.sensitivity import (
     agreement,
     check_compatible,
     load_or_measure,
+    load_or_proxy,
     measure_sensitivity,
     proxy_sensitivity,
     rank_grid,
@@ -268,6 +269,23 @@ def test_load_or_measure_reuses_the_cache(tmp_path, trained):
     assert not reused and sorted(wider.table["name"].unique()) == sorted(two)
     again, reused = load_or_measure(lm.model, lm.adapter, ids, stats, **kw)  # the first is still cached
     assert reused and again.table.equals(first.table)
+
+
+def test_load_or_proxy_reuses_the_cache_and_only_a_matching_one(tmp_path, trained):
+    lm, ids, stats = trained
+    kw = dict(fingerprint=lm.fingerprint, data_label="bigram", data_digest="d", cache_root=tmp_path, group_size=GS,
+              fractions=FRACTIONS)
+    assert load_or_proxy(lm.model, lm.adapter, ids, stats, cached_only=True, **kw) == (None, False)
+    first, reused = load_or_proxy(lm.model, lm.adapter, ids, stats, **kw)
+    assert not reused and first.meta["estimator"] == "proxy-fisher"
+    fresh = proxy_sensitivity(lm.model, lm.adapter, ids, stats, group_size=GS, fractions=FRACTIONS)
+    assert first.table.equals(fresh.table)  # seeded: what the cache holds is what would be computed
+    again, reused = load_or_proxy(lm.model, lm.adapter, ids, stats, cached_only=True, **kw)
+    assert reused and again.table.equals(first.table)
+    for other in (dict(token_cap=None), dict(data_digest="e"), dict(fingerprint="f")):
+        assert load_or_proxy(lm.model, lm.adapter, ids, stats, **{**kw, "cached_only": True, **other}) == (None, False)
+    _, reused = load_or_proxy(lm.model, lm.adapter, ids[:1], stats, **kw)  # fewer windows: computed anew
+    assert not reused
 
 
 def test_proxy_has_the_same_schema_and_ranks_like_the_measurement(trained, grid):

@@ -289,7 +289,7 @@ def test_a_reloaded_page_gets_its_model_texts_and_plan_back(tiny_dir, tmp_path, 
     lab.set_texts(str(text), "default", 16, 3, 1)
     plan = lab.plan_uniform(50, 4, group_size=32)
     saved = app.page_state(lab, "tok", plan.to_json())
-    assert saved["had"] == dict(profile=False, dense=False, grid=None)
+    assert saved["had"] == dict(profile=False, proxy=False, dense=False, grid=None)
     # the same page reloaded: its texts and windowing, and the plan for the sliders
     lab2, status, _, *boxes, plan_text = initial(saved, _Request("b"))
     assert boxes == [str(folder), "cpu", "float32", str(text), "default", 16, 3, 1]
@@ -327,19 +327,24 @@ def test_a_reloaded_page_gets_its_model_texts_and_plan_back(tiny_dir, tmp_path, 
     assert remember(lab2, plan.to_json(), None)["plan"] == plan.to_json()
     # what the page had computed comes back from the cache (never computed anew), the dense model measured again
     lab2.run_profile()
+    lab2.run_proxy()
     lab2.run_sensitivity(group_size=32)
     lab2.evaluate_dense()
     had = app.page_state(lab2, "tok", plan.to_json())
-    assert had["had"] == dict(profile=True, dense=True, grid=dict(method="svd-llm", quant="rtn", group_size=32))
+    assert had["had"] == dict(profile=True, proxy=True, dense=True,
+                              grid=dict(method="svd-llm", quant="rtn", group_size=32))
     lab6, status, *_ = initial(had, _Request("f"))
     assert lab6.profile is not None and lab6.sensitivity is not None and lab6.sensitivity_reused
+    assert lab6.proxy is not None and lab6.proxy_reused and lab6.proxy.table.equals(lab2.proxy.table)
     assert lab6.dense_eval is not None and lab6.predictor is not None
-    assert "Taken back from before the reload: the profile, the measured sensitivity grid, the dense" in status
+    assert ("Taken back from before the reload: the profile, the first sensitivity view, the measured sensitivity "
+            "grid, the dense") in status
     import shutil
 
     shutil.rmtree(tmp_path / "cache" / "sensitivity")  # a cache emptied since: nothing is measured at load
     lab7, status, *_ = initial(had, _Request("g"))
-    assert lab7.profile is not None and lab7.sensitivity is None and "sensitivity grid" not in status
+    assert lab7.profile is not None and lab7.sensitivity is None and lab7.proxy is None
+    assert "sensitivity grid" not in status and "first sensitivity view" not in status
     # another process's state restores nothing; a page whose model is gone gets the app's with a note
     lab3, *_, plan_text = initial({**saved, "app": "old"}, _Request("c"))
     assert lab3.settings.seqlen == 32 and plan_text is None

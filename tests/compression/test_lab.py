@@ -179,6 +179,32 @@ def test_run_ids_read_back_from_a_csv_as_the_same_strings(tmp_path):
     assert len(set(ids)) == 500 and list(pd.read_csv(tmp_path / "runs.csv").run_id) == ids
 
 
+def test_a_reloaded_page_takes_back_profile_first_view_and_grid_from_the_cache(tiny_lab, monkeypatch):
+    import analysis.sensitivity as S
+
+    tiny_lab.run_profile()
+    tiny_lab.run_proxy()
+    assert not tiny_lab.proxy_reused
+    had = tiny_lab.had()
+    assert had["proxy"] and had["profile"] and had["grid"] is None
+    page = Lab(tiny_lab.workspace, tiny_lab.settings)  # the same model on a reloaded page
+    page.lm = tiny_lab.lm
+    page.set_texts("default", "default")
+
+    def never(*a, **k):
+        raise AssertionError("resume computed what the cache holds")
+
+    monkeypatch.setattr(S, "proxy_sensitivity", never)
+    back = page.resume({**had, "dense": False})
+    assert back == ["the profile", "the first sensitivity view"] and page.proxy_reused
+    assert page.proxy.table.equals(tiny_lab.proxy.table) and page.predictor is not None
+    assert page.predict(page.plan_from_sliders([50, 50], [4, 4], group_size=32)) is not None
+    fresh = Lab(tiny_lab.workspace, tiny_lab.settings)  # a page that had profiled only: no first view
+    fresh.lm = tiny_lab.lm
+    fresh.set_texts("default", "default")
+    assert fresh.resume({"profile": True}) == ["the profile"] and fresh.proxy is None
+
+
 def test_torn_history_line_is_skipped(tmp_path):
     h = RunHistory(tmp_path)
     row = {"run_id": "a", "time": "t", "label": "l", "status": "ok", "fingerprint": "f", "plan": {}}
