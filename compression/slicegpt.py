@@ -155,7 +155,7 @@ class RMSNormNoScale(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         dt = x.dtype
-        x = x.float()
+        x = x.to(torch.promote_types(dt, torch.float32))  # at least fp32; fp64 stays fp64
         var = x.pow(2).sum(-1, keepdim=True) / self.mean_dim
         return (x * torch.rsqrt(var + self.eps)).to(dt)
 

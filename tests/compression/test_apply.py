@@ -249,6 +249,7 @@ def test_plan_json_round_trip(tmp_path):
     home.mkdir()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HOME", str(home))
+        mp.chdir(tmp_path)  # a literal "~" folder would be made here, not in whatever folder pytest runs from
         plan.save("~/p.json")
         assert Plan.load("~/p.json") == plan and (home / "p.json").exists() and not Path("~").exists()
     assert Plan.from_dict({**plan.to_dict(), "lillama": {}}).lillama == LillamaOptions()  # {}: the defaults

@@ -404,12 +404,14 @@ def test_predictions_are_corrected_by_measured_runs_of_the_grids_methods(tiny_la
         below.measured = dict(nll=dense["nll"] - 0.001, ppl=math.exp(dense["nll"] - 0.001))
         tiny_lab.history.append(below)
         cal2, left_out = tiny_lab.correction()
-        assert cal2.n == 3 and left_out == {"quantiser gptq (the sensitivities measured rtn)": 1,
-                                            "measured at or below the dense perplexity": 1}  # each said
+        # the real "light" run counts only if it measured above dense (a random tiny model may not)
+        above = run.measured["nll"] > dense["nll"]
+        assert cal2.n == 2 + above and left_out == {"quantiser gptq (the sensitivities measured rtn)": 1,
+                                                    "measured at or below the dense perplexity": 2 - above}
         # the measured grid replaces the first view: the same runs, predicted again by it
         tiny_lab.run_sensitivity()
         cal3, _ = tiny_lab.correction()
-        assert cal3.n == 3 and cal3 != cal2
+        assert cal3.n == 2 + above and cal3 != cal2
     finally:
         monkey.undo()
 
