@@ -900,35 +900,53 @@ def load_or_measure(model: nn.Module, adapter: Adapter, calib_ids: Tensor, stats
     key = sensitivity_key(fingerprint, data_digest, calib_ids.numel(), method, quant, group_size)
     if names is not None:
         key += "-linears-" + hashlib.sha1(",".join(wanted).encode()).hexdigest()[:12]
-    folder = Path(cache_root) / "sensitivity" / key
     derived = sorted(derived_widths(bits, derive_bits))
+
+    def matches(grid: SensitivityGrid) -> bool:
+        return (grid.meta.get("fingerprint") == fingerprint and grid.meta.get("n_tokens") == calib_ids.numel()
+                and _same_grid(grid, fractions, bits, stats, wanted)
+                and (grid.first_order is not None or not kw.get("first_order", True))
+                and (grid.kl is not None or not kw.get("kl", True))
+                and sorted((grid.meta.get("derived") or {}).get("bits", [])) == derived)
+
+    return _load_or_compute(Path(cache_root) / "sensitivity" / key, matches, lambda: measure_sensitivity(
+        model, adapter, calib_ids, stats, method=method, quant=quant, group_size=group_size, fractions=fractions,
+        bits=bits, derive_bits=derive_bits, fingerprint=fingerprint, data_label=data_label, data_digest=data_digest,
+        **kw), "the sensitivity grid", cached_only)
+
+
+def _same_grid(grid: SensitivityGrid, fractions: Sequence[float], bits: Sequence[int],
+               stats: dict[str, LinearStats], names: list[str]) -> bool:
+    """``grid`` holds these settings, for these linears, on statistics of as many tokens."""
+    return (grid.meta.get("fractions") == [float(f) for f in fractions]
+            and grid.meta.get("bits") == [int(b) for b in bits]
+            and grid.meta.get("stats_tokens") == max((s.n_tokens for s in stats.values()), default=0)
+            and sorted(grid.table["name"].unique()) == names)
+
+
+def _load_or_compute(folder: Path, matches: Callable[[SensitivityGrid], bool],
+                     compute: Callable[[], SensitivityGrid], what: str,
+                     cached_only: bool) -> tuple[SensitivityGrid | None, bool]:
+    """The grid cached in ``folder`` if it ``matches``, else ``compute()`` saved there (a cache
+    that cannot be written is warned about, see ``save_to_cache``), or None when
+    ``cached_only``. Returns (grid, reused)."""
     if (folder / "meta.json").exists():
         try:
             grid = SensitivityGrid.load(folder)
         except (ValueError, OSError):
             grid = None
-        if grid is not None and grid.meta.get("fingerprint") == fingerprint \
-                and grid.meta.get("n_tokens") == calib_ids.numel() \
-                and grid.meta.get("fractions") == [float(f) for f in fractions] \
-                and grid.meta.get("bits") == [int(b) for b in bits] \
-                and grid.meta.get("stats_tokens") == max((s.n_tokens for s in stats.values()), default=0) \
-                and (grid.first_order is not None or not kw.get("first_order", True)) \
-                and (grid.kl is not None or not kw.get("kl", True)) \
-                and sorted((grid.meta.get("derived") or {}).get("bits", [])) == derived \
-                and sorted(grid.table["name"].unique()) == wanted:
+        if grid is not None and matches(grid):
             return grid, True
     if cached_only:
         return None, False
-    grid = measure_sensitivity(model, adapter, calib_ids, stats, method=method, quant=quant, group_size=group_size,
-                               fractions=fractions, bits=bits, derive_bits=derive_bits, fingerprint=fingerprint,
-                               data_label=data_label, data_digest=data_digest, **kw)
+    grid = compute()
 
     def save() -> None:
         if folder.exists() and not holds(folder, SENSITIVITY_MARKERS):
             shutil.rmtree(folder)  # a broken cache entry (RankLab's own cache): rebuilt
         grid.save(folder, cache=True)
 
-    save_to_cache(save, "the sensitivity grid", folder)
+    save_to_cache(save, what, folder)
     return grid, False
 
 
@@ -1127,36 +1145,19 @@ def load_or_proxy(model: nn.Module, adapter: Adapter, calib_ids: Tensor, stats: 
     ``cached_only``. Returns (grid, reused). The proxy is deterministic (its Fisher targets are
     seeded), so a cached one is the one that would be computed."""
     key = sensitivity_key(fingerprint, data_digest, calib_ids.numel(), method, quant, group_size) + "-proxy"
-    folder = Path(cache_root) / "sensitivity" / key
     wanted = sorted(li.name for li in adapter.linears(model))
-    if (folder / "meta.json").exists():
-        try:
-            grid = SensitivityGrid.load(folder)
-        except (ValueError, OSError):
-            grid = None
-        if grid is not None and grid.meta.get("estimator") == "proxy-fisher" \
-                and grid.meta.get("fingerprint") == fingerprint and grid.meta.get("data_digest") == data_digest \
-                and grid.meta.get("n_tokens") == calib_ids.numel() \
-                and grid.meta.get("gradient_tokens") == calib_ids.numel() \
-                and grid.meta.get("token_cap") == token_cap \
-                and grid.meta.get("fractions") == [float(f) for f in fractions] \
-                and grid.meta.get("bits") == [int(b) for b in bits] \
-                and grid.meta.get("stats_tokens") == max((s.n_tokens for s in stats.values()), default=0) \
-                and sorted(grid.table["name"].unique()) == wanted:
-            return grid, True
-    if cached_only:
-        return None, False
-    grid = proxy_sensitivity(model, adapter, calib_ids, stats, method=method, quant=quant, group_size=group_size,
-                             fractions=fractions, bits=bits, token_cap=token_cap, fingerprint=fingerprint,
-                             data_label=data_label, data_digest=data_digest, **kw)
+    n = calib_ids.numel()
 
-    def save() -> None:
-        if folder.exists() and not holds(folder, SENSITIVITY_MARKERS):
-            shutil.rmtree(folder)  # a broken cache entry (RankLab's own cache): rebuilt
-        grid.save(folder, cache=True)
+    def matches(grid: SensitivityGrid) -> bool:
+        m = grid.meta
+        return (m.get("estimator") == "proxy-fisher" and m.get("fingerprint") == fingerprint
+                and m.get("data_digest") == data_digest and m.get("n_tokens") == n and m.get("gradient_tokens") == n
+                and m.get("token_cap") == token_cap and _same_grid(grid, fractions, bits, stats, wanted))
 
-    save_to_cache(save, "the first sensitivity view", folder)
-    return grid, False
+    return _load_or_compute(Path(cache_root) / "sensitivity" / key, matches, lambda: proxy_sensitivity(
+        model, adapter, calib_ids, stats, method=method, quant=quant, group_size=group_size, fractions=fractions,
+        bits=bits, token_cap=token_cap, fingerprint=fingerprint, data_label=data_label, data_digest=data_digest,
+        **kw), "the first sensitivity view", cached_only)
 
 
 def agreement(proxy: SensitivityGrid | pd.DataFrame, measured: SensitivityGrid | pd.DataFrame) -> dict:
