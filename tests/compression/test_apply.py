@@ -17,9 +17,9 @@ from compression.saved import save_compressed
 from tests.conftest import tiny_model
 
 
-def _setup(family="llama", seed=0):
+def _setup(family="llama", seed=0, n_seqs=8):
     lm = wrap_model(tiny_model(family, seed=seed))
-    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(0, 128, (n_seqs, 32), generator=torch.Generator().manual_seed(seed))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TooFewTokens)
         inputs = collect_input_stats(lm.model, lm.adapter, ids)
@@ -298,8 +298,10 @@ def test_lillama_plan_through_apply_refines_and_keeps_exact_bytes():
 
 
 def test_sequential_gptq_beats_rtn_and_keeps_exact_bytes(family):
-    # every family: OPT hands its MLP linears flattened (B L, n) inputs
-    lm, ids, stats = _setup(family)
+    # every family: OPT hands its MLP linears flattened (B L, n) inputs. 1,024 calibration
+    # tokens for inputs of width 64-128: with 256, GPTQ's fit is too close to RTN's on held-out
+    # text to tell apart (ratio 0.66-1.13 across seeds); with 1,024 it is 0.38-0.84 at seeds 0-2.
+    lm, ids, stats = _setup(family, n_seqs=32)
     linears = lm.adapter.linears(lm.model)
     held = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(5))
     ref = lm.model(held).logits
@@ -313,7 +315,7 @@ def test_sequential_gptq_beats_rtn_and_keeps_exact_bytes(family):
         assert model_bytes(comp).weight_bytes == plan_size(plan, linears, dense, 4, _biases(lm)).total_bytes
         if quant == "gptq":
             assert all("sequential" in label for _, label, _ in rep.modules)
-    assert errs["gptq"] < errs["rtn"]
+    assert errs["gptq"] < 0.95 * errs["rtn"]
 
 
 def test_first_token_weight_counts_the_first_token_w_times():

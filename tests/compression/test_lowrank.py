@@ -146,8 +146,11 @@ def test_act_pca_le_svd_llm_le_svd_on_correlated_inputs(k: int) -> None:
     # of x (with the original bias); plain svd lies in both classes
     assert e_pca <= e_llm * (1 + 1e-9)
     assert e_llm <= e_svd * (1 + 1e-9)
-    assert e_llm < 0.8 * e_svd  # clearly better when the inputs are structured
-    assert e_pca < 0.8 * e_svd
+    # clearly better when the inputs are structured; how much depends on the rank: over six
+    # draws of weights and inputs, e_llm / e_svd was 0.62-0.87 at k=1, 0.48-0.64 at k=2, 0.24-0.30 at k=4
+    bound = {1: 0.95, 2: 0.8, 4: 0.5}[k]
+    assert e_llm < bound * e_svd
+    assert e_pca < bound * e_svd
 
 
 def test_act_pca_matches_the_optimal_output_pca() -> None:

@@ -21,7 +21,8 @@ from tests.conftest import tiny_model
 
 G = torch.Generator().manual_seed(1)
 CALIB = torch.randint(0, 128, (8, 64), generator=G)
-HELD_OUT = torch.randint(0, 128, (4, 64), generator=G)
+# 16 held-out sequences: with 4 the held-out ratio below swung from 0.64 to 0.96 across data seeds
+HELD_OUT = torch.randint(0, 128, (16, 64), generator=G)
 FAST = TuneOptions(steps=40, lr=1e-2, calib_tokens=512, seqlen=32, tokens_per_step=128)
 
 
@@ -114,7 +115,8 @@ def test_tuning_lowers_every_layers_error_and_the_held_out_logit_error_at_equal_
     lm, plain, _, linears = _compressed()
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     seen: list[tuple[float, str]] = []
-    _, tuned, rep, _ = _compressed(tune_options=FAST, progress=lambda f, m: seen.append((f, m)))
+    # 80 steps: over eight data seeds the held-out ratio was 0.67-0.78 (40 steps: up to 0.99)
+    _, tuned, rep, _ = _compressed(tune_options=replace(FAST, steps=80), progress=lambda f, m: seen.append((f, m)))
     with torch.no_grad():
         ref = lm.model(input_ids=HELD_OUT, use_cache=False).logits
     e_plain, e_tuned = _logit_mse(plain, ref), _logit_mse(tuned, ref)
