@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import figures as F
+from analysis.metrics import unsteady_note
 from compression.export import export_all
 from compression.lab import BITS_CHOICES, DENSE_PCT, Lab, LabSettings
 from compression.plan import LOWRANK_METHODS, QUANT_METHODS, LillamaOptions, Plan, TuneOptions
@@ -100,9 +101,6 @@ def _runs_display(table: pd.DataFrame) -> pd.DataFrame:
     return t.rename(columns={"bytes": "MB"})
 
 
-BUSY_SPREAD = 1.5  # slowest / fastest decode run above which the timings are flagged as unsteady
-
-
 def _latency_text(m: dict) -> str:
     """Prefill and decode timings of a measurement, with the decode range over its runs and a
     warning when the runs disagree (a busy machine: compare latencies only from steady runs)."""
@@ -110,9 +108,8 @@ def _latency_text(m: dict) -> str:
     lo, hi = (m.get("decode_ms_range") or (None, None))
     if lo and hi:
         text += f" (runs {lo:.1f}–{hi:.1f})"
-        if hi / lo > BUSY_SPREAD:
-            text += (f". **The decode runs differed {hi / lo:.1f}x: the machine was busy, so this timing is "
-                     "unsteady; measure again when it is idle before comparing latencies**")
+        if note := unsteady_note((lo, hi)):
+            text += f". **{note[:1].upper()}{note[1:]}**"
     return text
 
 
@@ -1105,7 +1102,8 @@ def build_export_tab(state, budget, scratch: Scratch):
             shutil.rmtree(folder)  # the zip is what the browser gets
         except Exception as e:
             raise _err(e) from e
-        return [str(z)], "Compressed model folder (zip): load it with `python -m analysis eval --model FOLDER`."
+        return [str(z)], (f"The compressed model as a zip of the folder `{folder.name}/`: unzip it, then load it with "
+                          f"`python -m analysis eval --model {folder.name}` (or `analysis.loading.load_model`).")
 
     def on_runs(lab, tables_fn=None):
         try:

@@ -16,6 +16,9 @@ def cmd_eval(a: argparse.Namespace) -> dict:
     latency_flags = () if a.no_latency else (("--latency-runs", a.latency_runs), ("--latency-seqlen", a.latency_seqlen))
     require_at_least_one(("--seqlen", a.seqlen), ("--windows", a.windows), *latency_flags,
                          hints={"--windows": " (leave it out to evaluate every window)"})
+    if a.seqlen < 2:
+        raise ValueError(f"--seqlen must be at least 2 (perplexity predicts each token from those before it), "
+                         f"got {a.seqlen}")
     corpus = load_corpus(a.text)  # a missing text file is said before the model loads
     lm = load_model(a.model, a.device, a.dtype, trust_remote_code=a.trust_remote_code, progress=say)
     lm.check_seqlen(a.seqlen)
@@ -34,6 +37,9 @@ def cmd_eval(a: argparse.Namespace) -> dict:
         out.update(prefill_tok_s=lat.prefill_tok_s, decode_ms_per_token=lat.decode_ms_per_token,
                    decode_ms_range=[round(x, 3) for x in lat.decode_range], latency_seqlen=lat.seqlen,
                    latency_runs=lat.runs, **({"latency_note": lat.note} if lat.note else {}))
+        if unsteady := lat.unsteady_note():
+            say(f"warning: {unsteady}")
+            out["latency_warning"] = unsteady
     else:
         out.update(prefill_tok_s=None, decode_ms_per_token=None)
     return out

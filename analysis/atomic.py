@@ -98,10 +98,21 @@ def check_replaceable(folder: str | Path, markers: Sequence[str], what: str, cac
                               "replacing it would delete them: move them out, or give another folder for --out")
     near = next(p for p in folder.parents if p.exists())  # where the new folder is made, then renamed
     for place in (near, *([folder] if folder.is_dir() else [])):  # an earlier one is moved aside
-        if not place.is_dir() or not os.access(place, os.W_OK | os.X_OK):
+        if not place.is_dir() or not _can_create_in(place):
             fix = "set RANKLAB_CACHE to a folder you can write" if cache else "give another --out"
             raise PermissionError(f"cannot write {what} to {folder}: {place} is not a folder you can write in; {fix}")
     return folder
+
+
+def _can_create_in(place: Path) -> bool:
+    """Whether a folder can be made in ``place``, by making one and removing it: permission bits
+    do not tell (root passes ``os.access`` on /proc and /sys, where nothing can be created;
+    read-only mounts, ACLs)."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".ranklab-probe-", dir=place))
+    except OSError:
+        return False
+    return True
 
 
 @contextmanager

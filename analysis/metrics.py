@@ -59,8 +59,30 @@ class Latency:
     @property
     def spread(self) -> float:
         """Slowest over fastest decode run: near 1 on a quiet machine, large when it is busy."""
-        lo, hi = self.decode_range
-        return hi / lo if lo > 0 else math.nan
+        return decode_spread(self.decode_range)
+
+    def unsteady_note(self) -> str:
+        """``unsteady_note(self.decode_range)``."""
+        return unsteady_note(self.decode_range)
+
+
+UNSTEADY_SPREAD = 1.5  # slowest / fastest decode run above which timings are flagged as unsteady
+
+
+def decode_spread(decode_range) -> float:
+    """Slowest over fastest of a ``(fastest, slowest)`` ms/token pair; NaN when unknown."""
+    lo, hi = decode_range if decode_range else (math.nan, math.nan)
+    return hi / lo if lo and hi and lo > 0 else math.nan
+
+
+def unsteady_note(decode_range) -> str:
+    """A warning when the decode runs of one measurement disagree by more than
+    ``UNSTEADY_SPREAD`` (a busy machine); "" when they agree or are unknown."""
+    spread = decode_spread(decode_range)
+    if not spread > UNSTEADY_SPREAD:
+        return ""
+    return (f"the decode runs differed {spread:.1f}x: the machine was busy, so this timing is unsteady; measure "
+            "again when it is idle before comparing latencies")
 
 
 def dequantize_note(model: nn.Module) -> str:

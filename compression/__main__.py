@@ -128,7 +128,7 @@ def cmd_apply(a: argparse.Namespace) -> dict:
             raise ValueError(f"{a.plan} carries its own 'tune' options ({plan.tune.steps} steps); drop --tune-steps "
                              "/ --tune-lr, or edit the plan")
         plan = dataclasses.replace(plan, tune=tune_options(a))
-    if plan is not None and (errors := plan.option_errors()):
+    if plan is not None and (errors := plan.option_errors() + plan.spec_errors()):
         raise ValueError(f"{a.plan}: " + "; ".join(errors))
     check_replaceable(a.out, (COMPRESSED_MARKER,), "a compressed model")  # before the long work
     check_text_spec(a.text)  # a missing text file is said before the model loads (read only if calibrating)
@@ -145,9 +145,9 @@ def cmd_apply(a: argparse.Namespace) -> dict:
         method = a.method
         if a.tune_steps is not None:
             plan = dataclasses.replace(plan, tune=tune_options(a))
-    from compression.plan import other_model_notes, validate
+    from compression.plan import validate_for_model
 
-    for note in validate(plan, linears, warn=False) + other_model_notes(plan, lm.fingerprint):  # before the long step
+    for note in validate_for_model(plan, linears, lm.fingerprint):  # before the long step
         say(f"note: {note}")  # said once, as notes, not as Python warnings with source lines
     dense = model_bytes(lm.model)
     dtype_bytes = next(lm.model.parameters()).element_size()

@@ -508,8 +508,13 @@ def cli_allocate(args, say=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     plan.save(out)
     m = plan.meta
+    gm = grid.meta
+    basis = (f"on the grid's probe text: {gm.get('data') or 'unnamed data'}, {gm.get('n_tokens', '?')} tokens "
+             f"({gm.get('windows', '?')} x {gm.get('seqlen', '?')}), {pred.estimator} estimator, probed on "
+             f"{gm.get('device', '?')}")
     say(f"allocated {len(plan.modules)} of {len(linears)} linears ({m['solver']} solver): predicted perplexity "
-        f"{m['predicted_ppl']:.3f} (dense {math.exp(pred.dense_loss):.3f}) at {m['predicted_bytes']} bytes")
+        f"{m['predicted_ppl']:.3f} (dense {math.exp(pred.dense_loss):.3f}) at {m['predicted_bytes']} bytes; "
+        f"perplexities {basis} (measure the plan with `compression apply --plan` for the evaluation text)")
     kinds = module_kinds(plan, linears)
     if kinds["dense"] == len(linears):
         say(f"note: the target is at or above what the dense model takes ({dense} bytes); the plan keeps every "
@@ -524,4 +529,4 @@ def cli_allocate(args, say=None) -> dict:
     return dict(out=str(out), target=m["target"], solver=m["solver"], predicted_loss=m["predicted_loss"],
                 predicted_ppl=m["predicted_ppl"], dense_ppl=math.exp(pred.dense_loss), bytes=m["predicted_bytes"],
                 dense_bytes=dense, ratio=m["ratio"], bits_per_weight=m["bits_per_weight"],
-                modules=kinds, seconds=m["seconds"], sensitivity=str(args.sensitivity))
+                modules=kinds, seconds=m["seconds"], sensitivity=str(args.sensitivity), ppl_protocol=basis)

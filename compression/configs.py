@@ -91,6 +91,14 @@ class QuantConfig:
     name: ClassVar[str] = ""
     data_free: ClassVar[bool] = True  # needs no calibration statistics
 
+    def check_settings(self) -> None:
+        """Raise ``ValueError`` if the settings are wrong whatever the width (checked before a
+        model loads)."""
+        if self.bits not in self.allowed_bits:
+            raise ValueError(f"{self.name}: {self.bits} bits is not supported; use one of {list(self.allowed_bits)}")
+        if self.group_size <= 0 or self.group_size % 8:
+            raise ValueError(f"{self.name}: group size {self.group_size} must be a positive multiple of 8")
+
     def check(self, n: int) -> None:
         """Raise ``ValueError`` saying what to change if this config cannot quantise width n."""
         if self.bits not in self.allowed_bits:
@@ -174,9 +182,12 @@ class FP8Config(QuantConfig):
     allowed_bits: ClassVar[tuple[int, ...]] = (8,)
     name: ClassVar[str] = "fp8"
 
-    def check(self, n: int) -> None:
+    def check_settings(self) -> None:
         if self.bits != 8:
             raise ValueError("fp8: only 8 bits (E4M3)")
+
+    def check(self, n: int) -> None:
+        self.check_settings()
 
     def code_bytes(self, m: int, n: int) -> int:
         return m * n
@@ -197,9 +208,12 @@ class MXFP4Config(QuantConfig):
     allowed_bits: ClassVar[tuple[int, ...]] = (4,)
     name: ClassVar[str] = "mxfp4"
 
-    def check(self, n: int) -> None:
+    def check_settings(self) -> None:
         if self.group_size != 32:
             raise ValueError("mxfp4: the block size is fixed at 32")
+
+    def check(self, n: int) -> None:
+        self.check_settings()
         if n % 32:
             raise ValueError(f"mxfp4: input width {n} is not a multiple of the block size 32")
 

@@ -44,9 +44,8 @@ from compression.plan import (
     Plan,
     describe_plan,
     needs_statistics,
-    other_model_notes,
     plan_size,
-    validate,
+    validate_for_model,
 )
 
 Progress = Callable[[float, str], None]
@@ -140,7 +139,7 @@ class RunHistory:
     def table(self, fingerprint: str | None = None) -> pd.DataFrame:
         rows = []
         for r in self.records(fingerprint):
-            m, p = r.measured, r.predicted
+            m, p = r.measured, _on_eval_scale(r.predicted)
             rows.append(dict(run_id=r.run_id, time=r.time, label=r.label, status=r.status, plan=r.summary,
                              ppl=m.get("ppl"), predicted_ppl=p.get("ppl"), corrected_ppl=p.get("ppl_corrected"),
                              bytes=m.get("bytes"),
@@ -166,7 +165,7 @@ class RunHistory:
             rows.append(dict(run_id=r.run_id, label=r.label, kind="measured", ppl=r.measured.get("ppl"),
                              bytes=r.measured.get("bytes"), bits_per_weight=r.measured.get("bits_per_weight"),
                              decode_ms_per_token=r.measured.get("decode_ms_per_token", math.nan), method=method))
-            if r.predicted.get("ppl"):
+            if _on_eval_scale(r.predicted).get("ppl"):
                 rows.append(dict(run_id=r.run_id, label=r.label, kind="predicted", ppl=r.predicted["ppl"],
                                  bytes=r.predicted.get("bytes"), bits_per_weight=r.predicted.get("bits_per_weight"),
                                  decode_ms_per_token=math.nan, method=method))
@@ -185,6 +184,15 @@ class RunHistory:
     def other_protocol_runs(self, fingerprint: str | None, protocol: str) -> int:
         """Successful runs of this model measured with another protocol than ``protocol``."""
         return sum(r.status == "ok" and r.protocol != protocol for r in self.records(fingerprint))
+
+
+def _on_eval_scale(predicted: dict) -> dict:
+    """A run's prediction as it compares with its measurement: a perplexity predicted on the
+    calibration text's scale (``ppl_basis``) is left out. Runs record their basis since
+    2026-11-24 and measure the dense model first, so their predictions are on the evaluation text."""
+    if predicted.get("ppl_basis", "evaluation") == "evaluation":
+        return predicted
+    return {k: v for k, v in predicted.items() if k not in ("ppl", "ppl_corrected")}
 
 
 def new_run_id() -> str:
@@ -641,7 +649,7 @@ class Lab:
 
     def check(self, plan: Plan) -> list[str]:
         # the app shows the notes itself: no process-wide warning filter
-        return validate(plan, self.linears, warn=False) + other_model_notes(plan, self.require_model().fingerprint)
+        return validate_for_model(plan, self.linears, self.require_model().fingerprint)
 
     def stamped(self, plan: Plan) -> Plan:
         """``plan`` with the loaded model it was made for in its meta (an exported plan says so);
@@ -839,12 +847,17 @@ class Lab:
         t0 = time.perf_counter()
         with self.running("the run"):
             try:
+                if self.predictor is not None and self.dense_eval is None:
+                    # a prediction before the dense model is measured is on the calibration text's scale and
+                    # would sit beside a perplexity measured on the evaluation text: measure dense first
+                    say(0.0, "measuring the dense model first, so that the prediction is on the evaluation text")
+                    self.evaluate_dense(lambda f, m: say(0.05 * f, f"dense model: {m}"))
                 pred = self.predict(plan)
-                rec.predicted = {k: pred[k] for k in ("ppl", "ppl_corrected", "bytes", "bits_per_weight")
-                                 if pred.get(k) is not None}
+                rec.predicted = {k: pred[k] for k in ("ppl", "ppl_corrected", "bytes", "bits_per_weight",
+                                                      "ppl_basis") if pred.get(k) is not None}
                 if needs_statistics(plan, self.linears) and self.profile is None:
-                    say(0.0, "profiling first (statistics feed the methods)")
-                    self.run_profile(lambda f, m: say(0.2 * f, m))
+                    say(0.05, "profiling first (statistics feed the methods)")
+                    self.run_profile(lambda f, m: say(0.05 + 0.15 * f, m))
                 stats = self.profile.all_stats() if self.profile is not None else None
                 comp, rep = apply_plan(lm.model, lm.adapter, plan, stats, device=lm.device,
                                        calib_ids=self.split.calib_ids, progress=lambda f, m: say(0.2 + 0.5 * f, m),
@@ -915,7 +928,8 @@ class Lab:
                           if lm.compressed else NO_COMPRESSED)
 
     def export_model(self, folder: Path) -> Path:
-        """The last compressed model as a folder and a zip archive beside it."""
+        """The last compressed model as a folder and a zip archive beside it (``folder``.zip),
+        whose entries sit under the folder's name: unzipped anywhere, it gives that folder."""
         from compression.saved import save_compressed
 
         if self.compressed is None:
@@ -930,7 +944,7 @@ class Lab:
                                predicted=run.predicted, protocol=run.measured.get("protocol", run.protocol))
         save_compressed(self.compressed, folder, plan_json=self.compressed_plan.to_json(), tokenizer=lm.tokenizer,
                         meta=meta)
-        return Path(shutil.make_archive(str(folder), "zip", root_dir=folder))
+        return Path(shutil.make_archive(str(folder), "zip", root_dir=folder.parent, base_dir=folder.name))
 
 
 def _at(pair, i: int) -> float | None:

@@ -90,6 +90,20 @@ class ModuleSpec:
             return cls(**kwargs)
         return cls(bits=self.bits, group_size=self.group_size)
 
+    def errors(self, lillama: LillamaOptions | None = None) -> list[str]:
+        """What is wrong with this spec on any model: an unknown method, a bit width or group
+        size the quantiser does not take, a rank below 1 (checked before a model loads; the
+        checks that need a linear's shape are ``validate``'s)."""
+        try:
+            lr, q = self.lowrank_config(lillama), self.quant_config()
+            if q is not None:
+                q.check_settings()
+        except ValueError as e:
+            return [str(e)]
+        if lr is not None and self.rank < 1:
+            return [f"{lr.name}: rank {self.rank} must be at least 1"]
+        return []
+
     def label(self, rank_text: str | None = None) -> str:
         """``svd-llm r64 + rtn 4b g128``; ``rank_text`` replaces ``r64`` (to describe several ranks)."""
         parts = []
@@ -196,6 +210,12 @@ class Plan:
         if self.slicegpt is not None and not 0 <= self.slicegpt.slice_fraction < 1:
             errors.append(f"slicegpt slice_fraction {self.slicegpt.slice_fraction} must be in [0, 1)")
         return errors
+
+    def spec_errors(self) -> list[str]:
+        """``ModuleSpec.errors`` of the default and of every module entry, each line naming
+        where it is (no model needed: checked before one loads)."""
+        specs = [("default", self.default)] + sorted(self.modules.items())
+        return [f"{where}: {e}" for where, spec in specs for e in spec.errors(self.lillama)]
 
     def with_module(self, name: str, spec: ModuleSpec) -> Plan:
         return replace(self, modules={**self.modules, name: spec})
@@ -349,18 +369,41 @@ def describe_plan(plan: Plan, linears: list[LinearInfo]) -> str:
 
 
 # --------------------------------------------------------------------------- validation
+def _made_for_another(plan: Plan, fingerprint: str) -> str | None:
+    """"this plan was made for another model (`spec`), fingerprint …, not this one (…)" when
+    ``plan``'s ``meta["base_fingerprint"]`` names another model; None otherwise."""
+    theirs = plan.meta.get("base_fingerprint")
+    if not theirs or theirs == fingerprint:
+        return None
+    model = plan.meta.get("base_model") or plan.meta.get("model")
+    made = f" (`{model}`)" if model else ""
+    return f"this plan was made for another model{made}, fingerprint {theirs}, not this one ({fingerprint})"
+
+
 def other_model_notes(plan: Plan, fingerprint: str) -> list[str]:
     """A note when ``plan`` says it was made for another model (its ``meta["base_fingerprint"]``):
     its names and shapes may still fit (same architecture, another dtype or fine-tune), but its
     ranks and bits were chosen for that model's weights."""
-    theirs = plan.meta.get("base_fingerprint")
-    if not theirs or theirs == fingerprint:
+    other = _made_for_another(plan, fingerprint)
+    if other is None:
         return []
-    model = plan.meta.get("base_model") or plan.meta.get("model")
-    made = f" (`{model}`)" if model else ""
-    return [f"this plan was made for another model{made}, fingerprint {theirs}, not this one ({fingerprint}): its "
-            "ranks and bits were chosen for that model's weights (another dtype or fine-tune also changes the "
-            "fingerprint); allocate again for this model to be sure"]
+    return [f"{other}: its ranks and bits were chosen for that model's weights (another dtype or fine-tune also "
+            "changes the fingerprint); allocate again for this model to be sure"]
+
+
+def validate_for_model(plan: Plan, linears: list[LinearInfo], fingerprint: str) -> list[str]:
+    """``validate`` (notes not emitted as warnings) and ``other_model_notes`` for the model with
+    ``fingerprint``. A plan that does not fit and names another model says that first: its
+    unknown module names are that model's, not typing slips."""
+    try:
+        notes = validate(plan, linears, warn=False)
+    except ValueError as e:
+        other = _made_for_another(plan, fingerprint)
+        if other is None:
+            raise
+        raise ValueError(f"{other}, and it does not fit this one; load that model, or allocate a plan for this "
+                         f"one. {e}") from None
+    return notes + other_model_notes(plan, fingerprint)
 
 
 def validate(plan: Plan, linears: list[LinearInfo], warn: bool = True) -> list[str]:

@@ -47,6 +47,21 @@ def tiny_model(model_type: str = "llama", seed: int = 0, dtype=torch.float32, **
     return model.eval()
 
 
+def refuse_creation_in(monkeypatch, locked: set[str]) -> None:
+    """Make ``tempfile.mkdtemp`` fail in the folders named in ``locked``, as it does in /proc or
+    on a read-only mount (tests run as root pass permission bits, so chmod cannot lock a folder)."""
+    import tempfile
+
+    real = tempfile.mkdtemp
+
+    def mkdtemp(suffix=None, prefix=None, dir=None):
+        if str(dir) in locked:
+            raise PermissionError(13, "Permission denied", str(dir))
+        return real(suffix, prefix, dir)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny matrices: one thread avoids OpenMP barrier stalls on a busy 2-core machine."""

@@ -1,7 +1,10 @@
 """Atomic artifact folders: replace only earlier artifacts of the same kind, never a user's files."""
+from pathlib import Path
+
 import pytest
 
 from analysis.atomic import atomic_folder, check_replaceable
+from tests.conftest import refuse_creation_in
 
 
 def _write(folder, text: str) -> None:
@@ -65,10 +68,8 @@ def test_files_added_to_an_artifact_since_it_was_written_are_never_deleted(tmp_p
 
 
 def test_an_unwritable_place_is_refused_before_any_work(tmp_path, monkeypatch):
-    import os
-
-    real, locked = os.access, set()
-    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) in locked else real(p, mode))
+    locked: set[str] = set()
+    refuse_creation_in(monkeypatch, locked)
     parent = tmp_path / "locked"
     parent.mkdir()
     locked.add(str(parent))
@@ -86,6 +87,15 @@ def test_an_unwritable_place_is_refused_before_any_work(tmp_path, monkeypatch):
         check_replaceable(tmp_path / "art", ("marker",), "a cached thing", cache=True)
     assert (tmp_path / "art" / "marker").read_text() == "one"
     assert check_replaceable(tmp_path / "free" / "b", ("marker",), "a test artifact") == tmp_path / "free" / "b"
+    assert not [p for p in tmp_path.rglob(".ranklab-probe-*")]  # the probes leave nothing behind
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_a_place_where_nothing_can_be_created_is_refused_even_for_root():
+    # os.access says yes to root on /proc; the write then failed only after the whole run
+    with pytest.raises(PermissionError, match="cannot write a test artifact to /proc/foo: /proc is not a folder you "
+                                              "can write in"):
+        check_replaceable("/proc/foo", ("marker",), "a test artifact")
 
 
 def test_a_failed_write_keeps_the_previous_artifact(tmp_path):

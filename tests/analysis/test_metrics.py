@@ -1,9 +1,11 @@
 """Latency: real timings on a tiny model, and the note that says what they measure."""
+import math
+
 import pytest
 import torch
 
 from analysis.loading import wrap_model
-from analysis.metrics import latency
+from analysis.metrics import UNSTEADY_SPREAD, decode_spread, latency, unsteady_note
 from compression.apply import apply_plan
 from compression.lowrank import LowRankLinear
 from compression.plan import ModuleSpec, Plan
@@ -63,3 +65,11 @@ def test_cuda_peak_is_the_measured_work_not_the_process():
     model(input_ids=torch.zeros(1, 8, dtype=torch.long, device="cuda"))
     peak = model_bytes(model).peak_allocated
     assert model_bytes(model).weight_bytes <= peak < 64 * 2**20
+
+
+def test_unsteady_timings_are_flagged_only_when_the_runs_disagree():
+    assert UNSTEADY_SPREAD == 1.5
+    assert decode_spread((10.0, 25.0)) == 2.5 and math.isnan(decode_spread(None))
+    assert unsteady_note((10.0, 25.0)).startswith("the decode runs differed 2.5x: the machine was busy")
+    assert unsteady_note((10.0, 14.0)) == "" and unsteady_note(None) == "" and unsteady_note((0.0, 3.0)) == ""
+    assert unsteady_note((float("nan"), float("nan"))) == ""

@@ -18,7 +18,7 @@ from analysis.profile import (
     rank_for_energy,
 )
 from analysis.stats import InputStats, LinearStats
-from tests.conftest import tiny_model
+from tests.conftest import refuse_creation_in, tiny_model
 
 
 def test_effective_rank_and_energy_rank():
@@ -135,14 +135,13 @@ def test_cache_reused_and_invalidated(tmp_path, token_ids, monkeypatch):
 
 
 def test_a_cache_that_cannot_be_written_is_said_and_skipped(tmp_path, token_ids, monkeypatch):
-    import os
 
     from analysis.atomic import CacheWarning
 
     lm = wrap_model(tiny_model("llama"))
-    ro, real = tmp_path / "read-only", os.access
+    ro = tmp_path / "read-only"
     ro.mkdir()
-    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(ro) else real(p, mode))
+    refuse_creation_in(monkeypatch, {str(ro)})  # nothing can be created in it (root passes permission bits)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TooFewTokens)
         with pytest.warns(CacheWarning, match="could not cache the profile in .*read-only.* set RANKLAB_CACHE"):

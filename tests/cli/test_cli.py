@@ -209,6 +209,12 @@ def test_bad_input_is_one_clear_line(model_dir, tmp_path, capsys):
         assert main(argv) == 2
         assert "seqlen 300 exceeds the model's maximum of 256 positions" in capsys.readouterr().err, argv[0]
     assert not (tmp_path / "p").exists() and not (tmp_path / "c").exists()
+    assert analysis_main(["eval", "--model", "org/missing-model", "--seqlen", "1"]) == 2  # before the model loads
+    assert "--seqlen must be at least 2 (perplexity predicts each token" in capsys.readouterr().err
+    (tmp_path / "bits5.json").write_text(json.dumps({"version": 1, "default": {"bits": 5}, "modules": {}}))
+    assert compression_main(["apply", "--model", "org/missing-model", "--plan", str(tmp_path / "bits5.json"),
+                             "--out", str(tmp_path / "c")]) == 2  # a plan wrong on any model: before it loads
+    assert "default: rtn: 5 bits is not supported; use one of [2, 3, 4, 8]" in capsys.readouterr().err
     for flag in ("--windows", "--latency-runs"):
         assert analysis_main(["eval", "--model", str(folder), flag, "0"]) == 2
         assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err

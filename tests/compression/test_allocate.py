@@ -325,7 +325,14 @@ def test_cli_allocate_writes_a_loadable_plan_and_refuses_another_model(tmp_path,
     args = Namespace(model="tiny", sensitivity=str(tmp_path / "sens"), target_bytes=None, target_ratio=0.6,
                      target_bits=None, only=None, out=str(tmp_path / "plan.json"), device="cpu", dtype="float32",
                      trust_remote_code=False)
-    out = cli_allocate(args, say=lambda m: None)
+    grid.meta.update(data="t.txt, 4 x 32 tokens", n_tokens=32, windows=1, seqlen=32, device="cpu")
+    grid.save(tmp_path / "sens")
+    said = []
+    out = cli_allocate(args, say=said.append)
+    # the perplexity printed carries its protocol: the grid's probe text, not the evaluation text
+    assert out["ppl_protocol"] == "on the grid's probe text: t.txt, 4 x 32 tokens, 32 tokens (1 x 32), dloss " \
+                                  "estimator, probed on cpu"
+    assert any("predicted perplexity" in m and out["ppl_protocol"] in m for m in said)
     plan = Plan.load(tmp_path / "plan.json")
     validate(plan, linears)
     assert out["bytes"] <= 0.6 * model_bytes(lm.model).weight_bytes

@@ -207,6 +207,41 @@ def test_validation_messages():
     assert any("each row is one group of 64 (the group is wider than the row)" in n for n in wide)
 
 
+def test_settings_wrong_on_any_model_are_found_without_one():
+    # what `compression apply --plan` refuses before the model loads; validate says the same with the model
+    bad = Plan(default=ModuleSpec(bits=5), modules={"a": ModuleSpec(bits=4, group_size=12),
+                                                    "b": ModuleSpec(rank=0), "c": ModuleSpec(bits=4, quant="mxfp4"),
+                                                    "d": ModuleSpec(bits=8, quant="fp8", group_size=3),
+                                                    "e": ModuleSpec(rank=8, lowrank="pca"),
+                                                    "f": ModuleSpec(rank=8, bits=4, group_size=64)})
+    assert bad.spec_errors() == ["default: rtn: 5 bits is not supported; use one of [2, 3, 4, 8]",
+                                 "a: rtn: group size 12 must be a positive multiple of 8",
+                                 "b: svd-llm: rank 0 must be at least 1",
+                                 "e: unknown low-rank method 'pca'; use one of svd, act-pca, svd-llm, lillama"]
+    lm = _setup()[0]
+    assert Plan().spec_errors() == [] and PLANS["mixed"](lm.adapter.linears(lm.model)).spec_errors() == []
+
+
+def test_a_plan_for_another_model_that_does_not_fit_says_so_first():
+    from compression.plan import validate_for_model
+
+    lm, _, _ = _setup()
+    L = lm.adapter.linears(lm.model)
+    foreign = Plan(modules={"model.layers.40.mlp.down_proj": ModuleSpec(bits=4)},
+                   meta={"base_model": "Qwen/Qwen2-0.5B", "base_fingerprint": "deadbeef"})
+    with pytest.raises(ValueError) as e:
+        validate_for_model(foreign, L, "f00d")
+    assert str(e.value).startswith("this plan was made for another model (`Qwen/Qwen2-0.5B`), fingerprint deadbeef, "
+                                   "not this one (f00d), and it does not fit this one; load that model, or allocate "
+                                   "a plan for this one. the plan cannot be applied:\n- unknown module")
+    with pytest.raises(ValueError, match="^the plan cannot be applied:\n- unknown module"):  # no model named
+        validate_for_model(Plan(modules=foreign.modules), L, "f00d")
+    fits = Plan(default=ModuleSpec(bits=4, group_size=32), meta=foreign.meta)  # fits: applied, with the note
+    notes = validate_for_model(fits, L, "f00d")
+    assert len(notes) == 1 and notes[0].startswith("this plan was made for another model (`Qwen/Qwen2-0.5B`)")
+    assert validate_for_model(fits, L, "deadbeef") == []  # its own model
+
+
 def test_needs_calibration_only_for_methods_that_read_data():
     from compression.plan import SliceGPTOptions, needs_calibration
 

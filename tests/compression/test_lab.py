@@ -257,6 +257,34 @@ def test_first_view_makes_predictions_and_allocation_meets_target(tiny_lab):
     assert heavy_eval["ppl"] == pytest.approx(measured * math.exp(heavy["dloss"]))
 
 
+def test_a_run_before_the_dense_measurement_measures_dense_first_so_its_prediction_compares(tiny_lab):
+    # the review's case: profile + first view, no "Measure dense", then Run. The prediction was on the
+    # calibration text's scale and sat beside a perplexity measured on the evaluation text.
+    tiny_lab.run_profile()
+    tiny_lab.run_proxy()
+    plan = tiny_lab.plan_from_sliders([50, 50], [None, 4], group_size=32)
+    assert tiny_lab.dense_eval is None and tiny_lab.predict(plan)["ppl_basis"] == "calibration"
+    said = []
+    rec = tiny_lab.run(plan, progress=lambda f, m: said.append((f, m)))
+    assert rec.status == "ok", rec.error
+    assert said[0][1].startswith("measuring the dense model first") and tiny_lab.dense_eval is not None
+    assert [f for f, _ in said] == sorted(f for f, _ in said)
+    dloss = tiny_lab.predictor.predict(plan).dloss
+    assert rec.predicted["ppl_basis"] == "evaluation"
+    assert rec.predicted["ppl"] == pytest.approx(tiny_lab.dense_eval["ppl"] * math.exp(dloss))
+    fp = tiny_lab.lm.fingerprint
+    assert tiny_lab.history.table(fp).iloc[0].predicted_ppl == pytest.approx(rec.predicted["ppl"])
+    # a record predicted on the calibration scale (an older app) is not shown beside its measurement
+    old = RunRecord(**{**rec.__dict__, "run_id": "old-cal",
+                       "predicted": {**rec.predicted, "ppl_basis": "calibration", "ppl_corrected": 3.0}})
+    tiny_lab.history.append(old)
+    row = tiny_lab.history.table(fp).set_index("run_id").loc["old-cal"]
+    assert pd.isna(row.predicted_ppl) and pd.isna(row.corrected_ppl) and row.bytes == rec.measured["bytes"]
+    frame = tiny_lab.history.tradeoff_frame(fp)
+    assert set(frame[frame.run_id == "old-cal"].kind) == {"measured"}
+    assert set(frame[frame.run_id == rec.run_id].kind) == {"measured", "predicted"}
+
+
 def test_measured_grid_probes_the_first_calibration_windows(tiny_lab):
     tiny_lab.settings.sensitivity_tokens = 70  # 3 windows of 32 (rounded up), of the 8 calibration windows
     ids, label = tiny_lab.sensitivity_ids()
@@ -476,8 +504,12 @@ def test_an_exported_plan_names_its_model_and_a_foreign_plan_gets_a_note(tiny_la
 def test_an_exported_model_says_which_run_made_it_and_what_was_measured(tiny_lab, tmp_path):
     rec = tiny_lab.run(tiny_lab.plan_from_sliders([100, 100], [4, 4], group_size=32), "four bits")
     assert rec.status == "ok", rec.error
-    tiny_lab.export_model(tmp_path / "m")
+    z = tiny_lab.export_model(tmp_path / "m")
     meta = json.loads((tmp_path / "m" / "ranklab.json").read_text())["meta"]
+    import zipfile
+
+    names = zipfile.ZipFile(z).namelist()  # unzipped anywhere, it gives the folder: no loose files
+    assert z == tmp_path / "m.zip" and "m/ranklab.json" in names and all(n.startswith("m/") for n in names)
     assert meta["base_model"] == "tiny" and meta["base_fingerprint"] == tiny_lab.lm.fingerprint
     run = meta["run"]
     assert run["run_id"] == rec.run_id and run["label"] == "four bits" and run["plan"] == "rtn 4b g32 x 14"
