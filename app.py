@@ -410,8 +410,12 @@ def build_spectra_tab(state, scratch: Scratch):
         roles = list(dict.fromkeys(prof.summary.role))
         took = (f"statistics {prof.meta.get('seconds_stats', 0):.1f} s, eigendecompositions "
                 f"{prof.meta.get('seconds_eig', 0):.1f} s" + (" when it was made" if reused else ""))
+        view = lab.proxy.meta.get("seconds") if lab.proxy is not None else None
+        view_took = "" if view is None else f"; it took {view:.1f} s" + (" when it was made" if lab.proxy_reused
+                                                                          else "")
         msg = (f"{'Reused the cached profile' if reused else 'Profiled'} ({proto}; {took}). A first sensitivity "
-               f"view is ready{' (from the cache)' if lab.proxy_reused else ''}: the Budget tab predicts.")
+               f"view is ready ({'from the cache' if lab.proxy_reused else 'computed now'}{view_took}): the Budget "
+               "tab predicts.")
         spiky = prof.summary[prof.summary["rank95"] <= 2]
         if len(spiky):
             msg += (f"  \n{len(spiky)} linear(s) put 95 % of their output energy in at most 2 directions (e.g. "
@@ -1105,9 +1109,10 @@ def build_export_tab(state, budget, scratch: Scratch):
         return [str(z)], (f"The compressed model as a zip of the folder `{folder.name}/`: unzip it, then load it with "
                           f"`python -m analysis eval --model {folder.name}` (or `analysis.loading.load_model`).")
 
-    def on_runs(lab, tables_fn=None):
+    def on_runs(lab, p=gr.Progress()):
         try:
             lab = _require(lab)
+            p(0.0, desc="writing runs.csv")
             d = scratch.folder()
             # the dense baseline first, when measured; every row names the model
             lab.runs_table().assign(model=lab.lm.source, fingerprint=lab.lm.fingerprint).to_csv(d / "runs.csv",
@@ -1122,11 +1127,15 @@ def build_export_tab(state, budget, scratch: Scratch):
                 paths.append(d / name)
                 paths[-1].write_text(F.to_html(fig))
             pngs, failed = [], None
-            for h in (h for h in paths if h.suffix == ".html"):  # rendered from a page without plotly's toolbar
+            pages = [h for h in paths if h.suffix == ".html"]
+            for k, h in enumerate(pages):  # rendered from a page without plotly's toolbar
                 still = h.with_name(h.stem + "_png.html")
                 still.write_text(F.to_html(figs[h.name], toolbar=False))
                 try:
                     if failed is None:  # after one failure the others would fail alike (up to a minute each)
+                        # a chromium start per figure: seconds each, up to a minute on a busy machine
+                        p(k / len(pages), desc=f"rendering {h.with_suffix('.png').name} with chromium "
+                                               f"({k + 1}/{len(pages)}; the HTML pages are written)")
                         pngs.append(html_to_png(still, h.with_suffix(".png")))
                 except (RuntimeError, OSError, subprocess.SubprocessError) as e:  # the pages hold the figures
                     traceback.print_exc()

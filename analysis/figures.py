@@ -143,6 +143,10 @@ def _num(v: float, digits: int = 4) -> str:
     return f"{int(round(v)):,}" if abs(v - round(v)) < 1e-9 else f"{v:,.{digits}g}"
 
 
+DEFAULT_HEIGHT = 450  # plotly's default figure height (px)
+CAPTION_LINE_PX = 16  # per protocol line beyond the first (12 px text)
+
+
 def _color(i: int) -> str:
     return OKABE_ITO[i % len(OKABE_ITO)]
 
@@ -157,7 +161,7 @@ def _style(fig: go.Figure, title: str, protocol: str, *, x_title: str | None = N
         title=dict(text=html.escape(title, quote=False), x=0.01, xanchor="left", font=dict(size=17),
                    subtitle=dict(text="<br>".join(html.escape(li, quote=False) for li in lines),
                                  font=dict(size=12, color="#555555"))),
-        margin=dict(l=60, r=20, t=78 + 15 * (len(lines) - 1) + extra_top, b=50),
+        margin=dict(l=60, r=20, t=78 + CAPTION_LINE_PX * (len(lines) - 1) + extra_top, b=50),
         font=dict(size=13),
         hoverlabel=dict(font_size=12, namelength=-1),
         legend=dict(font=dict(size=12)),
@@ -167,8 +171,9 @@ def _style(fig: go.Figure, title: str, protocol: str, *, x_title: str | None = N
         fig.update_xaxes(title_text=x_title)
     if y_title is not None:
         fig.update_yaxes(title_text=y_title)
-    if height is not None:
-        fig.update_layout(height=height)
+    # a long caption takes its room from the figure, not from the plot: the plot keeps the height it has
+    # under a one-line caption (plotly's default 450 px), so a long axis title does not run into the caption
+    fig.update_layout(height=(height or DEFAULT_HEIGHT) + CAPTION_LINE_PX * (len(lines) - 1))
     return fig
 
 
@@ -616,9 +621,10 @@ def budget_bars(table: pd.DataFrame, protocol: str) -> go.Figure:
                 marker=dict(color=_color(j)), hovertext=hover, hovertemplate="%{hovertext}<extra></extra>"))
         if np.isfinite(bits).any():
             bits_max = max(bits_max, float(np.nanmax(bits)))
-            fig.add_trace(go.Scatter(
-                x=d["layer"], y=bits, mode="markers", name=f"{role} bits", legendgroup=str(role),
-                offsetgroup=str(role), yaxis="y2", showlegend=not bool(np.isfinite(ratio).any()),  # one entry per role
+            has_bars = bool(np.isfinite(ratio).any())
+            fig.add_trace(go.Scatter(  # one legend entry per role, named by the role (colour = role)
+                x=d["layer"], y=bits, mode="markers", name=f"{role} bits" if has_bars else str(role),
+                legendgroup=str(role), offsetgroup=str(role), yaxis="y2", showlegend=not has_bars,
                 marker=dict(symbol="diamond", size=9, color=_color(j), line=dict(width=1, color="#333333")),
                 hovertext=hover, hovertemplate="%{hovertext}<extra></extra>"))
     fig.add_hline(y=1, line=dict(color=REF_COLOR, width=1.2, dash="dash"),

@@ -290,7 +290,10 @@ def test_budget_bars_nullable_rank_and_bits():
     # one legend entry per role: its bar, or its diamonds when no linear of that role is factorised
     assert [t.name for t in fig.data if t.showlegend is not False] == ["q_proj", "down_proj"]
     only_bits = F.budget_bars(table.assign(rank=pd.array([None] * 4, dtype="Int64")), PROTOCOL)
-    assert [(t.type, t.showlegend) for t in only_bits.data] == [("scatter", True)] * 2
+    assert [(t.type, t.showlegend, t.name) for t in only_bits.data] == [("scatter", True, "q_proj"),
+                                                                         ("scatter", True, "down_proj")]
+    mixed = F.budget_bars(table.assign(rank=pd.array([16, None, 8, None], dtype="Int64")), PROTOCOL)
+    assert [t.name for t in mixed.data if t.showlegend is not False] == ["q_proj", "down_proj"]  # no "down_proj bits"
     with pytest.raises(ValueError, match="full_rank"):
         F.budget_bars(table.drop(columns="full_rank"), PROTOCOL)
     # a dense plan: no traces, yet the axis spans every layer and the figure says why it is empty
@@ -322,3 +325,17 @@ def test_protocol_is_escaped_and_wrapped():
 def test_module_imports_no_ui_toolkit():
     code = "import sys, analysis.figures; assert 'gradio' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_long_caption_adds_height_and_leaves_the_plot_its_room():
+    runs = pd.DataFrame([dict(run_id="a", label="a", kind="measured", ppl=20.0, bytes=1e8, bits_per_weight=4.0,
+                              decode_ms_per_token=5.0, method="rtn")])
+    short, long_ = F.tradeoff(runs, "bytes", "one line"), F.tradeoff(runs, "bytes", "word " * 70)
+    lines = long_.layout.title.subtitle.text.count("<br>") + 1
+    assert lines >= 3 and short.layout.height == F.DEFAULT_HEIGHT
+    assert long_.layout.height == F.DEFAULT_HEIGHT + F.CAPTION_LINE_PX * (lines - 1)
+
+    def plot_px(fig):
+        return fig.layout.height - fig.layout.margin.t - fig.layout.margin.b
+
+    assert plot_px(long_) == plot_px(short)

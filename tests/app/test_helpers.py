@@ -220,8 +220,14 @@ def test_export_of_runs_and_figures_writes_csv_pages_and_toolbar_free_images(tin
         assert not list(Path(files[0]).parent.glob("*_png.html"))
     # no chromium, or chromium failing: the pages still come, and the note says which
     monkeypatch.setattr(app, "html_to_png", lambda html, png: None)
-    files, note = _callback(demo, "on_runs")(tiny_lab)
+    said = []
+    files, note = _callback(demo, "on_runs")(tiny_lab, lambda f, desc: said.append((f, desc)))
     assert not any(f.endswith(".png") for f in files) and note.endswith("which is not installed here.")
+    # the slow part (a chromium start per figure) says what it is doing
+    assert said[0] == (0.0, "writing runs.csv") and len(said) == 4
+    assert [f for f, _ in said] == sorted(f for f, _ in said)
+    assert all(d.startswith("rendering ") and f"({k}/3; the HTML pages are written)" in d
+               for k, (_, d) in enumerate(said[1:], 1))
 
     def broken(html, png):
         raise RuntimeError("chromium ran but wrote no image")
@@ -386,3 +392,14 @@ def test_the_run_tab_runs_the_plan_tuned_when_asked(tiny_lab, tmp_path):
     assert any(d.startswith("tune model.layers.1") for d in said)
     lab, msg, *_ = on_run(lambda f, desc="": None, tiny_lab, "", 0, "svd-llm", "rtn", 32, table, *sliders)
     assert "tune" not in lab.history.records()[-1].plan and "tuned" not in msg  # 0 = off
+
+
+def test_profile_says_whether_the_first_view_was_computed_and_how_long_it_took(tiny_lab, tmp_path):
+    demo = app.build_app(app.AppConfig(autoload=False, workspace=tmp_path / "ws"))
+    on_profile = _callback(demo, "on_profile")
+    _, first, *_ = on_profile(tiny_lab, lambda f, desc="": None)
+    took = tiny_lab.proxy.meta["seconds"]
+    assert f"A first sensitivity view is ready (computed now; it took {took:.1f} s): the Budget tab" in first
+    _, again, *_ = on_profile(tiny_lab, lambda f, desc="": None)
+    assert again.startswith("Reused the cached profile") and tiny_lab.proxy_reused
+    assert f"(from the cache; it took {took:.1f} s when it was made)" in again
