@@ -869,6 +869,8 @@ def build_budget_tab(state):
                     f"not restored:** {_err_text(e)}  \nThe sliders are dense.", *[gr.update()] * 3]
         lab.plan = plan  # a preset's name (in its meta) keeps naming runs while the sliders give it
         text, *figs = _readout(lab, plan)
+        # also as a toast: the sliders just filled fire their own readout, which replaces this one's first line
+        gr.Info("Restored the plan this page had before it was reloaded.")
         return [*filled, *_method_updates(plan), "*Restored the plan this page had before it was reloaded.*\n\n"
                 + text, *figs]
 
