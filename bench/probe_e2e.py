@@ -126,7 +126,7 @@ def main() -> None:
             else:
                 mod.weight.requires_grad_(False)
         out["ppl16_e2e"] = perplexity(comp, ev, ev_c.label).ppl
-    out["weight_bytes"], out["bytes_unchanged"] = model_bytes(comp).weight_bytes, None
+    out["weight_bytes"] = model_bytes(comp).weight_bytes
     out["bytes_unchanged"] = out["weight_bytes"] == bytes_before
     log(f"end-to-end: ppl16 {out['ppl16_block_tuned']:.2f} -> {out['ppl16_e2e']:.2f} in {out['e2e_seconds']:.0f} s; "
         f"bytes unchanged: {out['bytes_unchanged']}")

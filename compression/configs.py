@@ -91,18 +91,21 @@ class QuantConfig:
     name: ClassVar[str] = ""
     data_free: ClassVar[bool] = True  # needs no calibration statistics
 
+    def _check_bits(self) -> None:
+        if self.bits not in self.allowed_bits:
+            raise ValueError(f"{self.name}: {self.bits} bits is not supported; use one of {list(self.allowed_bits)}")
+
     def check_settings(self) -> None:
         """Raise ``ValueError`` if the settings are wrong whatever the width (checked before a
         model loads)."""
-        if self.bits not in self.allowed_bits:
-            raise ValueError(f"{self.name}: {self.bits} bits is not supported; use one of {list(self.allowed_bits)}")
+        self._check_bits()
         if self.group_size <= 0 or self.group_size % 8:
             raise ValueError(f"{self.name}: group size {self.group_size} must be a positive multiple of 8")
 
     def check(self, n: int) -> None:
-        """Raise ``ValueError`` saying what to change if this config cannot quantise width n."""
-        if self.bits not in self.allowed_bits:
-            raise ValueError(f"{self.name}: {self.bits} bits is not supported; use one of {list(self.allowed_bits)}")
+        """Raise ``ValueError`` saying what to change if this config cannot quantise width n
+        (the group-size message names a divisor of n)."""
+        self._check_bits()
         if self.group_size <= 0 or self.group_size % 8:
             near = _divisor_near(n, self.group_size)
             raise ValueError(f"{self.name}: group size {self.group_size} must be a positive multiple of 8 (a group "
