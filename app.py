@@ -25,6 +25,7 @@ import pandas as pd
 
 from analysis import figures as F
 from analysis.metrics import unsteady_note
+from analysis.sensitivity import PROBED_QUANT
 from compression.export import export_all
 from compression.lab import BITS_CHOICES, DENSE_PCT, Lab, LabSettings
 from compression.plan import LOWRANK_METHODS, QUANT_METHODS, LillamaOptions, Plan, TuneOptions
@@ -530,8 +531,8 @@ def build_sensitivity_tab(state):
     with gr.Row():
         proxy_btn = gr.Button("Quick first view", elem_id="proxy-btn")
         method = gr.Dropdown(["svd-llm", "act-pca", "svd"], value="svd-llm", label="Low-rank method probed")
-        quant = gr.Dropdown(["rtn", "gptq"], value="rtn", label="Quantiser probed",
-                            info="allocating for GPTQ? probe with gptq: an RTN grid overstates GPTQ's damage")
+        quant = gr.Dropdown(list(PROBED_QUANT), value="rtn", label="Quantiser probed",
+                            info="allocating for GPTQ or vq? probe with it: an RTN grid overstates their damage")
         group = gr.Number(128, label="Group size", precision=0)
         grid_btn = gr.Button("Measure the full grid", variant="primary", elem_id="grid-btn")
         sens_cancel = gr.Button("Cancel", variant="stop", elem_id="sens-cancel")
@@ -970,8 +971,8 @@ def build_run_tab(state, budget):
                            placeholder="left empty: the preset's name, or what the plan does")
         tune = gr.Number(0, label="Tune after compressing: Adam steps per layer (0 = off; 60 is the CLI's advice)",
                          precision=0, minimum=0, elem_id="tune-steps", scale=1,
-                         info="trains each layer's rtn/gptq weights and low-rank factors to match the dense layer's "
-                              "output; same bytes; minutes on a CPU")
+                         info="trains each layer's rtn/gptq weights, vq codebooks and low-rank factors to match the "
+                              "dense layer's output; same bytes; minutes on a CPU")
         dense_btn = gr.Button("Measure dense", scale=1)
         run_btn = gr.Button("Run the current plan", variant="primary", elem_id="run-btn", scale=1)
         cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn", scale=1)

@@ -111,7 +111,7 @@ from analysis.atomic import EXACT_FLOATS, atomic_folder, check_replaceable, hold
 from analysis.layerwise import _Recorder, _Stop, run_head, run_layer
 from analysis.stats import InputStats, LinearStats
 from compression.lowrank import NESTED, LowRankLinear
-from compression.plan import LOWRANK_METHODS, ModuleSpec, weight_bytes
+from compression.plan import LOWRANK_METHODS, QUANT_METHODS, ModuleSpec, weight_bytes
 from compression.quant import QuantLinear
 from compression.registry import handler_for
 
@@ -162,7 +162,14 @@ def setting_spec(kind: str, setting: int, method: str, quant: str, group_size: i
 
 
 PROBED_LOWRANK = ("svd", "act-pca", "svd-llm")  # closed-form fits: one per probe
-PROBED_QUANT = ("rtn", "gptq")  # the quantisers with the grid's 2/3/4/8-bit widths
+PROBED_QUANT = ("rtn", "gptq", "vq")  # quantisers with several widths (vq: 2/3/4 bits, see ``grid_bits``)
+
+
+def grid_bits(bits: Sequence[int], quant: str) -> tuple[int, ...]:
+    """The widths of ``bits`` that ``quant`` stores (vq has no 8-bit codebook; its grid is
+    2/3/4 bits)."""
+    allowed = QUANT_METHODS[quant].allowed_bits if quant in QUANT_METHODS else ()
+    return tuple(int(b) for b in bits if int(b) in allowed) or tuple(int(b) for b in bits)
 
 
 def check_methods(method: str, quant: str) -> None:
@@ -714,6 +721,7 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, s
     probed width (``derive_ratio``; listed in ``meta["derived"]``); ``()`` probes every setting.
     ``workers``: probes run in parallel by this many threads (default ``default_workers``),
     each with one intra-op thread on a CPU; results do not depend on it beyond float rounding."""
+    bits = grid_bits(bits, quant)
     t0 = time.perf_counter()
     say = progress or (lambda f, m: None)
     orig_dev = next(model.parameters()).device
@@ -895,6 +903,7 @@ def load_or_measure(model: nn.Module, adapter: Adapter, calib_ids: Tensor, stats
     one is complete and made with the same grid, else a new one (saved), or None when
     ``cached_only``. Returns (grid, reused). A grid of some linears only (``names=``) is cached
     apart from the whole model's."""
+    bits = grid_bits(bits, quant)
     names = kw.get("names")
     wanted = sorted(set(names)) if names is not None else sorted(li.name for li in adapter.linears(model))
     key = sensitivity_key(fingerprint, data_digest, calib_ids.numel(), method, quant, group_size)
@@ -1102,6 +1111,7 @@ def proxy_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, sta
     """Predicted loss increase per linear and setting from one forward + backward over (the
     first ``windows`` of) ``calib_ids``: the output-Fisher quadratic form (module docstring).
     Same table schema as ``measure_sensitivity``; no forward per setting."""
+    bits = grid_bits(bits, quant)
     t0 = time.perf_counter()
     say = progress or (lambda f, m: None)
     linears = adapter.linears(model)
@@ -1144,6 +1154,7 @@ def load_or_proxy(model: nn.Module, adapter: Adapter, calib_ids: Tensor, stats: 
     data, grid and token cap if there is one, else a new one (saved), or None when
     ``cached_only``. Returns (grid, reused). The proxy is deterministic (its Fisher targets are
     seeded), so a cached one is the one that would be computed."""
+    bits = grid_bits(bits, quant)
     key = sensitivity_key(fingerprint, data_digest, calib_ids.numel(), method, quant, group_size) + "-proxy"
     wanted = sorted(li.name for li in adapter.linears(model))
     n = calib_ids.numel()

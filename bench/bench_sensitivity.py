@@ -6,7 +6,8 @@ validation split, ppl16 on the raw test split).
     weight, the allocated plan vs uniform rtn/gptq g128 plans; (c) wall time of the grid.
 
     python bench/bench_sensitivity.py [--device auto] [--tokens N] [--seqlen L] [--plans 14]
-        [--targets 4.25,3.25,2.5] [--variants "ranks+bits gptq,bits only gptq"] [--uniform-2bit] [--tag cpu]
+        [--targets 4.25,3.25,2.5] [--variants "ranks+bits gptq,bits only gptq"] [--uniform-2bit]
+        [--uniform vq:2,vq:3] [--grid-quant rtn|gptq|vq] [--skip-proxy] [--tag cpu]
 
 Defaults for the grid are the CLI's (``analysis.sensitivity.DEFAULT_TOKENS`` ...).
 """
@@ -48,8 +49,10 @@ def main() -> None:
     ap.add_argument("--targets", default="4.25,3.25,2.5")
     ap.add_argument("--variants", default="ranks+bits rtn,ranks+bits gptq,bits only gptq")
     ap.add_argument("--uniform-2bit", action="store_true", help="also measure uniform rtn/gptq 2-bit g128")
-    ap.add_argument("--grid-quant", default="rtn", choices=("rtn", "gptq"),
-                    help="quantiser of the grid's bit settings (gptq: what the allocated gptq plans apply)")
+    ap.add_argument("--uniform", default="", help="uniform plans to measure too, e.g. vq:2,vq:3 (quantiser:bits, g128)")
+    ap.add_argument("--grid-quant", default="rtn", choices=("rtn", "gptq", "vq"),
+                    help="quantiser of the grid's bit settings (gptq / vq: what the allocated plans apply)")
+    ap.add_argument("--skip-proxy", action="store_true", help="do not compute the first view (it refits every setting)")
     ap.add_argument("--estimator", default="dloss", choices=ESTIMATORS, help="what the allocating predictor adds up")
     ap.add_argument("--reuse-grids", action="store_true",
                     help="load the grids a previous run with the same tag saved (under the model cache)")
@@ -85,8 +88,8 @@ def main() -> None:
                                        group_size=128)
         t_grid = None if reused else time.perf_counter() - t
         t = time.perf_counter()
-        proxy = proxy_sensitivity(lm.model, lm.adapter, sens_ids, stats, method="svd-llm", quant=a.grid_quant,
-                                  group_size=128)
+        proxy = None if a.skip_proxy else proxy_sensitivity(lm.model, lm.adapter, sens_ids, stats, method="svd-llm",
+                                                            quant=a.grid_quant, group_size=128)
         t_proxy = time.perf_counter() - t
         grids[n_tok] = grid
         if not reused:
@@ -96,7 +99,8 @@ def main() -> None:
                                    seconds_per_probe=grid.meta.get("seconds_per_probe"),
                                    cpu_seconds_per_probe=grid.meta.get("cpu_seconds_per_probe"),
                                    probes=len(grid.table),
-                                   proxy_seconds=t_proxy, proxy_agreement=agreement(proxy, grid))
+                                   proxy_seconds=None if proxy is None else t_proxy,
+                                   proxy_agreement=None if proxy is None else agreement(proxy, grid))
         took = "reused" if reused else f"{t_grid:.1f}s"
         log(f"grid on {sens_ids.numel()} tokens: {took} ({len(grid.table)} probes), proxy {t_proxy:.1f}s")
         save(name, out)
@@ -154,7 +158,8 @@ def main() -> None:
     alloc = []
     for target in [float(x) for x in a.targets.split(",") if x]:
         variants = {"ranks+bits rtn": {}, "ranks+bits gptq": {"quant": "gptq"},
-                    "bits only gptq": {"quant": "gptq", "only": "bits"}}
+                    "bits only gptq": {"quant": "gptq", "only": "bits"},
+                    "ranks+bits vq": {"quant": "vq"}, "bits only vq": {"quant": "vq", "only": "bits"}}
         for variant in a.variants.split(","):
             kw = variants[variant]
             try:
@@ -176,6 +181,13 @@ def main() -> None:
         r = measure(Plan(default=ModuleSpec(bits=2, group_size=128, quant=quant)))
         r.update(uniform=f"{quant} 2-bit g128")
         out.setdefault("uniform_2bit", []).append(r)
+    for item in [x for x in a.uniform.split(",") if x]:
+        quant, bits = item.split(":")
+        r = measure(Plan(default=ModuleSpec(bits=int(bits), group_size=128, quant=quant)))
+        r.update(uniform=f"{quant} {bits}-bit g128")
+        log(f"uniform {quant} {bits}-bit: ppl16 {r['ppl16']:.2f} bpw {r['bits_per_weight']:.3f}")
+        out.setdefault("uniform", []).append(r)
+        save(name, out)
     save(name, out)
 
 

@@ -209,11 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="folder to write (new, empty, or an earlier compressed model)")
     ap.add_argument("--plan", help="plan JSON (from `allocate` or the app's Export tab): per-module ranks and bits; "
                                    "instead of --method")
-    ap.add_argument("--method", help="svd act-pca svd-llm lillama rtn gptq binary ternary fp8 mxfp4 slicegpt")
+    ap.add_argument("--method", help="svd act-pca svd-llm lillama rtn gptq vq binary ternary fp8 mxfp4 slicegpt")
     ap.add_argument("--param-ratio", type=float,
                     help="low-rank methods: fraction of each linear's parameters the factors keep, in (0, 1]")
-    ap.add_argument("--bits", type=int, help="quantisers: bit width (rtn/gptq: 2, 3, 4 or 8)")
-    ap.add_argument("--group-size", type=int, help="quantisation group (default 128)")
+    ap.add_argument("--bits", type=int, help="quantisers: bit width (rtn/gptq: 2, 3, 4 or 8; vq: 2, 3 or 4)")
+    ap.add_argument("--group-size", type=int, help="quantisation group (default 128; vq: columns per codebook tile)")
     ap.add_argument("--slice", type=float, help="SliceGPT: fraction of the hidden width to delete")
     ap.add_argument("--calib-tokens", type=int, default=32 * 2048)
     ap.add_argument("--seqlen", type=int, default=2048, help="calibration window length")
@@ -225,9 +225,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="Lillama initialisation: svd-llm (default: on SmolLM2 plain svd starts at ppl 1.8e8 and "
                          "ends worse, bench/RESULTS.md §5) | svd | act-pca")
     ap.add_argument("--tune-steps", type=int,
-                    help="after compressing, tune each decoder layer's rtn/gptq weights and low-rank factors for N "
-                         "Adam steps so its output matches the dense layer's (sizes unchanged; about 60 is enough, "
-                         "bench/RESULTS.md §15); default: no tuning")
+                    help="after compressing, tune each decoder layer's rtn/gptq weights, vq codebooks and low-rank "
+                         "factors for N Adam steps so its output matches the dense layer's (sizes unchanged; about 60 "
+                         "is enough, bench/RESULTS.md §15); default: no tuning")
     ap.add_argument("--tune-lr", type=float, help="tuning learning rate (default 1e-2; offsets are in quantisation "
                                                   "steps, scales in log space)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")

@@ -23,7 +23,7 @@ import compression.quant  # noqa: F401  (registers the quantisation handlers)
 from analysis.adapters import Adapter, LinearInfo, get_submodule, set_submodule
 from analysis.layerwise import capture, run_layer
 from analysis.stats import InputStats, LinearStats
-from compression.configs import GPTQConfig, LillamaConfig, QuantConfig, factor_quants
+from compression.configs import LillamaConfig, QuantConfig, factor_quants
 from compression.lowrank import LowRankLinear
 from compression.plan import LillamaOptions, Plan, validate
 from compression.registry import handler_for
@@ -136,7 +136,7 @@ def apply_plan(model: nn.Module, adapter: Adapter, plan: Plan, stats: dict[str, 
         del teacher  # a device copy is not kept while quantising (tuning makes its own)
 
     quant = [(li, q) for li in todo if (q := plan.spec_for(li.name).quant_config()) is not None]
-    sequential = calib_ids is not None and any(isinstance(q, GPTQConfig) for _, q in quant)
+    sequential = calib_ids is not None and any(not q.data_free for _, q in quant)  # gptq, vq
     if sequential:  # 3) GPTQ's recipe: each layer's Hessian from the compressed layers below
         _sequential_quantise(student, adapter, quant, calib_ids, dev, report, should_stop,
                              lambda f, m: say(0.9 + 0.1 * f, m))

@@ -13,6 +13,9 @@ binary     ``qweight`` uint8 (m, n/8) sign bits; ``scale`` fp16 (m, G)
 ternary    ``qweight`` uint8 (m, n/4) 2-bit codes {0,1,2}->{-1,0,+1}; ``scale`` fp16 (m, G)
 fp8        ``qweight`` float8_e4m3fn (m, n); ``scale`` fp32 (m,)
 mxfp4      ``qweight`` uint8 (m, n/2) E2M1 codes; ``scale`` uint8 E8M0 (m, n/32)
+vq         ``qweight`` uint8 (m, n*b/8): one 2b-bit index per pair of weights; ``codebook``
+           fp16 (ceil(m/R), ceil(n/g), 4^b, 2): 4^b centroids per tile of R rows x g
+           visited columns; ``perm`` int32 (n,): the column visiting order
 low-rank   ``A`` (k, n) and ``B`` (m, k) in the model dtype, or each a quantised module
 =========  =====================================================================
 ``G = ceil(n / g)``: when the group size does not divide the width, the last group of each
@@ -225,6 +228,57 @@ class MXFP4Config(QuantConfig):
 
     def with_group(self, group_size: int) -> MXFP4Config:
         return self
+
+
+@dataclass(frozen=True)
+class VQConfig(QuantConfig):
+    """GPTVQ-style vector quantisation (van Baalen et al. 2024): columns visited by
+    decreasing input-Hessian diagonal, consecutive visited columns paired, each pair coded as
+    one of ``4^bits`` centroids (``bits`` per weight) of a k-means codebook per tile of
+    ``tile_rows`` rows x ``group_size`` visited columns, with GPTQ's error compensation.
+    ``tile_rows = 0`` picks the fewest rows whose codebook costs at most 1/8 bit per weight."""
+
+    tile_rows: int = 0
+    damp: float = 0.01
+    iters: int = 25  # k-means iterations per tile
+    seed: int = 0  # k-means initialisation
+    sink_weight: float = 1 / 128  # as GPTQConfig's, when quantised sequentially
+    allowed_bits: ClassVar[tuple[int, ...]] = (2, 3, 4)
+    name: ClassVar[str] = "vq"
+    data_free: ClassVar[bool] = False  # the input Hessian X Xᵀ
+    dim: ClassVar[int] = 2  # weights per vector
+    codebook_overhead: ClassVar[float] = 1 / 8  # bits per weight the automatic tile height allows
+
+    @property
+    def centroids(self) -> int:
+        return 2 ** (self.dim * self.bits)
+
+    def rows(self, m: int) -> int:
+        """Tile height for a weight of ``m`` rows."""
+        if self.tile_rows:
+            return max(1, min(m, self.tile_rows))
+        auto = -(-self.centroids * self.dim * 16 // round(self.codebook_overhead * self.group_size))
+        return -(-m // -(-m // auto))  # as many tiles as ``auto`` rows need, of even height (no ragged tile)
+
+    def tiles(self, m: int, n: int) -> tuple[int, int]:
+        return -(-m // self.rows(m)), n_groups(n, self.group_size)
+
+    def check_settings(self) -> None:
+        super().check_settings()
+        if self.tile_rows < 0:
+            raise ValueError(f"vq: tile_rows {self.tile_rows} must be 0 (automatic) or positive")
+        if self.iters < 1:
+            raise ValueError(f"vq: iters {self.iters} must be at least 1")
+
+    def check(self, n: int) -> None:
+        super().check(n)
+        self.check_settings()
+        if n % self.dim:
+            raise ValueError(f"vq: input width {n} is odd; pairs of inputs need an even width")
+
+    def scale_bytes(self, m: int, n: int) -> int:
+        tr, tc = self.tiles(m, n)
+        return tr * tc * self.centroids * self.dim * FP16_BYTES + 4 * n  # codebooks + column order
 
 
 # ----------------------------------------------------------------------------- low rank

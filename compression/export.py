@@ -20,7 +20,8 @@ llama.cpp          ``llama-quantize`` argv: ``["--tensor-type", "REGEX=type", ..
 =================  ==========================================================================
 
 Method mapping (where a tool has no exact equivalent, the nearest setting that is *not* more
-aggressive is used and a note says so): rtn/gptq are asymmetric per-group integer grids;
+aggressive is used and a note says so): rtn/gptq are asymmetric per-group integer grids (vq, which
+no tool stores, becomes the integer grid of its width, group 128);
 binary/ternary become 2-bit asymmetric integers (llama.cpp: ``tq1_0``/``tq2_0``); fp8 is E4M3
 with one scale per output row; mxfp4 is E2M1 with a power-of-two scale per 32 inputs.
 """
@@ -76,6 +77,8 @@ def _want(spec: ModuleSpec) -> _Want | None:
         return _Want("fp8", 8, 0, q)
     if q == "mxfp4":
         return _Want("mxfp4", 4, 32, q)
+    if q == "vq":  # no tool stores codebooks: the integer grid of the same width
+        return _Want("int", spec.bits, 128, q)
     raise ValueError(f"unknown quantisation method {q!r} in the plan")
 
 
@@ -106,6 +109,11 @@ def _common_notes(plan: Plan, linears: list[LinearInfo], tool: str, notes: list[
     if plan.tuned:
         notes.append(f"{tool}: RankLab's block-wise tuning ({plan.tune.steps} steps per layer) is not exported: "
                      f"{tool} quantises the weights without it (export the compressed model itself to keep it)")
+    vq = [s for s in specs if s.bits is not None and s.quant == "vq"]
+    if vq:
+        notes.append(f"{tool}: {_plural(len(vq), 'vq module')}: no vector-quantised (codebook) format; exported as "
+                     f"asymmetric integers of the same width, group 128, which lose more than vq at the same bits "
+                     f"(one bit more is closer; or export the compressed model itself)")
     known = {li.name for li in linears}
     unknown = [k for k in plan.modules if k not in known]
     if unknown:

@@ -28,6 +28,7 @@ from compression.configs import (
     RTNConfig,
     SVDConfig,
     TernaryConfig,
+    VQConfig,
     WhitenedSVDConfig,
     break_even_rank,
     check_factor_quants,
@@ -42,7 +43,7 @@ LOWRANK_METHODS: dict[str, type[LowRankConfig]] = {
 }
 QUANT_METHODS: dict[str, type[QuantConfig]] = {
     "rtn": RTNConfig, "gptq": GPTQConfig, "binary": BinaryConfig, "ternary": TernaryConfig,
-    "fp8": FP8Config, "mxfp4": MXFP4Config,
+    "fp8": FP8Config, "mxfp4": MXFP4Config, "vq": VQConfig,
 }
 # bits implied by formats whose code width is fixed
 FIXED_BITS = {"binary": 1, "ternary": 2, "fp8": 8, "mxfp4": 4}
@@ -148,7 +149,7 @@ class LillamaOptions:
 @dataclass(frozen=True)
 class TuneOptions:
     """Block-wise tuning after compression (``compression.tune``): each decoder layer's
-    rtn / gptq weights (per-weight offsets, per-group scales) and plain low-rank factors are
+    rtn / gptq weights (per-weight offsets, per-group scales), vq codebooks and plain low-rank factors are
     trained, bottom-first, so the layer's output on the compressed stack's input matches the
     dense layer's. Sizes are unchanged. Defaults: bench/RESULTS.md §15."""
 

@@ -26,6 +26,8 @@ Conventions
 * FP8: ``w ≈ float(qweight) * scale[row]`` with ``scale = amax(row) / 448``.
 * MXFP4: code = ``sign << 3 | index`` into the E2M1 table, low nibble first; the block
   scale is ``2 ** (scale_byte - 127)``.
+* VQ: visited column ``perm[2p]`` and ``perm[2p+1]`` of row ``i`` are
+  ``codebook[i // R, 2p // g, code[i, p]]`` (``code`` packed at ``2b`` bits as above).
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ from compression.configs import (
     QuantConfig,
     RTNConfig,
     TernaryConfig,
+    VQConfig,
 )
 from compression.registry import register
 
@@ -421,9 +424,104 @@ def dequantize_mxfp4(codes: Tensor, scale: Tensor, dtype: torch.dtype = torch.fl
     return (vals * pow2).reshape(m, n).to(dtype)
 
 
+# ----------------------------------------------------------------------------- vector (GPTVQ-style)
+def weighted_kmeans(v: Tensor, wt: Tensor, counts: list[int], k: int, iters: int,
+                    gen: torch.Generator) -> Tensor:
+    """Batched weighted k-means, minimising ``sum wt * (v - c)²`` per batch entry.
+
+    v, wt (T, N, d): vectors and per-coordinate weights (padding rows have weight 0);
+    ``counts[t]``: real vectors of entry t (they come first). Initialised on ``k`` distinct
+    real vectors drawn with ``gen`` (all of them, repeated, when there are fewer: then the fit
+    is exact); an emptied centroid stays put. Returns centroids (T, k, d)."""
+    t, n, d = v.shape
+    starts = []
+    for i, count in enumerate(counts):
+        uniq = torch.unique(v[i, :count], dim=0)  # (U, d)
+        order = torch.randperm(len(uniq), generator=gen).to(v.device)
+        starts.append(uniq[order[torch.arange(k, device=v.device) % len(uniq)]])  # (k, d)
+    c = torch.stack(starts)  # (T, k, d)
+    wv = wt * v  # (T, N, d)
+    lhs = torch.cat([wt, -2 * wv], -1)  # (T, N, 2d): distances up to a per-vector constant in one product
+    for _ in range(iters):
+        a = torch.bmm(lhs, torch.cat([c * c, c], -1).transpose(1, 2)).argmin(-1)  # (T, N)
+        a = a[..., None].expand(t, n, d)  # (T, N, d)
+        num = torch.zeros(t, k, d, dtype=v.dtype, device=v.device).scatter_add_(1, a, wv)
+        den = torch.zeros(t, k, d, dtype=v.dtype, device=v.device).scatter_add_(1, a, wt)
+        c = torch.where(den > 0, num / den.clamp_min(1e-30), c)
+    return c
+
+
+def vq_quantize(w: Tensor, H: Tensor, bits: int, group_size: int, tile_rows: int, damp: float = 0.01,
+                iters: int = 25, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """GPTVQ with 2-dimensional vectors (the layout of ``VQConfig``).
+
+    w (m, n), H = X Xᵀ (n, n) -> codes uint8 (m, n/2), codebook fp16 (Tr, Tc, 4^b, 2),
+    perm int32 (n,). Columns are visited by decreasing ``diag(H)`` and paired in that order.
+    When a tile's columns are reached, its codebook is fitted by k-means on the weights as
+    updated so far (each coordinate weighted by ``1 / [H⁻¹]_jj``, GPTQ's error scale); each
+    pair then takes the centroid that adds the least loss, ``||(w - c) U⁻¹||²`` with ``U``
+    the pair's 2 x 2 block of the upper Cholesky factor of ``H⁻¹``, and its error is spread
+    onto the later columns through ``H⁻¹`` as GPTQ does."""
+    m, n = w.shape
+    if H.shape != (n, n):
+        raise ValueError(f"vq: Hessian of shape {tuple(H.shape)} does not match {n} inputs")
+    if n % 2 or group_size % 2 or group_size <= 0:
+        raise ValueError(f"vq: input width {n} and group size {group_size} must be even (pairs of inputs)")
+    dev = w.device
+    k = 4**bits
+    rows, cols = max(1, min(tile_rows, m)), group_size
+    n_tr, n_tc = -(-m // rows), -(-n // cols)
+    H = H.detach().to(device=dev, dtype=torch.float64).clone()  # (n, n)
+    W = w.detach().to(torch.float32).clone()  # (m, n)
+    dead = torch.nonzero(torch.diag(H) == 0).squeeze(1)  # (d,) inputs never active
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(H), descending=True)  # (n,)
+    W, H = W[:, perm], H[perm][:, perm]
+    U = _inverse_hessian_chol(H, damp).to(torch.float32)  # (n, n) upper
+    del H
+    gen = torch.Generator().manual_seed(seed)
+    tile_of_row = torch.arange(m, device=dev) // rows  # (m,)
+    row_ids = torch.arange(m, device=dev)
+    codes = torch.empty(m, n // 2, dtype=torch.uint8, device=dev)
+    book = torch.empty(n_tr, n_tc, k, 2, dtype=torch.float16, device=dev)
+    pad = n_tr * rows - m
+    for tc in range(n_tc):
+        c0, c1 = tc * cols, min(n, (tc + 1) * cols)
+        pairs = (c1 - c0) // 2
+        blk = F.pad(W[:, c0:c1], (0, 0, 0, pad)).reshape(n_tr, rows * pairs, 2)  # (Tr, R * pairs, 2)
+        wt = (1 / torch.diag(U)[c0:c1] ** 2).reshape(1, pairs, 2).repeat(n_tr * rows, 1, 1)  # (Tr R, pairs, 2)
+        wt[m:] = 0.0  # padding rows of the last tile
+        counts = [min(rows, m - r0) * pairs for r0 in range(0, m, rows)]
+        cb = weighted_kmeans(blk, wt.reshape(n_tr, rows * pairs, 2), counts, k, iters, gen).to(torch.float16)
+        book[:, tc] = cb  # (Tr, k, 2)
+        cb_rows = cb.float()[tile_of_row]  # (m, k, 2)
+        for j in range(c0, c1, 2):
+            u_inv = torch.linalg.inv(U[j:j + 2, j:j + 2])  # (2, 2) upper
+            x = W[:, j:j + 2] @ u_inv  # (m, 2) whitened
+            a = ((cb_rows @ u_inv - x[:, None, :]) ** 2).sum(-1).argmin(-1)  # (m,)
+            q = cb_rows[row_ids, a]  # (m, 2)
+            codes[:, j // 2] = a.to(torch.uint8)
+            err = (W[:, j:j + 2] - q) @ u_inv  # (m, 2)
+            W[:, j + 2:] -= err @ U[j:j + 2, j + 2:]
+    return codes, book, perm.to(torch.int32)
+
+
+def dequantize_vq(codes: Tensor, codebook: Tensor, perm: Tensor, tile_rows: int, group_size: int,
+                  dtype: torch.dtype = torch.float32) -> Tensor:
+    """codes (m, n/2) integer, codebook (Tr, Tc, k, 2), perm (n,) -> weight (m, n) in ``dtype``."""
+    m, half = codes.shape
+    n_tr, n_tc, k, _ = codebook.shape
+    dev = codes.device
+    tile = ((torch.arange(m, device=dev) // tile_rows)[:, None] * n_tc
+            + (2 * torch.arange(half, device=dev) // group_size)[None, :])  # (m, n/2)
+    visited = codebook.reshape(n_tr * n_tc * k, 2).to(dtype)[tile * k + codes.long()].reshape(m, 2 * half)
+    return visited[:, torch.argsort(perm.long())]  # back to the input order
+
+
 # ----------------------------------------------------------------------------- module
 _AFFINE = (RTNConfig, GPTQConfig)
-_SUPPORTED = (*_AFFINE, BinaryConfig, TernaryConfig, FP8Config, MXFP4Config)
+_SUPPORTED = (*_AFFINE, BinaryConfig, TernaryConfig, FP8Config, MXFP4Config, VQConfig)
 
 
 def _layout(config: QuantConfig, m: int, n: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -439,6 +537,10 @@ def _layout(config: QuantConfig, m: int, n: int) -> dict[str, tuple[tuple[int, .
         return {"qweight": ((m, n), torch.float8_e4m3fn), "scale": ((m,), torch.float32)}
     if isinstance(config, MXFP4Config):
         return {"qweight": ((m, n // 2), u8), "scale": ((m, n // MX_BLOCK), u8)}
+    if isinstance(config, VQConfig):
+        tr, tc = config.tiles(m, n)
+        return {"qweight": ((m, n * config.bits // 8), u8), "codebook": ((tr, tc, config.centroids, 2), f16),
+                "perm": ((n,), torch.int32)}
     raise TypeError(f"QuantLinear does not support {type(config).__name__}")
 
 
@@ -452,6 +554,13 @@ def _encode(config: QuantConfig, w: Tensor, stats: LinearStats | None) -> dict[s
                                            damp=config.damp, block_size=config.block_size,
                                            act_order=config.act_order)
         return {"qweight": pack_bits(codes, config.bits), "scale": scale, "zero": zero}
+    if isinstance(config, VQConfig):
+        if stats is None:
+            raise ValueError("vq needs calibration statistics (X Xᵀ of the layer input); "
+                             "profile the model first and pass its LinearStats")
+        codes, book, perm = vq_quantize(w, stats.inputs.xxt, config.bits, config.group_size, config.rows(w.shape[0]),
+                                        damp=config.damp, iters=config.iters, seed=config.seed)
+        return {"qweight": pack_bits(codes, 2 * config.bits), "codebook": book, "perm": perm}
     if isinstance(config, RTNConfig):
         codes, scale, zero = quantize_rtn(w, config.bits, config.group_size)
         return {"qweight": pack_bits(codes, config.bits), "scale": scale, "zero": zero}
@@ -538,6 +647,9 @@ class QuantLinear(nn.Module):
             return dequantize_fp8(self.qweight, self.scale, dtype)
         if isinstance(c, MXFP4Config):
             return dequantize_mxfp4(unpack_bits(self.qweight, 4, n), self.scale, dtype)
+        if isinstance(c, VQConfig):
+            codes = unpack_bits(self.qweight, 2 * c.bits, n // 2)
+            return dequantize_vq(codes, self.codebook, self.perm, c.rows(self.out_features), c.group_size, dtype)
         raise TypeError(f"QuantLinear does not support {type(c).__name__}")
 
     def forward(self, x: Tensor) -> Tensor:
@@ -562,6 +674,11 @@ def _rtn(linear: nn.Linear, config: RTNConfig, stats: LinearStats | None) -> nn.
 
 @register(GPTQConfig)
 def _gptq(linear: nn.Linear, config: GPTQConfig, stats: LinearStats | None) -> nn.Module:
+    return QuantLinear.from_linear(linear, config, stats)
+
+
+@register(VQConfig)
+def _vq(linear: nn.Linear, config: VQConfig, stats: LinearStats | None) -> nn.Module:
     return QuantLinear.from_linear(linear, config, stats)
 
 

@@ -27,7 +27,7 @@ from compression.quant import QuantLinear
 
 SAVE_FORMAT = 1
 _CONFIG_TYPES = {cls.__name__: cls for cls in (C.RTNConfig, C.GPTQConfig, C.BinaryConfig, C.TernaryConfig,
-                                                C.FP8Config, C.MXFP4Config)}
+                                                C.FP8Config, C.MXFP4Config, C.VQConfig)}
 
 
 def _describe(mod: nn.Module) -> dict | None:

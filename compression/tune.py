@@ -17,6 +17,9 @@ What is trained, per layer (nothing else changes; sizes are exactly as before):
   log-scale per group (zero points fixed), at ``TuneOptions.lr``. Rounding is
   straight-through. At the end the weights are encoded again on the grid, with the same
   bits and group size;
+* vector-quantised weights (``vq`` ``QuantLinear``), through ``TunableVQ``: the codebook
+  entries, as offsets in units of their tile's codebook RMS, at ``TuneOptions.lr`` (codes
+  fixed; entries rounded to fp16 straight-through, as stored);
 * plain (unquantised) low-rank factors, in weight units, at ``TuneOptions.factor_lr``.
 
 Memory: besides the hidden states (three ``tokens x hidden`` fp32 tensors), a layer under
@@ -28,7 +31,7 @@ embeddings are left as they are, and ``TuneReport.skipped`` names the modules sk
 layer whose loss on its evaluation sequences ends above where it started keeps its weights
 (``TuneReport.kept``).
 
-Entry points: ``TunableQuant.from_quant`` / ``.to_quant`` (the primitive) and ``tune``
+Entry points: ``TunableQuant`` / ``TunableVQ`` ``.from_quant`` / ``.to_quant`` (the primitives) and ``tune``
 (the orchestration, called by ``compression.apply`` when a plan has ``tune`` options).
 """
 from __future__ import annotations
@@ -43,11 +46,11 @@ from torch import Tensor, nn
 
 from analysis.adapters import Adapter, get_submodule, set_submodule
 from analysis.layerwise import capture, run_layer
-from compression.configs import GPTQConfig, RTNConfig
+from compression.configs import GPTQConfig, RTNConfig, VQConfig
 from compression.lillama import EVAL_TOKENS, FORWARD_TOKENS, _Calls, _eval_chunks, _fit, _forward, _work_copy
 from compression.lowrank import LowRankLinear
 from compression.plan import TuneOptions
-from compression.quant import _FP16_TINY, QuantLinear, n_groups, pack_bits, unpack_bits
+from compression.quant import _FP16_TINY, QuantLinear, dequantize_vq, n_groups, pack_bits, unpack_bits
 
 Progress = Callable[[float, str], None]
 StopCheck = Callable[[], bool]
@@ -136,14 +139,69 @@ class TunableQuant(nn.Module):
         return out
 
 
+class TunableVQ(nn.Module):
+    """A vector-quantised linear made trainable: its codebook entries, codes fixed. With ``c0``
+    the stored codebook (Tr, Tc, k, 2) and ``r`` each tile's codebook RMS (Tr, Tc, 1, 1)::
+
+        c = fp16(c0 + d · r)                    d (Tr, Tc, k, 2): trainable, unitless
+
+    (fp16 rounding straight-through). At ``d = 0`` it computes exactly the quantised linear it
+    came from; ``to_quant`` stores ``c`` back into a ``QuantLinear`` of the same config."""
+
+    def __init__(self, config: VQConfig, qweight: Tensor, codebook: Tensor, perm: Tensor, out_features: int,
+                 in_features: int, bias: Tensor | None):
+        super().__init__()
+        self.config, self.in_features, self.out_features = config, in_features, out_features
+        self.register_buffer("qweight", qweight)  # packed codes, unchanged
+        self.register_buffer("codes", unpack_bits(qweight, 2 * config.bits, in_features // 2))  # (m, n/2)
+        self.register_buffer("perm", perm)  # (n,)
+        self.register_buffer("c0", codebook.to(_F32))  # (Tr, Tc, k, 2)
+        self.register_buffer("r", self.c0.pow(2).mean((2, 3), keepdim=True).sqrt().clamp_min(_FP16_TINY))
+        self.d = nn.Parameter(torch.zeros_like(self.c0))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(_F32), requires_grad=False)
+
+    @classmethod
+    def from_quant(cls, q: QuantLinear) -> TunableVQ:
+        if not isinstance(q.config, VQConfig):
+            raise TypeError(f"TunableVQ tunes vq codebooks, not {type(q.config).__name__}")
+        return cls(q.config, q.qweight, q.codebook, q.perm, q.out_features, q.in_features, q.bias)
+
+    def codebook(self) -> Tensor:
+        """(Tr, Tc, k, 2) fp32 holding fp16 values (rounded straight-through)."""
+        c = (self.c0 + self.d * self.r).clamp(-_FP16_MAX, _FP16_MAX)
+        return c + (c.to(torch.float16).to(_F32) - c).detach()
+
+    def weight(self) -> Tensor:
+        """The dequantised weight (m, n) fp32, differentiable in ``d``."""
+        return dequantize_vq(self.codes, self.codebook(), self.perm, self.config.rows(self.out_features),
+                             self.config.group_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    @torch.no_grad()
+    def to_quant(self, bias_dtype: torch.dtype = _F32) -> QuantLinear:
+        """The tuned codebook with the same codes: a ``QuantLinear`` of the same config."""
+        out = QuantLinear(self.config, self.out_features, self.in_features, bias=self.bias is not None,
+                          dtype=bias_dtype, device=self.c0.device)
+        out.qweight, out.perm = self.qweight.clone(), self.perm.clone()
+        out.codebook = self.codebook().to(torch.float16)
+        if self.bias is not None:
+            out.bias.copy_(self.bias)
+        return out
+
+
+_TUNABLE = {RTNConfig: TunableQuant, GPTQConfig: TunableQuant, VQConfig: TunableVQ}  # config type -> trainable
+
+
 # ----------------------------------------------------------------------------- a layer's trainables
 def tunable_paths(layer: nn.Module) -> tuple[list[str], list[str]]:
-    """Paths inside ``layer`` of what ``tune`` trains (affine ``QuantLinear``s, plain low-rank
-    factors) and of the compressed modules it cannot train (other quantisation formats)."""
+    """Paths inside ``layer`` of what ``tune`` trains (affine and vq ``QuantLinear``s, plain
+    low-rank factors) and of the compressed modules it cannot train (other quantisation formats)."""
     train, skip = [], []
     for path, mod in layer.named_modules():
         if isinstance(mod, QuantLinear):
-            (train if isinstance(mod.config, _AFFINE) else skip).append(path)
+            (train if type(mod.config) in _TUNABLE else skip).append(path)
         elif isinstance(mod, nn.Linear) and path.rpartition(".")[2] in ("A", "B") and isinstance(
                 get_submodule(layer, path.rpartition(".")[0]), LowRankLinear):
             train.append(path)
@@ -152,16 +210,16 @@ def tunable_paths(layer: nn.Module) -> tuple[list[str], list[str]]:
 
 def make_trainable(work: nn.Module, paths: list[str]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """In ``work`` (an fp32 copy of a layer, frozen), swap the ``QuantLinear`` at each path for
-    a ``TunableQuant`` and unfreeze plain factors. Returns the trainable parameters: the
-    tunables' (offsets and log-scales, unitless) and the plain factors' (in weight units)."""
+    a ``TunableQuant`` / ``TunableVQ`` and unfreeze plain factors. Returns the trainable
+    parameters: the tunables' (unitless offsets, log-scales) and the plain factors' (in weight units)."""
     quant: list[nn.Parameter] = []
     factors: list[nn.Parameter] = []
     for path in paths:
         mod = get_submodule(work, path)
         if isinstance(mod, QuantLinear):
-            t = TunableQuant.from_quant(mod)
+            t = _TUNABLE[type(mod.config)].from_quant(mod)
             set_submodule(work, path, t)
-            quant += [t.d, t.t]
+            quant += [p for p in t.parameters() if p.requires_grad]
         else:
             mod.weight.requires_grad_(True)
             factors.append(mod.weight)
@@ -173,7 +231,7 @@ def write_back(work: nn.Module, layer: nn.Module, paths: list[str]) -> None:
     """Put the tuned modules of ``work`` into ``layer`` (the model's own), in its dtypes."""
     for path in paths:
         mod, orig = get_submodule(work, path), get_submodule(layer, path)
-        if isinstance(mod, TunableQuant):
+        if isinstance(mod, (TunableQuant, TunableVQ)):
             bias_dtype = orig.bias.dtype if orig.bias is not None else _F32
             set_submodule(layer, path, mod.to_quant(bias_dtype).to(orig.qweight.device))
         else:

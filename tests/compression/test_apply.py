@@ -42,8 +42,11 @@ PLANS = {
                                      L[3].name: ModuleSpec(bits=8, quant="fp8"),
                                      L[4].name: ModuleSpec(bits=4, quant="mxfp4"),
                                      L[5].name: ModuleSpec(bits=1, quant="binary", group_size=64),
-                                     L[6].name: ModuleSpec(bits=2, quant="ternary", group_size=64)}),
+                                     L[6].name: ModuleSpec(bits=2, quant="ternary", group_size=64),
+                                     L[7].name: ModuleSpec(bits=3, quant="vq", group_size=32)}),
     "svd": lambda L: uniform_plan("svd", L, param_ratio=0.5),
+    "vq2": lambda L: Plan(default=ModuleSpec(bits=2, group_size=32, quant="vq")),
+    "vq-rank-bits": lambda L: Plan(default=ModuleSpec(rank=16, bits=3, group_size=16, quant="vq")),
     "actpca-rank-bits": lambda L: Plan(default=ModuleSpec(rank=24, bits=3, group_size=16, lowrank="act-pca",
                                                           quant="gptq")),
 }
@@ -254,7 +257,7 @@ def test_needs_calibration_only_for_methods_that_read_data():
         assert not needs_calibration(Plan(modules={q: spec}), L), spec
     for spec in (ModuleSpec(rank=8, lowrank="svd-llm"), ModuleSpec(rank=8, lowrank="act-pca"),
                  ModuleSpec(rank=8, lowrank="lillama"), ModuleSpec(bits=4, quant="gptq"),
-                 ModuleSpec(rank=8, bits=4, lowrank="svd", quant="gptq")):
+                 ModuleSpec(rank=8, bits=4, lowrank="svd", quant="gptq"), ModuleSpec(bits=2, quant="vq")):
         assert needs_calibration(Plan(modules={q: spec}, lillama=LillamaOptions()), L), spec
     assert needs_calibration(Plan(slicegpt=SliceGPTOptions(0.1)), L)
 
@@ -332,25 +335,27 @@ def test_lillama_plan_through_apply_refines_and_keeps_exact_bytes():
     assert model_bytes(dist).weight_bytes == plan_size(lil, linears, dense, 4, _biases(lm)).total_bytes
 
 
-def test_sequential_gptq_beats_rtn_and_keeps_exact_bytes(family):
+def test_sequential_gptq_and_vq_beat_rtn_and_keep_exact_bytes(family):
     # every family: OPT hands its MLP linears flattened (B L, n) inputs. 1,024 calibration
     # tokens for inputs of width 64-128: with 256, GPTQ's fit is too close to RTN's on held-out
     # text to tell apart (ratio 0.66-1.13 across seeds); with 1,024 it is 0.38-0.84 at seeds 0-2.
+    # (vq's codebooks cost more than RTN's scales on widths this small: its bound is no claim
+    # about equal bytes, RESULTS §18 compares those)
     lm, ids, stats = _setup(family, n_seqs=32)
     linears = lm.adapter.linears(lm.model)
     held = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(5))
     ref = lm.model(held).logits
     errs = {}
-    for quant in ("rtn", "gptq"):
+    for quant in ("rtn", "gptq", "vq"):
         plan = Plan(default=ModuleSpec(bits=3, group_size=32, quant=quant))
         comp, rep = apply_plan(lm.model, lm.adapter, plan, stats, calib_ids=ids)
         with torch.no_grad():
             errs[quant] = float((comp(held).logits - ref).pow(2).mean())
         dense = model_bytes(lm.model).weight_bytes
         assert model_bytes(comp).weight_bytes == plan_size(plan, linears, dense, 4, _biases(lm)).total_bytes
-        if quant == "gptq":
+        if quant != "rtn":
             assert all("sequential" in label for _, label, _ in rep.modules)
-    assert errs["gptq"] < 0.95 * errs["rtn"]
+    assert errs["gptq"] < 0.95 * errs["rtn"] and errs["vq"] < 0.95 * errs["rtn"], errs
 
 
 def test_first_token_weight_counts_the_first_token_w_times():
@@ -380,7 +385,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @pytest.mark.parametrize("plan_name", [*PLANS, "gptq-sequential", "lillama", "slicegpt"])
 def test_every_plan_on_cuda_matches_the_cpu(plan_name):
     """The same plan compressed on the GPU and on the CPU: the same bytes, and outputs within
-    float32 rounding (GPTQ and Lillama may round a few weights the other way: a loose bound)."""
+    float32 rounding (GPTQ, vq's k-means and Lillama may round a few weights the other way: a loose bound)."""
     from compression.plan import SliceGPTOptions
 
     lm, ids, stats = _setup()
@@ -405,7 +410,8 @@ def test_every_plan_on_cuda_matches_the_cpu(plan_name):
     with torch.no_grad():
         ref = lm.model(held).logits
     err = lambda out: float((out - ref).norm() / ref.norm())  # noqa: E731
-    loose = plan_name in ("gptq3", "ragged", "actpca-rank-bits", "gptq-sequential", "lillama", "mixed")
+    loose = plan_name in ("gptq3", "ragged", "actpca-rank-bits", "gptq-sequential", "lillama", "mixed", "vq2",
+                          "vq-rank-bits")
     gap = float((outs["cuda"] - outs["cpu"]).norm() / outs["cpu"].norm())
     if loose:
         assert err(outs["cuda"]) == pytest.approx(err(outs["cpu"]), rel=0.1, abs=1e-4), (gap, plan_name)

@@ -606,3 +606,11 @@ def test_llamacpp_base_type_fits_every_row_so_old_builds_keep_the_overrides():
     assert base_wide == "Q3_K_M"
     text = export_all(Plan(default=ModuleSpec(bits=3, group_size=32)), lin)["llama.cpp"].text
     assert text.rstrip().endswith('"$1" "$2" Q8_0') and "--pure" not in text
+
+
+def test_vq_is_exported_as_integers_of_its_width_with_a_note_everywhere(lin):
+    plan = Plan(default=ModuleSpec(bits=3, quant="vq", group_size=64))
+    for tool, exp in export_all(plan, lin).items():
+        assert any("vq module" in n and "no vector-quantised (codebook) format" in n for n in exp.notes), tool
+    cfg = to_gptqmodel_dynamic(plan, lin)
+    assert all(gptqmodel_resolve(cfg, li.name) == (3, 128) for li in lin)  # same width, never fewer bits

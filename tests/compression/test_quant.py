@@ -14,6 +14,7 @@ from compression.configs import (
     QuantConfig,
     RTNConfig,
     TernaryConfig,
+    VQConfig,
 )
 from compression.quant import (
     E2M1_VALUES,
@@ -28,6 +29,7 @@ from compression.quant import (
     dequantize_fp8,
     dequantize_mxfp4,
     dequantize_ternary,
+    dequantize_vq,
     gptq_quantize,
     pack_bits,
     quantize_binary,
@@ -36,6 +38,7 @@ from compression.quant import (
     quantize_rtn,
     quantize_ternary,
     unpack_bits,
+    vq_quantize,
 )
 from compression.registry import handler_for
 
@@ -307,6 +310,7 @@ ALL_CONFIGS: list[QuantConfig] = [
     RTNConfig(2, 64), RTNConfig(3, 32), RTNConfig(4, 128), RTNConfig(8, 64),
     GPTQConfig(3, 64), GPTQConfig(4, 32, act_order=True),
     BinaryConfig(group_size=64), TernaryConfig(group_size=32), FP8Config(), MXFP4Config(),
+    VQConfig(2, 64), VQConfig(3, 32, tile_rows=8), VQConfig(4, 128),
 ]
 
 
@@ -331,7 +335,7 @@ def test_nbytes_invariant(config: QuantConfig, m: int, n: int) -> None:
     assert total == config.nbytes(m, n) == mod.quantized_nbytes()
     names = {name for name, _ in mod.named_buffers()}
     assert names == ({"qweight", "scale", "zero"} if isinstance(config, (RTNConfig, GPTQConfig))
-                     else {"qweight", "scale"})
+                     else {"qweight", "codebook", "perm"} if isinstance(config, VQConfig) else {"qweight", "scale"})
 
 
 @pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda c: f"{c.name}{c.bits}g{c.group_size}")
@@ -415,3 +419,58 @@ def test_ragged_last_group(config) -> None:
         ref = QuantLinear.from_linear(tail, config.with_group(32)).dequantized_weight()
         torch.testing.assert_close(w[:, 64:], ref)
     assert rel(q(x), lin(x)) < 0.9
+
+
+# ----------------------------------------------------------------------------- vector quantisation
+def output_error(w: Tensor, w_hat: Tensor, h: Tensor) -> float:
+    """tr(ΔW H ΔWᵀ) / tr(W H Wᵀ): the relative error of the layer's outputs on the inputs of H."""
+    d, w, h = (w - w_hat).double(), w.double(), h.double()
+    return float(torch.einsum("ij,jk,ik->", d, h, d) / torch.einsum("ij,jk,ik->", w, h, w))
+
+
+@pytest.mark.parametrize("tile_rows", [96, 40])  # one tile of rows; tiles of 40 (the last one ragged: 16)
+def test_vq_is_exact_when_each_tile_holds_few_distinct_pairs(tile_rows: int) -> None:
+    """Pairs are formed in the visiting order (decreasing Hessian diagonal, shuffled here): a
+    weight whose visited pairs take at most 4^b values is coded exactly, perm undone."""
+    m, n = 96, 64
+    order = torch.randperm(n, generator=gen(2))
+    h = torch.diag(torch.linspace(4.0, 1.0, n, dtype=torch.float64)[torch.argsort(order)])  # visits order
+    values = torch.randn(16, 2, generator=gen(3)).half().float()
+    visited = values[torch.randint(0, 16, (m, n // 2), generator=gen(4))].reshape(m, n)
+    w = torch.empty_like(visited)
+    w[:, order] = visited
+    codes, book, perm = vq_quantize(w, h, 2, 32, tile_rows)
+    assert torch.equal(perm.long(), order)
+    assert codes.shape == (m, n // 2) and book.shape == (-(-m // tile_rows), 2, 16, 2)
+    assert torch.equal(dequantize_vq(codes, book, perm, tile_rows, 32), w)
+
+
+def test_vq_error_falls_with_bits_and_beats_gptq_at_the_same_code_width() -> None:
+    m, n = 64, 128
+    w = torch.randn(m, n, generator=gen(5))
+    h = (lambda x: x.T @ x)(correlated_inputs(1024, n, seed=6)).double()
+    errs = {b: output_error(w, dequantize_vq(*vq_quantize(w, h, b, 64, 32), 32, 64), h) for b in (2, 3, 4)}
+    assert errs[4] < 0.5 * errs[3] < 0.25 * errs[2]
+    gptq2 = output_error(w, dequantize_affine(*gptq_quantize(w, h, 2, 64, act_order=True), 64), h)
+    assert errs[2] < 0.8 * gptq2, (errs, gptq2)
+
+
+def test_vq_tiles_keep_the_codebooks_small() -> None:
+    for bits in (2, 3, 4):
+        c = VQConfig(bits)
+        codebook_bits = 8 * (c.scale_bytes(1536, 512) - 4 * 512)
+        assert c.rows(1536) * c.group_size * c.codebook_overhead >= c.centroids * 2 * 16  # one tile's share
+        assert codebook_bits / (1536 * 512) <= 1 / 8 + 1e-9
+        assert c.nbytes(1536, 512) * 8 / (1536 * 512) <= bits + 1 / 8 + 32 / 1536  # + the int32 column order
+    assert VQConfig(4).rows(192) == 192 and VQConfig(2, tile_rows=8).rows(192) == 8
+
+
+def test_vq_config_errors_say_what_to_change() -> None:
+    with pytest.raises(ValueError, match=r"8 bits is not supported; use one of \[2, 3, 4\]"):
+        VQConfig(8).check(64)
+    with pytest.raises(ValueError, match="43 inputs x 4 bits do not fill whole bytes"):
+        VQConfig(4, 8).check(43)
+    with pytest.raises(ValueError, match="tile_rows"):
+        VQConfig(2, tile_rows=-1).check_settings()
+    with pytest.raises(ValueError, match="vq needs calibration statistics"):
+        QuantLinear.from_linear(make_linear(8, 64, bias=False), VQConfig(2, 32))
