@@ -2,11 +2,13 @@
 of plans with and without ``Plan.tune``, on the compression benchmark's protocol
 (calibration: 32 x 2048 windows of the tokenised validation split; ppl16 on the raw test split).
 
-    python bench/bench_tune.py [--rows uniform:3,alloc:2.5,alloc:3.25] [--grid-tag tmpq] [--steps 60] [--tag cpu]
+    python bench/bench_tune.py [--rows uniform:3,alloc:2.5,alloc:3.25] [--quant gptq|vq] [--grid-tag tmpq]
+        [--steps 60] [--tag cpu]
 
-``uniform:B`` is GPTQ B-bit g128 on every decoder linear; ``alloc:B`` the ranks + bits plan
-allocated at B bits per weight on the cached GPTQ sensitivity grid (128 tokens, KL) that
-``bench_sensitivity.py --tokens 128 --grid-quant gptq --tag TAG`` measured.
+``uniform:B`` is B-bit g128 of ``--quant`` (default GPTQ) on every decoder linear; ``alloc:B`` the
+ranks + bits plan allocated at B bits per weight on the cached sensitivity grid of that quantiser
+(128 tokens, KL) that ``bench_sensitivity.py --tokens 128 --grid-quant QUANT --tag TAG`` measured;
+``bits:B`` the bits-only plan allocated there.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="uniform:3,alloc:2.5")
     ap.add_argument("--grid-tag", default="tmpq")
+    ap.add_argument("--quant", default="gptq", choices=("gptq", "vq"))
     ap.add_argument("--steps", type=int, default=TuneOptions.steps)
     ap.add_argument("--lr", type=float, default=TuneOptions.lr)
     ap.add_argument("--device", default="auto")
@@ -46,7 +49,7 @@ def main() -> None:
     ev = windows(tokenize(lm.tokenizer, ev_c), 2048, 16)
     opts = TuneOptions(steps=a.steps, lr=a.lr)
     dense_params = sum(li.out_features * li.in_features for li in linears)
-    out = dict(protocol=f"calibration {cal_c.label} 32 x 2048 (seed 0), sequential GPTQ g128; tune {asdict(opts)} "
+    out = dict(protocol=f"calibration {cal_c.label} 32 x 2048 (seed 0), sequential {a.quant} g128; tune {asdict(opts)} "
                         f"on the first windows cut into {opts.seqlen}-token sequences; ppl16: {ev_c.label} first "
                         f"16 x 2048; fp32; {lm.device}; torch threads {torch.get_num_threads()}",
                dense_ppl16=perplexity(lm.model, ev, ev_c.label).ppl, rows=[])
@@ -59,14 +62,14 @@ def main() -> None:
 
     for row in a.rows.split(","):
         kind, bits = row.split(":")
-        if kind == "alloc":
+        if kind in ("alloc", "bits"):
             if pred is None:
-                grid = SensitivityGrid.load(grid_folder(a.grid_tag, 128, 256, "gptq"))
+                grid = SensitivityGrid.load(grid_folder(a.grid_tag, 128, 256, a.quant))
                 pred = Predictor(grid, linears, model_bytes(lm.model).weight_bytes, 4,
                                  linear_biases(lm.model, linears), estimator="kl")
-            plan = allocate(pred, target_bits=float(bits), quant="gptq")
+            plan = allocate(pred, target_bits=float(bits), quant=a.quant, only="bits" if kind == "bits" else None)
         else:
-            plan = Plan(default=ModuleSpec(bits=int(bits), group_size=128, quant="gptq"))
+            plan = Plan(default=ModuleSpec(bits=int(bits), group_size=128, quant=a.quant))
         r = dict(row=row, modules_with_rank=sum(1 for s in plan.modules.values() if s.rank),
                  modules_by_bits={b: sum(plan.spec_for(li.name).bits == b for li in linears) for b in (2, 3, 4, 8)})
         t = time.perf_counter()

@@ -71,6 +71,18 @@ def test_eval_profile_apply_reload(model_dir, tmp_path, capsys, monkeypatch):
     assert timed["latency_note"].startswith(f"{n_linears} quantised weight matrices are unpacked and dequantised")
 
 
+def test_apply_vq_keeps_its_predicted_bytes_and_reloads(model_dir, tmp_path, capsys, monkeypatch):
+    from compression.__main__ import main as compression_main
+
+    monkeypatch.setenv("RANKLAB_CACHE", str(tmp_path / "cache"))
+    folder, text = model_dir
+    comp = _run(compression_main, ["apply", "--model", str(folder), "--text", str(text), "--method", "vq",
+                                   "--bits", "2", "--group-size", "32", "--calib-tokens", "256", "--seqlen", "32",
+                                   "--out", str(tmp_path / "c")], capsys)
+    assert comp["weight_bytes"] == comp["predicted_weight_bytes"] < comp["dense_weight_bytes"]
+    _assert_reloads(tmp_path / "c", text, comp, capsys)
+
+
 def test_apply_lillama_defaults_to_svd_llm_and_reports_its_options(model_dir, tmp_path, capsys, monkeypatch):
     from compression.__main__ import main as compression_main
 
@@ -180,6 +192,7 @@ def test_data_free_apply_reads_no_calibration_and_refuses_ignored_flags(model_di
                        (["--method", "rtn", "--bits", "4", "--seqlen", "0"], "--seqlen must be at least 1"),
                        (["--method", "svd-llm", "--param-ratio", "0"], "--param-ratio 0.0 must be in (0, 1]"),
                        (["--method", "rtn", "--bits", "5"], "--bits 5: rtn takes 2 or 3 or 4 or 8 bits"),
+                       (["--method", "vq", "--bits", "8"], "--bits 8: vq takes 2 or 3 or 4 bits"),
                        (["--method", "gptq", "--bits", "4", "--group-size", "0"], "--group-size 0 must be a positive"),
                        (["--method", "svd", "--param-ratio", "nan"], "--param-ratio nan must be in (0, 1]"),
                        (["--method", "rtn", "--bits", "4", "--seqlen", "1"], "--seqlen 1 is too short"),

@@ -593,3 +593,15 @@ def test_a_tuned_run_says_so_and_does_not_correct_the_predictions(tiny_lab):
     assert rec.plan["tune"]["steps"] == 3 and rec.summary.endswith("tuned 3 steps per layer")
     assert tiny_lab.comparable_to_predictor(plan) == "tuned after compressing (the prediction does not model tuning)"
     assert tiny_lab.comparable_to_predictor(replace(plan, tune=None)) is None
+
+
+def test_a_vq_slider_plan_runs_and_an_8_bit_vq_plan_says_what_to_change(tiny_lab):
+    plan = tiny_lab.plan_from_sliders([100, 100], [2, 3], quant="vq", group_size=32)
+    rec = tiny_lab.run(plan, "vq")
+    assert rec.status == "ok", rec.error
+    assert rec.measured["bytes"] == tiny_lab.predict(plan)["bytes"]
+    bad = tiny_lab.plan_from_sliders([100, 100], [8, 8], quant="vq", group_size=32)
+    with pytest.raises(ValueError, match=r"vq: 8 bits is not supported; use one of \[2, 3, 4\]"):
+        tiny_lab.predict(bad)
+    rec = tiny_lab.run(bad)
+    assert rec.status == "failed" and "use one of [2, 3, 4]" in rec.error
