@@ -73,3 +73,32 @@ def grid_folder(tag: str, n_tok: int, seqlen: int, quant: str = "rtn") -> Path:
 
     suffix = "" if quant == "rtn" else f"-{quant}"
     return cache_dir() / "bench-grids" / f"sensitivity_{tag}-{n_tok}-{min(seqlen, n_tok)}{suffix}"
+
+
+def probe_args(description: str, **extra: str):
+    """The per-linear probes' command line (``--layers 2,15,28``, ``--threads 2``, and ``extra``
+    string options with their defaults); sets torch's threads. Returns (args, layer set)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--layers", default="2,15,28")
+    ap.add_argument("--threads", type=int, default=2)
+    for flag, default in extra.items():
+        ap.add_argument(f"--{flag}", default=default)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    return a, {int(x) for x in a.layers.split(",")}
+
+
+def layer_weights(layers: set[int]):
+    """The benchmark model's decoder linears in ``layers`` with their calibration Hessians:
+    (calibration label, [(name, W (m, n) fp32, H = X Xᵀ (n, n) fp64)])."""
+    from analysis.adapters import get_submodule
+    from analysis.loading import load_model
+
+    lm = load_model(MODEL, "cpu")
+    cal_c, _, _, prof, _ = calibration(lm)
+    stats = prof.all_stats()
+    return cal_c.label, [(li.name, get_submodule(lm.model, li.name).weight.detach().float(),
+                          stats[li.name].inputs.xxt.double())
+                         for li in lm.adapter.linears(lm.model) if li.layer in layers]

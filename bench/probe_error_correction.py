@@ -19,15 +19,12 @@ Writes ``results/error_correction_probe.json``.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
-from common import calibration, log, save  # noqa: I001
+from common import layer_weights, log, probe_args, save  # noqa: I001
 from probe_rotation import rel_error
 
-from analysis.adapters import get_submodule
-from analysis.loading import load_model
 from compression.lowrank import whitened_svd_factors
 from compression.quant import dequantize_affine, gptq_quantize, n_groups
 
@@ -49,31 +46,20 @@ def lowrank(w: torch.Tensor, h: torch.Tensor, r: int) -> torch.Tensor:  # (m, n)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", default="2,15,28")
-    ap.add_argument("--threads", type=int, default=2)
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    layers = {int(x) for x in a.layers.split(",")}
-    lm = load_model("default", "cpu")
-    cal_c, _, ids, prof, _ = calibration(lm)
-    stats = prof.all_stats()
+    _, layers = probe_args(__doc__)
+    cal_label, items = layer_weights(layers)
     rows = []
-    for li in lm.adapter.linears(lm.model):
-        if li.layer not in layers:
-            continue
-        w = get_submodule(lm.model, li.name).weight.detach().float()  # (m, n)
+    for name, w, h in items:  # w (m, n), h (n, n)
         m, n = w.shape
-        h = stats[li.name].inputs.xxt.double()  # (n, n)
         q = {b: gptq(w, h, b) for b in (2, 3, 4)}
-        row = dict(name=li.name, **{f"gptq{b}": rel_error(w, q[b], h) for b in q})
+        row = dict(name=name, **{f"gptq{b}": rel_error(w, q[b], h) for b in q})
         for b, budget, label in ((2, 2.5, "2.5"), (2, quant_bits(3, m, n), "next2"), (3, quant_bits(4, m, n), "next3")):
             r = int((budget - quant_bits(b, m, n)) * m * n / (16 * (m + n)))
             row[f"rank_{label}"] = r
             row[f"after_{label}"] = rel_error(w, q[b] + lowrank(w - q[b], h, r), h)
             low = lowrank(w, h, r)
             row[f"before_{label}"] = rel_error(w, low + gptq(w - low, h, b), h)
-        log(f"{li.name:34s} " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+        log(f"{name:34s} " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                           for k, v in row.items() if k != "name"))
         rows.append(row)
     keys = [k for k in rows[0] if k != "name" and not k.startswith("rank")]
@@ -91,7 +77,7 @@ def main() -> None:
             at_4_bits=sum(min(r["after_next3"], r["before_next3"]) < r["gptq4"] for r in rows), of=len(rows)))
     log(summary)
     save("error_correction_probe", dict(
-        protocol=f"GPTQ act-order g{GROUP} on the profile of {cal_c.label} 32 x 2048 (seed 0); "
+        protocol=f"GPTQ act-order g{GROUP} on the profile of {cal_label} 32 x 2048 (seed 0); "
                  f"layers {sorted(layers)}; corrections in fp16 (16 r (m + n) bits), whitened SVD; fp32 CPU",
         rows=rows, summary=summary))
 

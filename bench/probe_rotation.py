@@ -13,14 +13,11 @@ Hessian Rᵀ H R, then rotate back). Writes ``results/rotation_probe.json``.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
-from common import calibration, log, save  # noqa: I001
+from common import layer_weights, log, probe_args, save  # noqa: I001
 
-from analysis.adapters import get_submodule
-from analysis.loading import load_model
 from compression.quant import dequantize_affine, gptq_quantize
 
 
@@ -37,29 +34,18 @@ def random_rotation(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", default="2,15,28")
-    ap.add_argument("--threads", type=int, default=2)
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    layers = {int(x) for x in a.layers.split(",")}
-    lm = load_model("default", "cpu")
-    cal_c, _, ids, prof, _ = calibration(lm)
-    stats = prof.all_stats()
+    _, layers = probe_args(__doc__)
+    cal_label, items = layer_weights(layers)
     rows = []
-    for li in lm.adapter.linears(lm.model):
-        if li.layer not in layers:
-            continue
-        w = get_submodule(lm.model, li.name).weight.detach().float()  # (m, n)
-        h = stats[li.name].inputs.xxt.double()  # (n, n)
+    for name, w, h in items:  # w (m, n), h (n, n)
         rot = random_rotation(w.shape[1])
-        row = dict(name=li.name)
+        row = dict(name=name)
         for bits in (2, 3):
             plain = dequantize_affine(*gptq_quantize(w, h, bits, 128, act_order=True), 128)
             turned = dequantize_affine(*gptq_quantize(w @ rot.float(), rot.T @ h @ rot, bits, 128, act_order=True),
                                        128) @ rot.T.float()
             row[f"gptq{bits}"], row[f"rotated{bits}"] = rel_error(w, plain, h), rel_error(w, turned, h)
-        log(f"{li.name:34s} " + "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "name"))
+        log(f"{name:34s} " + "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "name"))
         rows.append(row)
     med = {k: statistics.median(r[k] for r in rows) for k in ("gptq2", "rotated2", "gptq3", "rotated3")}
     summary = dict(median=med, rotation_gain_2bit=med["gptq2"] / med["rotated2"],
@@ -67,7 +53,7 @@ def main() -> None:
                    two_vs_three_bits_plain=med["gptq2"] / med["gptq3"],
                    rotated_two_vs_plain_three=med["rotated2"] / med["gptq3"])
     log(summary)
-    save("rotation_probe", dict(protocol=f"GPTQ act-order g128 on the profile of {cal_c.label} 32 x 2048 (seed 0); "
+    save("rotation_probe", dict(protocol=f"GPTQ act-order g128 on the profile of {cal_label} 32 x 2048 (seed 0); "
                                          f"layers {sorted(layers)}; fp32 CPU", rows=rows, summary=summary))
 
 

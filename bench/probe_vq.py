@@ -21,15 +21,12 @@ Writes ``results/vq_probe.json``.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
-from common import calibration, log, save  # noqa: I001
+from common import layer_weights, log, probe_args, save  # noqa: I001
 from probe_rotation import rel_error
 
-from analysis.adapters import get_submodule
-from analysis.loading import load_model
 from compression.quant import _inverse_hessian_chol, dequantize_affine, gptq_quantize, n_groups
 
 # name -> (d, bits per dimension, tile rows, tile columns)
@@ -95,25 +92,13 @@ def gptvq(w: torch.Tensor, h: torch.Tensor, d: int, b: float, rows: int, cols: i
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", default="2,15,28")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", default="", help="comma-separated VQ names (default: all)")
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    layers = {int(x) for x in a.layers.split(",")}
+    a, layers = probe_args(__doc__, only="")  # --only: comma-separated VQ names (default: all)
     vq = {k: v for k, v in VQ.items() if not a.only or k in a.only.split(",")}
-    lm = load_model("default", "cpu")
-    cal_c, _, ids, prof, _ = calibration(lm)
-    stats = prof.all_stats()
+    cal_label, items = layer_weights(layers)
     rows, tot = [], {}
-    for li in lm.adapter.linears(lm.model):
-        if li.layer not in layers:
-            continue
-        w = get_submodule(lm.model, li.name).weight.detach().float()  # (m, n)
+    for name, w, h in items:  # w (m, n), h (n, n)
         m, n = w.shape
-        h = stats[li.name].inputs.xxt.double()  # (n, n)
-        row = dict(name=li.name)
+        row = dict(name=name)
         for label, bits, g in (("gptq2-g128", 2, 128), ("gptq2-g64", 2, 64), ("gptq3-g128", 3, 128)):
             wq = dequantize_affine(*gptq_quantize(w, h, bits, g, act_order=True), g)
             row[label] = rel_error(w, wq, h)
@@ -126,7 +111,7 @@ def main() -> None:
             tot.setdefault(label, [0.0, 0])
             tot[label][0] += bpw * m * n
             tot[label][1] += m * n
-        log(f"{li.name:34s} " + "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "name"))
+        log(f"{name:34s} " + "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "name"))
         rows.append(row)
     keys = [k for k in rows[0] if k != "name"]
     summary = {k: dict(bits_per_weight=tot[k][0] / tot[k][1], median_error=statistics.median(r[k] for r in rows),
@@ -134,7 +119,7 @@ def main() -> None:
     for k, v in summary.items():
         log(f"{k:20s} bits {v['bits_per_weight']:.3f}  median err {v['median_error']:.4f}  "
             f"vs gptq3 {v['median_vs_gptq3']:.2f}x")
-    save("vq_probe", dict(protocol=f"profile of {cal_c.label} 32 x 2048 (seed 0); layers {sorted(layers)}; GPTQ "
+    save("vq_probe", dict(protocol=f"profile of {cal_label} 32 x 2048 (seed 0); layers {sorted(layers)}; GPTQ "
                                    "act-order; VQ codebooks fp16, k-means 25 iterations seed 0; fp32 CPU",
                           configs={k: dict(zip(("d", "bits_per_dim", "tile_rows", "tile_cols"), v))
                                    for k, v in vq.items()},
