@@ -167,7 +167,7 @@ PROBED_QUANT = ("rtn", "gptq", "vq")  # quantisers with several widths (vq: 2/3/
 
 def grid_bits(bits: Sequence[int], quant: str) -> tuple[int, ...]:
     """The widths of ``bits`` that ``quant`` stores (vq has no 8-bit codebook; its grid is
-    2/3/4 bits)."""
+    2/3/4 bits). When it stores none of them, ``bits`` unchanged, for ``_check_settings`` to refuse."""
     allowed = QUANT_METHODS[quant].allowed_bits if quant in QUANT_METHODS else ()
     return tuple(int(b) for b in bits if int(b) in allowed) or tuple(int(b) for b in bits)
 

@@ -263,18 +263,19 @@ class VQConfig(QuantConfig):
     def tiles(self, m: int, n: int) -> tuple[int, int]:
         return -(-m // self.rows(m)), n_groups(n, self.group_size)
 
-    def check_settings(self) -> None:
-        super().check_settings()
+    def _check_tiles(self) -> None:
         if self.tile_rows < 0:
             raise ValueError(f"vq: tile_rows {self.tile_rows} must be 0 (automatic) or positive")
         if self.iters < 1:
             raise ValueError(f"vq: iters {self.iters} must be at least 1")
 
-    def check(self, n: int) -> None:
+    def check_settings(self) -> None:
+        super().check_settings()
+        self._check_tiles()
+
+    def check(self, n: int) -> None:  # an odd width fails the base check (n x bits do not fill whole bytes)
         super().check(n)
-        self.check_settings()
-        if n % self.dim:
-            raise ValueError(f"vq: input width {n} is odd; pairs of inputs need an even width")
+        self._check_tiles()
 
     def scale_bytes(self, m: int, n: int) -> int:
         tr, tc = self.tiles(m, n)
