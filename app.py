@@ -26,6 +26,7 @@ import pandas as pd
 from analysis import figures as F
 from analysis.metrics import unsteady_note
 from analysis.sensitivity import PROBED_QUANT
+from compression.configs import bit_width
 from compression.export import export_all
 from compression.lab import BITS_CHOICES, DENSE_PCT, Lab, LabSettings
 from compression.plan import LOWRANK_METHODS, QUANT_METHODS, LillamaOptions, Plan, TuneOptions
@@ -80,12 +81,12 @@ def _fmt_bytes(n: float | None) -> str:
     return f"{n:,.2f} GB"
 
 
-def _bits_value(label: str | None) -> int | None:
-    """A bits dropdown's label -> bit width (None keeps the dtype)."""
-    return None if label in (None, "", "keep") else int(label)
+def _bits_value(label: str | None) -> int | float | None:
+    """A bits dropdown's label -> bit width (None keeps the dtype; 2.5 is vq's)."""
+    return None if label in (None, "", "keep") else bit_width(float(label))
 
 
-def _bits_label(bits: int | None) -> str:
+def _bits_label(bits: int | float | None) -> str:
     return "keep" if bits is None else str(bits)
 
 
@@ -642,7 +643,8 @@ def _first_view_protocol(proxy) -> str:
 
 def build_budget_tab(state):
     gr.Markdown("Drag a layer's **rank** (as % of each linear's break-even rank; 100 keeps full rank — at "
-                "break-even a factorisation saves nothing) and pick its **bits** (2, 3, 4, 8 or keep the dtype). "
+                "break-even a factorisation saves nothing) and pick its **bits** (2, 3, 4, 8 or keep the dtype; "
+                "2.5 with vq only). "
                 "Release a slider or pick a width and the readout re-predicts size and perplexity. The table "
                 "overrides single modules (name, rank, bits; blank = the layer's setting, `full` = full rank, "
                 "`keep` = keep the dtype).")

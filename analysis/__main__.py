@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="tokens of the profile that fits svd-llm/gptq/vq")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--method", default="svd-llm", help="low-rank method probed: svd | act-pca | svd-llm (default)")
-    s.add_argument("--quant", default="rtn", help="quantiser probed: rtn | gptq | vq (2/3/4 bits)")
+    s.add_argument("--quant", default="rtn", help="quantiser probed: rtn | gptq | vq (2/2.5/3/4 bits)")
     s.add_argument("--group-size", type=int, default=128)
     s.add_argument("--derive-bits", default=",".join(map(str, sens.DERIVED_BITS)),
                    help="bit widths scaled from the next lower probed width instead of probed "

@@ -371,6 +371,11 @@ def _kind_title(kind: str) -> str:
     return {"rank": "Low-rank: rank kept r", "bits": "Quantisation: bits per weight"}.get(kind, f"{kind}: setting")
 
 
+def _setting(s: float) -> str:
+    """A grid setting as text: ``64``, ``2.5`` (tables hold ranks and bits as floats)."""
+    return f"{float(s):g}"
+
+
 def sensitivity_heatmap(sens: pd.DataFrame, protocol: str, floor: float = 1e-3, quantity: str = "loss increase",
                         symbol: str = "Δloss") -> go.Figure:
     """Loss increase (or the ``quantity`` the table's ``dloss`` holds, e.g. a KL divergence,
@@ -403,9 +408,9 @@ def sensitivity_heatmap(sens: pd.DataFrame, protocol: str, floor: float = 1e-3, 
             i, j = li[row.layer], ci[(row.role, row.setting)]
             z[i, j] = _loss_scale(np.array([row.dloss], dtype=float), floor)[0]
             hover[i, j] = (f"<b>{html.escape(str(row.name))}</b><br>layer {row.layer}, {row.role}<br>"
-                           f"{kind} = {row.setting}<br>{symbol} = {float(row.dloss):.6g} nats/token")
+                           f"{kind} = {_setting(row.setting)}<br>{symbol} = {float(row.dloss):.6g} nats/token")
         fig.add_trace(go.Heatmap(
-            z=z, x=[[str(r) for r, _ in cols], [str(s) for _, s in cols]], y=layers, hovertext=hover,
+            z=z, x=[[str(r) for r, _ in cols], [_setting(s) for _, s in cols]], y=layers, hovertext=hover,
             hovertemplate="%{hovertext}<extra></extra>", hoverongaps=False, coloraxis="coloraxis", xgap=1, ygap=1,
             name=kind), row=1, col=p)
         fig.update_xaxes(type="multicategory", tickfont=dict(size=10), row=1, col=p)

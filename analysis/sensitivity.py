@@ -110,6 +110,7 @@ from analysis.adapters import Adapter, LinearInfo, get_submodule
 from analysis.atomic import EXACT_FLOATS, atomic_folder, check_replaceable, holds, save_to_cache
 from analysis.layerwise import _Recorder, _Stop, run_head, run_layer
 from analysis.stats import InputStats, LinearStats
+from compression.configs import bit_width
 from compression.lowrank import NESTED, LowRankLinear
 from compression.plan import LOWRANK_METHODS, QUANT_METHODS, ModuleSpec, weight_bytes
 from compression.quant import QuantLinear
@@ -148,28 +149,35 @@ def rank_grid(li: LinearInfo, fractions: Sequence[float] = FRACTIONS) -> list[in
 
 
 def settings_for(li: LinearInfo, fractions: Sequence[float] = FRACTIONS,
-                 bits: Sequence[int] = BITS_GRID) -> list[tuple[str, int]]:
-    """The grid of one linear: ``[("rank", r) ...] + [("bits", b) ...]``."""
-    return [("rank", r) for r in rank_grid(li, fractions)] + [("bits", int(b)) for b in sorted(set(bits))]
+                 bits: Sequence[float] = BITS_GRID) -> list[tuple[str, int | float]]:
+    """The grid of one linear: ``[("rank", r) ...] + [("bits", b) ...]`` (b may be vq's 2.5)."""
+    return [("rank", r) for r in rank_grid(li, fractions)] + [("bits", b) for b in sorted({bit_width(b) for b in bits})]
 
 
-def setting_spec(kind: str, setting: int, method: str, quant: str, group_size: int) -> ModuleSpec:
+def setting_spec(kind: str, setting: float, method: str, quant: str, group_size: int) -> ModuleSpec:
     if kind == "rank":
         return ModuleSpec(rank=int(setting), lowrank=method)
     if kind == "bits":
-        return ModuleSpec(bits=int(setting), group_size=group_size, quant=quant)
+        return ModuleSpec(bits=bit_width(setting), group_size=group_size, quant=quant)
     raise ValueError(f"unknown setting kind {kind!r}")
 
 
 PROBED_LOWRANK = ("svd", "act-pca", "svd-llm")  # closed-form fits: one per probe
-PROBED_QUANT = ("rtn", "gptq", "vq")  # quantisers with several widths (vq: 2/3/4 bits, see ``grid_bits``)
+PROBED_QUANT = ("rtn", "gptq", "vq")  # quantisers with several widths (vq: 2/2.5/3/4 bits, see ``grid_bits``)
 
 
-def grid_bits(bits: Sequence[int], quant: str) -> tuple[int, ...]:
-    """The widths of ``bits`` that ``quant`` stores (vq has no 8-bit codebook; its grid is
-    2/3/4 bits). When it stores none of them, ``bits`` unchanged, for ``_check_settings`` to refuse."""
+def grid_bits(bits: Sequence[float], quant: str) -> tuple[int | float, ...]:
+    """The widths of ``bits`` that ``quant`` stores, and the fractional widths it stores
+    between them (vq has no 8-bit codebook and a 2.5-bit one: from the default 2/3/4/8 its
+    grid is 2/2.5/3/4). When it stores none of them, ``bits`` unchanged, for
+    ``_check_settings`` to refuse."""
     allowed = QUANT_METHODS[quant].allowed_bits if quant in QUANT_METHODS else ()
-    return tuple(int(b) for b in bits if int(b) in allowed) or tuple(int(b) for b in bits)
+    widths = sorted({bit_width(b) for b in bits})
+    kept = [b for b in widths if b in allowed]
+    if not kept:
+        return tuple(widths)
+    between = [bit_width(b) for b in allowed if not float(b).is_integer() and kept[0] < b < kept[-1]]
+    return tuple(sorted(set(kept + between)))
 
 
 def check_methods(method: str, quant: str) -> None:
@@ -541,11 +549,11 @@ class SensitivityGrid:
         first = None
         if (folder / "first_order.csv").exists():
             first = pd.read_csv(folder / "first_order.csv", dtype={"name": str, "kind": str}, **EXACT_FLOATS)
-            first = first.astype({"setting": int, "dloss_first": float})[FIRST_ORDER_COLUMNS]
+            first = first.astype({"setting": float, "dloss_first": float})[FIRST_ORDER_COLUMNS]
         kl = None
         if (folder / "kl.csv").exists():
             kl = pd.read_csv(folder / "kl.csv", dtype={"name": str, "kind": str}, **EXACT_FLOATS)
-            kl = kl.astype({"setting": int, "kl": float})[KL_COLUMNS]
+            kl = kl.astype({"setting": float, "kl": float})[KL_COLUMNS]
         return cls(meta, table, proxy, first, kl, str(folder))
 
     def curvature_table(self) -> pd.DataFrame:
@@ -593,7 +601,7 @@ def _read_table(path: Path) -> pd.DataFrame:
     missing = [c for c in TABLE_COLUMNS if c not in t.columns]
     if missing:
         raise ValueError(f"{path} lacks columns {missing}")
-    return t.astype({"layer": int, "setting": int, "dloss": float, "bytes": "int64"})[TABLE_COLUMNS]
+    return t.astype({"layer": int, "setting": float, "dloss": float, "bytes": "int64"})[TABLE_COLUMNS]
 
 
 def sensitivity_key(fingerprint: str, data_digest: str, n_tokens: int, method: str, quant: str,
@@ -621,14 +629,14 @@ def check_compatible(grid: SensitivityGrid, fingerprint: str, data_digest: str |
 
 
 def _meta(kind: str, model: nn.Module, calib_ids: Tensor, *, method: str, quant: str, group_size: int,
-          fractions: Sequence[float], bits: Sequence[int], dense_loss: float, seconds: float, device,
+          fractions: Sequence[float], bits: Sequence[float], dense_loss: float, seconds: float, device,
           fingerprint: str | None, data_label: str | None, data_digest: str | None,
           stats: dict[str, LinearStats], **extra) -> dict:
     n_stats = max((s.n_tokens for s in stats.values()), default=0)
     return dict(format=SENSITIVITY_FORMAT, estimator=kind, fingerprint=fingerprint, data=data_label,
                 data_digest=data_digest, n_tokens=int(calib_ids.numel()), windows=int(calib_ids.shape[0]),
                 seqlen=int(calib_ids.shape[1]), stats_tokens=int(n_stats), method=method, quant=quant,
-                group_size=int(group_size), fractions=[float(f) for f in fractions], bits=[int(b) for b in bits],
+                group_size=int(group_size), fractions=[float(f) for f in fractions], bits=[bit_width(b) for b in bits],
                 dense_loss=float(dense_loss), seconds=round(float(seconds), 3), device=str(device),
                 dtype=str(next(model.parameters()).dtype).replace("torch.", ""), torch_threads=torch.get_num_threads(),
                 date=_dt.datetime.now().isoformat(timespec="seconds"), **extra)
@@ -676,13 +684,13 @@ class _LayerGrads:
                 self._done.pop(layer, None)
 
 
-def derived_widths(bits: Sequence[int], derive_bits: Sequence[int]) -> dict[int, int]:
+def derived_widths(bits: Sequence[float], derive_bits: Sequence[int]) -> dict[int, int | float]:
     """``{derived width: probed width it is scaled from}``: each width of ``derive_bits`` in
     ``bits`` with a lower width in ``bits`` that is itself probed (the largest such)."""
-    derive = {int(b) for b in derive_bits} & {int(b) for b in bits}
+    derive = {bit_width(b) for b in derive_bits} & {bit_width(b) for b in bits}
     out = {}
     for b in sorted(derive):
-        lower = [int(x) for x in bits if int(x) < b and int(x) not in derive]
+        lower = [bit_width(x) for x in bits if x < b and bit_width(x) not in derive]
         if lower:
             out[b] = max(lower)
     return out
@@ -700,7 +708,7 @@ def derive_ratio(fisher: Tensor, weight: Tensor, bias: Tensor | None, base: tupl
 @torch.no_grad()
 def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, stats: dict[str, LinearStats], *,
                         method: str = "svd-llm", quant: str = "rtn", group_size: int = 128,
-                        fractions: Sequence[float] = FRACTIONS, bits: Sequence[int] = BITS_GRID,
+                        fractions: Sequence[float] = FRACTIONS, bits: Sequence[float] = BITS_GRID,
                         derive_bits: Sequence[int] = DERIVED_BITS,
                         device: torch.device | str | None = None, names: Sequence[str] | None = None,
                         fingerprint: str | None = None, data_label: str | None = None,
@@ -829,13 +837,13 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, s
                 losses[ks] = firsts.get(ks, 0.0) + curv * r
                 if lo in kls:
                     kls[ks] = kls[lo] * r
-            rows = [dict(name=li.name, layer=li.layer, role=li.role, kind=kind, setting=int(s),
+            rows = [dict(name=li.name, layer=li.layer, role=li.role, kind=kind, setting=float(s),
                          dloss=losses[(kind, s)],
                          bytes=int(weight_bytes(setting_spec(kind, s, method, quant, group_size), li, dtype_bytes)))
                     for kind, s in settings]
-            first_rows = [dict(name=li.name, kind=k, setting=int(s), dloss_first=firsts[(k, s)])
+            first_rows = [dict(name=li.name, kind=k, setting=float(s), dloss_first=firsts[(k, s)])
                           for k, s in settings] if first_order else []
-            kl_rows = [dict(name=li.name, kind=k, setting=int(s), kl=kls[(k, s)]) for k, s in settings] \
+            kl_rows = [dict(name=li.name, kind=k, setting=float(s), kl=kls[(k, s)]) for k, s in settings] \
                 if dense is not None else []
             return rows, first_rows, kl_rows, len(ratios)
 
@@ -896,7 +904,7 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, s
 def load_or_measure(model: nn.Module, adapter: Adapter, calib_ids: Tensor, stats: dict[str, LinearStats], *,
                     fingerprint: str, data_label: str, data_digest: str, cache_root: str | Path,
                     method: str = "svd-llm", quant: str = "rtn", group_size: int = 128,
-                    fractions: Sequence[float] = FRACTIONS, bits: Sequence[int] = BITS_GRID,
+                    fractions: Sequence[float] = FRACTIONS, bits: Sequence[float] = BITS_GRID,
                     derive_bits: Sequence[int] = DERIVED_BITS, cached_only: bool = False,
                     **kw) -> tuple[SensitivityGrid | None, bool]:
     """The cached grid for (model, data, token count, method, quant, group size, linears) if
@@ -924,11 +932,11 @@ def load_or_measure(model: nn.Module, adapter: Adapter, calib_ids: Tensor, stats
         **kw), "the sensitivity grid", cached_only)
 
 
-def _same_grid(grid: SensitivityGrid, fractions: Sequence[float], bits: Sequence[int],
+def _same_grid(grid: SensitivityGrid, fractions: Sequence[float], bits: Sequence[float],
                stats: dict[str, LinearStats], names: list[str]) -> bool:
     """``grid`` holds these settings, for these linears, on statistics of as many tokens."""
     return (grid.meta.get("fractions") == [float(f) for f in fractions]
-            and grid.meta.get("bits") == [int(b) for b in bits]
+            and grid.meta.get("bits") == [bit_width(b) for b in bits]
             and grid.meta.get("stats_tokens") == max((s.n_tokens for s in stats.values()), default=0)
             and sorted(grid.table["name"].unique()) == names)
 
@@ -1102,7 +1110,7 @@ def proxy_dloss(fisher: Tensor, weight: Tensor, bias: Tensor | None,
 
 def proxy_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, stats: dict[str, LinearStats], *,
                       method: str = "svd-llm", quant: str = "rtn", group_size: int = 128,
-                      fractions: Sequence[float] = FRACTIONS, bits: Sequence[int] = BITS_GRID,
+                      fractions: Sequence[float] = FRACTIONS, bits: Sequence[float] = BITS_GRID,
                       windows: int | None = None, token_cap: float | None = TOKEN_CAP,
                       device: torch.device | str | None = None,
                       fingerprint: str | None = None, data_label: str | None = None,
@@ -1133,7 +1141,7 @@ def proxy_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, sta
         dl = proxy_dloss(fisher[li.name], lin.weight, lin.bias, affines, moments[li.name])
         for (kind, s), d in zip(grid[li.name], dl):
             spec = setting_spec(kind, s, method, quant, group_size)
-            rows.append(dict(name=li.name, layer=li.layer, role=li.role, kind=kind, setting=int(s), dloss=d,
+            rows.append(dict(name=li.name, layer=li.layer, role=li.role, kind=kind, setting=float(s), dloss=d,
                              bytes=int(weight_bytes(spec, li, dtype_bytes))))
         say(0.2 + 0.8 * (j + 1) / len(linears), f"proxy {li.name}")
     n_used = int((calib_ids[:windows] if windows else calib_ids).numel())
@@ -1147,7 +1155,7 @@ def proxy_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, sta
 def load_or_proxy(model: nn.Module, adapter: Adapter, calib_ids: Tensor, stats: dict[str, LinearStats], *,
                   fingerprint: str, data_label: str, data_digest: str, cache_root: str | Path,
                   method: str = "svd-llm", quant: str = "rtn", group_size: int = 128,
-                  fractions: Sequence[float] = FRACTIONS, bits: Sequence[int] = BITS_GRID,
+                  fractions: Sequence[float] = FRACTIONS, bits: Sequence[float] = BITS_GRID,
                   token_cap: float | None = TOKEN_CAP, cached_only: bool = False,
                   **kw) -> tuple[SensitivityGrid | None, bool]:
     """The cached first view (``proxy_sensitivity`` over all of ``calib_ids``) for this model,

@@ -8,6 +8,11 @@ validation split, ppl16 on the raw test split).
     python bench/bench_sensitivity.py [--device auto] [--tokens N] [--seqlen L] [--plans 14]
         [--targets 4.25,3.25,2.5] [--variants "ranks+bits gptq,bits only gptq"] [--uniform-2bit]
         [--uniform vq:2,vq:3] [--grid-quant rtn|gptq|vq] [--skip-proxy] [--tag cpu]
+        [--reuse-grids --grid-tag T --extend-bits 2.5]
+
+``--extend-bits`` probes widths a reused grid lacks (each probe compresses one linear of the
+dense model, so probes of one width do not depend on the others) and joins them to it; the
+joined grid is saved under ``--tag``.
 
 Defaults for the grid are the CLI's (``analysis.sensitivity.DEFAULT_TOKENS`` ...).
 """
@@ -21,6 +26,7 @@ import time
 import warnings
 from pathlib import Path
 
+import pandas as pd
 import torch
 from common import EVAL_SPEC, MODEL, calibration, grid_folder, grid_windows, log, save  # noqa: I001
 from scipy.stats import spearmanr
@@ -35,6 +41,26 @@ from compression.apply import apply_plan
 from compression.plan import ModuleSpec, Plan, PlanWarning
 
 ESTIMATORS = ("dloss", "curvature", "kl")
+
+
+def join_widths(grid: SensitivityGrid, more: SensitivityGrid) -> SensitivityGrid:
+    """``grid`` with the bit widths that ``more`` probed (same model, data and quantiser)."""
+    keys = ("fingerprint", "data_digest", "n_tokens", "stats_tokens", "method", "quant", "group_size", "dense_loss")
+    differ = [k for k in keys if grid.meta.get(k) != more.meta.get(k)]
+    if differ:
+        raise SystemExit(f"cannot join grids that differ in {differ}")
+    if set(grid.meta["bits"]) & set(more.meta["bits"]):
+        raise SystemExit(f"the grid already holds {sorted(set(grid.meta['bits']) & set(more.meta['bits']))} bits")
+
+    def cat(x, y):
+        return None if x is None or y is None else pd.concat([x, y], ignore_index=True)
+
+    seconds, probes = grid.meta["seconds"] + more.meta["seconds"], grid.meta["probes"] + more.meta["probes"]
+    meta = dict(grid.meta, bits=sorted(grid.meta["bits"] + more.meta["bits"]), seconds=seconds, probes=probes,
+                seconds_per_probe=round(seconds / probes, 4), cpu_seconds_per_probe=None,
+                joined=[{k: m.get(k) for k in ("bits", "seconds", "probes", "date")} for m in (grid.meta, more.meta)])
+    return SensitivityGrid(meta, cat(grid.table, more.table), None, cat(grid.first_order, more.first_order),
+                           cat(grid.kl, more.kl))
 
 
 def main() -> None:
@@ -59,6 +85,8 @@ def main() -> None:
     ap.add_argument("--reuse-measured", default=None,
                     help="a previous run's JSON: reuse its measured ppl16 of the random plans (same seed, so the "
                          "same plans; checked by their size) and only recompute the predictions")
+    ap.add_argument("--extend-bits", default="",
+                    help="with --reuse-grids: probe these widths (e.g. 2.5 for vq) and join them to the reused grid")
     ap.add_argument("--tag", default="")
     ap.add_argument("--grid-tag", default=None, help="tag of the run whose grids --reuse-grids loads (default: --tag)")
     a = ap.parse_args()
@@ -87,6 +115,17 @@ def main() -> None:
             grid = measure_sensitivity(lm.model, lm.adapter, sens_ids, stats, method="svd-llm", quant=a.grid_quant,
                                        group_size=128)
         t_grid = None if reused else time.perf_counter() - t
+        extend = [float(b) for b in a.extend_bits.split(",") if b]
+        if extend:
+            if not reused:
+                raise SystemExit("--extend-bits joins widths to a reused grid: give --reuse-grids (and --grid-tag)")
+            t = time.perf_counter()
+            more = measure_sensitivity(lm.model, lm.adapter, sens_ids, stats, method="svd-llm", quant=a.grid_quant,
+                                       group_size=128, fractions=(), bits=extend)
+            grid = join_widths(grid, more)
+            t_grid = time.perf_counter() - t
+            folder, reused = grid_folder(a.tag, n_tok, a.seqlen, a.grid_quant), False
+            log(f"grid extended by {more.meta['bits']} bits in {t_grid:.1f}s")
         t = time.perf_counter()
         proxy = None if a.skip_proxy else proxy_sensitivity(lm.model, lm.adapter, sens_ids, stats, method="svd-llm",
                                                             quant=a.grid_quant, group_size=128)
@@ -169,7 +208,7 @@ def main() -> None:
                 continue
             r = measure(plan)
             n_rank = sum(1 for s in plan.modules.values() if s.rank)
-            n_bits = {b: sum(1 for s in plan.modules.values() if s.bits == b) for b in (2, 3, 4, 8)}
+            n_bits = {b: sum(1 for s in plan.modules.values() if s.bits == b) for b in (2, 2.5, 3, 4, 8)}
             r.update(target_bits=target, variant=variant, modules_with_rank=n_rank, modules_by_bits=n_bits,
                      allocated_with=f"{main_tokens}:{a.estimator}")
             alloc.append(r)
@@ -183,7 +222,7 @@ def main() -> None:
         out.setdefault("uniform_2bit", []).append(r)
     for item in [x for x in a.uniform.split(",") if x]:
         quant, bits = item.split(":")
-        r = measure(Plan(default=ModuleSpec(bits=int(bits), group_size=128, quant=quant)))
+        r = measure(Plan(default=ModuleSpec(bits=float(bits), group_size=128, quant=quant)))
         r.update(uniform=f"{quant} {bits}-bit g128")
         log(f"uniform {quant} {bits}-bit: ppl16 {r['ppl16']:.2f} bpw {r['bits_per_weight']:.3f}")
         out.setdefault("uniform", []).append(r)

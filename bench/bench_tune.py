@@ -3,19 +3,21 @@ of plans with and without ``Plan.tune``, on the compression benchmark's protocol
 (calibration: 32 x 2048 windows of the tokenised validation split; ppl16 on the raw test split).
 
     python bench/bench_tune.py [--rows uniform:3,alloc:2.5,alloc:3.25] [--quant gptq|vq] [--grid-tag tmpq]
-        [--steps 60] [--tag cpu]
+        [--steps 60] [--norms off|on|both] [--tag cpu]
 
 ``uniform:B`` is B-bit g128 of ``--quant`` (default GPTQ) on every decoder linear; ``alloc:B`` the
 ranks + bits plan allocated at B bits per weight on the cached sensitivity grid of that quantiser
 (128 tokens, KL) that ``bench_sensitivity.py --tokens 128 --grid-quant QUANT --tag TAG`` measured;
-``bits:B`` the bits-only plan allocated there.
+``bits:B`` the bits-only plan allocated there. ``--norms both`` tunes two copies of each
+compressed model, without and with ``TuneOptions.norms`` (the norm scales trained too).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 from common import EVAL_SPEC, MODEL, calibration, grid_folder, log, save  # noqa: I001
@@ -37,6 +39,8 @@ def main() -> None:
     ap.add_argument("--quant", default="gptq", choices=("gptq", "vq"))
     ap.add_argument("--steps", type=int, default=TuneOptions.steps)
     ap.add_argument("--lr", type=float, default=TuneOptions.lr)
+    ap.add_argument("--norms", default="off", choices=("off", "on", "both"),
+                    help="tune the norm scales too (TuneOptions.norms); both: one copy each way")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--tag", default="")
     a = ap.parse_args()
@@ -69,18 +73,23 @@ def main() -> None:
                                  linear_biases(lm.model, linears), estimator="kl")
             plan = allocate(pred, target_bits=float(bits), quant=a.quant, only="bits" if kind == "bits" else None)
         else:
-            plan = Plan(default=ModuleSpec(bits=int(bits), group_size=128, quant=a.quant))
+            plan = Plan(default=ModuleSpec(bits=float(bits), group_size=128, quant=a.quant))
         r = dict(row=row, modules_with_rank=sum(1 for s in plan.modules.values() if s.rank),
-                 modules_by_bits={b: sum(plan.spec_for(li.name).bits == b for li in linears) for b in (2, 3, 4, 8)})
+                 modules_by_bits={b: sum(plan.spec_for(li.name).bits == b for li in linears)
+                                  for b in (2, 2.5, 3, 4, 8)})
         t = time.perf_counter()
         comp, _ = apply_plan(lm.model, lm.adapter, plan, stats, device=lm.device, calib_ids=cal32)
         r["plain"] = measure(comp, time.perf_counter() - t)
         log(f"{row} plain: {r['plain']}")
         # the tuned model is the same one tuned in place: apply_plan's last step with plan.tune set
-        rep = tune(lm.model, comp, lm.adapter, opts, cal32, device=lm.device)
-        r["tuned"] = measure(comp, rep.seconds)
-        r["tuned"].update(summary=rep.summary(), kept=sorted(rep.kept), losses=rep.losses)
-        log(f"{row} tuned: {r['tuned']['ppl16']:.2f} ({rep.summary()})")
+        for norms in {"off": [False], "on": [True], "both": [False, True]}[a.norms]:
+            student = copy.deepcopy(comp) if a.norms == "both" else comp
+            rep = tune(lm.model, student, lm.adapter, replace(opts, norms=norms), cal32, device=lm.device)
+            key = "tuned" + ("_norms" if norms else "")
+            r[key] = measure(student, rep.seconds)
+            r[key].update(summary=rep.summary(), kept=sorted(rep.kept), losses=rep.losses)
+            log(f"{row} {key}: {r[key]['ppl16']:.2f} ({rep.summary()})")
+            del student
         out["rows"].append(r)
         save("tune" + (f"_{a.tag}" if a.tag else ""), out)
 

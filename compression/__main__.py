@@ -200,6 +200,17 @@ def cmd_allocate(a: argparse.Namespace) -> dict:
     return cli_allocate(a, say=say)
 
 
+def _bits_arg(text: str) -> int | float:
+    """``--bits``: a width such as 4, or vq's 2.5 (the quantiser says which it takes)."""
+    from compression.configs import bit_width
+
+    try:
+        return bit_width(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a bit width; give a number such as 4 (or 2.5 for vq)") \
+            from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m compression", description="RankLab compression")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -212,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", help="svd act-pca svd-llm lillama rtn gptq vq binary ternary fp8 mxfp4 slicegpt")
     ap.add_argument("--param-ratio", type=float,
                     help="low-rank methods: fraction of each linear's parameters the factors keep, in (0, 1]")
-    ap.add_argument("--bits", type=int, help="quantisers: bit width (rtn/gptq: 2, 3, 4 or 8; vq: 2, 3 or 4)")
+    ap.add_argument("--bits", type=_bits_arg, help="quantisers: bit width (rtn/gptq: 2, 3, 4 or 8; vq: 2, 2.5, 3 or 4)")
     ap.add_argument("--group-size", type=int, help="quantisation group (default 128; vq: columns per codebook tile)")
     ap.add_argument("--slice", type=float, help="SliceGPT: fraction of the hidden width to delete")
     ap.add_argument("--calib-tokens", type=int, default=32 * 2048)

@@ -47,7 +47,7 @@ import numpy as np
 
 from analysis.adapters import LinearInfo
 from analysis.sensitivity import SensitivityGrid
-from compression.configs import break_even_rank, check_factor_quants
+from compression.configs import bit_width, break_even_rank, check_factor_quants
 from compression.plan import (
     LILLAMA_INITS,
     LOWRANK_METHODS,
@@ -123,7 +123,7 @@ class Predictor:
             if name not in self.by_name:
                 continue
             d = d.sort_values("setting")
-            xs, ys = d["setting"].to_numpy(dtype=np.int64), d["dloss"].to_numpy(dtype=np.float64)
+            xs, ys = d["setting"].to_numpy(dtype=np.float64), d["dloss"].to_numpy(dtype=np.float64)
             if kind == "rank":
                 li = self.by_name[name]
                 full = min(li.out_features, li.in_features)
@@ -141,8 +141,8 @@ class Predictor:
         full = min(li.out_features, li.in_features)
         return [int(r) for r in self._ranks[name][0] if r < full]
 
-    def grid_bits(self, name: str) -> list[int]:
-        return [int(b) for b in self._bits[name][0]] if name in self._bits else []
+    def grid_bits(self, name: str) -> list[int | float]:
+        return [bit_width(b) for b in self._bits[name][0]] if name in self._bits else []
 
     def rank_dloss(self, name: str, rank: int) -> float:
         if name not in self._ranks:
@@ -163,7 +163,7 @@ class Predictor:
                 out.append((li.name, int(s.rank), int(self._ranks[li.name][0][0])))
         return out
 
-    def bits_dloss(self, name: str, bits: int) -> float:
+    def bits_dloss(self, name: str, bits: float) -> float:
         if name not in self._bits:
             raise ValueError(f"the sensitivity grid has no bit-width settings for {name}")
         xs, ys = self._bits[name]

@@ -13,9 +13,10 @@ binary     ``qweight`` uint8 (m, n/8) sign bits; ``scale`` fp16 (m, G)
 ternary    ``qweight`` uint8 (m, n/4) 2-bit codes {0,1,2}->{-1,0,+1}; ``scale`` fp16 (m, G)
 fp8        ``qweight`` float8_e4m3fn (m, n); ``scale`` fp32 (m,)
 mxfp4      ``qweight`` uint8 (m, n/2) E2M1 codes; ``scale`` uint8 E8M0 (m, n/32)
-vq         ``qweight`` uint8 (m, n*b/8): one 2b-bit index per pair of weights; ``codebook``
-           fp16 (ceil(m/R), ceil(n/g), 4^b, 2): 4^b centroids per tile of R rows x g
-           visited columns; ``perm`` int32 (n,): the column visiting order
+vq         ``qweight`` uint8 (m, n*b/8): one 2b-bit index per pair of weights (b = 2, 2.5, 3
+           or 4); ``codebook`` fp16 (ceil(m/R), ceil(n/g), 4^b, 2): 4^b centroids per tile
+           of R rows x g visited columns; ``perm`` (n,) the column visiting order, int16
+           (int32 for widths above 32768)
 low-rank   ``A`` (k, n) and ``B`` (m, k) in the model dtype, or each a quantised module
 =========  =====================================================================
 ``G = ceil(n / g)``: when the group size does not divide the width, the last group of each
@@ -30,6 +31,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 FP16_BYTES = 2
+
+
+def bit_width(b: float) -> int | float:
+    """A bit width as plans and grids hold it: whole numbers as ``int`` (3, never 3.0), others
+    as ``float`` (vq's 2.5)."""
+    f = float(b)
+    return int(f) if f.is_integer() else f
 
 
 def n_groups(n: int, group_size: int) -> int:
@@ -86,7 +94,8 @@ def _factor_ok(quant: QuantConfig, n: int, k: int) -> bool:
 # ----------------------------------------------------------------------------- quantisers
 @dataclass(frozen=True)
 class QuantConfig:
-    """Base of the weight-quantisation configs. ``bits`` is the code width."""
+    """Base of the weight-quantisation configs. ``bits`` is the code width per weight (a whole
+    number, except vq's 2.5: 5-bit codes for pairs of weights)."""
 
     bits: int
     group_size: int = 128
@@ -114,9 +123,14 @@ class QuantConfig:
             raise ValueError(f"{self.name}: group size {self.group_size} must be a positive multiple of 8 (a group "
                              f"wider than the input width {n} means one group per row)"
                              + (f"; a divisor of {n} such as {near} avoids a ragged last group" if near else ""))
-        if (n * self.bits) % 8:
+        step = self.width_step()
+        if n % step:
             raise ValueError(f"{self.name}: {n} inputs x {self.bits} bits do not fill whole bytes; "
-                             "width must be a multiple of 8")
+                             f"the width must be a multiple of {step}")
+
+    def width_step(self) -> int:
+        """Input widths must be multiples of this for a row's codes to fill whole bytes."""
+        return 8 // math.gcd(8, int(self.bits))
 
     def code_bytes(self, m: int, n: int) -> int:
         return m * n * self.bits // 8
@@ -234,24 +248,41 @@ class MXFP4Config(QuantConfig):
 class VQConfig(QuantConfig):
     """GPTVQ-style vector quantisation (van Baalen et al. 2024): columns visited by
     decreasing input-Hessian diagonal, consecutive visited columns paired, each pair coded as
-    one of ``4^bits`` centroids (``bits`` per weight) of a k-means codebook per tile of
-    ``tile_rows`` rows x ``group_size`` visited columns, with GPTQ's error compensation.
-    ``tile_rows = 0`` picks the fewest rows whose codebook costs at most 1/8 bit per weight."""
+    one of ``4^bits`` centroids (``bits`` per weight: 2, 2.5, 3 or 4; 2.5 gives 32 centroids
+    and 5-bit codes) of a k-means codebook per tile of ``tile_rows`` rows x ``group_size``
+    visited columns, with GPTQ's error compensation. ``tile_rows = 0`` picks the fewest rows
+    whose codebook costs at most 1/8 bit per weight."""
 
     tile_rows: int = 0
     damp: float = 0.01
     iters: int = 25  # k-means iterations per tile
     seed: int = 0  # k-means initialisation
     sink_weight: float = 1 / 128  # as GPTQConfig's, when quantised sequentially
-    allowed_bits: ClassVar[tuple[int, ...]] = (2, 3, 4)
+    allowed_bits: ClassVar[tuple[float, ...]] = (2, 2.5, 3, 4)
     name: ClassVar[str] = "vq"
     data_free: ClassVar[bool] = False  # the input Hessian X Xᵀ
     dim: ClassVar[int] = 2  # weights per vector
     codebook_overhead: ClassVar[float] = 1 / 8  # bits per weight the automatic tile height allows
 
     @property
+    def code_bits(self) -> int:
+        """Bits of one vector's index."""
+        return round(self.dim * self.bits)
+
+    @property
     def centroids(self) -> int:
-        return 2 ** (self.dim * self.bits)
+        return 2**self.code_bits
+
+    def width_step(self) -> int:
+        return self.dim * (8 // math.gcd(8, self.code_bits))  # whole vectors whose codes fill whole bytes
+
+    def code_bytes(self, m: int, n: int) -> int:
+        return m * (n // self.dim) * self.code_bits // 8
+
+    @staticmethod
+    def perm_bytes(n: int) -> int:
+        """Bytes per entry of the column order: int16 while every index fits."""
+        return 2 if n <= 2**15 else 4
 
     def rows(self, m: int) -> int:
         """Tile height for a weight of ``m`` rows."""
@@ -273,13 +304,13 @@ class VQConfig(QuantConfig):
         super().check_settings()
         self._check_tiles()
 
-    def check(self, n: int) -> None:  # an odd width fails the base check (n x bits do not fill whole bytes)
+    def check(self, n: int) -> None:  # an odd width fails the base check (``width_step`` is even)
         super().check(n)
         self._check_tiles()
 
     def scale_bytes(self, m: int, n: int) -> int:
         tr, tc = self.tiles(m, n)
-        return tr * tc * self.centroids * self.dim * FP16_BYTES + 4 * n  # codebooks + column order
+        return tr * tc * self.centroids * self.dim * FP16_BYTES + self.perm_bytes(n) * n  # codebooks + column order
 
 
 # ----------------------------------------------------------------------------- low rank

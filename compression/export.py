@@ -28,6 +28,7 @@ with one scale per output row; mxfp4 is E2M1 with a power-of-two scale per 32 in
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 from collections import Counter, defaultdict
@@ -77,8 +78,8 @@ def _want(spec: ModuleSpec) -> _Want | None:
         return _Want("fp8", 8, 0, q)
     if q == "mxfp4":
         return _Want("mxfp4", 4, 32, q)
-    if q == "vq":  # no tool stores codebooks: the integer grid of the same width
-        return _Want("int", spec.bits, 128, q)
+    if q == "vq":  # no tool stores codebooks: the integer grid of the same width (2.5 bits: 3, not coarser)
+        return _Want("int", math.ceil(spec.bits), 128, q)
     raise ValueError(f"unknown quantisation method {q!r} in the plan")
 
 
@@ -112,8 +113,8 @@ def _common_notes(plan: Plan, linears: list[LinearInfo], tool: str, notes: list[
     vq = [s for s in specs if s.bits is not None and s.quant == "vq"]
     if vq:
         notes.append(f"{tool}: {_plural(len(vq), 'vq module')}: no vector-quantised (codebook) format; exported as "
-                     f"asymmetric integers of the same width, group 128, which lose more than vq at the same bits "
-                     f"(one bit more is closer; or export the compressed model itself)")
+                     f"asymmetric integers of the same width (3 bits for 2.5), group 128, which lose more than vq at "
+                     f"the same bits (one bit more is closer; or export the compressed model itself)")
     known = {li.name for li in linears}
     unknown = [k for k in plan.modules if k not in known]
     if unknown:

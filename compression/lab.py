@@ -38,6 +38,7 @@ from analysis.profile import Profile, load_or_profile, rank_for_energy
 from analysis.sensitivity import DEFAULT_TOKENS as SENSITIVITY_TOKENS
 from compression import correction as correction_module
 from compression.apply import apply_plan
+from compression.configs import bit_width
 from compression.correction import Correction, fit_correction
 from compression.plan import (
     ModuleSpec,
@@ -52,7 +53,7 @@ Progress = Callable[[float, str], None]
 # the compressed model lives in memory only: a reload or another model leaves none
 NO_COMPRESSED = ("(no compressed model in this session: a reload or another model clears it; run the "
                  "plan in Run & compare)")
-BITS_CHOICES = [2, 3, 4, 8, None]  # the per-layer bit widths offered (None = keep the dtype)
+BITS_CHOICES = [2, 2.5, 3, 4, 8, None]  # the per-layer bit widths offered (None = keep the dtype; 2.5: vq only)
 DENSE_PCT = 100  # rank slider value meaning "keep full rank"
 KEEP, KEEP_RANK = "keep", "full"  # override-table cells that leave a module's bits / rank uncompressed
 
@@ -542,7 +543,8 @@ class Lab:
             raise ValueError(f"expected {n_layers} rank and bits values, got {len(rank_pcts)} and {len(bits)}")
         bad = sorted({str(b) for b in bits if b not in BITS_CHOICES})
         if bad:
-            raise ValueError(f"bits {', '.join(bad)} not offered: pick one of 2, 3, 4, 8 or keep (None) per layer, "
+            offered = ", ".join(str(b) for b in BITS_CHOICES if b is not None)
+            raise ValueError(f"bits {', '.join(bad)} not offered: pick one of {offered} or keep (None) per layer, "
                              "or set any width per module with a plan file")
         mods = {}
         for li in lins:
@@ -581,7 +583,7 @@ class Lab:
             name = row.get("name")
             name = "" if name is None or (isinstance(name, float) and math.isnan(name)) else str(name).strip()
             if not name:
-                if _cell(row.get("rank")) is not None or _cell(row.get("bits")) is not None:
+                if _cell(row.get("rank")) is not None or _cell(row.get("bits"), whole=False) is not None:
                     raise ValueError("a table row sets a rank or bits but names no module; type the module's name "
                                      "(the Model & data tab lists them) or clear the row")
                 continue
@@ -592,7 +594,7 @@ class Lab:
                 raise ValueError(f"table row {name!r} is not a decoder linear of this model; the Model & data tab "
                                  "lists the names")
             cur = mods.get(name) or (base if base is not None else plan.default)
-            rank, bits = _cell(row.get("rank")), _cell(row.get("bits"))
+            rank, bits = _cell(row.get("rank")), _cell(row.get("bits"), whole=False)
             spec = ModuleSpec(rank=cur.rank if rank is None else (None if rank == KEEP else rank),
                               bits=cur.bits if bits is None else (None if bits == KEEP else bits),
                               group_size=cur.group_size, lowrank=cur.lowrank, quant=cur.quant)
@@ -957,8 +959,9 @@ def _round8(k: float, li) -> int:
     return int(min(max(8, round(k / 8) * 8), full))
 
 
-def _cell(v) -> int | str | None:
-    """A table cell: None (blank: the slider's value), ``KEEP`` (uncompressed) or a number."""
+def _cell(v, whole: bool = True) -> int | float | str | None:
+    """A table cell: None (blank: the slider's value), ``KEEP`` (uncompressed) or a number
+    (a whole one unless ``whole`` is False: bits may be vq's 2.5)."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return None
     s = str(v).strip().lower()
@@ -971,7 +974,7 @@ def _cell(v) -> int | str | None:
     except ValueError as e:
         raise ValueError(f"table value {v!r} is not a number; use an integer, 'full' (rank) or 'keep' (bits), "
                          "or leave it blank for the layer's setting") from e
-    if not math.isfinite(x) or x != int(x):
+    if not math.isfinite(x) or (whole and x != int(x)):
         raise ValueError(f"table value {v!r} is not a whole number; use an integer, 'full' (rank) or 'keep' "
                          "(bits), or leave it blank for the layer's setting")
-    return int(x)
+    return bit_width(x)

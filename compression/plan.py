@@ -30,6 +30,7 @@ from compression.configs import (
     TernaryConfig,
     VQConfig,
     WhitenedSVDConfig,
+    bit_width,
     break_even_rank,
     check_factor_quants,
     ragged,
@@ -56,13 +57,18 @@ class PlanWarning(UserWarning):
 @dataclass(frozen=True)
 class ModuleSpec:
     """How to compress one linear. ``rank=None`` keeps it full-rank; ``bits=None`` keeps
-    its dtype. With both, the low-rank factors are quantised."""
+    its dtype. With both, the low-rank factors are quantised. ``bits`` is a whole number except
+    for vq's 2.5 (a whole-valued float such as 3.0 is stored as 3)."""
 
     rank: int | None = None
-    bits: int | None = None
+    bits: int | float | None = None
     group_size: int = 128
     lowrank: str = "svd-llm"
     quant: str = "rtn"
+
+    def __post_init__(self) -> None:
+        if self.bits is not None and not isinstance(self.bits, bool) and isinstance(self.bits, (int, float)):
+            object.__setattr__(self, "bits", bit_width(self.bits))
 
     @property
     def is_dense(self) -> bool:
@@ -159,6 +165,7 @@ class TuneOptions:
     calib_tokens: int = 32768  # calibration tokens tuned on (the first windows, cut into seqlen)
     seqlen: int = 512  # sequence length of the tuning windows (shorter windows are taken whole)
     tokens_per_step: int = 1024  # tokens in one Adam step (whole sequences, at least one)
+    norms: bool = False  # also train each layer's norm scales (log-scale per entry, at ``lr``)
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first setting out of range."""
@@ -581,7 +588,8 @@ def uniform_plan(method: str, linears: list[LinearInfo], *, param_ratio: float |
             raise ValueError(f"{method} needs --bits B (one of {list(QUANT_METHODS[method].allowed_bits)})")
         allowed = QUANT_METHODS[method].allowed_bits  # checked here, before any model loads
         if b not in allowed:
-            raise ValueError(f"--bits {b}: {method} takes {' or '.join(map(str, allowed))} bits")
+            *most, last = map(str, allowed)
+            raise ValueError(f"--bits {b}: {method} takes {', '.join(most) + ' or ' if most else ''}{last} bits")
         if method not in ("fp8", "mxfp4") and (group_size < 1 or group_size % 8):
             raise ValueError(f"--group-size {group_size} must be a positive multiple of 8, e.g. 64 or 128")
         return Plan(default=ModuleSpec(bits=b, group_size=group_size, quant=method),

@@ -27,7 +27,8 @@ Conventions
 * MXFP4: code = ``sign << 3 | index`` into the E2M1 table, low nibble first; the block
   scale is ``2 ** (scale_byte - 127)``.
 * VQ: visited column ``perm[2p]`` and ``perm[2p+1]`` of row ``i`` are
-  ``codebook[i // R, 2p // g, code[i, p]]`` (``code`` packed at ``2b`` bits as above).
+  ``codebook[i // R, 2p // g, code[i, p]]`` (``code`` packed at ``2b`` bits as above: 5 bits
+  for vq's 2.5).
 """
 from __future__ import annotations
 
@@ -451,24 +452,27 @@ def weighted_kmeans(v: Tensor, wt: Tensor, counts: list[int], k: int, iters: int
     return c
 
 
-def vq_quantize(w: Tensor, H: Tensor, bits: int, group_size: int, tile_rows: int, damp: float = 0.01,
+def vq_quantize(w: Tensor, H: Tensor, bits: float, group_size: int, tile_rows: int, damp: float = 0.01,
                 iters: int = 25, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """GPTVQ with 2-dimensional vectors (the layout of ``VQConfig``).
 
     w (m, n), H = X Xᵀ (n, n) -> codes uint8 (m, n/2), codebook fp16 (Tr, Tc, 4^b, 2),
-    perm int32 (n,). Columns are visited by decreasing ``diag(H)`` and paired in that order.
-    When a tile's columns are reached, its codebook is fitted by k-means on the weights as
-    updated so far (each coordinate weighted by ``1 / [H⁻¹]_jj``, GPTQ's error scale); each
-    pair then takes the centroid that adds the least loss, ``||(w - c) U⁻¹||²`` with ``U``
-    the pair's 2 x 2 block of the upper Cholesky factor of ``H⁻¹``, and its error is spread
-    onto the later columns through ``H⁻¹`` as GPTQ does."""
+    perm int32 (n,); ``bits`` per weight may be 2.5 (32 centroids). Columns are visited by
+    decreasing ``diag(H)`` and paired in that order. When a tile's columns are reached, its
+    codebook is fitted by k-means on the weights as updated so far (each coordinate weighted
+    by ``1 / [H⁻¹]_jj``, GPTQ's error scale); each pair then takes the centroid that adds the
+    least loss, ``||(w - c) U⁻¹||²`` with ``U`` the pair's 2 x 2 block of the upper Cholesky
+    factor of ``H⁻¹``, and its error is spread onto the later columns through ``H⁻¹`` as GPTQ
+    does."""
     m, n = w.shape
     if H.shape != (n, n):
         raise ValueError(f"vq: Hessian of shape {tuple(H.shape)} does not match {n} inputs")
     if n % 2 or group_size % 2 or group_size <= 0:
         raise ValueError(f"vq: input width {n} and group size {group_size} must be even (pairs of inputs)")
     dev = w.device
-    k = 4**bits
+    k = round(4**bits)
+    if not 2 <= k <= 256:
+        raise ValueError(f"vq: {bits} bits per weight gives {k} centroids per pair; use 1 to 4 bits")
     rows, cols = max(1, min(tile_rows, m)), group_size
     n_tr, n_tc = -(-m // rows), -(-n // cols)
     H = H.detach().to(device=dev, dtype=torch.float64).clone()  # (n, n)
@@ -539,8 +543,8 @@ def _layout(config: QuantConfig, m: int, n: int) -> dict[str, tuple[tuple[int, .
         return {"qweight": ((m, n // 2), u8), "scale": ((m, n // MX_BLOCK), u8)}
     if isinstance(config, VQConfig):
         tr, tc = config.tiles(m, n)
-        return {"qweight": ((m, n * config.bits // 8), u8), "codebook": ((tr, tc, config.centroids, 2), f16),
-                "perm": ((n,), torch.int32)}
+        return {"qweight": ((m, config.code_bytes(1, n)), u8), "codebook": ((tr, tc, config.centroids, 2), f16),
+                "perm": ((n,), torch.int16 if config.perm_bytes(n) == 2 else torch.int32)}
     raise TypeError(f"QuantLinear does not support {type(config).__name__}")
 
 
@@ -560,7 +564,8 @@ def _encode(config: QuantConfig, w: Tensor, stats: LinearStats | None) -> dict[s
                              "profile the model first and pass its LinearStats")
         codes, book, perm = vq_quantize(w, stats.inputs.xxt, config.bits, config.group_size, config.rows(w.shape[0]),
                                         damp=config.damp, iters=config.iters, seed=config.seed)
-        return {"qweight": pack_bits(codes, 2 * config.bits), "codebook": book, "perm": perm}
+        perm = perm.to(torch.int16 if config.perm_bytes(w.shape[1]) == 2 else torch.int32)
+        return {"qweight": pack_bits(codes, config.code_bits), "codebook": book, "perm": perm}
     if isinstance(config, RTNConfig):
         codes, scale, zero = quantize_rtn(w, config.bits, config.group_size)
         return {"qweight": pack_bits(codes, config.bits), "scale": scale, "zero": zero}
@@ -648,7 +653,7 @@ class QuantLinear(nn.Module):
         if isinstance(c, MXFP4Config):
             return dequantize_mxfp4(unpack_bits(self.qweight, 4, n), self.scale, dtype)
         if isinstance(c, VQConfig):
-            codes = unpack_bits(self.qweight, 2 * c.bits, n // 2)
+            codes = unpack_bits(self.qweight, c.code_bits, n // 2)
             return dequantize_vq(codes, self.codebook, self.perm, c.rows(self.out_features), c.group_size, dtype)
         raise TypeError(f"QuantLinear does not support {type(c).__name__}")
 

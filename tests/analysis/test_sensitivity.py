@@ -578,24 +578,27 @@ def test_settings_that_cannot_be_built_are_refused_once_per_reason(trained):
 
 
 def test_a_vq_grid_probes_its_own_widths_exactly(trained):
-    """vq stores 2/3/4-bit codebooks (no 8): its grid holds those widths, a probe equals
-    really compressing that linear with vq, and its damage falls with the width."""
+    """vq stores 2/2.5/3/4-bit codebooks (no 8): its grid holds those widths, a probe equals
+    really compressing that linear with vq (2.5 bits too), and its damage falls with the width."""
     from analysis.sensitivity import grid_bits
 
-    assert grid_bits((2, 3, 4, 8), "vq") == (2, 3, 4) and grid_bits((2, 3, 4, 8), "gptq") == (2, 3, 4, 8)
+    assert grid_bits((2, 3, 4, 8), "vq") == (2, 2.5, 3, 4) and grid_bits((2, 3, 4, 8), "gptq") == (2, 3, 4, 8)
+    assert grid_bits((3, 4), "vq") == (3, 4) and grid_bits((2, 3), "vq") == (2, 2.5, 3)  # 2.5 only between
     lm, ids, stats = trained
     linears = lm.adapter.linears(lm.model)
     names = [linears[2].name, linears[6].name]
     vq = measure_sensitivity(lm.model, lm.adapter, ids, stats, quant="vq", group_size=GS, fractions=(0.5,),
                              names=names, first_order=False)
     bits = vq.table[vq.table["kind"] == "bits"]
-    assert sorted(bits["setting"].unique()) == [2, 3, 4] and vq.meta["bits"] == [2, 3, 4]
+    assert sorted(bits["setting"].unique()) == [2, 2.5, 3, 4] and vq.meta["bits"] == [2, 2.5, 3, 4]
     kl = vq.kl[vq.kl["kind"] == "bits"]
     for name in names:  # the KL from the dense model (dloss itself is noisy on 256 tokens)
         d = kl[kl["name"] == name].set_index("setting")["kl"]
-        assert d[2] > d[3] > d[4] > 0, (name, d.to_dict())
-    spec = setting_spec("bits", 2, "svd-llm", "vq", GS)
-    comp, _ = apply_plan(lm.model, lm.adapter, Plan(modules={names[1]: spec}), stats)
-    s, c = window_nll(comp, ids)
-    row = bits[(bits["name"] == names[1]) & (bits["setting"] == 2)]
-    assert s / c - vq.dense_loss == pytest.approx(row["dloss"].item(), abs=2e-5)
+        assert d[2] > d[2.5] > d[3] > d[4] > 0, (name, d.to_dict())
+    for width in (2, 2.5):
+        spec = setting_spec("bits", float(width), "svd-llm", "vq", GS)
+        assert spec.bits == width and type(spec.bits) is type(width)  # 2, not 2.0: plans stay as written
+        comp, _ = apply_plan(lm.model, lm.adapter, Plan(modules={names[1]: spec}), stats)
+        s, c = window_nll(comp, ids)
+        row = bits[(bits["name"] == names[1]) & (bits["setting"] == width)]
+        assert s / c - vq.dense_loss == pytest.approx(row["dloss"].item(), abs=2e-5)

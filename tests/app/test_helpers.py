@@ -11,8 +11,9 @@ app = pytest.importorskip("app", reason="the app needs gradio")
 def test_bits_labels_round_trip_to_widths():
     from compression.lab import BITS_CHOICES
 
-    assert app.BITS_LABELS == ["2", "3", "4", "8", "keep"]
+    assert app.BITS_LABELS == ["2", "2.5", "3", "4", "8", "keep"]
     assert [app._bits_value(lb) for lb in app.BITS_LABELS] == BITS_CHOICES
+    assert type(app._bits_value("3")) is int and app._bits_value("2.5") == 2.5
     assert [app._bits_label(b) for b in BITS_CHOICES] == app.BITS_LABELS
     assert app._bits_value(None) is None and app._bits_value("") is None
 

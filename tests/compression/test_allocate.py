@@ -174,6 +174,24 @@ def test_allocator_never_exceeds_its_target(solver, only):
                 assert spec.rank is None
 
 
+def test_half_bit_vq_widths_are_allocated_and_round_trip():
+    """A vq grid holds 2.5 bits: the predictor reads it exactly (not as 2, the width below it),
+    the allocator offers it, and a plan that uses it keeps 2.5 through JSON."""
+    p = _predictor(bits=(2, 2.5, 3, 4), quant="vq")
+    t, li = p.grid.table, p.linears[0]
+    half = t[(t.name == li.name) & (t.kind == "bits") & (t.setting == 2.5)].dloss.item()
+    assert p.dloss(li.name, ModuleSpec(bits=2.5, quant="vq", group_size=32)) == half
+    assert p.grid_bits(li.name) == [2, 2.5, 3, 4] and type(p.grid_bits(li.name)[0]) is int
+    opts = candidate_options(p, only="bits")
+    assert all(2.5 in [o.spec.bits for o in opts[x.name]] for x in p.linears)
+    plans = [allocate(p, target_bits=b, only="bits") for b in (2.6, 2.8, 3.0, 3.2, 3.4)]
+    used = [s for plan in plans for s in plan.modules.values() if s.bits == 2.5]
+    assert used, [sorted(s.bits for s in plan.modules.values()) for plan in plans]
+    for plan in plans:
+        back = Plan.from_json(plan.to_json())
+        assert back.modules == plan.modules and _bytes_of(p, back) == _bytes_of(p, plan)
+
+
 def test_dense_plan_at_the_dense_size():
     p = _predictor()
     for kw in (dict(target_ratio=1.0), dict(target_bytes=p.dense_total_bytes), dict(target_bits=32.0),

@@ -197,7 +197,7 @@ def test_validation_messages():
     one_line = f"plan cannot be applied:\\n- {len(L)} modules \\(e.g. {L[0].name}\\): rtn: 5 bits"
     with pytest.raises(ValueError, match=one_line):
         validate(Plan(default=ModuleSpec(bits=5)), L)  # one line for the same problem everywhere
-    with pytest.raises(ValueError, match="--bits 5: rtn takes 2 or 3 or 4 or 8 bits"):
+    with pytest.raises(ValueError, match="--bits 5: rtn takes 2, 3, 4 or 8 bits"):
         uniform_plan("rtn", L, bits=5)  # the CLI's plan: refused before any model loads
     with pytest.warns(PlanWarning, match="above break-even"):
         validate(Plan(modules={q: ModuleSpec(rank=40)}), L)

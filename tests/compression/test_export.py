@@ -614,3 +614,10 @@ def test_vq_is_exported_as_integers_of_its_width_with_a_note_everywhere(lin):
         assert any("vq module" in n and "no vector-quantised (codebook) format" in n for n in exp.notes), tool
     cfg = to_gptqmodel_dynamic(plan, lin)
     assert all(gptqmodel_resolve(cfg, li.name) == (3, 128) for li in lin)  # same width, never fewer bits
+
+
+def test_half_bit_vq_is_exported_one_step_wider(lin):
+    """2.5-bit vq has no integer grid of its width: it goes out as 3 bits, never 2."""
+    half = Plan(default=ModuleSpec(bits=2.5, quant="vq", group_size=64))
+    assert all(gptqmodel_resolve(to_gptqmodel_dynamic(half, lin), li.name) == (3, 128) for li in lin)
+    assert any("3 bits for 2.5" in n for n in export_all(half, lin)["gptqmodel"].notes)

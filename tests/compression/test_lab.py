@@ -24,9 +24,9 @@ def test_slider_plan_and_exact_bytes(tiny_lab):
     assert pred["bytes"] < pred["dense_bytes"] and pred["ppl"] is None  # no sensitivities yet
     with pytest.raises(ValueError, match="expected 2 rank"):
         tiny_lab.plan_from_sliders([50] * (n + 1), [None] * n)
-    with pytest.raises(ValueError, match="bits 5 not offered: pick one of 2, 3, 4, 8 or keep"):
+    with pytest.raises(ValueError, match="bits 5 not offered: pick one of 2, 2.5, 3, 4, 8 or keep"):
         tiny_lab.plan_from_sliders([50] * n, [5, None])
-    assert BITS_CHOICES == [2, 3, 4, 8, None]
+    assert BITS_CHOICES == [2, 2.5, 3, 4, 8, None]
 
 
 def test_overrides_table(tiny_lab):
@@ -596,12 +596,15 @@ def test_a_tuned_run_says_so_and_does_not_correct_the_predictions(tiny_lab):
 
 
 def test_a_vq_slider_plan_runs_and_an_8_bit_vq_plan_says_what_to_change(tiny_lab):
-    plan = tiny_lab.plan_from_sliders([100, 100], [2, 3], quant="vq", group_size=32)
+    plan = tiny_lab.plan_from_sliders([100, 100], [2.5, 3], quant="vq", group_size=32)
     rec = tiny_lab.run(plan, "vq")
     assert rec.status == "ok", rec.error
     assert rec.measured["bytes"] == tiny_lab.predict(plan)["bytes"]
+    assert rec.plan["modules"]["model.layers.0.mlp.down_proj"]["bits"] == 2.5
     bad = tiny_lab.plan_from_sliders([100, 100], [8, 8], quant="vq", group_size=32)
-    with pytest.raises(ValueError, match=r"vq: 8 bits is not supported; use one of \[2, 3, 4\]"):
+    with pytest.raises(ValueError, match=r"vq: 8 bits is not supported; use one of \[2, 2.5, 3, 4\]"):
         tiny_lab.predict(bad)
     rec = tiny_lab.run(bad)
-    assert rec.status == "failed" and "use one of [2, 3, 4]" in rec.error
+    assert rec.status == "failed" and "use one of [2, 2.5, 3, 4]" in rec.error
+    with pytest.raises(ValueError, match=r"rtn: 2.5 bits is not supported; use one of \[2, 3, 4, 8\]"):
+        tiny_lab.predict(tiny_lab.plan_from_sliders([100, 100], [2.5, None], quant="rtn", group_size=32))

@@ -310,7 +310,7 @@ ALL_CONFIGS: list[QuantConfig] = [
     RTNConfig(2, 64), RTNConfig(3, 32), RTNConfig(4, 128), RTNConfig(8, 64),
     GPTQConfig(3, 64), GPTQConfig(4, 32, act_order=True),
     BinaryConfig(group_size=64), TernaryConfig(group_size=32), FP8Config(), MXFP4Config(),
-    VQConfig(2, 64), VQConfig(3, 32, tile_rows=8), VQConfig(4, 128),
+    VQConfig(2, 64), VQConfig(2.5, 64), VQConfig(3, 32, tile_rows=8), VQConfig(4, 128),
 ]
 
 
@@ -449,25 +449,50 @@ def test_vq_error_falls_with_bits_and_beats_gptq_at_the_same_code_width() -> Non
     m, n = 64, 128
     w = torch.randn(m, n, generator=gen(5))
     h = (lambda x: x.T @ x)(correlated_inputs(1024, n, seed=6)).double()
-    errs = {b: output_error(w, dequantize_vq(*vq_quantize(w, h, b, 64, 32), 32, 64), h) for b in (2, 3, 4)}
+    errs = {b: output_error(w, dequantize_vq(*vq_quantize(w, h, b, 64, 32), 32, 64), h) for b in (2, 2.5, 3, 4)}
     assert errs[4] < 0.5 * errs[3] < 0.25 * errs[2]
+    assert errs[3] < 0.85 * errs[2.5] < 0.85 * errs[2], errs  # half a bit: 32 centroids between 16 and 64
     gptq2 = output_error(w, dequantize_affine(*gptq_quantize(w, h, 2, 64, act_order=True), 64), h)
     assert errs[2] < 0.8 * gptq2, (errs, gptq2)
 
 
 def test_vq_tiles_keep_the_codebooks_small() -> None:
-    for bits in (2, 3, 4):
+    for bits, centroids in ((2, 16), (2.5, 32), (3, 64), (4, 256)):
         c = VQConfig(bits)
-        codebook_bits = 8 * (c.scale_bytes(1536, 512) - 4 * 512)
+        assert c.centroids == centroids and c.code_bits == 2 * bits
+        codebook_bits = 8 * (c.scale_bytes(1536, 512) - 2 * 512)
         assert c.rows(1536) * c.group_size * c.codebook_overhead >= c.centroids * 2 * 16  # one tile's share
         assert codebook_bits / (1536 * 512) <= 1 / 8 + 1e-9
-        assert c.nbytes(1536, 512) * 8 / (1536 * 512) <= bits + 1 / 8 + 32 / 1536  # + the int32 column order
+        assert c.code_bytes(1536, 512) * 8 == bits * 1536 * 512
+        assert c.nbytes(1536, 512) * 8 / (1536 * 512) <= bits + 1 / 8 + 16 / 1536  # + the int16 column order
     assert VQConfig(4).rows(192) == 192 and VQConfig(2, tile_rows=8).rows(192) == 8
 
 
+def test_vq_column_order_is_int16_while_every_index_fits() -> None:
+    lin = make_linear(8, 64, bias=False)
+    assert build(VQConfig(2, 32), lin).perm.dtype == torch.int16
+    assert VQConfig.perm_bytes(2**15) == 2 and VQConfig.perm_bytes(2**15 + 16) == 4
+    assert VQConfig(2).scale_bytes(64, 2**16) - VQConfig(2).scale_bytes(64, 2**15) \
+        == VQConfig(2).tiles(64, 2**15)[0] * 256 * 16 * 2 * 2 + 4 * 2**16 - 2 * 2**15  # wider: int32
+
+
+def test_vq_half_bit_codes_pack_five_bits_per_pair() -> None:
+    """2.5 bits: 32 centroids per pair, codes packed at 5 bits (16 inputs fill 5 bytes)."""
+    m, n = 24, 128
+    lin = make_linear(m, n, bias=False, seed=4)
+    mod = build(VQConfig(2.5, 64), lin)
+    assert mod.qweight.shape == (m, n // 2 * 5 // 8) and mod.codebook.shape[-2:] == (32, 2)
+    assert int(unpack_bits(mod.qweight, 5, n // 2).max()) <= 31
+    with pytest.raises(ValueError, match="40 inputs x 2.5 bits do not fill whole bytes; the width must be a "
+                                         "multiple of 16"):
+        VQConfig(2.5, 8).check(40)
+
+
 def test_vq_config_errors_say_what_to_change() -> None:
-    with pytest.raises(ValueError, match=r"8 bits is not supported; use one of \[2, 3, 4\]"):
+    with pytest.raises(ValueError, match=r"8 bits is not supported; use one of \[2, 2.5, 3, 4\]"):
         VQConfig(8).check(64)
+    with pytest.raises(ValueError, match=r"rtn: 2.5 bits is not supported; use one of \[2, 3, 4, 8\]"):
+        RTNConfig(2.5).check(64)
     with pytest.raises(ValueError, match="43 inputs x 4 bits do not fill whole bytes"):
         VQConfig(4, 8).check(43)
     with pytest.raises(ValueError, match="tile_rows"):
