@@ -3,21 +3,20 @@ of plans with and without ``Plan.tune``, on the compression benchmark's protocol
 (calibration: 32 x 2048 windows of the tokenised validation split; ppl16 on the raw test split).
 
     python bench/bench_tune.py [--rows uniform:3,alloc:2.5,alloc:3.25] [--quant gptq|vq] [--grid-tag tmpq]
-        [--steps 60] [--norms off|on|both] [--tag cpu]
+        [--steps 60] [--tag cpu]
 
 ``uniform:B`` is B-bit g128 of ``--quant`` (default GPTQ) on every decoder linear; ``alloc:B`` the
 ranks + bits plan allocated at B bits per weight on the cached sensitivity grid of that quantiser
 (128 tokens, KL) that ``bench_sensitivity.py --tokens 128 --grid-quant QUANT --tag TAG`` measured;
-``bits:B`` the bits-only plan allocated there. ``--norms both`` tunes two copies of each
-compressed model, without and with ``TuneOptions.norms`` (the norm scales trained too).
+``bits:B`` the bits-only plan allocated there. (``--norms both``, which also tuned a copy with
+the norm scales trained, was removed with that option: see RESULTS §19.)
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 import warnings
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import torch
 from common import EVAL_SPEC, MODEL, calibration, grid_folder, log, save  # noqa: I001
@@ -39,8 +38,6 @@ def main() -> None:
     ap.add_argument("--quant", default="gptq", choices=("gptq", "vq"))
     ap.add_argument("--steps", type=int, default=TuneOptions.steps)
     ap.add_argument("--lr", type=float, default=TuneOptions.lr)
-    ap.add_argument("--norms", default="off", choices=("off", "on", "both"),
-                    help="tune the norm scales too (TuneOptions.norms); both: one copy each way")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--tag", default="")
     a = ap.parse_args()
@@ -82,14 +79,10 @@ def main() -> None:
         r["plain"] = measure(comp, time.perf_counter() - t)
         log(f"{row} plain: {r['plain']}")
         # the tuned model is the same one tuned in place: apply_plan's last step with plan.tune set
-        for norms in {"off": [False], "on": [True], "both": [False, True]}[a.norms]:
-            student = copy.deepcopy(comp) if a.norms == "both" else comp
-            rep = tune(lm.model, student, lm.adapter, replace(opts, norms=norms), cal32, device=lm.device)
-            key = "tuned" + ("_norms" if norms else "")
-            r[key] = measure(student, rep.seconds)
-            r[key].update(summary=rep.summary(), kept=sorted(rep.kept), losses=rep.losses)
-            log(f"{row} {key}: {r[key]['ppl16']:.2f} ({rep.summary()})")
-            del student
+        rep = tune(lm.model, comp, lm.adapter, opts, cal32, device=lm.device)
+        r["tuned"] = measure(comp, rep.seconds)
+        r["tuned"].update(summary=rep.summary(), kept=sorted(rep.kept), losses=rep.losses)
+        log(f"{row} tuned: {r['tuned']['ppl16']:.2f} ({rep.summary()})")
         out["rows"].append(r)
         save("tune" + (f"_{a.tag}" if a.tag else ""), out)
 

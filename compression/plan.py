@@ -165,7 +165,6 @@ class TuneOptions:
     calib_tokens: int = 32768  # calibration tokens tuned on (the first windows, cut into seqlen)
     seqlen: int = 512  # sequence length of the tuning windows (shorter windows are taken whole)
     tokens_per_step: int = 1024  # tokens in one Adam step (whole sequences, at least one)
-    norms: bool = False  # also train each layer's norm scales (log-scale per entry, at ``lr``)
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first setting out of range."""

@@ -20,18 +20,15 @@ What is trained, per layer (nothing else changes; sizes are exactly as before):
 * vector-quantised weights (``vq`` ``QuantLinear``), through ``TunableVQ``: the codebook
   entries, as offsets in units of their tile's codebook RMS, at ``TuneOptions.lr`` (codes
   fixed; entries rounded to fp16 straight-through, as stored);
-* plain (unquantised) low-rank factors, in weight units, at ``TuneOptions.factor_lr``;
-* with ``TuneOptions.norms``, the layer's norm scales (its 1-D weights outside any linear,
-  such as RMSNorm's), as a log-scale per entry at ``TuneOptions.lr``: they scale the inputs
-  of the linears after them per channel, which codes fixed in a codebook cannot (AQLM trains
-  them alongside its codebooks). They are stored as before, in the model dtype.
+* plain (unquantised) low-rank factors, in weight units, at ``TuneOptions.factor_lr``.
 
 Memory: besides the hidden states (three ``tokens x hidden`` fp32 tensors), a layer under
 training holds about 14 fp32 copies of its weights (offsets, Adam moments, gradients, the
 straight-through intermediates); fine for models up to a few billion parameters.
 
-Other quantisation formats (binary, ternary, fp8, mxfp4), dense linears, biases and
-embeddings are left as they are, and ``TuneReport.skipped`` names the modules skipped. A
+Other quantisation formats (binary, ternary, fp8, mxfp4), dense linears, norms and
+embeddings are left as they are (training the norm scales too gave no gain: bench/RESULTS.md
+§19), and ``TuneReport.skipped`` names the modules skipped. A
 layer whose loss on its evaluation sequences ends above where it started keeps its weights
 (``TuneReport.kept``).
 
@@ -47,7 +44,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from analysis.adapters import Adapter, get_submodule, set_submodule
 from analysis.layerwise import capture, run_layer
@@ -231,48 +227,9 @@ def make_trainable(work: nn.Module, paths: list[str]) -> tuple[list[nn.Parameter
     return quant, factors
 
 
-class _LogScale(nn.Module):
-    """A parametrisation ``w = w0 · exp(s)`` with ``s`` trainable (0 at the start)."""
-
-    def __init__(self, like: Tensor):
-        super().__init__()
-        self.s = nn.Parameter(torch.zeros_like(like))
-
-    def forward(self, w0: Tensor) -> Tensor:
-        return w0 * torch.exp(self.s)
-
-
-def norm_scales(work: nn.Module) -> list[str]:
-    """Names of ``work``'s norm scales: its 1-D floating weights outside every linear
-    (``input_layernorm.weight`` ... on Llama; a LayerNorm's bias is not one)."""
-    linear = (nn.Linear, QuantLinear, LowRankLinear, TunableQuant, TunableVQ)
-    inside = {id(p) for m in work.modules() if isinstance(m, linear) for p in m.parameters()}
-    return [name for name, p in work.named_parameters()
-            if id(p) not in inside and p.dim() == 1 and p.is_floating_point() and name.rpartition(".")[2] == "weight"]
-
-
-def make_norms_trainable(work: nn.Module, names: list[str]) -> list[nn.Parameter]:
-    """Give each named weight of ``work`` a trainable log-scale; returns the log-scales."""
-    out = []
-    for name in names:
-        owner, _, attr = name.rpartition(".")
-        mod = get_submodule(work, owner) if owner else work
-        scale = _LogScale(getattr(mod, attr).detach())
-        parametrize.register_parametrization(mod, attr, scale)
-        out.append(scale.s)
-    return out
-
-
 @torch.no_grad()
-def write_back(work: nn.Module, layer: nn.Module, paths: list[str], norms: list[str] = ()) -> None:
-    """Put the tuned modules (and ``norms``, the tuned norm scales) of ``work`` into ``layer``
-    (the model's own), in its dtypes."""
-    for name in norms:
-        owner, _, attr = name.rpartition(".")
-        mod = get_submodule(work, owner) if owner else work
-        tuned = getattr(mod, attr).detach()
-        target = layer.get_parameter(name)
-        target.copy_(tuned.to(target.dtype))
+def write_back(work: nn.Module, layer: nn.Module, paths: list[str]) -> None:
+    """Put the tuned modules of ``work`` into ``layer`` (the model's own), in its dtypes."""
     for path in paths:
         mod, orig = get_submodule(work, path), get_submodule(layer, path)
         if isinstance(mod, (TunableQuant, TunableVQ)):
@@ -368,8 +325,6 @@ def tune(teacher: nn.Module, student: nn.Module, adapter: Adapter, options: Tune
             work = _work_copy(layers_s[i], device, force=True)
             paths = plans[i][0]
             quant, factors = make_trainable(work, paths)
-            norms = norm_scales(work) if options.norms else []
-            quant += make_norms_trainable(work, norms)
             groups = [g for g in ({"params": quant}, {"params": factors, "lr": options.factor_lr}) if g["params"]]
 
             def sample() -> Tensor:
@@ -378,7 +333,7 @@ def tune(teacher: nn.Module, student: nn.Module, adapter: Adapter, options: Tune
             res = _fit(lambda x, w=work, i=i: run_layer(w, x, calls(x.shape[0], i)), lambda idx: y[idx], groups,
                        h_s, None, steps=options.steps, lr=options.lr, sample=sample, eval_chunks=eval_chunks,
                        should_stop=should_stop, loss_fn=F.mse_loss, what=f"tuning of {key}")
-            write_back(work, layers_s[i], paths, norms)
+            write_back(work, layers_s[i], paths)
             before, after = res.init_loss / 2, res.final_loss / 2  # _fit doubles a loss with one input
             report.losses[key] = (before, after)
             if res.trained_loss is not None:

@@ -140,40 +140,6 @@ def test_tuning_a_vq_model_lowers_its_held_out_logit_error_at_equal_bytes() -> N
     assert model_bytes(tuned).weight_bytes == model_bytes(plain).weight_bytes
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_norm_scales_are_found_outside_the_linears(family: str) -> None:
-    from compression.tune import norm_scales
-
-    lm = wrap_model(tiny_model(family))
-    layer = lm.adapter.layers(lm.model)[0]
-    names = norm_scales(layer)
-    assert names and all(layer.get_parameter(n).dim() == 1 for n in names)
-    linear_params = {n for p in lm.adapter.linears(lm.model) for n, _ in layer.named_parameters()
-                     if n.startswith(p.name.split(".", 3)[-1])}
-    assert not set(names) & linear_params and not any(n.endswith("bias") for n in names)
-
-
-def test_tuning_the_norm_scales_too_moves_only_them_besides_the_codebooks_at_equal_bytes() -> None:
-    lm = wrap_model(tiny_model("llama"))
-    prof = profile_model(lm.model, lm.adapter, CALIB, fingerprint="t", data_label="t", data_digest="t")
-    plan = Plan(default=ModuleSpec(bits=2, group_size=32, quant="vq"))
-    base, _ = apply_plan(lm.model, lm.adapter, replace(plan, tune=FAST), prof.all_stats(), calib_ids=CALIB)
-    tuned, rep = apply_plan(lm.model, lm.adapter, replace(plan, tune=replace(FAST, norms=True)), prof.all_stats(),
-                            calib_ids=CALIB)
-    with torch.no_grad():
-        ref = lm.model(input_ids=HELD_OUT, use_cache=False).logits
-    e_base, e_norms = _logit_mse(base, ref), _logit_mse(tuned, ref)
-    print(f"\nvq held-out logit MSE tuned: codebooks {e_base:.4g}, + norm scales {e_norms:.4g} "
-          f"({e_norms / e_base:.2f}x)")
-    assert all(after < before for before, after in rep.tune.losses.values())
-    dense, a, b = lm.model.state_dict(), base.state_dict(), tuned.state_dict()
-    norms = [k for k in b if k.endswith("layernorm.weight") and k.startswith("model.layers.")]
-    assert norms and all(torch.equal(a[k], dense[k]) for k in norms)  # off by default
-    assert all(not torch.equal(b[k], dense[k]) for k in norms)
-    assert torch.equal(b["model.norm.weight"], dense["model.norm.weight"])  # outside the decoder layers
-    assert model_bytes(tuned).weight_bytes == model_bytes(base).weight_bytes
-
-
 def _compressed(family: str = "llama", tune_options: TuneOptions | None = None, **kw):
     lm = wrap_model(tiny_model(family))
     linears = lm.adapter.linears(lm.model)
