@@ -534,7 +534,8 @@ def build_sensitivity_tab(state):
         method = gr.Dropdown(["svd-llm", "act-pca", "svd"], value="svd-llm", label="Low-rank method probed")
         quant = gr.Dropdown(list(PROBED_QUANT), value="rtn", label="Quantiser probed",
                             info="allocating for GPTQ or vq? probe with it: an RTN grid overstates their damage "
-                                 "(vq fits k-means codebooks: its full grid took 28 min on 2 CPU cores, RESULTS §18)")
+                                 "(vq fits k-means codebooks: its full grid, 2/2.5/3/4 bits, took 31 min on 2 CPU "
+                                 "cores, RESULTS §18-19)")
         group = gr.Number(128, label="Group size", precision=0)
         grid_btn = gr.Button("Measure the full grid", variant="primary", elem_id="grid-btn")
         sens_cancel = gr.Button("Cancel", variant="stop", elem_id="sens-cancel")

@@ -472,6 +472,12 @@ def test_vq_column_order_is_int16_while_every_index_fits() -> None:
     lin = make_linear(8, 64, bias=False)
     assert build(VQConfig(2, 32), lin).perm.dtype == torch.int16
     assert VQConfig.perm_bytes(2**15) == 2 and VQConfig.perm_bytes(2**15 + 16) == 4
+    old = build(VQConfig(2, 32), lin).state_dict()  # saved before the order was int16
+    old["perm"] = old["perm"].to(torch.int32)
+    fresh = QuantLinear.empty(VQConfig(2, 32), 8, 64, bias=False, dtype=torch.float32)
+    fresh.load_state_dict(old)
+    assert fresh.perm.dtype == torch.int16 and torch.equal(fresh.dequantized_weight(), build(VQConfig(2, 32), lin)
+                                                           .dequantized_weight())
     assert VQConfig(2).scale_bytes(64, 2**16) - VQConfig(2).scale_bytes(64, 2**15) \
         == VQConfig(2).tiles(64, 2**15)[0] * 256 * 16 * 2 * 2 + 4 * 2**16 - 2 * 2**15  # wider: int32
 
