@@ -67,7 +67,7 @@ class ModuleSpec:
     quant: str = "rtn"
 
     def __post_init__(self) -> None:
-        if self.bits is not None and not isinstance(self.bits, bool) and isinstance(self.bits, (int, float)):
+        if isinstance(self.bits, float):  # 3.0 -> 3, 2.5 stays; ints stay as given
             object.__setattr__(self, "bits", bit_width(self.bits))
 
     @property

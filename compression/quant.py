@@ -528,6 +528,11 @@ _AFFINE = (RTNConfig, GPTQConfig)
 _SUPPORTED = (*_AFFINE, BinaryConfig, TernaryConfig, FP8Config, MXFP4Config, VQConfig)
 
 
+def _perm_dtype(config: VQConfig, n: int) -> torch.dtype:
+    """The integer type of a vq column order over ``n`` inputs (``VQConfig.perm_bytes`` wide)."""
+    return torch.int16 if config.perm_bytes(n) == 2 else torch.int32
+
+
 def _layout(config: QuantConfig, m: int, n: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Buffers (name -> shape, dtype) that ``config`` stores for an (m, n) weight."""
     u8, f16 = torch.uint8, torch.float16
@@ -544,7 +549,7 @@ def _layout(config: QuantConfig, m: int, n: int) -> dict[str, tuple[tuple[int, .
     if isinstance(config, VQConfig):
         tr, tc = config.tiles(m, n)
         return {"qweight": ((m, config.code_bytes(1, n)), u8), "codebook": ((tr, tc, config.centroids, 2), f16),
-                "perm": ((n,), torch.int16 if config.perm_bytes(n) == 2 else torch.int32)}
+                "perm": ((n,), _perm_dtype(config, n))}
     raise TypeError(f"QuantLinear does not support {type(config).__name__}")
 
 
@@ -564,7 +569,7 @@ def _encode(config: QuantConfig, w: Tensor, stats: LinearStats | None) -> dict[s
                              "profile the model first and pass its LinearStats")
         codes, book, perm = vq_quantize(w, stats.inputs.xxt, config.bits, config.group_size, config.rows(w.shape[0]),
                                         damp=config.damp, iters=config.iters, seed=config.seed)
-        perm = perm.to(torch.int16 if config.perm_bytes(w.shape[1]) == 2 else torch.int32)
+        perm = perm.to(_perm_dtype(config, w.shape[1]))
         return {"qweight": pack_bits(codes, config.code_bits), "codebook": book, "perm": perm}
     if isinstance(config, RTNConfig):
         codes, scale, zero = quantize_rtn(w, config.bits, config.group_size)
