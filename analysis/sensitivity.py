@@ -85,6 +85,7 @@ settings' dloss, so it was dropped.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -604,6 +605,17 @@ def _read_table(path: Path) -> pd.DataFrame:
     return t.astype({"layer": int, "setting": float, "dloss": float, "bytes": "int64"})[TABLE_COLUMNS]
 
 
+def quant_options(quant: str) -> dict:
+    """The settings of ``quant``'s probes besides bits and group size (e.g. vq's
+    ``codebook_bits``), as the grid's meta records them: a grid measured with other settings
+    (an older storage format) is not reused."""
+    cls = QUANT_METHODS.get(quant)
+    if cls is None or not cls.allowed_bits:
+        return {}
+    opts = dataclasses.asdict(cls(bits=cls.allowed_bits[0]))
+    return {k: v for k, v in opts.items() if k not in ("bits", "group_size")}
+
+
 def sensitivity_key(fingerprint: str, data_digest: str, n_tokens: int, method: str, quant: str,
                     group_size: int) -> str:
     return f"{fingerprint}-{data_digest}-{n_tokens}-{method}-{quant}-g{group_size}"
@@ -626,6 +638,11 @@ def check_compatible(grid: SensitivityGrid, fingerprint: str, data_digest: str |
     if data_digest is not None and grid.meta.get("data_digest") != data_digest:
         raise ValueError(f"{where} was measured on other calibration data ({grid.meta.get('data')}, digest "
                          f"{grid.meta.get('data_digest')}; expected digest {data_digest}); measure it again")
+    quant = grid.meta.get("quant", "")
+    now = quant_options(quant)
+    if grid.meta.get("quant_options", {}) != now:
+        raise ValueError(f"{where} was measured with {quant} settings {grid.meta.get('quant_options', {})} and "
+                         f"{quant} now quantises with {now} (another storage format, other sizes): measure it again")
 
 
 def _meta(kind: str, model: nn.Module, calib_ids: Tensor, *, method: str, quant: str, group_size: int,
@@ -636,7 +653,8 @@ def _meta(kind: str, model: nn.Module, calib_ids: Tensor, *, method: str, quant:
     return dict(format=SENSITIVITY_FORMAT, estimator=kind, fingerprint=fingerprint, data=data_label,
                 data_digest=data_digest, n_tokens=int(calib_ids.numel()), windows=int(calib_ids.shape[0]),
                 seqlen=int(calib_ids.shape[1]), stats_tokens=int(n_stats), method=method, quant=quant,
-                group_size=int(group_size), fractions=[float(f) for f in fractions], bits=[bit_width(b) for b in bits],
+                group_size=int(group_size), quant_options=quant_options(quant),
+                fractions=[float(f) for f in fractions], bits=[bit_width(b) for b in bits],
                 dense_loss=float(dense_loss), seconds=round(float(seconds), 3), device=str(device),
                 dtype=str(next(model.parameters()).dtype).replace("torch.", ""), torch_threads=torch.get_num_threads(),
                 date=_dt.datetime.now().isoformat(timespec="seconds"), **extra)
@@ -921,6 +939,7 @@ def load_or_measure(model: nn.Module, adapter: Adapter, calib_ids: Tensor, stats
 
     def matches(grid: SensitivityGrid) -> bool:
         return (grid.meta.get("fingerprint") == fingerprint and grid.meta.get("n_tokens") == calib_ids.numel()
+                and grid.meta.get("quant_options", {}) == quant_options(quant)
                 and _same_grid(grid, fractions, bits, stats, wanted)
                 and (grid.first_order is not None or not kw.get("first_order", True))
                 and (grid.kl is not None or not kw.get("kl", True))

@@ -8,7 +8,7 @@ validation split, ppl16 on the raw test split).
     python bench/bench_sensitivity.py [--device auto] [--tokens N] [--seqlen L] [--plans 14]
         [--targets 4.25,3.25,2.5] [--variants "ranks+bits gptq,bits only gptq"] [--uniform-2bit]
         [--uniform vq:2,vq:3] [--grid-quant rtn|gptq|vq] [--skip-proxy] [--tag cpu]
-        [--reuse-grids --grid-tag T --extend-bits 2.5]
+        [--reuse-grids --grid-tag T --extend-bits 2.5] [--fractions none]
 
 ``--extend-bits`` probes widths a reused grid lacks (each probe compresses one linear of the
 dense model, so probes of one width do not depend on the others) and joins them to it; the
@@ -45,7 +45,8 @@ ESTIMATORS = ("dloss", "curvature", "kl")
 
 def join_widths(grid: SensitivityGrid, more: SensitivityGrid) -> SensitivityGrid:
     """``grid`` with the bit widths that ``more`` probed (same model, data and quantiser)."""
-    keys = ("fingerprint", "data_digest", "n_tokens", "stats_tokens", "method", "quant", "group_size", "dense_loss")
+    keys = ("fingerprint", "data_digest", "n_tokens", "stats_tokens", "method", "quant", "quant_options", "group_size",
+            "dense_loss")
     differ = [k for k in keys if grid.meta.get(k) != more.meta.get(k)]
     if differ:
         raise SystemExit(f"cannot join grids that differ in {differ}")
@@ -78,6 +79,8 @@ def main() -> None:
     ap.add_argument("--uniform", default="", help="uniform plans to measure too, e.g. vq:2,vq:3 (quantiser:bits, g128)")
     ap.add_argument("--grid-quant", default="rtn", choices=("rtn", "gptq", "vq"),
                     help="quantiser of the grid's bit settings (gptq / vq: what the allocated plans apply)")
+    ap.add_argument("--fractions", default=",".join(map(str, sens.FRACTIONS)),
+                    help="rank fractions of break-even the grid probes; 'none' for a bits-only grid")
     ap.add_argument("--skip-proxy", action="store_true", help="do not compute the first view (it refits every setting)")
     ap.add_argument("--estimator", default="dloss", choices=ESTIMATORS, help="what the allocating predictor adds up")
     ap.add_argument("--reuse-grids", action="store_true",
@@ -102,6 +105,7 @@ def main() -> None:
                         f"profile 32 x 2048; ppl16: {ev_c.label} first 16 x 2048; "
                         f"fp32; {lm.device}; torch threads {torch.get_num_threads()}", grids={})
     grids = {}
+    fractions = () if a.fractions == "none" else tuple(float(x) for x in a.fractions.split(","))
     for n_tok in [int(x) for x in a.tokens.split(",")]:
         sens_ids = grid_windows(cal_tok, n_tok, a.seqlen)
         sl = sens_ids.shape[1]
@@ -113,7 +117,7 @@ def main() -> None:
             log(f"grid on {n_tok} tokens reused from {folder}")
         else:
             grid = measure_sensitivity(lm.model, lm.adapter, sens_ids, stats, method="svd-llm", quant=a.grid_quant,
-                                       group_size=128)
+                                       group_size=128, fractions=fractions)
         t_grid = None if reused else time.perf_counter() - t
         extend = [float(b) for b in a.extend_bits.split(",") if b]
         if extend:

@@ -3,11 +3,12 @@ of plans with and without ``Plan.tune``, on the compression benchmark's protocol
 (calibration: 32 x 2048 windows of the tokenised validation split; ppl16 on the raw test split).
 
     python bench/bench_tune.py [--rows uniform:3,alloc:2.5,alloc:3.25] [--quant gptq|vq] [--grid-tag tmpq]
-        [--steps 60] [--tag cpu]
+        [--grid-tokens 128] [--steps 60] [--no-tune] [--tag cpu]
 
 ``uniform:B`` is B-bit g128 of ``--quant`` (default GPTQ) on every decoder linear; ``alloc:B`` the
 ranks + bits plan allocated at B bits per weight on the cached sensitivity grid of that quantiser
-(128 tokens, KL) that ``bench_sensitivity.py --tokens 128 --grid-quant QUANT --tag TAG`` measured;
+(``--grid-tokens`` probe tokens, default 128; KL) that ``bench_sensitivity.py --tokens N --grid-quant QUANT --tag TAG``
+measured;
 ``bits:B`` the bits-only plan allocated there. (``--norms both``, which also tuned a copy with
 the norm scales trained, was removed with that option: see RESULTS §19.)
 """
@@ -35,9 +36,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="uniform:3,alloc:2.5")
     ap.add_argument("--grid-tag", default="tmpq")
+    ap.add_argument("--grid-tokens", type=int, default=128, help="probe tokens of the cached grid")
     ap.add_argument("--quant", default="gptq", choices=("gptq", "vq"))
     ap.add_argument("--steps", type=int, default=TuneOptions.steps)
     ap.add_argument("--lr", type=float, default=TuneOptions.lr)
+    ap.add_argument("--no-tune", action="store_true", help="measure the plans untuned only")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--tag", default="")
     a = ap.parse_args()
@@ -65,7 +68,7 @@ def main() -> None:
         kind, bits = row.split(":")
         if kind in ("alloc", "bits"):
             if pred is None:
-                grid = SensitivityGrid.load(grid_folder(a.grid_tag, 128, 256, a.quant))
+                grid = SensitivityGrid.load(grid_folder(a.grid_tag, a.grid_tokens, 256, a.quant))
                 pred = Predictor(grid, linears, model_bytes(lm.model).weight_bytes, 4,
                                  linear_biases(lm.model, linears), estimator="kl")
             plan = allocate(pred, target_bits=float(bits), quant=a.quant, only="bits" if kind == "bits" else None)
@@ -78,6 +81,10 @@ def main() -> None:
         comp, _ = apply_plan(lm.model, lm.adapter, plan, stats, device=lm.device, calib_ids=cal32)
         r["plain"] = measure(comp, time.perf_counter() - t)
         log(f"{row} plain: {r['plain']}")
+        if a.no_tune:
+            out["rows"].append(r)
+            save("tune" + (f"_{a.tag}" if a.tag else ""), out)
+            continue
         # the tuned model is the same one tuned in place: apply_plan's last step with plan.tune set
         rep = tune(lm.model, comp, lm.adapter, opts, cal32, device=lm.device)
         r["tuned"] = measure(comp, rep.seconds)

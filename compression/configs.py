@@ -14,9 +14,11 @@ ternary    ``qweight`` uint8 (m, n/4) 2-bit codes {0,1,2}->{-1,0,+1}; ``scale`` 
 fp8        ``qweight`` float8_e4m3fn (m, n); ``scale`` fp32 (m,)
 mxfp4      ``qweight`` uint8 (m, n/2) E2M1 codes; ``scale`` uint8 E8M0 (m, n/32)
 vq         ``qweight`` uint8 (m, n*b/8): one 2b-bit index per pair of weights (b = 2, 2.5, 3
-           or 4); ``codebook`` fp16 (ceil(m/R), ceil(n/g), 4^b, 2): 4^b centroids per tile
-           of R rows x g visited columns; ``perm`` (n,) the column visiting order, int16
-           (int32 for widths above 32768)
+           or 4); ``codebook`` int8 (ceil(m/R), ceil(n/g), 4^b, 2): 4^b centroids per tile
+           of R rows x g visited columns, and ``codebook_scale`` fp16 (ceil(m/R),
+           ceil(n/g), 1, 2), one per tile and coordinate (``codebook_bits=16``: an fp16
+           ``codebook``, no scale); ``perm`` (n,) the column visiting order, int16 (int32
+           for widths above 32768)
 low-rank   ``A`` (k, n) and ``B`` (m, k) in the model dtype, or each a quantised module
 =========  =====================================================================
 ``G = ceil(n / g)``: when the group size does not divide the width, the last group of each
@@ -251,9 +253,16 @@ class VQConfig(QuantConfig):
     one of ``4^bits`` centroids (``bits`` per weight: 2, 2.5, 3 or 4; 2.5 gives 32 centroids
     and 5-bit codes) of a k-means codebook per tile of ``tile_rows`` rows x ``group_size``
     visited columns, with GPTQ's error compensation. ``tile_rows = 0`` picks the fewest rows
-    whose codebook costs at most 1/8 bit per weight."""
+    whose codebook, were it fp16, would cost at most 1/8 bit per weight.
+
+    ``codebook_bits``: 8 stores each centroid coordinate as an int8 times a per-tile,
+    per-coordinate fp16 scale (absmax / 127; rounded before the codes are chosen, so GPTQ's
+    compensation sees it), about 1/16 bit per weight for the same tiles; 16 stores fp16
+    entries (the format before, which compressed models saved without ``codebook_bits``
+    have). bench/RESULTS.md §20."""
 
     tile_rows: int = 0
+    codebook_bits: int = 8  # 8: int8 entries x an fp16 scale per tile and coordinate; 16: fp16 entries
     damp: float = 0.01
     iters: int = 25  # k-means iterations per tile
     seed: int = 0  # k-means initialisation
@@ -262,7 +271,7 @@ class VQConfig(QuantConfig):
     name: ClassVar[str] = "vq"
     data_free: ClassVar[bool] = False  # the input Hessian X Xᵀ
     dim: ClassVar[int] = 2  # weights per vector
-    codebook_overhead: ClassVar[float] = 1 / 8  # bits per weight the automatic tile height allows
+    codebook_overhead: ClassVar[float] = 1 / 8  # bits per weight an fp16 codebook of the automatic tile height may take
 
     @property
     def code_bits(self) -> int:
@@ -299,6 +308,8 @@ class VQConfig(QuantConfig):
             raise ValueError(f"vq: tile_rows {self.tile_rows} must be 0 (automatic) or positive")
         if self.iters < 1:
             raise ValueError(f"vq: iters {self.iters} must be at least 1")
+        if self.codebook_bits not in (8, 16):
+            raise ValueError(f"vq: codebook_bits {self.codebook_bits} must be 8 (int8 entries and scales) or 16 (fp16)")
 
     def check_settings(self) -> None:
         super().check_settings()
@@ -310,7 +321,9 @@ class VQConfig(QuantConfig):
 
     def scale_bytes(self, m: int, n: int) -> int:
         tr, tc = self.tiles(m, n)
-        return tr * tc * self.centroids * self.dim * FP16_BYTES + self.perm_bytes(n) * n  # codebooks + column order
+        book = self.centroids * self.dim * self.codebook_bits // 8  # one tile's entries
+        book += self.dim * FP16_BYTES if self.codebook_bits == 8 else 0  # and their scales
+        return tr * tc * book + self.perm_bytes(n) * n  # codebooks (and their scales) + column order
 
 
 # ----------------------------------------------------------------------------- low rank

@@ -28,7 +28,8 @@ Conventions
   scale is ``2 ** (scale_byte - 127)``.
 * VQ: visited column ``perm[2p]`` and ``perm[2p+1]`` of row ``i`` are
   ``codebook[i // R, 2p // g, code[i, p]]`` (``code`` packed at ``2b`` bits as above: 5 bits
-  for vq's 2.5).
+  for vq's 2.5), times ``codebook_scale[i // R, 2p // g, 0]`` (one fp16 scale per tile and
+  coordinate) when the codebook is int8.
 """
 from __future__ import annotations
 
@@ -452,15 +453,31 @@ def weighted_kmeans(v: Tensor, wt: Tensor, counts: list[int], k: int, iters: int
     return c
 
 
+def round_codebook(c: Tensor) -> tuple[Tensor, Tensor]:
+    """c (..., k, 2) float -> (int8 entries (..., k, 2), fp16 scale (..., 1, 2)): per coordinate,
+    ``scale = absmax / 127`` (in fp16) and ``q = round(c / scale)``; ``q * scale`` is what is stored."""
+    scale = (c.abs().amax(-2, keepdim=True) / 127).clamp_min(_FP16_TINY).to(torch.float16)  # (..., 1, 2)
+    q = (c / scale.to(c.dtype)).round().clamp(-127, 127).to(torch.int8)  # (..., k, 2)
+    return q, scale
+
+
+def codebook_values(codebook: Tensor, scale: Tensor | None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The centroids (..., k, 2) in ``dtype``: fp16 entries as they are, int8 ones times their scale."""
+    return codebook.to(dtype) if scale is None else codebook.to(dtype) * scale.to(dtype)
+
+
 def vq_quantize(w: Tensor, H: Tensor, bits: float, group_size: int, tile_rows: int, damp: float = 0.01,
-                iters: int = 25, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+                iters: int = 25, seed: int = 0,
+                codebook_bits: int = 8) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
     """GPTVQ with 2-dimensional vectors (the layout of ``VQConfig``).
 
-    w (m, n), H = X Xᵀ (n, n) -> codes uint8 (m, n/2), codebook fp16 (Tr, Tc, 4^b, 2),
-    perm int32 (n,); ``bits`` per weight may be 2.5 (32 centroids). Columns are visited by
-    decreasing ``diag(H)`` and paired in that order. When a tile's columns are reached, its
-    codebook is fitted by k-means on the weights as updated so far (each coordinate weighted
-    by ``1 / [H⁻¹]_jj``, GPTQ's error scale); each pair then takes the centroid that adds the
+    w (m, n), H = X Xᵀ (n, n) -> codes uint8 (m, n/2), codebook (Tr, Tc, 4^b, 2), its scale
+    (Tr, Tc, 1, 2) fp16 or None, perm int32 (n,); ``bits`` per weight may be 2.5 (32
+    centroids). The codebook is int8 with the scale (``round_codebook``) at ``codebook_bits``
+    8, fp16 without one at 16. Columns are visited by decreasing ``diag(H)`` and paired in
+    that order. When a tile's columns are reached, its codebook is fitted by k-means on the
+    weights as updated so far (each coordinate weighted by ``1 / [H⁻¹]_jj``, GPTQ's error
+    scale) and rounded to its storage; each pair then takes the stored centroid that adds the
     least loss, ``||(w - c) U⁻¹||²`` with ``U`` the pair's 2 x 2 block of the upper Cholesky
     factor of ``H⁻¹``, and its error is spread onto the later columns through ``H⁻¹`` as GPTQ
     does."""
@@ -473,6 +490,8 @@ def vq_quantize(w: Tensor, H: Tensor, bits: float, group_size: int, tile_rows: i
     k = round(4**bits)
     if not 2 <= k <= 256:
         raise ValueError(f"vq: {bits} bits per weight gives {k} centroids per pair; use 1 to 4 bits")
+    if codebook_bits not in (8, 16):
+        raise ValueError(f"vq: codebook_bits {codebook_bits} must be 8 or 16")
     rows, cols = max(1, min(tile_rows, m)), group_size
     n_tr, n_tc = -(-m // rows), -(-n // cols)
     H = H.detach().to(device=dev, dtype=torch.float64).clone()  # (n, n)
@@ -488,7 +507,8 @@ def vq_quantize(w: Tensor, H: Tensor, bits: float, group_size: int, tile_rows: i
     tile_of_row = torch.arange(m, device=dev) // rows  # (m,)
     row_ids = torch.arange(m, device=dev)
     codes = torch.empty(m, n // 2, dtype=torch.uint8, device=dev)
-    book = torch.empty(n_tr, n_tc, k, 2, dtype=torch.float16, device=dev)
+    book = torch.empty(n_tr, n_tc, k, 2, dtype=torch.int8 if codebook_bits == 8 else torch.float16, device=dev)
+    book_scale = torch.empty(n_tr, n_tc, 1, 2, dtype=torch.float16, device=dev) if codebook_bits == 8 else None
     pad = n_tr * rows - m
     for tc in range(n_tc):
         c0, c1 = tc * cols, min(n, (tc + 1) * cols)
@@ -497,9 +517,13 @@ def vq_quantize(w: Tensor, H: Tensor, bits: float, group_size: int, tile_rows: i
         wt = (1 / torch.diag(U)[c0:c1] ** 2).reshape(1, pairs, 2).repeat(n_tr * rows, 1, 1)  # (Tr R, pairs, 2)
         wt[m:] = 0.0  # padding rows of the last tile
         counts = [min(rows, m - r0) * pairs for r0 in range(0, m, rows)]
-        cb = weighted_kmeans(blk, wt.reshape(n_tr, rows * pairs, 2), counts, k, iters, gen).to(torch.float16)
-        book[:, tc] = cb  # (Tr, k, 2)
-        cb_rows = cb.float()[tile_of_row]  # (m, k, 2)
+        cb = weighted_kmeans(blk, wt.reshape(n_tr, rows * pairs, 2), counts, k, iters, gen)  # (Tr, k, 2)
+        if book_scale is None:
+            book[:, tc] = cb.to(torch.float16)
+        else:
+            book[:, tc], book_scale[:, tc] = round_codebook(cb)
+        tile_scale = None if book_scale is None else book_scale[:, tc]  # (Tr, 1, 2)
+        cb_rows = codebook_values(book[:, tc], tile_scale)[tile_of_row]  # (m, k, 2) as stored
         for j in range(c0, c1, 2):
             u_inv = torch.linalg.inv(U[j:j + 2, j:j + 2])  # (2, 2) upper
             x = W[:, j:j + 2] @ u_inv  # (m, 2) whitened
@@ -508,18 +532,20 @@ def vq_quantize(w: Tensor, H: Tensor, bits: float, group_size: int, tile_rows: i
             codes[:, j // 2] = a.to(torch.uint8)
             err = (W[:, j:j + 2] - q) @ u_inv  # (m, 2)
             W[:, j + 2:] -= err @ U[j:j + 2, j + 2:]
-    return codes, book, perm.to(torch.int32)
+    return codes, book, book_scale, perm.to(torch.int32)
 
 
 def dequantize_vq(codes: Tensor, codebook: Tensor, perm: Tensor, tile_rows: int, group_size: int,
-                  dtype: torch.dtype = torch.float32) -> Tensor:
-    """codes (m, n/2) integer, codebook (Tr, Tc, k, 2), perm (n,) -> weight (m, n) in ``dtype``."""
+                  dtype: torch.dtype = torch.float32, scale: Tensor | None = None) -> Tensor:
+    """codes (m, n/2) integer, codebook (Tr, Tc, k, 2) (int8 with ``scale`` (Tr, Tc, 1, 2), or
+    float), perm (n,) -> weight (m, n) in ``dtype``."""
     m, half = codes.shape
     n_tr, n_tc, k, _ = codebook.shape
     dev = codes.device
     tile = ((torch.arange(m, device=dev) // tile_rows)[:, None] * n_tc
             + (2 * torch.arange(half, device=dev) // group_size)[None, :])  # (m, n/2)
-    visited = codebook.reshape(n_tr * n_tc * k, 2).to(dtype)[tile * k + codes.long()].reshape(m, 2 * half)
+    values = codebook_values(codebook, scale, dtype).reshape(n_tr * n_tc * k, 2)
+    visited = values[tile * k + codes.long()].reshape(m, 2 * half)
     return visited[:, torch.argsort(perm.long())]  # back to the input order
 
 
@@ -548,8 +574,11 @@ def _layout(config: QuantConfig, m: int, n: int) -> dict[str, tuple[tuple[int, .
         return {"qweight": ((m, n // 2), u8), "scale": ((m, n // MX_BLOCK), u8)}
     if isinstance(config, VQConfig):
         tr, tc = config.tiles(m, n)
-        return {"qweight": ((m, config.code_bytes(1, n)), u8), "codebook": ((tr, tc, config.centroids, 2), f16),
-                "perm": ((n,), _perm_dtype(config, n))}
+        if config.codebook_bits == 16:
+            book = {"codebook": ((tr, tc, config.centroids, 2), f16)}
+        else:
+            book = {"codebook": ((tr, tc, config.centroids, 2), torch.int8), "codebook_scale": ((tr, tc, 1, 2), f16)}
+        return {"qweight": ((m, config.code_bytes(1, n)), u8), **book, "perm": ((n,), _perm_dtype(config, n))}
     raise TypeError(f"QuantLinear does not support {type(config).__name__}")
 
 
@@ -567,10 +596,12 @@ def _encode(config: QuantConfig, w: Tensor, stats: LinearStats | None) -> dict[s
         if stats is None:
             raise ValueError("vq needs calibration statistics (X Xᵀ of the layer input); "
                              "profile the model first and pass its LinearStats")
-        codes, book, perm = vq_quantize(w, stats.inputs.xxt, config.bits, config.group_size, config.rows(w.shape[0]),
-                                        damp=config.damp, iters=config.iters, seed=config.seed)
+        codes, book, book_scale, perm = vq_quantize(w, stats.inputs.xxt, config.bits, config.group_size,
+                                                    config.rows(w.shape[0]), damp=config.damp, iters=config.iters,
+                                                    seed=config.seed, codebook_bits=config.codebook_bits)
         perm = perm.to(_perm_dtype(config, w.shape[1]))
-        return {"qweight": pack_bits(codes, config.code_bits), "codebook": book, "perm": perm}
+        scale = {} if book_scale is None else {"codebook_scale": book_scale}
+        return {"qweight": pack_bits(codes, config.code_bits), "codebook": book, **scale, "perm": perm}
     if isinstance(config, RTNConfig):
         codes, scale, zero = quantize_rtn(w, config.bits, config.group_size)
         return {"qweight": pack_bits(codes, config.bits), "scale": scale, "zero": zero}
@@ -659,7 +690,8 @@ class QuantLinear(nn.Module):
             return dequantize_mxfp4(unpack_bits(self.qweight, 4, n), self.scale, dtype)
         if isinstance(c, VQConfig):
             codes = unpack_bits(self.qweight, c.code_bits, n // 2)
-            return dequantize_vq(codes, self.codebook, self.perm, c.rows(self.out_features), c.group_size, dtype)
+            return dequantize_vq(codes, self.codebook, self.perm, c.rows(self.out_features), c.group_size, dtype,
+                                 getattr(self, "codebook_scale", None))
         raise TypeError(f"QuantLinear does not support {type(c).__name__}")
 
     def forward(self, x: Tensor) -> Tensor:

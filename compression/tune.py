@@ -19,7 +19,8 @@ What is trained, per layer (nothing else changes; sizes are exactly as before):
   bits and group size;
 * vector-quantised weights (``vq`` ``QuantLinear``), through ``TunableVQ``: the codebook
   entries, as offsets in units of their tile's codebook RMS, at ``TuneOptions.lr`` (codes
-  fixed; entries rounded to fp16 straight-through, as stored);
+  fixed; entries rounded straight-through to their storage: the int8 grid of their fixed
+  per-tile scales, or fp16);
 * plain (unquantised) low-rank factors, in weight units, at ``TuneOptions.factor_lr``.
 
 Memory: besides the hidden states (three ``tokens x hidden`` fp32 tensors), a layer under
@@ -51,7 +52,7 @@ from compression.configs import GPTQConfig, RTNConfig, VQConfig
 from compression.lillama import EVAL_TOKENS, FORWARD_TOKENS, _Calls, _eval_chunks, _fit, _forward, _work_copy
 from compression.lowrank import LowRankLinear
 from compression.plan import TuneOptions
-from compression.quant import _FP16_TINY, QuantLinear, dequantize_vq, n_groups, pack_bits, unpack_bits
+from compression.quant import _FP16_TINY, QuantLinear, codebook_values, dequantize_vq, n_groups, pack_bits, unpack_bits
 
 Progress = Callable[[float, str], None]
 StopCheck = Callable[[], bool]
@@ -142,21 +143,24 @@ class TunableQuant(nn.Module):
 
 class TunableVQ(nn.Module):
     """A vector-quantised linear made trainable: its codebook entries, codes fixed. With ``c0``
-    the stored codebook (Tr, Tc, k, 2) and ``r`` each tile's codebook RMS (Tr, Tc, 1, 1)::
+    the stored centroids (Tr, Tc, k, 2) as floats, ``s`` their int8 scales (Tr, Tc, 1, 2)
+    and ``r`` each tile's codebook RMS (Tr, Tc, 1, 1)::
 
-        c = fp16(c0 + d · r)                    d (Tr, Tc, k, 2): trainable, unitless
+        c = s · clamp(round((c0 + d · r) / s), ±127)   (int8 codebook; fp16(c0 + d · r) for fp16)
 
-    (fp16 rounding straight-through). At ``d = 0`` it computes exactly the quantised linear it
-    came from; ``to_quant`` stores ``c`` back into a ``QuantLinear`` of the same config."""
+    ``d`` (Tr, Tc, k, 2) is trainable and unitless; rounding is straight-through and the
+    scales stay as stored. At ``d = 0`` it computes exactly the quantised linear it came
+    from; ``to_quant`` stores ``c`` back into a ``QuantLinear`` of the same config."""
 
     def __init__(self, config: VQConfig, qweight: Tensor, codebook: Tensor, perm: Tensor, out_features: int,
-                 in_features: int, bias: Tensor | None):
+                 in_features: int, bias: Tensor | None, codebook_scale: Tensor | None = None):
         super().__init__()
         self.config, self.in_features, self.out_features = config, in_features, out_features
         self.register_buffer("qweight", qweight)  # packed codes, unchanged
         self.register_buffer("codes", unpack_bits(qweight, config.code_bits, in_features // 2))  # (m, n/2)
         self.register_buffer("perm", perm)  # (n,)
-        self.register_buffer("c0", codebook.to(_F32))  # (Tr, Tc, k, 2)
+        self.register_buffer("s", None if codebook_scale is None else codebook_scale.to(_F32))  # (Tr, Tc, 1, 2)
+        self.register_buffer("c0", codebook_values(codebook, codebook_scale))  # (Tr, Tc, k, 2)
         self.register_buffer("r", self.c0.pow(2).mean((2, 3), keepdim=True).sqrt().clamp_min(_FP16_TINY))
         self.d = nn.Parameter(torch.zeros_like(self.c0))
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(_F32), requires_grad=False)
@@ -165,12 +169,20 @@ class TunableVQ(nn.Module):
     def from_quant(cls, q: QuantLinear) -> TunableVQ:
         if not isinstance(q.config, VQConfig):
             raise TypeError(f"TunableVQ tunes vq codebooks, not {type(q.config).__name__}")
-        return cls(q.config, q.qweight, q.codebook, q.perm, q.out_features, q.in_features, q.bias)
+        return cls(q.config, q.qweight, q.codebook, q.perm, q.out_features, q.in_features, q.bias,
+                   getattr(q, "codebook_scale", None))
+
+    def _entries(self) -> Tensor:
+        """(Tr, Tc, k, 2) fp32: the int8 entries as floats (codebook / s), or the fp16 values."""
+        c = (self.c0 + self.d * self.r).clamp(-_FP16_MAX, _FP16_MAX)
+        if self.s is None:
+            return c + (c.to(torch.float16).to(_F32) - c).detach()
+        e = c / self.s
+        return e + (e.round().clamp(-127, 127) - e).detach()
 
     def codebook(self) -> Tensor:
-        """(Tr, Tc, k, 2) fp32 holding fp16 values (rounded straight-through)."""
-        c = (self.c0 + self.d * self.r).clamp(-_FP16_MAX, _FP16_MAX)
-        return c + (c.to(torch.float16).to(_F32) - c).detach()
+        """(Tr, Tc, k, 2) fp32 holding stored values (rounded straight-through)."""
+        return self._entries() if self.s is None else self._entries() * self.s
 
     def weight(self) -> Tensor:
         """The dequantised weight (m, n) fp32, differentiable in ``d``."""
@@ -186,7 +198,10 @@ class TunableVQ(nn.Module):
         out = QuantLinear(self.config, self.out_features, self.in_features, bias=self.bias is not None,
                           dtype=bias_dtype, device=self.c0.device)
         out.qweight, out.perm = self.qweight.clone(), self.perm.clone()
-        out.codebook = self.codebook().to(torch.float16)
+        if self.s is None:
+            out.codebook = self.codebook().to(torch.float16)
+        else:
+            out.codebook, out.codebook_scale = self._entries().to(torch.int8), self.s.to(torch.float16)
         if self.bias is not None:
             out.bias.copy_(self.bias)
         return out

@@ -249,6 +249,11 @@ def test_save_load_round_trip_and_compatibility(tmp_path, trained, grid):
     assert other.fingerprint in str(e.value) and str(tmp_path / "sens") in str(e.value)
     with pytest.raises(ValueError, match="other calibration data"):
         check_compatible(back, lm.fingerprint, "another-digest")
+    # a vq grid measured before int8 codebooks (no quant_options): other sizes, refused with the reason
+    old_vq = SensitivityGrid({**back.meta, "quant": "vq"}, back.table)
+    old_vq.meta.pop("quant_options")
+    with pytest.raises(ValueError, match=r"with vq settings \{\} and vq now quantises with .*'codebook_bits': 8"):
+        check_compatible(old_vq, lm.fingerprint)
     with pytest.raises(FileNotFoundError, match="meta.json"):
         SensitivityGrid.load(tmp_path / "nothing")
 
@@ -269,6 +274,14 @@ def test_load_or_measure_reuses_the_cache(tmp_path, trained):
     assert not reused and sorted(wider.table["name"].unique()) == sorted(two)
     again, reused = load_or_measure(lm.model, lm.adapter, ids, stats, **kw)  # the first is still cached
     assert reused and again.table.equals(first.table)
+    # the same grid measured with other quantiser settings (an older storage format) is measured again
+    import json
+
+    for meta_path in (tmp_path / "sensitivity").glob("*/meta.json"):
+        meta = json.loads(meta_path.read_text())
+        meta_path.write_text(json.dumps({**meta, "quant_options": {"storage": "older"}}))
+    _, reused = load_or_measure(lm.model, lm.adapter, ids, stats, **kw)
+    assert not reused
 
 
 def test_load_or_proxy_reuses_the_cache_and_only_a_matching_one(tmp_path, trained):

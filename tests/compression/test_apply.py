@@ -117,6 +117,28 @@ def test_error_falls_with_bits_and_rank():
     assert ranks == sorted(ranks, reverse=True)
 
 
+def test_a_vq_model_saved_with_fp16_codebooks_loads_as_it_was(tmp_path):
+    """Compressed models saved before int8 codebooks have no ``codebook_bits`` in their
+    manifest: they load with fp16 codebooks, giving the logits they gave."""
+    import json
+
+    from analysis.adapters import get_submodule, set_submodule
+    from compression.configs import VQConfig
+
+    lm, ids, stats = _setup()
+    li = lm.adapter.linears(lm.model)[2]
+    old = QuantLinear.from_linear(get_submodule(lm.model, li.name), VQConfig(2, 32, codebook_bits=16), stats[li.name])
+    assert old.codebook.dtype == torch.float16 and getattr(old, "codebook_scale", None) is None
+    set_submodule(lm.model, li.name, old)
+    save_compressed(lm.model, tmp_path / "c", plan_json=Plan().to_json())
+    info = json.loads((tmp_path / "c" / "ranklab.json").read_text())
+    del info["modules"][li.name]["config"]["codebook_bits"]  # as written before the field existed
+    (tmp_path / "c" / "ranklab.json").write_text(json.dumps(info))
+    again = load_model(str(tmp_path / "c"), device="cpu")
+    assert get_submodule(again.model, li.name).config.codebook_bits == 16
+    torch.testing.assert_close(again.model(ids).logits, lm.model(ids).logits, rtol=0, atol=0)
+
+
 def test_save_and_reload_gives_identical_logits(tmp_path):
     lm, ids, stats = _setup()
     linears = lm.adapter.linears(lm.model)

@@ -111,13 +111,15 @@ def test_tunable_vq_starts_exactly_at_the_quantised_linear_and_stores_what_it_tr
     x = torch.randn(5, 208)
     assert torch.equal(t.weight(), q.dequantized_weight()) and torch.equal(t(x), q(x))
     back = t.to_quant()
-    for name in ("qweight", "codebook", "perm", "bias"):
+    assert q.codebook.dtype == torch.int8  # the default storage: int8 entries and their scales
+    for name in ("qweight", "codebook", "codebook_scale", "perm", "bias"):
         assert torch.equal(getattr(back, name), getattr(q, name)), name
     with torch.no_grad():
         t.d.add_(0.3 * torch.randn_like(t.d))
     back = t.to_quant()
     assert torch.equal(back.dequantized_weight(), t.weight())  # what was trained is what is stored
     assert torch.equal(back.qweight, q.qweight) and not torch.equal(back.codebook, q.codebook)
+    assert torch.equal(back.codebook_scale, q.codebook_scale)  # entries move on their grid, scales stay
     assert back.config == q.config and back.quantized_nbytes() == q.quantized_nbytes()
     t.zero_grad()
     torch.nn.functional.mse_loss(t(x), torch.randn(5, 48)).backward()
