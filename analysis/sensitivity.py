@@ -616,6 +616,16 @@ def quant_options(quant: str) -> dict:
     return {k: v for k, v in opts.items() if k not in ("bits", "group_size")}
 
 
+def recorded_quant_options(meta: dict) -> dict:
+    """The quantiser settings a grid was measured with. Grids from before they were recorded
+    used the settings of then: today's, except for what ``legacy_options`` names (vq's fp16
+    codebooks)."""
+    if "quant_options" in meta:
+        return meta["quant_options"]
+    cls = QUANT_METHODS.get(meta.get("quant", ""))
+    return {**quant_options(meta.get("quant", "")), **(cls.legacy_options if cls is not None else {})}
+
+
 def sensitivity_key(fingerprint: str, data_digest: str, n_tokens: int, method: str, quant: str,
                     group_size: int) -> str:
     return f"{fingerprint}-{data_digest}-{n_tokens}-{method}-{quant}-g{group_size}"
@@ -639,10 +649,12 @@ def check_compatible(grid: SensitivityGrid, fingerprint: str, data_digest: str |
         raise ValueError(f"{where} was measured on other calibration data ({grid.meta.get('data')}, digest "
                          f"{grid.meta.get('data_digest')}; expected digest {data_digest}); measure it again")
     quant = grid.meta.get("quant", "")
-    now = quant_options(quant)
-    if grid.meta.get("quant_options", {}) != now:
-        raise ValueError(f"{where} was measured with {quant} settings {grid.meta.get('quant_options', {})} and "
-                         f"{quant} now quantises with {now} (another storage format, other sizes): measure it again")
+    now, then = quant_options(quant), recorded_quant_options(grid.meta)
+    if then != now:
+        changed = {k: then.get(k) for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)}
+        raise ValueError(f"{where} was measured with {quant} settings {changed} and {quant} now quantises with "
+                         f"{ {k: now.get(k) for k in changed} } (another storage format, other sizes): "
+                         "measure it again")
 
 
 def _meta(kind: str, model: nn.Module, calib_ids: Tensor, *, method: str, quant: str, group_size: int,
@@ -939,7 +951,7 @@ def load_or_measure(model: nn.Module, adapter: Adapter, calib_ids: Tensor, stats
 
     def matches(grid: SensitivityGrid) -> bool:
         return (grid.meta.get("fingerprint") == fingerprint and grid.meta.get("n_tokens") == calib_ids.numel()
-                and grid.meta.get("quant_options", {}) == quant_options(quant)
+                and recorded_quant_options(grid.meta) == quant_options(quant)
                 and _same_grid(grid, fractions, bits, stats, wanted)
                 and (grid.first_order is not None or not kw.get("first_order", True))
                 and (grid.kl is not None or not kw.get("kl", True))

@@ -104,6 +104,8 @@ class QuantConfig:
     allowed_bits: ClassVar[tuple[int, ...]] = ()
     name: ClassVar[str] = ""
     data_free: ClassVar[bool] = True  # needs no calibration statistics
+    # settings that differed before sensitivity grids recorded them (``analysis.sensitivity.recorded_quant_options``)
+    legacy_options: ClassVar[dict] = {}
 
     def _check_bits(self) -> None:
         if self.bits not in self.allowed_bits:
@@ -272,6 +274,7 @@ class VQConfig(QuantConfig):
     data_free: ClassVar[bool] = False  # the input Hessian X Xᵀ
     dim: ClassVar[int] = 2  # weights per vector
     codebook_overhead: ClassVar[float] = 1 / 8  # bits per weight an fp16 codebook of the automatic tile height may take
+    legacy_options: ClassVar[dict] = {"codebook_bits": 16}  # grids and models from before int8 codebooks
 
     @property
     def code_bits(self) -> int:

@@ -43,10 +43,8 @@ def _describe(mod: nn.Module) -> dict | None:
 
 def _build(entry: dict, dtype: torch.dtype, device: torch.device) -> nn.Module:
     if entry["kind"] == "quant":
-        kw = dict(entry["config"])
-        if entry["config_type"] == "VQConfig":
-            kw.setdefault("codebook_bits", 16)  # saved before int8 codebooks existed: fp16 entries
-        cfg = _CONFIG_TYPES[entry["config_type"]](**kw)
+        cls = _CONFIG_TYPES[entry["config_type"]]
+        cfg = cls(**{**cls.legacy_options, **entry["config"]})  # a field the manifest lacks: as saved then
         return QuantLinear.empty(cfg, entry["out"], entry["in"], entry["bias"], dtype, device)
     if entry["kind"] == "lowrank":
         mod = LowRankLinear.empty(entry["out"], entry["in"], entry["rank"], entry["bias"], dtype, device)

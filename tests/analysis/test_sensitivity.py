@@ -252,8 +252,12 @@ def test_save_load_round_trip_and_compatibility(tmp_path, trained, grid):
     # a vq grid measured before int8 codebooks (no quant_options): other sizes, refused with the reason
     old_vq = SensitivityGrid({**back.meta, "quant": "vq"}, back.table)
     old_vq.meta.pop("quant_options")
-    with pytest.raises(ValueError, match=r"with vq settings \{\} and vq now quantises with .*'codebook_bits': 8"):
+    with pytest.raises(ValueError, match=r"with vq settings \{'codebook_bits': 16\} and vq now quantises with "
+                                         r"\{'codebook_bits': 8\}"):
         check_compatible(old_vq, lm.fingerprint)
+    old_rtn = SensitivityGrid(dict(back.meta), back.table)  # rtn's settings have not changed: still accepted
+    old_rtn.meta.pop("quant_options")
+    check_compatible(old_rtn, lm.fingerprint)
     with pytest.raises(FileNotFoundError, match="meta.json"):
         SensitivityGrid.load(tmp_path / "nothing")
 
