@@ -453,12 +453,16 @@ def weighted_kmeans(v: Tensor, wt: Tensor, counts: list[int], k: int, iters: int
     return c
 
 
+def int8_steps(x: Tensor) -> Tensor:
+    """x in units of its scale -> the nearest int8 codebook step in [-127, 127] (still float)."""
+    return x.round().clamp(-127, 127)
+
+
 def round_codebook(c: Tensor) -> tuple[Tensor, Tensor]:
     """c (..., k, 2) float -> (int8 entries (..., k, 2), fp16 scale (..., 1, 2)): per coordinate,
     ``scale = absmax / 127`` (in fp16) and ``q = round(c / scale)``; ``q * scale`` is what is stored."""
     scale = (c.abs().amax(-2, keepdim=True) / 127).clamp_min(_FP16_TINY).to(torch.float16)  # (..., 1, 2)
-    q = (c / scale.to(c.dtype)).round().clamp(-127, 127).to(torch.int8)  # (..., k, 2)
-    return q, scale
+    return int8_steps(c / scale.to(c.dtype)).to(torch.int8), scale  # (..., k, 2), (..., 1, 2)
 
 
 def codebook_values(codebook: Tensor, scale: Tensor | None, dtype: torch.dtype = torch.float32) -> Tensor:

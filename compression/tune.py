@@ -52,7 +52,16 @@ from compression.configs import GPTQConfig, RTNConfig, VQConfig
 from compression.lillama import EVAL_TOKENS, FORWARD_TOKENS, _Calls, _eval_chunks, _fit, _forward, _work_copy
 from compression.lowrank import LowRankLinear
 from compression.plan import TuneOptions
-from compression.quant import _FP16_TINY, QuantLinear, codebook_values, dequantize_vq, n_groups, pack_bits, unpack_bits
+from compression.quant import (
+    _FP16_TINY,
+    QuantLinear,
+    codebook_values,
+    dequantize_vq,
+    int8_steps,
+    n_groups,
+    pack_bits,
+    unpack_bits,
+)
 
 Progress = Callable[[float, str], None]
 StopCheck = Callable[[], bool]
@@ -178,11 +187,12 @@ class TunableVQ(nn.Module):
         if self.s is None:
             return c + (c.to(torch.float16).to(_F32) - c).detach()
         e = c / self.s
-        return e + (e.round().clamp(-127, 127) - e).detach()
+        return e + (int8_steps(e) - e).detach()
 
     def codebook(self) -> Tensor:
         """(Tr, Tc, k, 2) fp32 holding stored values (rounded straight-through)."""
-        return self._entries() if self.s is None else self._entries() * self.s
+        e = self._entries()
+        return e if self.s is None else e * self.s
 
     def weight(self) -> Tensor:
         """The dequantised weight (m, n) fp32, differentiable in ``d``."""
