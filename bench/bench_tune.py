@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--quant", default="gptq", choices=("gptq", "vq"))
     ap.add_argument("--steps", type=int, default=TuneOptions.steps)
     ap.add_argument("--lr", type=float, default=TuneOptions.lr)
+    ap.add_argument("--by-input", action="store_true",
+                    help="quantise each layer one input group at a time (GPTQ's true-sequential)")
     ap.add_argument("--no-tune", action="store_true", help="measure the plans untuned only")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--tag", default="")
@@ -53,7 +55,8 @@ def main() -> None:
     ev = windows(tokenize(lm.tokenizer, ev_c), 2048, 16)
     opts = TuneOptions(steps=a.steps, lr=a.lr)
     dense_params = sum(li.out_features * li.in_features for li in linears)
-    out = dict(protocol=f"calibration {cal_c.label} 32 x 2048 (seed 0), sequential {a.quant} g128; tune {asdict(opts)} "
+    how = "sequential by input" if a.by_input else "sequential"
+    out = dict(protocol=f"calibration {cal_c.label} 32 x 2048 (seed 0), {how} {a.quant} g128; tune {asdict(opts)} "
                         f"on the first windows cut into {opts.seqlen}-token sequences; ppl16: {ev_c.label} first "
                         f"16 x 2048; fp32; {lm.device}; torch threads {torch.get_num_threads()}",
                dense_ppl16=perplexity(lm.model, ev, ev_c.label).ppl, rows=[])
@@ -78,7 +81,8 @@ def main() -> None:
                  modules_by_bits={b: sum(plan.spec_for(li.name).bits == b for li in linears)
                                   for b in (2, 2.5, 3, 4, 8)})
         t = time.perf_counter()
-        comp, _ = apply_plan(lm.model, lm.adapter, plan, stats, device=lm.device, calib_ids=cal32)
+        comp, _ = apply_plan(lm.model, lm.adapter, plan, stats, device=lm.device, calib_ids=cal32,
+                             by_input=a.by_input)
         r["plain"] = measure(comp, time.perf_counter() - t)
         log(f"{row} plain: {r['plain']}")
         if a.no_tune:

@@ -76,12 +76,15 @@ def quantise_module(mod: nn.Module, q: QuantConfig, stats: LinearStats | None) -
 
 def apply_plan(model: nn.Module, adapter: Adapter, plan: Plan, stats: dict[str, LinearStats] | None = None, *,
                device: torch.device | str | None = None, calib_ids: Tensor | None = None,
-               progress: Progress | None = None, should_stop: Callable[[], bool] | None = None
-               ) -> tuple[nn.Module, ApplyReport]:
+               progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
+               by_input: bool = False) -> tuple[nn.Module, ApplyReport]:
     """Compress a deep copy of ``model`` per ``plan``; returns (compressed model, report).
 
     ``stats`` (from ``analysis.profile``) feeds act-pca, svd-llm and gptq; ``calib_ids``
-    (C, L) is needed by Lillama and SliceGPT. ``device`` defaults to the model's."""
+    (C, L) is needed by Lillama and SliceGPT, and makes GPTQ and vq sequential. ``by_input``
+    collects their statistics one input group at a time (GPTQ's true-sequential; off by default:
+    on SmolLM2 it gained 1.9 % on uniform GPTQ 3-bit and lost 6.7 % on a 2.5-bit vq plan,
+    bench/RESULTS.md §21). ``device`` defaults to the model's."""
     t0 = time.perf_counter()
     tuning = plan.tuned
     outer = progress or (lambda f, m: None)
@@ -139,7 +142,7 @@ def apply_plan(model: nn.Module, adapter: Adapter, plan: Plan, stats: dict[str, 
     sequential = calib_ids is not None and any(not q.data_free for _, q in quant)  # gptq, vq
     if sequential:  # 3) GPTQ's recipe: each layer's Hessian from the compressed layers below
         _sequential_quantise(student, adapter, quant, calib_ids, dev, report, should_stop,
-                             lambda f, m: say(0.9 + 0.1 * f, m))
+                             lambda f, m: say(0.9 + 0.1 * f, m), by_input=by_input)
     else:  # 3) quantisation with the dense model's statistics (RTN needs none)
         for j, (li, q) in enumerate(quant):
             _check(should_stop)
@@ -174,11 +177,15 @@ def weighted_first_token(rest: InputStats, first: InputStats, weight: float) -> 
 @torch.no_grad()
 def _sequential_quantise(student: nn.Module, adapter: Adapter, quant: list[tuple[LinearInfo, QuantConfig]],
                          calib_ids: Tensor, dev: torch.device, report: ApplyReport,
-                         should_stop: Callable[[], bool] | None, say: Progress, batch_size: int = 4) -> None:
+                         should_stop: Callable[[], bool] | None, say: Progress, batch_size: int = 4,
+                         by_input: bool = False) -> None:
     """Quantise layer by layer. Before a layer is quantised, its linears' input statistics
     are collected on the hidden states produced by the already-quantised layers below; then
-    the quantised layer produces the next layer's inputs. Peak memory: the calibration
-    hidden states plus one layer."""
+    the quantised layer produces the next layer's inputs. With ``by_input`` (GPTQ's
+    "true-sequential") a layer's linears are quantised one input group at a time in forward
+    order (q/k/v, then o, then gate/up, then down), each group's statistics collected with
+    the groups before it already quantised; otherwise every group's statistics come from the
+    layer as it was. Peak memory: the calibration hidden states plus one layer."""
     layers = adapter.layers(student)
     batches, seqlen = list(calib_ids.split(batch_size)), calib_ids.shape[1]
     states = [capture(student, adapter, b.to(dev)) for b in batches]
@@ -189,33 +196,63 @@ def _sequential_quantise(student: nn.Module, adapter: Adapter, quant: list[tuple
     for i, layer in enumerate(layers):
         _check(should_stop)
         items = by_layer.get(i, [])
-        if items:
-            heads: dict[str, LinearInfo] = {}
-            for li, _ in items:
-                heads.setdefault(li.input_key, li)
-            rest = {k: InputStats.zeros(li.in_features, dev) for k, li in heads.items()}
-            first = {k: InputStats.zeros(li.in_features, dev) for k, li in heads.items()}
-
-            def record(k: str, x: Tensor) -> None:  # x (B, L, n), or (B L, n) in OPT's MLP: first tokens apart
-                x = x.reshape(-1, seqlen, x.shape[-1])
-                first[k].update(x[:, :1])
-                rest[k].update(x[:, 1:])
-
-            hooks = [get_submodule(student, li.name).register_forward_pre_hook(
-                lambda _m, args, k=k: record(k, args[0])) for k, li in heads.items()]
-            try:
-                for b in range(len(batches)):
-                    run_layer(layer, hidden[b], states[b].calls[i])
-            finally:
-                for h in hooks:
-                    h.remove()
-            for li, q in items:
+        groups: list[list[tuple[LinearInfo, QuantConfig]]] = []
+        for item in items:  # consecutive linears reading one input, in the adapter's (forward) order
+            if groups and groups[-1][0][0].input_key == item[0].input_key:
+                groups[-1].append(item)
+            else:
+                groups.append([item])
+        for group in (groups if by_input else [items] if items else []):
+            stats = _layer_input_stats(student, layer, [li for li, _ in group], hidden,
+                                       [st.calls[i] for st in states], seqlen, dev, stop=by_input)
+            for li, q in group:
                 t = time.perf_counter()
-                w = max(1.0, getattr(q, "sink_weight", 0.0) * calib_ids.shape[1])
-                st = LinearStats(weighted_first_token(rest[li.input_key], first[li.input_key], w))
+                w = max(1.0, getattr(q, "sink_weight", 0.0) * seqlen)
+                rest, first = stats[li.input_key]
+                st = LinearStats(weighted_first_token(rest, first, w))
                 mod = quantise_module(get_submodule(student, li.name), q, st)
                 set_submodule(student, li.name, mod)
-                report.modules.append((li.name, f"{q.name} {q.bits}b (sequential)", time.perf_counter() - t))
+                label = "sequential by input" if by_input else "sequential"
+                report.modules.append((li.name, f"{q.name} {q.bits}b ({label})", time.perf_counter() - t))
         for b in range(len(batches)):
             hidden[b] = run_layer(layer, hidden[b], states[b].calls[i])
         say((i + 1) / len(layers), f"quantise layer {i + 1}/{len(layers)}")
+
+
+class _Recorded(Exception):
+    """Raised by the last input hook when the rest of the layer need not run."""
+
+
+def _layer_input_stats(student: nn.Module, layer: nn.Module, linears: list[LinearInfo], hidden: list[Tensor],
+                       calls: list[tuple[tuple, dict]], seqlen: int, dev: torch.device,
+                       stop: bool) -> dict[str, tuple[InputStats, InputStats]]:
+    """Input moments of ``linears`` over the calibration batches run through ``layer``:
+    input key -> (moments of every token but each window's first, moments of the first ones).
+    With ``stop`` the layer is cut short once the last of those inputs has been seen (the
+    linears must then be read in forward order)."""
+    heads: dict[str, LinearInfo] = {}
+    for li in linears:
+        heads.setdefault(li.input_key, li)
+    rest = {k: InputStats.zeros(li.in_features, dev) for k, li in heads.items()}
+    first = {k: InputStats.zeros(li.in_features, dev) for k, li in heads.items()}
+    last = list(heads)[-1]
+
+    def record(k: str, x: Tensor) -> None:  # x (B, L, n), or (B L, n) in OPT's MLP: first tokens apart
+        x = x.reshape(-1, seqlen, x.shape[-1])
+        first[k].update(x[:, :1])
+        rest[k].update(x[:, 1:])
+        if stop and k == last:
+            raise _Recorded
+
+    hooks = [get_submodule(student, li.name).register_forward_pre_hook(
+        lambda _m, args, k=k: record(k, args[0])) for k, li in heads.items()]
+    try:
+        for h, call in zip(hidden, calls, strict=True):
+            try:
+                run_layer(layer, h, call)
+            except _Recorded:
+                pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: (rest[k], first[k]) for k in heads}

@@ -380,6 +380,47 @@ def test_sequential_gptq_and_vq_beat_rtn_and_keep_exact_bytes(family):
     assert errs["gptq"] < 0.95 * errs["rtn"] and errs["vq"] < 0.95 * errs["rtn"], errs
 
 
+@pytest.mark.parametrize("by_input", [False, True])
+def test_sequential_statistics_come_from_the_layer_as_quantised_so_far(family, by_input, monkeypatch):
+    # by input (GPTQ's true-sequential): each linear's X Xᵀ is that of its input in the final
+    # compressed model, since every group before it in the layer was quantised first; per layer:
+    # that of the dense layer, which differs from the compressed model's after the first group
+    import compression.apply as apply_mod
+
+    lm, ids, stats = _setup(family)
+    layer0 = [li for li in lm.adapter.linears(lm.model) if li.layer == 0]
+    plan = Plan(modules={li.name: ModuleSpec(bits=2, group_size=32, quant="gptq") for li in layer0})
+    seen = []
+    quantise = apply_mod.quantise_module
+    monkeypatch.setattr(apply_mod, "quantise_module", lambda mod, q, st: (seen.append(st), quantise(mod, q, st))[1])
+    comp, rep = apply_plan(lm.model, lm.adapter, plan, stats, calib_ids=ids, by_input=by_input)
+    assert [name for name, _, _ in rep.modules] == [li.name for li in layer0]  # the adapter's (forward) order
+    assert all(("by input" in label) == by_input for _, label, _ in rep.modules)
+
+    def input_xxt(model):  # name -> Σ x xᵀ over every calibration token (first tokens counted once here)
+        acc, hooks = {}, []
+        for li in layer0:
+            def hook(_m, args, name=li.name):
+                x = args[0].reshape(-1, args[0].shape[-1]).double()
+                acc[name] = acc.get(name, 0) + x.T @ x
+            hooks.append(dict(model.named_modules())[li.name].register_forward_pre_hook(hook))
+        with torch.no_grad():
+            model(ids)
+        for h in hooks:
+            h.remove()
+        return acc
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    final, dense = input_xxt(comp), input_xxt(lm.model)
+    for li, st in zip(layer0, seen, strict=True):
+        # sink weight x 32 tokens < 1: the first token counts once, as in the sums above
+        assert rel(st.inputs.xxt, (final if by_input else dense)[li.name]) < 1e-5, li.name
+    # the layer's later inputs did change, by far more than that: the two ways are told apart
+    assert max(rel(final[li.name], dense[li.name]) for li in layer0) > 1e-3
+
+
 def test_first_token_weight_counts_the_first_token_w_times():
     from analysis.stats import InputStats
     from compression.apply import weighted_first_token
