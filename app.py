@@ -24,6 +24,8 @@ import numpy as np
 import pandas as pd
 
 from analysis import figures as F
+from analysis.data import keep_text_file
+from analysis.loading import cache_dir
 from analysis.metrics import unsteady_note
 from analysis.sensitivity import PROBED_QUANT
 from compression.configs import bit_width
@@ -318,15 +320,19 @@ def build_model_tab(state, cfg: AppConfig):
         return lab, _summary_md(lab, info) + note, lab.layer_table()
 
     def on_data(lab, c, e, up, L, cw, ew):
+        kept = None
         try:
             lab = _require(lab)
-            if up:
-                c = e = str(up)
+            if up:  # kept in the cache: gradio deletes its copy, and a reloaded page names this one
+                kept = keep_text_file(up, cache_dir() / "uploads")
+                c = e = str(kept)
             msg = lab.set_texts(c, e, *(None if v is None else int(v) for v in (L, cw, ew)))
         except Exception as ex:
             text = _err_text(ex)
-            if up:  # name the file the user picked, not gradio's temporary copy of it
+            if up:  # name the file the user picked, not a copy of it
                 text = text.replace(str(up), Path(up).name)
+                if kept is not None:
+                    text = text.replace(str(kept), Path(up).name)
             if lab is None or lab.lm is None or not isinstance(ex, (ValueError, FileNotFoundError)):
                 traceback.print_exc()
                 raise gr.Error(text) from ex

@@ -83,6 +83,24 @@ def _check_file(path: Path, prefix: str = "") -> None:
         raise ValueError(f"{prefix}{path} is a folder; give a text file")
 
 
+def keep_text_file(path: str | Path, root: Path) -> Path:
+    """A lasting copy of the text file ``path`` under ``root``, in a folder named by a digest of
+    its bytes, with the file's own name (which labels the text). An uploaded file is a temporary
+    copy that the server deletes; a page that names the kept copy still finds it after a
+    restart. The same bytes map to the same copy, written once (to a temporary name, then
+    renamed)."""
+    src = Path(path)
+    _check_file(src)
+    data = src.read_bytes()
+    dest = root / hashlib.sha256(data).hexdigest()[:16] / src.name
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = dest.with_name(dest.name + ".part")
+        part.write_bytes(data)
+        part.replace(dest)
+    return dest
+
+
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -89,3 +89,24 @@ def test_split_from_one_file_never_overlaps(tmp_path):
     assert min(starts) >= 500  # after the 5 x 100 evaluation tokens
     other = make_split(_CharTokenizer(), c, c, 100, 5, 8, seed=1)
     assert other.digest != sp.digest
+
+
+def test_kept_text_file_outlives_its_source_and_keeps_its_name(tmp_path):
+    from analysis.data import keep_text_file, load_corpus
+
+    up = tmp_path / "upload" / "notes.txt"
+    up.parent.mkdir()
+    up.write_text("some prose to calibrate on\n", encoding="utf-8")
+    root = tmp_path / "kept"
+    kept = keep_text_file(up, root)
+    assert kept.name == "notes.txt" and kept.is_relative_to(root) and kept.read_bytes() == up.read_bytes()
+    assert keep_text_file(up, root) == kept  # the same bytes: the same copy
+    label = load_corpus(str(kept)).label
+    up.unlink()  # the server deletes its temporary copy
+    assert load_corpus(str(kept)).label == label == "notes.txt"
+    other = tmp_path / "notes.txt"
+    other.write_text("other prose\n", encoding="utf-8")
+    assert keep_text_file(other, root) != kept  # same name, other bytes: another copy
+    assert not list(root.rglob("*.part"))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        keep_text_file(up, root)

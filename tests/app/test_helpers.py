@@ -404,3 +404,21 @@ def test_profile_says_whether_the_first_view_was_computed_and_how_long_it_took(t
     _, again, *_ = on_profile(tiny_lab, lambda f, desc="": None)
     assert again.startswith("Reused the cached profile") and tiny_lab.proxy_reused
     assert f"(from the cache; it took {took:.1f} s when it was made)" in again
+
+
+def test_an_uploaded_text_is_kept_so_a_reloaded_page_still_finds_it(tiny_lab, tmp_path):
+    from pydoc_data.topics import topics
+
+    demo = app.build_app(app.AppConfig(autoload=False, workspace=tmp_path / "ws"))
+    on_data = _callback(demo, "on_data")
+    up = tmp_path / "gradio-tmp" / "my notes.txt"  # gradio's temporary copy of the user's file
+    up.parent.mkdir()
+    up.write_text("\n\n".join(topics[k] for k in sorted(topics)[:40]), encoding="utf-8")
+    lab, msg = on_data(tiny_lab, "default", "default", str(up), 32, 8, 2)
+    kept = Path(lab.settings.calib_text)
+    assert lab.settings.eval_text == str(kept) and kept.name == "my notes.txt"
+    assert kept.is_relative_to(tmp_path / "cache" / "uploads")  # RANKLAB_CACHE of the fixture
+    assert "`my notes.txt` is used for both texts" in msg
+    up.unlink()  # the server deletes its copy; the restored page's texts still load
+    lab, msg = on_data(lab, str(kept), str(kept), None, 32, 8, 2)
+    assert "The texts were not changed" not in msg and lab.settings.calib_text == str(kept)
