@@ -329,10 +329,9 @@ def build_model_tab(state, cfg: AppConfig):
             msg = lab.set_texts(c, e, *(None if v is None else int(v) for v in (L, cw, ew)))
         except Exception as ex:
             text = _err_text(ex)
-            if up:  # name the file the user picked, not a copy of it
-                text = text.replace(str(up), Path(up).name)
-                if kept is not None:
-                    text = text.replace(str(kept), Path(up).name)
+            for path in (up, kept):  # name the file the user picked, not a copy of it
+                if path:
+                    text = text.replace(str(path), Path(up).name)
             if lab is None or lab.lm is None or not isinstance(ex, (ValueError, FileNotFoundError)):
                 traceback.print_exc()
                 raise gr.Error(text) from ex

@@ -10,6 +10,7 @@ stays usable for comparison.
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -193,26 +194,20 @@ def _sequential_quantise(student: nn.Module, adapter: Adapter, quant: list[tuple
     by_layer: dict[int, list[tuple[LinearInfo, QuantConfig]]] = {}
     for li, q in quant:
         by_layer.setdefault(li.layer, []).append((li, q))
+    label = "sequential by input" if by_input else "sequential"
     for i, layer in enumerate(layers):
         _check(should_stop)
         items = by_layer.get(i, [])
-        groups: list[list[tuple[LinearInfo, QuantConfig]]] = []
-        for item in items:  # consecutive linears reading one input, in the adapter's (forward) order
-            if groups and groups[-1][0][0].input_key == item[0].input_key:
-                groups[-1].append(item)
-            else:
-                groups.append([item])
-        for group in (groups if by_input else [items] if items else []):
+        groups = [items] if not by_input else [  # consecutive linears reading one input, in forward order
+            list(g) for _, g in itertools.groupby(items, key=lambda item: item[0].input_key)]
+        for group in groups if items else []:
             stats = _layer_input_stats(student, layer, [li for li, _ in group], hidden,
                                        [st.calls[i] for st in states], seqlen, dev, stop=by_input)
             for li, q in group:
                 t = time.perf_counter()
                 w = max(1.0, getattr(q, "sink_weight", 0.0) * seqlen)
-                rest, first = stats[li.input_key]
-                st = LinearStats(weighted_first_token(rest, first, w))
-                mod = quantise_module(get_submodule(student, li.name), q, st)
-                set_submodule(student, li.name, mod)
-                label = "sequential by input" if by_input else "sequential"
+                st = LinearStats(weighted_first_token(*stats[li.input_key], w))
+                set_submodule(student, li.name, quantise_module(get_submodule(student, li.name), q, st))
                 report.modules.append((li.name, f"{q.name} {q.bits}b ({label})", time.perf_counter() - t))
         for b in range(len(batches)):
             hidden[b] = run_layer(layer, hidden[b], states[b].calls[i])
@@ -247,12 +242,12 @@ def _layer_input_stats(student: nn.Module, layer: nn.Module, linears: list[Linea
     hooks = [get_submodule(student, li.name).register_forward_pre_hook(
         lambda _m, args, k=k: record(k, args[0])) for k, li in heads.items()]
     try:
-        for h, call in zip(hidden, calls, strict=True):
+        for x, call in zip(hidden, calls, strict=True):
             try:
-                run_layer(layer, h, call)
+                run_layer(layer, x, call)
             except _Recorded:
                 pass
     finally:
-        for h in hooks:
-            h.remove()
+        for hook in hooks:
+            hook.remove()
     return {k: (rest[k], first[k]) for k in heads}
