@@ -539,8 +539,8 @@ def build_sensitivity_tab(state):
         method = gr.Dropdown(["svd-llm", "act-pca", "svd"], value="svd-llm", label="Low-rank method probed")
         quant = gr.Dropdown(list(PROBED_QUANT), value="rtn", label="Quantiser probed",
                             info="allocating for GPTQ or vq? probe with it: an RTN grid overstates their damage "
-                                 "(vq fits k-means codebooks: its full grid, 2/2.5/3/4 bits, took 31 min on 2 CPU "
-                                 "cores, RESULTS §18-19)")
+                                 "(vq fits k-means codebooks: its full grid, 2/2.5/3/4 bits, took about 64 min on "
+                                 "2 CPU cores, 47 of them for the 4-d codebooks of 2 and 2.5 bits, RESULTS §22)")
         group = gr.Number(128, label="Group size", precision=0)
         grid_btn = gr.Button("Measure the full grid", variant="primary", elem_id="grid-btn")
         sens_cancel = gr.Button("Cancel", variant="stop", elem_id="sens-cancel")

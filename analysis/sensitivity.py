@@ -619,11 +619,13 @@ def quant_options(quant: str) -> dict:
 def recorded_quant_options(meta: dict) -> dict:
     """The quantiser settings a grid was measured with. Grids from before they were recorded
     used the settings of then: today's, except for what ``legacy_options`` names (vq's fp16
-    codebooks)."""
-    if "quant_options" in meta:
-        return meta["quant_options"]
+    codebooks and pairs); a setting added since a grid recorded its own was, then, its
+    ``legacy_options`` value (vq's pairs, before 4-vectors)."""
     cls = QUANT_METHODS.get(meta.get("quant", ""))
-    return {**quant_options(meta.get("quant", "")), **(cls.legacy_options if cls is not None else {})}
+    legacy = cls.legacy_options if cls is not None else {}
+    if "quant_options" in meta:
+        return {**{k: v for k, v in legacy.items() if k not in meta["quant_options"]}, **meta["quant_options"]}
+    return {**quant_options(meta.get("quant", "")), **legacy}
 
 
 def sensitivity_key(fingerprint: str, data_digest: str, n_tokens: int, method: str, quant: str,

@@ -38,9 +38,29 @@ from analysis.metrics import linear_biases, model_bytes, perplexity
 from analysis.sensitivity import SensitivityGrid, agreement, measure_sensitivity, proxy_sensitivity, rank_grid
 from compression.allocate import Predictor, allocate
 from compression.apply import apply_plan
+from compression.configs import bit_width
 from compression.plan import ModuleSpec, Plan, PlanWarning
 
 ESTIMATORS = ("dloss", "curvature", "kl")
+
+
+def drop_widths(grid: SensitivityGrid, bits: list[float], quant_options: dict) -> SensitivityGrid:
+    """``grid`` without its probes at ``bits``, its meta now saying ``quant_options``: for
+    widths whose format changed (vq's 2 and 2.5 bits became 4-vectors), to be probed again
+    and joined (``join_widths``) while the unchanged widths are kept."""
+    gone = {bit_width(b) for b in bits}
+    if not gone <= set(grid.meta["bits"]):
+        raise SystemExit(f"--replace-bits {sorted(gone)}: the reused grid holds {grid.meta['bits']} bits")
+
+    def keep(t):
+        return None if t is None else t[~((t["kind"] == "bits") & t["setting"].isin(gone))].reset_index(drop=True)
+
+    kept = keep(grid.table)
+    meta = dict(grid.meta, bits=[b for b in grid.meta["bits"] if b not in gone], quant_options=quant_options,
+                seconds=grid.meta["seconds"] * len(kept) / len(grid.table), probes=len(kept),
+                replaced=dict(bits=sorted(gone), quant_options_before=grid.meta.get("quant_options"),
+                              note="seconds of the kept probes are the reused grid's, prorated by probe count"))
+    return SensitivityGrid(meta, kept, None, keep(grid.first_order), keep(grid.kl))
 
 
 def join_widths(grid: SensitivityGrid, more: SensitivityGrid) -> SensitivityGrid:
@@ -90,6 +110,9 @@ def main() -> None:
                          "same plans; checked by their size) and only recompute the predictions")
     ap.add_argument("--extend-bits", default="",
                     help="with --reuse-grids: probe these widths (e.g. 2.5 for vq) and join them to the reused grid")
+    ap.add_argument("--replace-bits", default="",
+                    help="with --reuse-grids: probe these widths again, in place of the reused grid's (their format "
+                         "changed; the other widths' probes are kept)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--grid-tag", default=None, help="tag of the run whose grids --reuse-grids loads (default: --tag)")
     a = ap.parse_args()
@@ -120,6 +143,12 @@ def main() -> None:
                                        group_size=128, fractions=fractions)
         t_grid = None if reused else time.perf_counter() - t
         extend = [float(b) for b in a.extend_bits.split(",") if b]
+        replace = [float(b) for b in a.replace_bits.split(",") if b]
+        if replace:
+            if not reused or extend:
+                raise SystemExit("--replace-bits re-probes widths of a reused grid: give --reuse-grids "
+                                 "(and --grid-tag), not --extend-bits")
+            grid, extend = drop_widths(grid, replace, sens.quant_options(a.grid_quant)), replace
         if extend:
             if not reused:
                 raise SystemExit("--extend-bits joins widths to a reused grid: give --reuse-grids (and --grid-tag)")

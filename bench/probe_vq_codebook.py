@@ -31,8 +31,8 @@ def main() -> None:
         row = dict(name=name)
         for bits in widths:
             for cb in (16, 8):
-                cfg = VQConfig(bits, codebook_bits=cb)
-                codes, book, scale, perm = vq_quantize(w, h, bits, cfg.group_size, cfg.rows(m), codebook_bits=cb)
+                cfg = VQConfig(bits, codebook_bits=cb, dim=2)  # pairs, as in §20 (before 4-vectors)
+                codes, book, scale, perm, _ = vq_quantize(w, h, bits, cfg.group_size, cfg.rows(m), codebook_bits=cb)
                 row[f"{bits}/{cb}"] = dict(error=rel_error(w, dequantize_vq(codes, book, perm, cfg.rows(m),
                                                                               cfg.group_size, scale=scale), h),
                                            bits_per_weight=cfg.nbytes(m, n) * 8 / (m * n), weights=m * n)

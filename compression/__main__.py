@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--param-ratio", type=float,
                     help="low-rank methods: fraction of each linear's parameters the factors keep, in (0, 1]")
     ap.add_argument("--bits", type=_bits_arg, help="quantisers: bit width (rtn/gptq: 2, 3, 4 or 8; vq: 2, 2.5, 3 or 4)")
-    ap.add_argument("--group-size", type=int, help="quantisation group (default 128; vq: columns per codebook tile)")
+    ap.add_argument("--group-size", type=int, help="quantisation group (default 128; vq pairs: tile width)")
     ap.add_argument("--slice", type=float, help="SliceGPT: fraction of the hidden width to delete")
     ap.add_argument("--calib-tokens", type=int, default=32 * 2048)
     ap.add_argument("--seqlen", type=int, default=2048, help="calibration window length")

@@ -13,12 +13,13 @@ binary     ``qweight`` uint8 (m, n/8) sign bits; ``scale`` fp16 (m, G)
 ternary    ``qweight`` uint8 (m, n/4) 2-bit codes {0,1,2}->{-1,0,+1}; ``scale`` fp16 (m, G)
 fp8        ``qweight`` float8_e4m3fn (m, n); ``scale`` fp32 (m,)
 mxfp4      ``qweight`` uint8 (m, n/2) E2M1 codes; ``scale`` uint8 E8M0 (m, n/32)
-vq         ``qweight`` uint8 (m, n*b/8): one 2b-bit index per pair of weights (b = 2, 2.5, 3
-           or 4); ``codebook`` int8 (ceil(m/R), ceil(n/g), 4^b, 2): 4^b centroids per tile
-           of R rows x g visited columns, and ``codebook_scale`` fp16 (ceil(m/R),
-           ceil(n/g), 1, 2), one per tile and coordinate (``codebook_bits=16``: an fp16
-           ``codebook``, no scale); ``perm`` (n,) the column visiting order, int16 (int32
-           for widths above 32768)
+vq         ``qweight`` uint8 (m, n*b/8): one d*b-bit index per vector of d weights (d = 2 or
+           4; b = 2, 2.5, 3 or 4); ``codebook`` int8 (ceil(m/R), ceil(n/C), 2^(d*b), d):
+           the centroids of each tile of R rows x C visited columns (2-d: C = g; 4-d:
+           C = n), and ``codebook_scale`` fp16 (ceil(m/R), ceil(n/C), 1, d), one per tile
+           and coordinate (``codebook_bits=16``: an fp16 ``codebook``, no scale); ``perm``
+           (n,) the column visiting order, int16 (int32 for widths above 32768); 4-d only:
+           ``row_scale`` fp16 (m,)
 low-rank   ``A`` (k, n) and ``B`` (m, k) in the model dtype, or each a quantised module
 =========  =====================================================================
 ``G = ceil(n / g)``: when the group size does not divide the width, the last group of each
@@ -251,20 +252,31 @@ class MXFP4Config(QuantConfig):
 @dataclass(frozen=True)
 class VQConfig(QuantConfig):
     """GPTVQ-style vector quantisation (van Baalen et al. 2024): columns visited by
-    decreasing input-Hessian diagonal, consecutive visited columns paired, each pair coded as
-    one of ``4^bits`` centroids (``bits`` per weight: 2, 2.5, 3 or 4; 2.5 gives 32 centroids
-    and 5-bit codes) of a k-means codebook per tile of ``tile_rows`` rows x ``group_size``
-    visited columns, with GPTQ's error compensation. ``tile_rows = 0`` picks the fewest rows
-    whose codebook, were it fp16, would cost at most 1/8 bit per weight.
+    decreasing input-Hessian diagonal, consecutive visited columns grouped into vectors of
+    ``dim`` weights, each vector coded as one of ``2^(dim * bits)`` centroids of a k-means
+    codebook per tile, with GPTQ's error compensation. ``bits`` per weight: 2, 2.5, 3 or 4
+    (2.5 gives 5-bit codes for pairs, 10-bit codes for 4-vectors).
+
+    ``dim``: 2, 4, or 0 (the default: automatic, 4 at 2 and 2.5 bits and 2 at 3 and 4 bits,
+    where 4-vectors would need 4,096 or 65,536 centroids).
+
+    * 2-d tiles are ``tile_rows`` rows x ``group_size`` visited columns; ``tile_rows = 0``
+      picks the fewest rows whose codebook, were it fp16, would cost at most 1/8 bit per weight.
+    * 4-d tiles span every visited column (256 or 1,024 centroids are too many for one
+      column group) and ``tile_rows`` rows (0: every row, one codebook per matrix). Each row
+      has an fp16 scale (its RMS weighted by GPTQ's error scale), so one codebook serves rows
+      of different sizes. On SmolLM2's linears this has 0.82x the output error of pairs at 2
+      bits (for 0.04 fewer bits per weight) and 0.76x at 2.5 (for 0.02 more): bench/RESULTS.md §22.
 
     ``codebook_bits``: 8 stores each centroid coordinate as an int8 times a per-tile,
     per-coordinate fp16 scale (absmax / 127; rounded before the codes are chosen, so GPTQ's
-    compensation sees it), about 1/16 bit per weight for the same tiles; 16 stores fp16
+    compensation sees it), about 1/16 bit per weight for 2-d tiles; 16 stores fp16
     entries (the format before, which compressed models saved without ``codebook_bits``
     have). bench/RESULTS.md §20."""
 
     tile_rows: int = 0
     codebook_bits: int = 8  # 8: int8 entries x an fp16 scale per tile and coordinate; 16: fp16 entries
+    dim: int = 0  # weights per vector: 2, 4, or 0 (4 at 2 and 2.5 bits, 2 at 3 and 4)
     damp: float = 0.01
     iters: int = 25  # k-means iterations per tile
     seed: int = 0  # k-means initialisation
@@ -272,24 +284,35 @@ class VQConfig(QuantConfig):
     allowed_bits: ClassVar[tuple[float, ...]] = (2, 2.5, 3, 4)
     name: ClassVar[str] = "vq"
     data_free: ClassVar[bool] = False  # the input Hessian X Xᵀ
-    dim: ClassVar[int] = 2  # weights per vector
     codebook_overhead: ClassVar[float] = 1 / 8  # bits per weight an fp16 codebook of the automatic tile height may take
-    legacy_options: ClassVar[dict] = {"codebook_bits": 16}  # grids and models from before int8 codebooks
+    max_centroids: ClassVar[int] = 1024
+    # grids and models from before a field existed: fp16 codebooks (before int8), pairs (before 4-vectors)
+    legacy_options: ClassVar[dict] = {"codebook_bits": 16, "dim": 2}
+
+    @property
+    def vector(self) -> int:
+        """Weights per vector: ``dim``, or the automatic choice."""
+        return self.dim or (4 if self.bits <= 2.5 else 2)
+
+    @property
+    def row_scaled(self) -> bool:
+        """4-vectors: tiles span the whole width, and each row has an fp16 scale."""
+        return self.vector == 4
 
     @property
     def code_bits(self) -> int:
         """Bits of one vector's index."""
-        return round(self.dim * self.bits)
+        return round(self.vector * self.bits)
 
     @property
     def centroids(self) -> int:
         return 2**self.code_bits
 
     def width_step(self) -> int:
-        return self.dim * (8 // math.gcd(8, self.code_bits))  # whole vectors whose codes fill whole bytes
+        return self.vector * (8 // math.gcd(8, self.code_bits))  # whole vectors whose codes fill whole bytes
 
     def code_bytes(self, m: int, n: int) -> int:
-        return m * (n // self.dim) * self.code_bits // 8
+        return m * (n // self.vector) * self.code_bits // 8
 
     @staticmethod
     def perm_bytes(n: int) -> int:
@@ -300,11 +323,17 @@ class VQConfig(QuantConfig):
         """Tile height for a weight of ``m`` rows."""
         if self.tile_rows:
             return max(1, min(m, self.tile_rows))
-        auto = -(-self.centroids * self.dim * 16 // round(self.codebook_overhead * self.group_size))
+        if self.row_scaled:
+            return m
+        auto = -(-self.centroids * self.vector * 16 // round(self.codebook_overhead * self.group_size))
         return -(-m // -(-m // auto))  # as many tiles as ``auto`` rows need, of even height (no ragged tile)
 
+    def cols(self, n: int) -> int:
+        """Tile width (visited columns) for a weight of ``n`` inputs."""
+        return n if self.row_scaled else self.group_size
+
     def tiles(self, m: int, n: int) -> tuple[int, int]:
-        return -(-m // self.rows(m)), n_groups(n, self.group_size)
+        return -(-m // self.rows(m)), n_groups(n, self.cols(n))
 
     def _check_tiles(self) -> None:
         if self.tile_rows < 0:
@@ -313,20 +342,27 @@ class VQConfig(QuantConfig):
             raise ValueError(f"vq: iters {self.iters} must be at least 1")
         if self.codebook_bits not in (8, 16):
             raise ValueError(f"vq: codebook_bits {self.codebook_bits} must be 8 (int8 entries and scales) or 16 (fp16)")
+        if self.dim not in (0, 2, 4):
+            raise ValueError(f"vq: dim {self.dim} must be 2, 4 or 0 (automatic: 4 at 2 and 2.5 bits, 2 above)")
+        if self.centroids > self.max_centroids:
+            raise ValueError(f"vq: {self.vector}-d vectors at {self.bits} bits need {self.centroids:,} centroids "
+                             f"(at most {self.max_centroids:,}); use dim 2 or 0 (automatic) at this width")
 
     def check_settings(self) -> None:
         super().check_settings()
         self._check_tiles()
 
-    def check(self, n: int) -> None:  # an odd width fails the base check (``width_step`` is even)
+    def check(self, n: int) -> None:  # a width that is no multiple of the vector fails the base check
+        self._check_bits()
+        self._check_tiles()  # before the width, whose step depends on the vector length
         super().check(n)
-        self._check_tiles()
 
     def scale_bytes(self, m: int, n: int) -> int:
         tr, tc = self.tiles(m, n)
-        book = self.centroids * self.dim * self.codebook_bits // 8  # one tile's entries
-        book += self.dim * FP16_BYTES if self.codebook_bits == 8 else 0  # and their scales
-        return tr * tc * book + self.perm_bytes(n) * n  # codebooks (and their scales) + column order
+        book = self.centroids * self.vector * self.codebook_bits // 8  # one tile's entries
+        book += self.vector * FP16_BYTES if self.codebook_bits == 8 else 0  # and their scales
+        rows = m * FP16_BYTES if self.row_scaled else 0
+        return tr * tc * book + self.perm_bytes(n) * n + rows  # codebooks (and their scales), column order, row scales
 
 
 # ----------------------------------------------------------------------------- low rank

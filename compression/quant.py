@@ -26,13 +26,15 @@ Conventions
 * FP8: ``w ≈ float(qweight) * scale[row]`` with ``scale = amax(row) / 448``.
 * MXFP4: code = ``sign << 3 | index`` into the E2M1 table, low nibble first; the block
   scale is ``2 ** (scale_byte - 127)``.
-* VQ: visited column ``perm[2p]`` and ``perm[2p+1]`` of row ``i`` are
-  ``codebook[i // R, 2p // g, code[i, p]]`` (``code`` packed at ``2b`` bits as above: 5 bits
-  for vq's 2.5), times ``codebook_scale[i // R, 2p // g, 0]`` (one fp16 scale per tile and
-  coordinate) when the codebook is int8.
+* VQ: visited columns ``perm[dp] .. perm[dp+d-1]`` of row ``i`` (d = 2 or 4 weights per
+  vector) are ``codebook[i // R, dp // C, code[i, p]]`` (``code`` packed at ``d*b`` bits as
+  above: 5 bits for 2-d vq at 2.5, 10 for 4-d), times ``codebook_scale[i // R, dp // C, 0]``
+  (one fp16 scale per tile and coordinate) when the codebook is int8, times ``row_scale[i]``
+  for 4-d vectors.
 """
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -58,24 +60,30 @@ E2M1_EMAX = 2  # exponent of the largest E2M1 value (6 = 1.5 * 2^2)
 E8M0_BIAS = 127
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 _FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal)
+_FP16_MAX = 65504.0
 
 
 # ----------------------------------------------------------------------------- bit packing
 def _check_pack(bits: int, n: int) -> None:
-    if not 1 <= bits <= 8:
-        raise ValueError(f"bits must be in 1..8, got {bits}")
+    if not 1 <= bits <= 16:
+        raise ValueError(f"bits must be in 1..16, got {bits}")
     if (n * bits) % 8:
         raise ValueError(f"{n} codes x {bits} bits do not fill whole bytes")
 
 
+def code_dtype(bits: int) -> torch.dtype:
+    """The integer type unpacked codes of ``bits`` come in: uint8 up to 8 bits, int32 above."""
+    return torch.uint8 if bits <= 8 else torch.int32
+
+
 def _pack_bitstream(codes: Tensor, bits: int) -> Tensor:
-    """Generic packer for any width 1..8 (used for 3 bits); same layout as the fast path."""
+    """Generic packer for any width 1..16 (used for 3, 5 and 10 bits); same layout as the fast path."""
     *lead, n = codes.shape
     dev = codes.device
-    bit_idx = torch.arange(bits, dtype=torch.uint8, device=dev)  # (b,)
-    planes = (codes.unsqueeze(-1) >> bit_idx) & 1  # (..., n, b)
+    bit_idx = torch.arange(bits, dtype=torch.int32, device=dev)  # (b,)
+    planes = (codes.to(torch.int32).unsqueeze(-1) >> bit_idx) & 1  # (..., n, b)
     stream = planes.reshape(*lead, n * bits // 8, 8)  # (..., n*b/8, 8)
-    byte_shift = torch.arange(8, dtype=torch.uint8, device=dev)  # (8,)
+    byte_shift = torch.arange(8, dtype=torch.int32, device=dev)  # (8,)
     return (stream << byte_shift).sum(-1, dtype=torch.int32).to(torch.uint8)  # (..., n*b/8)
 
 
@@ -83,36 +91,44 @@ def _unpack_bitstream(packed: Tensor, bits: int, n: int) -> Tensor:
     *lead, _ = packed.shape
     dev = packed.device
     byte_shift = torch.arange(8, dtype=torch.uint8, device=dev)  # (8,)
-    stream = (packed.unsqueeze(-1) >> byte_shift) & 1  # (..., n*b/8, 8)
+    stream = ((packed.unsqueeze(-1) >> byte_shift) & 1).to(torch.int32)  # (..., n*b/8, 8)
     planes = stream.reshape(*lead, n, bits)  # (..., n, b)
-    bit_idx = torch.arange(bits, dtype=torch.uint8, device=dev)  # (b,)
-    return (planes << bit_idx).sum(-1, dtype=torch.int32).to(torch.uint8)  # (..., n)
+    bit_idx = torch.arange(bits, dtype=torch.int32, device=dev)  # (b,)
+    return (planes << bit_idx).sum(-1, dtype=torch.int32).to(code_dtype(bits))  # (..., n)
+
+
+def _word_codes(bits: int) -> int:
+    """Codes per whole-byte word: the fewest of ``bits`` that fill whole bytes (8 for 3 or 5 bits, 4 for 10)."""
+    return 8 // math.gcd(8, bits)
 
 
 def _unpack_words(packed: Tensor, bits: int, n: int) -> Tensor:
-    """``_unpack_bitstream`` for n % 8 == 0, without expanding every bit: 8 codes of b bits fill
-    exactly b bytes, read as one little-endian integer, then shifted out (several times faster on
-    a CPU; on a GPU its many small ops cost more kernel launches than the bitstream's few)."""
+    """``_unpack_bitstream`` for n a multiple of ``_word_codes(bits)`` = c, without expanding every
+    bit: c codes of b bits fill exactly c*b/8 bytes, read as one little-endian integer, then
+    shifted out (several times faster on a CPU; on a GPU its many small ops cost more kernel
+    launches than the bitstream's few). Words up to 56 bits (not 9, 11, 13 or 15 bits)."""
     *lead, _ = packed.shape
-    word_t = torch.int32 if bits <= 3 else torch.int64  # 8*b bits, kept clear of the sign bit
-    chunks = packed.reshape(*lead, n // 8, bits).to(word_t)  # (..., n/8, b)
-    word = chunks[..., 0]  # (..., n/8)
-    for j in range(1, bits):
+    c = _word_codes(bits)
+    nbytes = c * bits // 8
+    word_t = torch.int32 if c * bits <= 24 else torch.int64  # kept clear of the sign bit
+    chunks = packed.reshape(*lead, n // c, nbytes).to(word_t)  # (..., n/c, c*b/8)
+    word = chunks[..., 0]  # (..., n/c)
+    for j in range(1, nbytes):
         word = word | (chunks[..., j] << (8 * j))
     mask = (1 << bits) - 1
-    codes = [((word >> (bits * k)) & mask).to(torch.uint8) for k in range(8)]  # 8 x (..., n/8)
+    codes = [((word >> (bits * k)) & mask).to(code_dtype(bits)) for k in range(c)]  # c x (..., n/c)
     return torch.stack(codes, -1).reshape(*lead, n)  # (..., n)
 
 
 def pack_bits(codes: Tensor, bits: int) -> Tensor:
-    """Pack uint8 codes (..., n), each < 2**bits, into uint8 (..., n*bits/8)."""
+    """Pack integer codes (..., n), each < 2**bits (1 to 16), into uint8 (..., n*bits/8)."""
     n = codes.shape[-1]
     _check_pack(bits, n)
+    if bits > 8 or 8 % bits:
+        return _pack_bitstream(codes, bits)
     codes = codes.to(torch.uint8)
     if bits == 8:
         return codes.clone()
-    if 8 % bits:
-        return _pack_bitstream(codes, bits)
     per = 8 // bits
     *lead, _ = codes.shape
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)  # (per,)
@@ -121,7 +137,7 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
 
 
 def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
-    """Inverse of ``pack_bits``: uint8 (..., n*bits/8) -> uint8 codes (..., n)."""
+    """Inverse of ``pack_bits``: uint8 (..., n*bits/8) -> codes (..., n) of ``code_dtype(bits)``."""
     _check_pack(bits, n)
     if packed.dtype != torch.uint8:  # a signed byte would sign-extend into the wider words below
         raise ValueError(f"packed codes must be uint8, got {packed.dtype}")
@@ -132,8 +148,9 @@ def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
     # On a CPU, shifts by a number run a few times faster than one broadcast shift by a tensor
     # of shifts; on a GPU the one broadcast op wins (fewer kernel launches). Same codes either way.
     on_cpu = packed.device.type == "cpu"
-    if 8 % bits:
-        return _unpack_words(packed, bits, n) if on_cpu and n % 8 == 0 else _unpack_bitstream(packed, bits, n)
+    if bits > 8 or 8 % bits:
+        words = on_cpu and n % _word_codes(bits) == 0 and _word_codes(bits) * bits <= 56
+        return _unpack_words(packed, bits, n) if words else _unpack_bitstream(packed, bits, n)
     return (_unpack_by_scalar_shifts if on_cpu else _unpack_by_broadcast_shift)(packed, bits, n)
 
 
@@ -428,13 +445,14 @@ def dequantize_mxfp4(codes: Tensor, scale: Tensor, dtype: torch.dtype = torch.fl
 
 # ----------------------------------------------------------------------------- vector (GPTVQ-style)
 def weighted_kmeans(v: Tensor, wt: Tensor, counts: list[int], k: int, iters: int,
-                    gen: torch.Generator) -> Tensor:
+                    gen: torch.Generator, chunk: int = 1 << 24) -> Tensor:
     """Batched weighted k-means, minimising ``sum wt * (v - c)²`` per batch entry.
 
     v, wt (T, N, d): vectors and per-coordinate weights (padding rows have weight 0);
     ``counts[t]``: real vectors of entry t (they come first). Initialised on ``k`` distinct
     real vectors drawn with ``gen`` (all of them, repeated, when there are fewer: then the fit
-    is exact); an emptied centroid stays put. Returns centroids (T, k, d)."""
+    is exact); an emptied centroid stays put. The assignment step holds at most ``chunk``
+    distances at once. Returns centroids (T, k, d)."""
     t, n, d = v.shape
     starts = []
     for i, count in enumerate(counts):
@@ -444,8 +462,10 @@ def weighted_kmeans(v: Tensor, wt: Tensor, counts: list[int], k: int, iters: int
     c = torch.stack(starts)  # (T, k, d)
     wv = wt * v  # (T, N, d)
     lhs = torch.cat([wt, -2 * wv], -1)  # (T, N, 2d): distances up to a per-vector constant in one product
+    step = max(1, chunk // (t * k))  # vectors per assignment chunk
     for _ in range(iters):
-        a = torch.bmm(lhs, torch.cat([c * c, c], -1).transpose(1, 2)).argmin(-1)  # (T, N)
+        rhs = torch.cat([c * c, c], -1).transpose(1, 2)  # (T, 2d, k)
+        a = torch.cat([torch.bmm(lhs[:, s:s + step], rhs).argmin(-1) for s in range(0, n, step)], 1)  # (T, N)
         a = a[..., None].expand(t, n, d)  # (T, N, d)
         num = torch.zeros(t, k, d, dtype=v.dtype, device=v.device).scatter_add_(1, a, wv)
         den = torch.zeros(t, k, d, dtype=v.dtype, device=v.device).scatter_add_(1, a, wt)
@@ -459,44 +479,55 @@ def int8_steps(x: Tensor) -> Tensor:
 
 
 def round_codebook(c: Tensor) -> tuple[Tensor, Tensor]:
-    """c (..., k, 2) float -> (int8 entries (..., k, 2), fp16 scale (..., 1, 2)): per coordinate,
+    """c (..., k, d) float -> (int8 entries (..., k, d), fp16 scale (..., 1, d)): per coordinate,
     ``scale = absmax / 127`` (in fp16) and ``q = round(c / scale)``; ``q * scale`` is what is stored."""
-    scale = (c.abs().amax(-2, keepdim=True) / 127).clamp_min(_FP16_TINY).to(torch.float16)  # (..., 1, 2)
-    return int8_steps(c / scale.to(c.dtype)).to(torch.int8), scale  # (..., k, 2), (..., 1, 2)
+    scale = (c.abs().amax(-2, keepdim=True) / 127).clamp_min(_FP16_TINY).to(torch.float16)  # (..., 1, d)
+    return int8_steps(c / scale.to(c.dtype)).to(torch.int8), scale  # (..., k, d), (..., 1, d)
 
 
 def codebook_values(codebook: Tensor, scale: Tensor | None, dtype: torch.dtype = torch.float32) -> Tensor:
-    """The centroids (..., k, 2) in ``dtype``: fp16 entries as they are, int8 ones times their scale."""
+    """The centroids (..., k, d) in ``dtype``: fp16 entries as they are, int8 ones times their scale."""
     return codebook.to(dtype) if scale is None else codebook.to(dtype) * scale.to(dtype)
 
 
-def vq_quantize(w: Tensor, H: Tensor, bits: float, group_size: int, tile_rows: int, damp: float = 0.01,
-                iters: int = 25, seed: int = 0,
-                codebook_bits: int = 8) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-    """GPTVQ with 2-dimensional vectors (the layout of ``VQConfig``).
+def weighted_row_rms(w: Tensor, col_weight: Tensor) -> Tensor:
+    """w (m, n), col_weight (n,) >= 0 -> each row's RMS weighted by ``col_weight``, in fp16
+    (m,), zero rows at the smallest fp16 so that dividing by it is safe."""
+    ms = (w.pow(2) * col_weight).sum(1) / col_weight.sum().clamp_min(1e-30)  # (m,)
+    return ms.sqrt().clamp(_FP16_TINY, _FP16_MAX).to(torch.float16)
 
-    w (m, n), H = X Xᵀ (n, n) -> codes uint8 (m, n/2), codebook (Tr, Tc, 4^b, 2), its scale
-    (Tr, Tc, 1, 2) fp16 or None, perm int32 (n,); ``bits`` per weight may be 2.5 (32
-    centroids). The codebook is int8 with the scale (``round_codebook``) at ``codebook_bits``
-    8, fp16 without one at 16. Columns are visited by decreasing ``diag(H)`` and paired in
-    that order. When a tile's columns are reached, its codebook is fitted by k-means on the
-    weights as updated so far (each coordinate weighted by ``1 / [H⁻¹]_jj``, GPTQ's error
-    scale) and rounded to its storage; each pair then takes the stored centroid that adds the
-    least loss, ``||(w - c) U⁻¹||²`` with ``U`` the pair's 2 x 2 block of the upper Cholesky
-    factor of ``H⁻¹``, and its error is spread onto the later columns through ``H⁻¹`` as GPTQ
-    does."""
+
+def vq_quantize(w: Tensor, H: Tensor, bits: float, tile_cols: int, tile_rows: int, damp: float = 0.01,
+                iters: int = 25, seed: int = 0, codebook_bits: int = 8, dim: int = 2,
+                row_scale: bool = False) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
+    """GPTVQ with ``dim``-dimensional vectors (the layout of ``VQConfig``).
+
+    w (m, n), H = X Xᵀ (n, n) -> codes (m, n/dim) (``code_dtype``: uint8 up to 8-bit codes),
+    codebook (Tr, Tc, k, dim) with k = 2^(dim * bits), its scale (Tr, Tc, 1, dim) fp16 or
+    None, perm int32 (n,), and the row scales (m,) fp16 or None. Columns are visited by
+    decreasing ``diag(H)`` and grouped into vectors in that order; tiles are ``tile_rows``
+    rows x ``tile_cols`` visited columns. With ``row_scale`` each row is first divided by
+    its RMS (weighted by GPTQ's error scale ``1 / [H⁻¹]_jj``, stored fp16), so that rows of
+    different sizes share a codebook. When a tile's columns are reached, its codebook is
+    fitted by k-means on the (scaled) weights as updated so far (each coordinate weighted by
+    the error scale, times the row scale squared) and rounded to its storage (int8 with the
+    scale, ``round_codebook``, at ``codebook_bits`` 8; fp16 at 16); each vector then takes the
+    stored centroid that adds the least loss, ``||(w - s c) U⁻¹||²`` with ``U`` the vector's
+    block of the upper Cholesky factor of ``H⁻¹``, and its error is spread onto the later
+    columns through ``H⁻¹`` as GPTQ does."""
     m, n = w.shape
     if H.shape != (n, n):
         raise ValueError(f"vq: Hessian of shape {tuple(H.shape)} does not match {n} inputs")
-    if n % 2 or group_size % 2 or group_size <= 0:
-        raise ValueError(f"vq: input width {n} and group size {group_size} must be even (pairs of inputs)")
+    if dim not in (2, 4) or n % dim or tile_cols % dim or tile_cols <= 0:
+        raise ValueError(f"vq: input width {n} and tile width {tile_cols} must be multiples of the vector "
+                         f"length {dim} (2 or 4)")
     dev = w.device
-    k = round(4**bits)
-    if not 2 <= k <= 256:
-        raise ValueError(f"vq: {bits} bits per weight gives {k} centroids per pair; use 1 to 4 bits")
+    k = round(2 ** (dim * bits))
+    if not 2 <= k <= 1024:
+        raise ValueError(f"vq: {bits} bits per weight gives {k} centroids per {dim}-vector; at most 1,024")
     if codebook_bits not in (8, 16):
         raise ValueError(f"vq: codebook_bits {codebook_bits} must be 8 or 16")
-    rows, cols = max(1, min(tile_rows, m)), group_size
+    rows, cols = max(1, min(tile_rows, m)), tile_cols
     n_tr, n_tc = -(-m // rows), -(-n // cols)
     H = H.detach().to(device=dev, dtype=torch.float64).clone()  # (n, n)
     W = w.detach().to(torch.float32).clone()  # (m, n)
@@ -507,49 +538,60 @@ def vq_quantize(w: Tensor, H: Tensor, bits: float, group_size: int, tile_rows: i
     W, H = W[:, perm], H[perm][:, perm]
     U = _inverse_hessian_chol(H, damp).to(torch.float32)  # (n, n) upper
     del H
+    err_scale = 1 / torch.diag(U) ** 2  # (n,) GPTQ's weight of each column's error
+    s16 = weighted_row_rms(W, err_scale) if row_scale else None  # (m,) fp16
+    s = (s16.to(torch.float32) if row_scale else torch.ones(m, device=dev))[:, None]  # (m, 1)
     gen = torch.Generator().manual_seed(seed)
     tile_of_row = torch.arange(m, device=dev) // rows  # (m,)
     row_ids = torch.arange(m, device=dev)
-    codes = torch.empty(m, n // 2, dtype=torch.uint8, device=dev)
-    book = torch.empty(n_tr, n_tc, k, 2, dtype=torch.int8 if codebook_bits == 8 else torch.float16, device=dev)
-    book_scale = torch.empty(n_tr, n_tc, 1, 2, dtype=torch.float16, device=dev) if codebook_bits == 8 else None
+    codes = torch.empty(m, n // dim, dtype=code_dtype(round(dim * bits)), device=dev)
+    book = torch.empty(n_tr, n_tc, k, dim, dtype=torch.int8 if codebook_bits == 8 else torch.float16, device=dev)
+    book_scale = torch.empty(n_tr, n_tc, 1, dim, dtype=torch.float16, device=dev) if codebook_bits == 8 else None
     pad = n_tr * rows - m
     for tc in range(n_tc):
         c0, c1 = tc * cols, min(n, (tc + 1) * cols)
-        pairs = (c1 - c0) // 2
-        blk = F.pad(W[:, c0:c1], (0, 0, 0, pad)).reshape(n_tr, rows * pairs, 2)  # (Tr, R * pairs, 2)
-        wt = (1 / torch.diag(U)[c0:c1] ** 2).reshape(1, pairs, 2).repeat(n_tr * rows, 1, 1)  # (Tr R, pairs, 2)
+        vecs = (c1 - c0) // dim
+        blk = F.pad(W[:, c0:c1] / s, (0, 0, 0, pad)).reshape(n_tr, rows * vecs, dim)  # (Tr, R * vecs, dim)
+        wt = err_scale[c0:c1].reshape(1, vecs, dim) * F.pad(s * s, (0, 0, 0, pad))[:, :, None]  # (Tr R, vecs, dim)
         wt[m:] = 0.0  # padding rows of the last tile
-        counts = [min(rows, m - r0) * pairs for r0 in range(0, m, rows)]
-        cb = weighted_kmeans(blk, wt.reshape(n_tr, rows * pairs, 2), counts, k, iters, gen)  # (Tr, k, 2)
+        counts = [min(rows, m - r0) * vecs for r0 in range(0, m, rows)]
+        cb = weighted_kmeans(blk, wt.reshape(n_tr, rows * vecs, dim), counts, k, iters, gen)  # (Tr, k, dim)
         if book_scale is None:
             book[:, tc] = cb.to(torch.float16)
         else:
             book[:, tc], book_scale[:, tc] = round_codebook(cb)
-        tile_scale = None if book_scale is None else book_scale[:, tc]  # (Tr, 1, 2)
-        cb_rows = codebook_values(book[:, tc], tile_scale)[tile_of_row]  # (m, k, 2) as stored
-        for j in range(c0, c1, 2):
-            u_inv = torch.linalg.inv(U[j:j + 2, j:j + 2])  # (2, 2) upper
-            x = W[:, j:j + 2] @ u_inv  # (m, 2) whitened
-            a = ((cb_rows @ u_inv - x[:, None, :]) ** 2).sum(-1).argmin(-1)  # (m,)
-            q = cb_rows[row_ids, a]  # (m, 2)
-            codes[:, j // 2] = a.to(torch.uint8)
-            err = (W[:, j:j + 2] - q) @ u_inv  # (m, 2)
-            W[:, j + 2:] -= err @ U[j:j + 2, j + 2:]
-    return codes, book, book_scale, perm.to(torch.int32)
+        tile_scale = None if book_scale is None else book_scale[:, tc]  # (Tr, 1, dim)
+        values = codebook_values(book[:, tc], tile_scale)  # (Tr, k, dim) as stored
+        for j in range(c0, c1, dim):
+            u_inv = torch.linalg.inv(U[j:j + dim, j:j + dim])  # (dim, dim) upper
+            x = W[:, j:j + dim] / s @ u_inv  # (m, dim) whitened
+            if n_tr == 1:  # one codebook for every row: distances as one product
+                cw = values[0] @ u_inv  # (k, dim)
+                a = ((cw * cw).sum(-1) - 2 * x @ cw.T).argmin(-1)  # (m,)
+                q = values[0][a] * s  # (m, dim)
+            else:
+                a = ((values[tile_of_row] @ u_inv - x[:, None, :]) ** 2).sum(-1).argmin(-1)  # (m,)
+                q = values[tile_of_row][row_ids, a] * s  # (m, dim)
+            codes[:, j // dim] = a.to(codes.dtype)
+            err = (W[:, j:j + dim] - q) @ u_inv  # (m, dim)
+            W[:, j + dim:] -= err @ U[j:j + dim, j + dim:]
+    return codes, book, book_scale, perm.to(torch.int32), s16
 
 
-def dequantize_vq(codes: Tensor, codebook: Tensor, perm: Tensor, tile_rows: int, group_size: int,
-                  dtype: torch.dtype = torch.float32, scale: Tensor | None = None) -> Tensor:
-    """codes (m, n/2) integer, codebook (Tr, Tc, k, 2) (int8 with ``scale`` (Tr, Tc, 1, 2), or
-    float), perm (n,) -> weight (m, n) in ``dtype``."""
-    m, half = codes.shape
-    n_tr, n_tc, k, _ = codebook.shape
+def dequantize_vq(codes: Tensor, codebook: Tensor, perm: Tensor, tile_rows: int, tile_cols: int,
+                  dtype: torch.dtype = torch.float32, scale: Tensor | None = None,
+                  row_scale: Tensor | None = None) -> Tensor:
+    """codes (m, n/d) integer, codebook (Tr, Tc, k, d) (int8 with ``scale`` (Tr, Tc, 1, d), or
+    float), perm (n,), row_scale (m,) or None -> weight (m, n) in ``dtype``."""
+    m, n_vec = codes.shape
+    n_tr, n_tc, k, d = codebook.shape
     dev = codes.device
     tile = ((torch.arange(m, device=dev) // tile_rows)[:, None] * n_tc
-            + (2 * torch.arange(half, device=dev) // group_size)[None, :])  # (m, n/2)
-    values = codebook_values(codebook, scale, dtype).reshape(n_tr * n_tc * k, 2)
-    visited = values[tile * k + codes.long()].reshape(m, 2 * half)
+            + (d * torch.arange(n_vec, device=dev) // tile_cols)[None, :])  # (m, n/d)
+    values = codebook_values(codebook, scale, dtype).reshape(n_tr * n_tc * k, d)
+    visited = values[tile * k + codes.long()].reshape(m, d * n_vec)
+    if row_scale is not None:
+        visited = visited * row_scale.to(dtype)[:, None]
     return visited[:, torch.argsort(perm.long())]  # back to the input order
 
 
@@ -578,11 +620,13 @@ def _layout(config: QuantConfig, m: int, n: int) -> dict[str, tuple[tuple[int, .
         return {"qweight": ((m, n // 2), u8), "scale": ((m, n // MX_BLOCK), u8)}
     if isinstance(config, VQConfig):
         tr, tc = config.tiles(m, n)
+        k, d = config.centroids, config.vector
         if config.codebook_bits == 16:
-            book = {"codebook": ((tr, tc, config.centroids, 2), f16)}
+            book = {"codebook": ((tr, tc, k, d), f16)}
         else:
-            book = {"codebook": ((tr, tc, config.centroids, 2), torch.int8), "codebook_scale": ((tr, tc, 1, 2), f16)}
-        return {"qweight": ((m, config.code_bytes(1, n)), u8), **book, "perm": ((n,), _perm_dtype(config, n))}
+            book = {"codebook": ((tr, tc, k, d), torch.int8), "codebook_scale": ((tr, tc, 1, d), f16)}
+        rows = {"row_scale": ((m,), f16)} if config.row_scaled else {}
+        return {"qweight": ((m, config.code_bytes(1, n)), u8), **book, "perm": ((n,), _perm_dtype(config, n)), **rows}
     raise TypeError(f"QuantLinear does not support {type(config).__name__}")
 
 
@@ -600,12 +644,14 @@ def _encode(config: QuantConfig, w: Tensor, stats: LinearStats | None) -> dict[s
         if stats is None:
             raise ValueError("vq needs calibration statistics (X Xᵀ of the layer input); "
                              "profile the model first and pass its LinearStats")
-        codes, book, book_scale, perm = vq_quantize(w, stats.inputs.xxt, config.bits, config.group_size,
-                                                    config.rows(w.shape[0]), damp=config.damp, iters=config.iters,
-                                                    seed=config.seed, codebook_bits=config.codebook_bits)
-        perm = perm.to(_perm_dtype(config, w.shape[1]))
+        m, n = w.shape
+        codes, book, book_scale, perm, row_scale = vq_quantize(
+            w, stats.inputs.xxt, config.bits, config.cols(n), config.rows(m), damp=config.damp, iters=config.iters,
+            seed=config.seed, codebook_bits=config.codebook_bits, dim=config.vector, row_scale=config.row_scaled)
+        perm = perm.to(_perm_dtype(config, n))
         scale = {} if book_scale is None else {"codebook_scale": book_scale}
-        return {"qweight": pack_bits(codes, config.code_bits), "codebook": book, **scale, "perm": perm}
+        rows = {} if row_scale is None else {"row_scale": row_scale}
+        return {"qweight": pack_bits(codes, config.code_bits), "codebook": book, **scale, "perm": perm, **rows}
     if isinstance(config, RTNConfig):
         codes, scale, zero = quantize_rtn(w, config.bits, config.group_size)
         return {"qweight": pack_bits(codes, config.bits), "scale": scale, "zero": zero}
@@ -693,9 +739,9 @@ class QuantLinear(nn.Module):
         if isinstance(c, MXFP4Config):
             return dequantize_mxfp4(unpack_bits(self.qweight, 4, n), self.scale, dtype)
         if isinstance(c, VQConfig):
-            codes = unpack_bits(self.qweight, c.code_bits, n // 2)
-            return dequantize_vq(codes, self.codebook, self.perm, c.rows(self.out_features), c.group_size, dtype,
-                                 getattr(self, "codebook_scale", None))
+            codes = unpack_bits(self.qweight, c.code_bits, n // c.vector)
+            return dequantize_vq(codes, self.codebook, self.perm, c.rows(self.out_features), c.cols(n), dtype,
+                                 getattr(self, "codebook_scale", None), getattr(self, "row_scale", None))
         raise TypeError(f"QuantLinear does not support {type(c).__name__}")
 
     def forward(self, x: Tensor) -> Tensor:

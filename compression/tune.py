@@ -152,24 +152,26 @@ class TunableQuant(nn.Module):
 
 class TunableVQ(nn.Module):
     """A vector-quantised linear made trainable: its codebook entries, codes fixed. With ``c0``
-    the stored centroids (Tr, Tc, k, 2) as floats, ``s`` their int8 scales (Tr, Tc, 1, 2)
+    the stored centroids (Tr, Tc, k, d) as floats, ``s`` their int8 scales (Tr, Tc, 1, d)
     and ``r`` each tile's codebook RMS (Tr, Tc, 1, 1)::
 
         c = s · clamp(round((c0 + d · r) / s), ±127)   (int8 codebook; fp16(c0 + d · r) for fp16)
 
-    ``d`` (Tr, Tc, k, 2) is trainable and unitless; rounding is straight-through and the
-    scales stay as stored. At ``d = 0`` it computes exactly the quantised linear it came
+    ``d`` (Tr, Tc, k, d) is trainable and unitless; rounding is straight-through and the
+    codebook and row scales stay as stored. At ``d = 0`` it computes exactly the quantised linear it came
     from; ``to_quant`` stores ``c`` back into a ``QuantLinear`` of the same config."""
 
     def __init__(self, config: VQConfig, qweight: Tensor, codebook: Tensor, perm: Tensor, out_features: int,
-                 in_features: int, bias: Tensor | None, codebook_scale: Tensor | None = None):
+                 in_features: int, bias: Tensor | None, codebook_scale: Tensor | None = None,
+                 row_scale: Tensor | None = None):
         super().__init__()
         self.config, self.in_features, self.out_features = config, in_features, out_features
         self.register_buffer("qweight", qweight)  # packed codes, unchanged
-        self.register_buffer("codes", unpack_bits(qweight, config.code_bits, in_features // 2))  # (m, n/2)
+        self.register_buffer("codes", unpack_bits(qweight, config.code_bits, in_features // config.vector))  # (m, n/d)
         self.register_buffer("perm", perm)  # (n,)
-        self.register_buffer("s", None if codebook_scale is None else codebook_scale.to(_F32))  # (Tr, Tc, 1, 2)
-        self.register_buffer("c0", codebook_values(codebook, codebook_scale))  # (Tr, Tc, k, 2)
+        self.register_buffer("s", None if codebook_scale is None else codebook_scale.to(_F32))  # (Tr, Tc, 1, d)
+        self.register_buffer("c0", codebook_values(codebook, codebook_scale))  # (Tr, Tc, k, d)
+        self.register_buffer("row_scale", None if row_scale is None else row_scale.to(_F32))  # (m,) 4-d only, as stored
         self.register_buffer("r", self.c0.pow(2).mean((2, 3), keepdim=True).sqrt().clamp_min(_FP16_TINY))
         self.d = nn.Parameter(torch.zeros_like(self.c0))
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(_F32), requires_grad=False)
@@ -179,7 +181,7 @@ class TunableVQ(nn.Module):
         if not isinstance(q.config, VQConfig):
             raise TypeError(f"TunableVQ tunes vq codebooks, not {type(q.config).__name__}")
         return cls(q.config, q.qweight, q.codebook, q.perm, q.out_features, q.in_features, q.bias,
-                   getattr(q, "codebook_scale", None))
+                   getattr(q, "codebook_scale", None), getattr(q, "row_scale", None))
 
     def _entries(self) -> Tensor:
         """(Tr, Tc, k, 2) fp32: the int8 entries as floats (codebook / s), or the fp16 values."""
@@ -197,7 +199,7 @@ class TunableVQ(nn.Module):
     def weight(self) -> Tensor:
         """The dequantised weight (m, n) fp32, differentiable in ``d``."""
         return dequantize_vq(self.codes, self.codebook(), self.perm, self.config.rows(self.out_features),
-                             self.config.group_size)
+                             self.config.cols(self.in_features), row_scale=self.row_scale)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -208,6 +210,8 @@ class TunableVQ(nn.Module):
         out = QuantLinear(self.config, self.out_features, self.in_features, bias=self.bias is not None,
                           dtype=bias_dtype, device=self.c0.device)
         out.qweight, out.perm = self.qweight.clone(), self.perm.clone()
+        if self.row_scale is not None:
+            out.row_scale = self.row_scale.to(torch.float16)
         if self.s is None:
             out.codebook = self.codebook().to(torch.float16)
         else:

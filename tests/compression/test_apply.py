@@ -117,9 +117,12 @@ def test_error_falls_with_bits_and_rank():
     assert ranks == sorted(ranks, reverse=True)
 
 
-def test_a_vq_model_saved_with_fp16_codebooks_loads_as_it_was(tmp_path):
-    """Compressed models saved before int8 codebooks have no ``codebook_bits`` in their
-    manifest: they load with fp16 codebooks, giving the logits they gave."""
+@pytest.mark.parametrize("codebook_bits,missing", [(16, ("codebook_bits", "dim")), (8, ("dim",))])
+def test_a_vq_model_saved_before_a_field_existed_loads_as_it_was(tmp_path, codebook_bits, missing):
+    """Compressed models saved before int8 codebooks have neither ``codebook_bits`` nor ``dim``
+    in their manifest, those saved before 4-vectors no ``dim``: they load with fp16 codebooks
+    and pairs (2-d vq at 2 bits, which the automatic vectors no longer give), as they were
+    saved, giving the logits they gave."""
     import json
 
     from analysis.adapters import get_submodule, set_submodule
@@ -127,15 +130,18 @@ def test_a_vq_model_saved_with_fp16_codebooks_loads_as_it_was(tmp_path):
 
     lm, ids, stats = _setup()
     li = lm.adapter.linears(lm.model)[2]
-    old = QuantLinear.from_linear(get_submodule(lm.model, li.name), VQConfig(2, 32, codebook_bits=16), stats[li.name])
-    assert old.codebook.dtype == torch.float16 and getattr(old, "codebook_scale", None) is None
+    old = QuantLinear.from_linear(get_submodule(lm.model, li.name), VQConfig(2, 32, codebook_bits=codebook_bits, dim=2),
+                                  stats[li.name])
+    assert old.codebook.dtype == (torch.float16 if codebook_bits == 16 else torch.int8) and old.codebook.shape[-1] == 2
     set_submodule(lm.model, li.name, old)
     save_compressed(lm.model, tmp_path / "c", plan_json=Plan().to_json())
     info = json.loads((tmp_path / "c" / "ranklab.json").read_text())
-    del info["modules"][li.name]["config"]["codebook_bits"]  # as written before the field existed
+    for field in missing:
+        del info["modules"][li.name]["config"][field]  # as written before the field existed
     (tmp_path / "c" / "ranklab.json").write_text(json.dumps(info))
     again = load_model(str(tmp_path / "c"), device="cpu")
-    assert get_submodule(again.model, li.name).config.codebook_bits == 16
+    cfg = get_submodule(again.model, li.name).config
+    assert cfg.codebook_bits == codebook_bits and cfg.vector == 2
     torch.testing.assert_close(again.model(ids).logits, lm.model(ids).logits, rtol=0, atol=0)
 
 

@@ -112,8 +112,10 @@ def test_tunable_vq_starts_exactly_at_the_quantised_linear_and_stores_what_it_tr
     assert torch.equal(t.weight(), q.dequantized_weight()) and torch.equal(t(x), q(x))
     back = t.to_quant()
     assert q.codebook.dtype == torch.int8  # the default storage: int8 entries and their scales
-    for name in ("qweight", "codebook", "codebook_scale", "perm", "bias"):
-        assert torch.equal(getattr(back, name), getattr(q, name)), name
+    assert (getattr(q, "row_scale", None) is not None) == (bits <= 2.5)  # 4-vectors, a scale per row
+    for name in ("qweight", "codebook", "codebook_scale", "perm", "bias") + (("row_scale",) if bits <= 2.5 else ()):
+        a, b = getattr(back, name), getattr(q, name)
+        assert torch.equal(a, b) and a.dtype == b.dtype, name
     with torch.no_grad():
         t.d.add_(0.3 * torch.randn_like(t.d))
     back = t.to_quant()
