@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -88,6 +90,16 @@ def probe_args(description: str, **extra: str):
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     return a, {int(x) for x in a.layers.split(",")}
+
+
+def error_summary(rows: list[dict], key: str) -> dict:
+    """Per-linear probe rows (``row["weights"]`` = m n, ``row[key]`` holding ``error`` and
+    ``bits_per_weight``) -> bits per weight over all their weights, median and geomean error."""
+    e = [r[key]["error"] for r in rows]
+    return dict(bits_per_weight=sum(r[key]["bits_per_weight"] * r["weights"] for r in rows)
+                / sum(r["weights"] for r in rows),
+                median_error=statistics.median(e),
+                geomean_error=math.exp(sum(map(math.log, e)) / len(e)))
 
 
 def layer_weights(layers: set[int]):

@@ -11,10 +11,7 @@ their scales, column order). Writes ``results/vq_codebook_probe.json``.
 """
 from __future__ import annotations
 
-import math
-import statistics
-
-from common import layer_weights, log, probe_args, save  # noqa: I001
+from common import error_summary, layer_weights, log, probe_args, save  # noqa: I001
 from probe_rotation import rel_error
 
 from compression.configs import VQConfig
@@ -28,25 +25,20 @@ def main() -> None:
     rows = []
     for name, w, h in items:  # w (m, n), h (n, n)
         m, n = w.shape
-        row = dict(name=name)
+        row = dict(name=name, weights=m * n)
         for bits in widths:
             for cb in (16, 8):
                 cfg = VQConfig(bits, codebook_bits=cb, dim=2)  # pairs, as in §20 (before 4-vectors)
                 codes, book, scale, perm, _ = vq_quantize(w, h, bits, cfg.group_size, cfg.rows(m), codebook_bits=cb)
                 row[f"{bits}/{cb}"] = dict(error=rel_error(w, dequantize_vq(codes, book, perm, cfg.rows(m),
                                                                               cfg.group_size, scale=scale), h),
-                                           bits_per_weight=cfg.nbytes(m, n) * 8 / (m * n), weights=m * n)
-        log(name, {k: round(v["error"], 5) for k, v in row.items() if k != "name"})
+                                           bits_per_weight=cfg.nbytes(m, n) * 8 / (m * n))
+        log(name, {k: round(v["error"], 5) for k, v in row.items() if isinstance(v, dict)})
         rows.append(row)
     summary = {}
     for bits in widths:
         for cb in (16, 8):
-            k = f"{bits}/{cb}"
-            e = [r[k]["error"] for r in rows]
-            summary[k] = dict(bits_per_weight=sum(r[k]["bits_per_weight"] * r[k]["weights"] for r in rows)
-                              / sum(r[k]["weights"] for r in rows),
-                              median_error=statistics.median(e),
-                              geomean_error=math.exp(sum(map(math.log, e)) / len(e)))
+            summary[f"{bits}/{cb}"] = error_summary(rows, f"{bits}/{cb}")
         i8, f16 = summary[f"{bits}/8"], summary[f"{bits}/16"]
         i8["geomean_vs_fp16"] = i8["geomean_error"] / f16["geomean_error"]
         log(f"vq {bits}: fp16 {f16['bits_per_weight']:.4f} bits, error {f16['geomean_error']:.5f}; int8 "

@@ -12,11 +12,10 @@ Writes ``results/vq_dim_probe.json``.
 """
 from __future__ import annotations
 
-import math
 import time
 
 import torch
-from common import layer_weights, log, probe_args, save  # noqa: I001
+from common import error_summary, layer_weights, log, probe_args, save  # noqa: I001
 from probe_rotation import rel_error
 
 from analysis.stats import InputStats, LinearStats
@@ -50,11 +49,7 @@ def main() -> None:
     for bits in widths:
         for dim in (2, 4):
             k = f"{bits}/{dim}"
-            e = [r[k]["error"] for r in rows]
-            summary[k] = dict(bits_per_weight=sum(r[k]["bits_per_weight"] * r["weights"] for r in rows)
-                              / sum(r["weights"] for r in rows),
-                              geomean_error=math.exp(sum(map(math.log, e)) / len(e)),
-                              seconds=sum(r[k]["seconds"] for r in rows))
+            summary[k] = dict(error_summary(rows, k), seconds=sum(r[k]["seconds"] for r in rows))
         four, two = summary[f"{bits}/4"], summary[f"{bits}/2"]
         four["geomean_vs_pairs"] = four["geomean_error"] / two["geomean_error"]
         log(f"vq {bits}: pairs {two['bits_per_weight']:.4f} bits, error {two['geomean_error']:.5f}; 4-vectors "

@@ -562,6 +562,7 @@ def vq_quantize(w: Tensor, H: Tensor, bits: float, tile_cols: int, tile_rows: in
             book[:, tc], book_scale[:, tc] = round_codebook(cb)
         tile_scale = None if book_scale is None else book_scale[:, tc]  # (Tr, 1, dim)
         values = codebook_values(book[:, tc], tile_scale)  # (Tr, k, dim) as stored
+        cb_rows = values[tile_of_row] if n_tr > 1 else None  # (m, k, dim): each row's codebook, once per tile
         for j in range(c0, c1, dim):
             u_inv = torch.linalg.inv(U[j:j + dim, j:j + dim])  # (dim, dim) upper
             x = W[:, j:j + dim] / s @ u_inv  # (m, dim) whitened
@@ -570,8 +571,8 @@ def vq_quantize(w: Tensor, H: Tensor, bits: float, tile_cols: int, tile_rows: in
                 a = ((cw * cw).sum(-1) - 2 * x @ cw.T).argmin(-1)  # (m,)
                 q = values[0][a] * s  # (m, dim)
             else:
-                a = ((values[tile_of_row] @ u_inv - x[:, None, :]) ** 2).sum(-1).argmin(-1)  # (m,)
-                q = values[tile_of_row][row_ids, a] * s  # (m, dim)
+                a = ((cb_rows @ u_inv - x[:, None, :]) ** 2).sum(-1).argmin(-1)  # (m,)
+                q = cb_rows[row_ids, a] * s  # (m, dim)
             codes[:, j // dim] = a.to(codes.dtype)
             err = (W[:, j:j + dim] - q) @ u_inv  # (m, dim)
             W[:, j + dim:] -= err @ U[j:j + dim, j + dim:]
