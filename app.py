@@ -893,6 +893,17 @@ def build_budget_tab(state):
                 plan_json=plan_json, restore=restore, preset_out=preset_out)
 
 
+def _restoring(plan_text: str | None) -> bool:
+    """Whether a reloaded page has a plan other than dense to put back on the sliders (one that
+    does not parse is put back by nobody: ``restore`` says why)."""
+    if not plan_text:
+        return False
+    try:
+        return Plan.from_json(plan_text).to_json() != Plan().to_json()
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
 def _overrides_note(ov: pd.DataFrame | None) -> str:
     """Say that the table's modules ignore their layer's sliders (a preset such as energy fills it)."""
     names = [] if ov is None or "name" not in ov else [n for n in ov["name"].astype(str) if n.strip()]
@@ -1195,9 +1206,11 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             with gr.Tab("Export", id="export"):
                 build_export_tab(state, budget, scratch)
 
-        def after_load(lab, request: gr.Request):
+        def after_load(lab, pending, request: gr.Request):
             """A new model: its rows, dense sliders (the loaded plan is dense), its prediction and runs;
-            the last run's message belonged to the model before. A failed load changes nothing."""
+            the last run's message belonged to the model before. A failed load changes nothing. A
+            reloaded page whose plan is about to go back on the sliders (``pending``, see
+            ``budget["restore"]``) is not shown the dense plan's prediction meanwhile."""
             session = getattr(request, "session_hash", None)
             sessions.track(session, lab)
             if lab is None or lab.lm is None:  # nothing loaded: no layer rows
@@ -1211,7 +1224,11 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             if lab.lm.compressed:  # nothing to budget: the readout says what to load instead
                 return [*budget["show_rows"](lab), *dense, f"**No budget for this model:** {_compressed_note(lab)}",
                         None, None, "", *run["tables"](lab), ""]
-            pred = _readout(lab, Plan())
+            if _restoring(pending):
+                pred = ["*Restoring the plan this page had before it was reloaded…*",
+                        *[gr.update()] * (len(budget["outputs"]) - 1)]
+            else:
+                pred = _readout(lab, Plan())
             return [*budget["show_rows"](lab), *dense, *pred, *run["tables"](lab), ""]
 
         # predictions may have appeared since (profiling computes a first sensitivity view)
@@ -1226,7 +1243,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
 
         remembered = dict(fn=remember, inputs=[state, budget["plan_json"], pending_plan], outputs=[saved],
                           show_progress="hidden")
-        model["load_event"].then(after_load, [state], post).then(**remembered)
+        model["load_event"].then(after_load, [state, pending_plan], post).then(**remembered)
         # new texts, new protocol: the prediction's scale, the run tab's figures and captions follow
         (model["data_event"].success(budget["on_predict"], budget["inputs"], budget["outputs"], show_progress="hidden")
          .success(run["tables"], [state], [run["runs"], run["fig_bytes"], run["fig_lat"]]).success(**remembered))
@@ -1288,7 +1305,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                 return (lab, _summary_md(lab, info) + note, lab.layer_table(), *boxes, plan)
 
             (demo.load(initial, [saved], [state, model["status"], model["table"], *restored, pending_plan])
-             .then(after_load, [state], post)
+             .then(after_load, [state, pending_plan], post)
              .then(budget["restore"], [state, pending_plan], budget["preset_out"])
              .then(lambda: None, None, [pending_plan]).then(**remembered))  # saved again once restored
         # a closed or reloaded page: its job stops and its model is freed now, not in an hour

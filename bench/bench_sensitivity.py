@@ -8,11 +8,11 @@ validation split, ppl16 on the raw test split).
     python bench/bench_sensitivity.py [--device auto] [--tokens N] [--seqlen L] [--plans 14]
         [--targets 4.25,3.25,2.5] [--variants "ranks+bits gptq,bits only gptq"] [--uniform-2bit]
         [--uniform vq:2,vq:3] [--grid-quant rtn|gptq|vq] [--skip-proxy] [--tag cpu]
-        [--reuse-grids --grid-tag T --extend-bits 2.5] [--fractions none]
+        [--reuse-grids --grid-tag T --extend-bits 2.5 --extend-fractions 0.25,0.5] [--fractions none]
 
-``--extend-bits`` probes widths a reused grid lacks (each probe compresses one linear of the
-dense model, so probes of one width do not depend on the others) and joins them to it; the
-joined grid is saved under ``--tag``.
+``--extend-bits`` / ``--extend-fractions`` probe widths / rank fractions a reused grid lacks
+(each probe compresses one linear of the dense model, so probes of one setting do not depend
+on the others) and join them to it; the joined grid is saved under ``--tag``.
 
 Defaults for the grid are the CLI's (``analysis.sensitivity.DEFAULT_TOKENS`` ...).
 """
@@ -64,22 +64,28 @@ def drop_widths(grid: SensitivityGrid, bits: list[float], quant_options: dict) -
 
 
 def join_widths(grid: SensitivityGrid, more: SensitivityGrid) -> SensitivityGrid:
-    """``grid`` with the bit widths that ``more`` probed (same model, data and quantiser)."""
+    """``grid`` with the bit widths and rank fractions that ``more`` probed (same model, data
+    and methods; each probe compresses one linear of the dense model, so probes of one setting
+    do not depend on the others)."""
     keys = ("fingerprint", "data_digest", "n_tokens", "stats_tokens", "method", "quant", "quant_options", "group_size",
             "dense_loss")
     differ = [k for k in keys if grid.meta.get(k) != more.meta.get(k)]
     if differ:
         raise SystemExit(f"cannot join grids that differ in {differ}")
-    if set(grid.meta["bits"]) & set(more.meta["bits"]):
-        raise SystemExit(f"the grid already holds {sorted(set(grid.meta['bits']) & set(more.meta['bits']))} bits")
+    for what in ("bits", "fractions"):
+        both = set(grid.meta[what]) & set(more.meta[what])
+        if both:
+            raise SystemExit(f"the grid already holds {what} {sorted(both)}")
 
     def cat(x, y):
         return None if x is None or y is None else pd.concat([x, y], ignore_index=True)
 
     seconds, probes = grid.meta["seconds"] + more.meta["seconds"], grid.meta["probes"] + more.meta["probes"]
-    meta = dict(grid.meta, bits=sorted(grid.meta["bits"] + more.meta["bits"]), seconds=seconds, probes=probes,
+    meta = dict(grid.meta, bits=sorted(grid.meta["bits"] + more.meta["bits"]),
+                fractions=sorted(grid.meta["fractions"] + more.meta["fractions"]), seconds=seconds, probes=probes,
                 seconds_per_probe=round(seconds / probes, 4), cpu_seconds_per_probe=None,
-                joined=[{k: m.get(k) for k in ("bits", "seconds", "probes", "date")} for m in (grid.meta, more.meta)])
+                joined=[{k: m.get(k) for k in ("bits", "fractions", "seconds", "probes", "date")}
+                        for m in (grid.meta, more.meta)])
     return SensitivityGrid(meta, cat(grid.table, more.table), None, cat(grid.first_order, more.first_order),
                            cat(grid.kl, more.kl))
 
@@ -113,6 +119,9 @@ def main() -> None:
     ap.add_argument("--replace-bits", default="",
                     help="with --reuse-grids: probe these widths again, in place of the reused grid's (their format "
                          "changed; the other widths' probes are kept)")
+    ap.add_argument("--extend-fractions", default="",
+                    help="with --reuse-grids: probe ranks at these fractions of break-even (e.g. 0.25,0.5,0.75 "
+                         "for a bits-only grid) and join them to the reused grid")
     ap.add_argument("--tag", default="")
     ap.add_argument("--grid-tag", default=None, help="tag of the run whose grids --reuse-grids loads (default: --tag)")
     a = ap.parse_args()
@@ -143,22 +152,25 @@ def main() -> None:
                                        group_size=128, fractions=fractions)
         t_grid = None if reused else time.perf_counter() - t
         extend = [float(b) for b in a.extend_bits.split(",") if b]
+        extend_fr = [float(f) for f in a.extend_fractions.split(",") if f]
         replace = [float(b) for b in a.replace_bits.split(",") if b]
         if replace:
             if not reused or extend:
                 raise SystemExit("--replace-bits re-probes widths of a reused grid: give --reuse-grids "
                                  "(and --grid-tag), not --extend-bits")
             grid, extend = drop_widths(grid, replace, sens.quant_options(a.grid_quant)), replace
-        if extend:
+        if extend or extend_fr:
             if not reused:
-                raise SystemExit("--extend-bits joins widths to a reused grid: give --reuse-grids (and --grid-tag)")
+                raise SystemExit("--extend-bits / --extend-fractions join probes to a reused grid: give "
+                                 "--reuse-grids (and --grid-tag)")
             t = time.perf_counter()
             more = measure_sensitivity(lm.model, lm.adapter, sens_ids, stats, method="svd-llm", quant=a.grid_quant,
-                                       group_size=128, fractions=(), bits=extend)
+                                       group_size=128, fractions=extend_fr, bits=extend)
             grid = join_widths(grid, more)
             t_grid = time.perf_counter() - t
             folder, reused = grid_folder(a.tag, n_tok, a.seqlen, a.grid_quant), False
-            log(f"grid extended by {more.meta['bits']} bits in {t_grid:.1f}s")
+            log(f"grid extended by {more.meta['bits']} bits and fractions {more.meta['fractions']} "
+                f"in {t_grid:.1f}s")
         t = time.perf_counter()
         proxy = None if a.skip_proxy else proxy_sensitivity(lm.model, lm.adapter, sens_ids, stats, method="svd-llm",
                                                             quant=a.grid_quant, group_size=128)

@@ -12,7 +12,11 @@ for any plan: ``loss = dense_loss + Σ dloss(linear, spec)``, sizes from
   width (5-7 bits read the 4-bit value), a width below the grid the lowest grid width;
 * rank and bits together: ``dloss_rank + dloss_bits``. This is an approximation: it
   assumes the error of quantising the two factors costs what quantising the dense weight
-  did, and that the two errors add (both were only measured alone);
+  did, and that the two errors add (both were only measured alone). On SmolLM2 it does
+  not: whitened factors leave quantisation's error compensation little to work with, and
+  the quantised factors' output error was 2.2x the sum of the parts (median; 1.4-46x;
+  bench/RESULTS.md §23), so such plans are predicted optimistically (``rank_and_bits``
+  names the linears);
 * the spec's ``lowrank`` / ``quant`` method is not looked at: the grid's own methods are
   what the numbers describe (``allocate`` uses them).
 
@@ -162,6 +166,12 @@ class Predictor:
             if s.rank is not None and li.name in self._ranks and s.rank < self._ranks[li.name][0][0]:
                 out.append((li.name, int(s.rank), int(self._ranks[li.name][0][0])))
         return out
+
+    def rank_and_bits(self, plan) -> list[str]:
+        """The linears that ``plan`` gives a rank and bits together: their prediction adds the two
+        parts measured alone, which quantised factors exceed (module docstring)."""
+        return [li.name for li in self.linears
+                if (s := plan.spec_for(li.name)).rank is not None and s.bits is not None]
 
     def bits_dloss(self, name: str, bits: float) -> float:
         if name not in self._bits:
@@ -468,6 +478,14 @@ def module_kinds(plan: Plan, linears: list[LinearInfo]) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------ command line
+def rank_and_bits_note(names: list[str]) -> str:
+    """What a prediction of ranks and bits together is worth (``Predictor.rank_and_bits``)."""
+    return (f"{len(names)} linear(s) have a rank and bits together (e.g. {names[0]}): their predicted damage is the "
+            "rank's plus the bits' measured alone, but quantised low-rank factors lose more than that (the factors' "
+            "inputs are decorrelated, so quantisation's error compensation gains little; bench/RESULTS.md §23), "
+            "so it is optimistic: run the plan to measure it, or allocate bits only")
+
+
 def cli_allocate(args, say=None) -> dict:
     """``python -m compression allocate``: load the model and the sensitivity grid (refusing a
     grid of another model), allocate, write the plan JSON; returns a summary dict."""
@@ -522,6 +540,9 @@ def cli_allocate(args, say=None) -> dict:
     if m["predicted_ppl"] < math.exp(pred.dense_loss):
         say(f"note: the {pred.estimator} estimator predicts a perplexity below the dense model's (some of its "
             "per-module estimates are negative); use the prediction to rank plans, not as a perplexity")
+    together = pred.rank_and_bits(plan)
+    if together:
+        say(f"note: {rank_and_bits_note(together)} (--only bits)")
     lowrank = getattr(args, "lowrank", None)
     if lowrank and lowrank != pred.method:
         say(f"the prediction is for {pred.method} (the grid's method); the plan applies its ranks with {lowrank}"

@@ -682,6 +682,11 @@ class Lab:
                 notes.insert(0, f"{len(below)} linear(s) have ranks below those the sensitivities measured (e.g. "
                                 f"{name}: rank {r}, smallest measured {r0}); their predicted damage is extrapolated "
                                 "and may be far too low: run the plan to measure it")
+            together = self.predictor.rank_and_bits(plan)
+            if together:
+                from compression.allocate import rank_and_bits_note
+
+                notes.insert(0, rank_and_bits_note(together))
             notes[:0] = self._method_mismatch_notes(plan)
             pr = self.predictor.predict(plan)
             out.update(ppl=pr.ppl, loss=pr.loss, dloss=pr.dloss, ppl_basis="calibration")

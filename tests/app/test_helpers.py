@@ -307,6 +307,12 @@ def test_a_reloaded_page_gets_its_model_texts_and_plan_back(tiny_dir, tmp_path, 
     assert [u["value"] for u in ranks[:2]] == [50, 50] and [u["value"] for u in bits[:2]] == ["4", "4"]
     assert "Restored the plan this page had" in out[-4] and lab2.plan == plan  # runs keep the preset's name
     assert "Predicted" in out[-4]
+    # meanwhile (the model just loaded, the plan not yet back) the readout does not predict the dense plan
+    after_load = _callback(demo, "after_load")
+    texts = [o for o in after_load(lab2, plan_text, _Request("b")) if isinstance(o, str)]
+    assert any("Restoring the plan this page had" in t for t in texts) and not any("Predicted" in t for t in texts)
+    texts = [o for o in after_load(lab2, app.Plan().to_json(), _Request("b2")) if isinstance(o, str)]
+    assert any("Predicted" in t for t in texts)  # a dense plan to restore: nothing to wait for
     # a plan that no longer fits is said, the sliders stay dense; nothing to restore changes nothing
     wrong = app.Plan.from_json(plan.to_json())
     wrong.modules["model.layers.9.mlp.up_proj"] = wrong.default

@@ -83,6 +83,12 @@ def test_predictor_interpolation_rules():
     assert p.dloss(li.name, ModuleSpec(bits=3)) == b2  # nearest lower grid width
     assert p.dloss(li.name, ModuleSpec(bits=8)) == b4
     assert p.dloss(li.name, ModuleSpec(rank=16, bits=2)) == pytest.approx(d16 + b2)  # additive
+    # ... which the plans that use it are told of (quantised factors lose more than the sum)
+    other = p.linears[1].name
+    both = Plan(modules={li.name: ModuleSpec(rank=16, bits=2), other: ModuleSpec(bits=2)})
+    assert p.rank_and_bits(both) == [li.name]
+    assert p.rank_and_bits(Plan(default=ModuleSpec(rank=16))) == []
+    assert p.rank_and_bits(Plan(default=ModuleSpec(rank=16, bits=4))) == [x.name for x in p.linears]
     assert p.dloss(li.name, ModuleSpec()) == 0.0
 
 
@@ -358,6 +364,15 @@ def test_cli_allocate_writes_a_loadable_plan_and_refuses_another_model(tmp_path,
     assert sum(out["modules"].values()) == len(linears)
     assert plan.meta["sensitivity_fingerprint"] == lm.fingerprint and "predicted_ppl" in plan.meta
     assert plan.meta["estimator"] == "dloss"  # auto, and this grid has no KL
+    assert not any("rank and bits together" in m for m in said)
+    # below 2 bits per weight only ranks with quantised factors fit: the note says what such a prediction is worth
+    said = []
+    tight_args = {**vars(args), "target_ratio": None, "target_bits": 1.5, "out": str(tmp_path / "p1.json")}
+    cli_allocate(Namespace(**tight_args), say=said.append)
+    tight = Plan.load(tmp_path / "p1.json")
+    together = [n for n, s in tight.modules.items() if s.rank is not None and s.bits is not None]
+    assert together and any(f"note: {len(together)} linear(s) have a rank and bits together" in m
+                            and m.endswith("(--only bits)") for m in said)
     with pytest.raises(ValueError, match="another model"):
         cli_allocate(Namespace(**{**vars(args), "model": "other"}), say=lambda m: None)
     models["half"] = wrap_model(tiny_model("llama", dtype=torch.bfloat16), CharTokenizer(), spec="half")

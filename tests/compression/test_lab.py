@@ -244,6 +244,9 @@ def test_first_view_makes_predictions_and_allocation_meets_target(tiny_lab):
     name = tiny_lab.linears[0].name  # rank 1: far below the grid's smallest rank
     notes = tiny_lab.predict(Plan(modules={name: ModuleSpec(rank=1)}))["notes"]
     assert "1 linear(s) have ranks below those the sensitivities measured" in notes[0] and name in notes[0]
+    assert not any("rank and bits together" in n for n in notes)
+    notes = tiny_lab.predict(Plan(modules={name: ModuleSpec(rank=8, bits=4, group_size=32)}))["notes"]
+    assert any(f"1 linear(s) have a rank and bits together (e.g. {name})" in n and "optimistic" in n for n in notes)
     assert dense["ppl_basis"] == "calibration" and dense["ppl"] == pytest.approx(math.exp(dense["loss"]))
     # once the dense model is measured, predictions are on the evaluation text's scale
     first = tiny_lab.evaluate_dense()
