@@ -77,6 +77,42 @@ def grid_folder(tag: str, n_tok: int, seqlen: int, quant: str = "rtn") -> Path:
     return cache_dir() / "bench-grids" / f"sensitivity_{tag}-{n_tok}-{min(seqlen, n_tok)}{suffix}"
 
 
+def grid_parser(description: str):
+    """The command line of the probes that allocate on a cached grid (``--grid-tag``,
+    ``--grid-tokens``, ``--quant``, ``--target``); add more, then give it to ``grid_predictor``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--grid-tag", default="vq4r")
+    ap.add_argument("--grid-tokens", type=int, default=128)
+    ap.add_argument("--quant", default="vq", choices=("gptq", "vq"))
+    ap.add_argument("--target", type=float, default=2.5)
+    return ap
+
+
+def grid_predictor(ap, predictor_cls=None):
+    """Parse ``ap`` (``grid_parser``), load the benchmark model on the CPU, its calibration and
+    the cached grid; returns (args, model, calibration tuple, profile stats, KL predictor of
+    ``predictor_cls``, default ``compression.allocate.Predictor``)."""
+    import warnings
+
+    from analysis.loading import load_model
+    from analysis.metrics import linear_biases, model_bytes
+    from analysis.sensitivity import SensitivityGrid
+    from compression.allocate import Predictor
+    from compression.plan import PlanWarning
+
+    a = ap.parse_args()
+    warnings.simplefilter("ignore", PlanWarning)
+    lm = load_model(MODEL, "cpu")
+    linears = lm.adapter.linears(lm.model)
+    cal = calibration(lm)
+    grid = SensitivityGrid.load(grid_folder(a.grid_tag, a.grid_tokens, 256, a.quant))
+    pred = (predictor_cls or Predictor)(grid, linears, model_bytes(lm.model).weight_bytes, 4,
+                                         linear_biases(lm.model, linears), estimator="kl")
+    return a, lm, cal, cal[3].all_stats(), pred
+
+
 def probe_args(description: str, **extra: str):
     """The per-linear probes' command line (``--layers 2,15,28``, ``--threads 2``, and ``extra``
     string options with their defaults); sets torch's threads. Returns (args, layer set)."""

@@ -13,43 +13,26 @@ alone quantised, factor B alone quantised, and both, as ``compression.apply`` qu
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
-import warnings
 
 import torch
-from common import MODEL, calibration, grid_folder, log, save  # noqa: I001
+from common import grid_parser, grid_predictor, log, save  # noqa: I001
 from probe_rotation import rel_error
 
 from analysis.adapters import get_submodule
-from analysis.loading import load_model
-from analysis.metrics import linear_biases, model_bytes
-from analysis.sensitivity import SensitivityGrid
-from compression.allocate import Predictor, allocate
+from compression.allocate import allocate
 from compression.apply import factor_stats
 from compression.configs import factor_quants
-from compression.plan import ModuleSpec, PlanWarning
+from compression.plan import ModuleSpec
 from compression.registry import handler_for
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--grid-tag", default="vq4r")
-    ap.add_argument("--grid-tokens", type=int, default=128)
-    ap.add_argument("--quant", default="vq", choices=("gptq", "vq"))
-    ap.add_argument("--target", type=float, default=2.5)
+    ap = grid_parser(__doc__)
     ap.add_argument("--threads", type=int, default=2)
-    a = ap.parse_args()
+    a, lm, (cal_c, *_), stats, pred = grid_predictor(ap)
     torch.set_num_threads(a.threads)
-    warnings.simplefilter("ignore", PlanWarning)
-    lm = load_model(MODEL, "cpu")
-    linears = lm.adapter.linears(lm.model)
-    cal_c, _, _, prof, _ = calibration(lm)
-    stats = prof.all_stats()
-    grid = SensitivityGrid.load(grid_folder(a.grid_tag, a.grid_tokens, 256, a.quant))
-    pred = Predictor(grid, linears, model_bytes(lm.model).weight_bytes, 4, linear_biases(lm.model, linears),
-                     estimator="kl")
     plan = allocate(pred, target_bits=a.target, quant=a.quant)
     rows = []
     with torch.no_grad():

@@ -1,0 +1,130 @@
+"""Ranks and bits together with measured costs: allocate, measure the rank-with-quantised-factors
+settings the plan picked (which the grid only predicts as the sum of the rank and the bits measured
+alone), allocate again with those costs, until every such setting the plan picks is measured. A
+probe for issue 5's ranks + bits allocation (RESULTS §23).
+
+Each measured setting is probed like the grid's probes: that one linear compressed (svd-llm rank,
+then its factors quantised as ``compression.apply.quantise_module`` does, on the calibration
+profile's statistics), the rest dense, and the mean KL(dense || probe) per token on the grid's
+probe tokens. The script first re-probes a few of the grid's own rank and bits settings this way
+and reports how close it comes to the grid's values. ``--measure`` then applies the final plan
+(sequentially, like every benchmark plan) and measures ppl16. Writes
+``results/measured_combos[_tag].json``.
+
+    python bench/probe_measured_combos.py [--grid-tag vq4r] [--target 2.5] [--rounds 8] [--measure] [--tag T]
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import torch
+from common import EVAL_SPEC, grid_parser, grid_predictor, grid_windows, log, save  # noqa: I001
+
+from analysis.adapters import get_submodule, set_submodule
+from analysis.data import load_corpus, tokenize, windows
+from analysis.metrics import perplexity
+from compression.allocate import Predictor, allocate
+from compression.apply import apply_plan, quantise_module
+from compression.plan import ModuleSpec
+from compression.registry import handler_for
+
+
+class MeasuredCombos(Predictor):
+    """The grid's predictor, with measured costs for some (linear, rank, bits) settings: their
+    bits part is the measured KL minus the rank's."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.measured: dict[tuple[str, int, float], float] = {}
+
+    def add(self, name: str, rank: int, bits: float, kl: float) -> None:
+        self.measured[(name, rank, bits)] = kl
+        self._cache.clear()
+
+    def dloss_parts(self, name: str, spec: ModuleSpec) -> tuple[float, float]:
+        hit = self.measured.get((name, spec.rank, spec.bits)) if spec.rank and spec.bits else None
+        if hit is None:
+            return super().dloss_parts(name, spec)
+        r = self.rank_dloss(name, spec.rank)
+        return r, hit - r
+
+
+def main() -> None:
+    ap = grid_parser(__doc__)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--measure", action="store_true", help="apply the final plan and measure its ppl16")
+    ap.add_argument("--tag", default="")
+    a, lm, (cal_c, cal_tok, cal32, _, _), stats, pred = grid_predictor(ap, MeasuredCombos)
+    name_out = "measured_combos" + (f"_{a.tag}" if a.tag else "")
+    model, linears = lm.model, pred.linears
+    ids = grid_windows(cal_tok, a.grid_tokens, 256)  # (C, L): the grid's probe tokens
+    with torch.no_grad():
+        dense_logp = torch.log_softmax(model(ids).logits[:, :-1].float(), -1)  # (C, L-1, V)
+
+    @torch.no_grad()
+    def probe(name: str, spec: ModuleSpec) -> float:
+        """Mean KL(dense || probe) per token with only ``name`` compressed as ``spec``."""
+        lin = get_submodule(model, name)
+        mod = copy.deepcopy(lin)
+        if spec.rank:
+            lr = spec.lowrank_config()
+            mod = handler_for(lr)(mod, lr, stats[name])
+        if spec.bits:
+            mod = quantise_module(mod, spec.quant_config(), stats[name])
+        set_submodule(model, name, mod)
+        try:
+            logq = torch.log_softmax(model(ids).logits[:, :-1].float(), -1)
+        finally:
+            set_submodule(model, name, lin)
+        return float((dense_logp.exp() * (dense_logp - logq)).sum(-1).mean())
+
+    out = dict(protocol=f"grid {a.grid_tag} ({a.grid_tokens} probe tokens of {cal_c.label}, KL); profile 32 x 2048; "
+                        f"svd-llm + {a.quant} g128; target {a.target} bits per weight; fp32 CPU, torch threads "
+                        f"{torch.get_num_threads()}", check=[], rounds=[])
+    kl = pred.grid.kl.set_index(["name", "kind", "setting"])["kl"]
+    for li in linears[:: max(1, len(linears) // 4)][:4]:  # the grid's own settings, probed this way
+        for kind, s in (("rank", pred.grid_ranks(li.name)[1]), ("bits", 2.5 if a.quant == "vq" else 3)):
+            spec = (ModuleSpec(rank=int(s), lowrank="svd-llm") if kind == "rank"
+                    else ModuleSpec(bits=s, group_size=128, quant=a.quant))
+            mine, theirs = probe(li.name, spec), float(kl[(li.name, kind, s)])
+            out["check"].append(dict(name=li.name, kind=kind, setting=s, probe=mine, grid=theirs))
+            log(f"check {li.name} {kind} {s}: this probe {mine:.6f}, grid {theirs:.6f}")
+    for rnd in range(a.rounds + 1):
+        plan = allocate(pred, target_bits=a.target, quant=a.quant)
+        pr = pred.predict(plan)
+        todo = [(n, s.rank, s.bits) for n, s in plan.modules.items()
+                if s.rank and s.bits and (n, s.rank, s.bits) not in pred.measured]
+        row = dict(round=rnd, predicted_dloss=pr.dloss, bits_per_weight=pr.bits_per_weight,
+                   with_rank=sum(1 for s in plan.modules.values() if s.rank), unmeasured=len(todo))
+        log(f"round {rnd}: {row}")
+        if not todo or rnd == a.rounds:
+            out["rounds"].append(row)
+            break
+        t = time.perf_counter()
+        for n, r, b in todo:
+            pred.add(n, r, b, probe(n, ModuleSpec(rank=r, bits=b, lowrank="svd-llm", quant=a.quant, group_size=128)))
+        row.update(seconds=time.perf_counter() - t,
+                   measured=[dict(name=n, rank=r, bits=b, kl=pred.measured[(n, r, b)],
+                                  additive=pred.rank_dloss(n, r) + pred.bits_dloss(n, b)) for n, r, b in todo])
+        out["rounds"].append(row)
+        save(name_out, out)
+    out["plan"] = plan.to_dict()
+    out["final"] = dict(predicted_dloss=pr.dloss, with_rank=sum(1 for s in plan.modules.values() if s.rank),
+                        by_bits={str(b): sum(1 for li in linears if plan.spec_for(li.name).bits == b)
+                                 for b in (2, 2.5, 3, 4)})
+    if a.measure:
+        ev_c = load_corpus(EVAL_SPEC)
+        ev = windows(tokenize(lm.tokenizer, ev_c), 2048, 16)
+        dense_ppl16 = perplexity(model, ev, ev_c.label).ppl
+        t = time.perf_counter()
+        comp, _ = apply_plan(model, lm.adapter, plan, stats, device=lm.device, calib_ids=cal32)
+        out["final"].update(dense_ppl16=dense_ppl16, predicted_ppl16=dense_ppl16 * math.exp(pr.dloss),
+                            ppl16=perplexity(comp, ev, ev_c.label).ppl, apply_seconds=time.perf_counter() - t)
+        log(f"final: {out['final']}")
+    save(name_out, out)
+
+
+if __name__ == "__main__":
+    main()
