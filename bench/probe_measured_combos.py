@@ -1,7 +1,8 @@
 """Ranks and bits together with measured costs: allocate, measure the rank-with-quantised-factors
 settings the plan picked (which the grid only predicts as the sum of the rank and the bits measured
 alone), allocate again with those costs, until every such setting the plan picks is measured. A
-probe for issue 5's ranks + bits allocation (RESULTS §23).
+probe for issue 5's ranks + bits allocation (RESULTS §23). The loop is
+``compression.allocate.allocate_measured``; the probe is this script's.
 
 Each measured setting is probed like the grid's probes: that one linear compressed (svd-llm rank,
 then its factors quantised as ``compression.apply.quantise_module`` does, on the calibration
@@ -11,7 +12,7 @@ and reports how close it comes to the grid's values. ``--measure`` then applies 
 (sequentially, like every benchmark plan) and measures ppl16. Writes
 ``results/measured_combos[_tag].json``.
 
-    python bench/probe_measured_combos.py [--grid-tag vq4r] [--target 2.5] [--rounds 8] [--measure] [--tag T]
+    python bench/probe_measured_combos.py [--grid-tag vq4r] [--target 2.5] [--rounds 40] [--measure] [--tag T]
 """
 from __future__ import annotations
 
@@ -25,38 +26,18 @@ from common import EVAL_SPEC, grid_parser, grid_predictor, grid_windows, log, sa
 from analysis.adapters import get_submodule, set_submodule
 from analysis.data import load_corpus, tokenize, windows
 from analysis.metrics import perplexity
-from compression.allocate import Predictor, allocate
+from compression.allocate import allocate_measured
 from compression.apply import apply_plan, quantise_module
 from compression.plan import ModuleSpec
 from compression.registry import handler_for
 
 
-class MeasuredCombos(Predictor):
-    """The grid's predictor, with measured costs for some (linear, rank, bits) settings: their
-    bits part is the measured KL minus the rank's."""
-
-    def __init__(self, *a, **k):
-        super().__init__(*a, **k)
-        self.measured: dict[tuple[str, int, float], float] = {}
-
-    def add(self, name: str, rank: int, bits: float, kl: float) -> None:
-        self.measured[(name, rank, bits)] = kl
-        self._cache.clear()
-
-    def dloss_parts(self, name: str, spec: ModuleSpec) -> tuple[float, float]:
-        hit = self.measured.get((name, spec.rank, spec.bits)) if spec.rank and spec.bits else None
-        if hit is None:
-            return super().dloss_parts(name, spec)
-        r = self.rank_dloss(name, spec.rank)
-        return r, hit - r
-
-
 def main() -> None:
     ap = grid_parser(__doc__)
-    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--measure", action="store_true", help="apply the final plan and measure its ppl16")
     ap.add_argument("--tag", default="")
-    a, lm, (cal_c, cal_tok, cal32, _, _), stats, pred = grid_predictor(ap, MeasuredCombos)
+    a, lm, (cal_c, cal_tok, cal32, _, _), stats, pred = grid_predictor(ap)
     name_out = "measured_combos" + (f"_{a.tag}" if a.tag else "")
     model, linears = lm.model, pred.linears
     ids = grid_windows(cal_tok, a.grid_tokens, 256)  # (C, L): the grid's probe tokens
@@ -91,25 +72,14 @@ def main() -> None:
             mine, theirs = probe(li.name, spec), float(kl[(li.name, kind, s)])
             out["check"].append(dict(name=li.name, kind=kind, setting=s, probe=mine, grid=theirs))
             log(f"check {li.name} {kind} {s}: this probe {mine:.6f}, grid {theirs:.6f}")
-    for rnd in range(a.rounds + 1):
-        plan = allocate(pred, target_bits=a.target, quant=a.quant)
-        pr = pred.predict(plan)
-        todo = [(n, s.rank, s.bits) for n, s in plan.modules.items()
-                if s.rank and s.bits and (n, s.rank, s.bits) not in pred.measured]
-        row = dict(round=rnd, predicted_dloss=pr.dloss, bits_per_weight=pr.bits_per_weight,
-                   with_rank=sum(1 for s in plan.modules.values() if s.rank), unmeasured=len(todo))
-        log(f"round {rnd}: {row}")
-        if not todo or rnd == a.rounds:
-            out["rounds"].append(row)
-            break
-        t = time.perf_counter()
-        for n, r, b in todo:
-            pred.add(n, r, b, probe(n, ModuleSpec(rank=r, bits=b, lowrank="svd-llm", quant=a.quant, group_size=128)))
-        row.update(seconds=time.perf_counter() - t,
-                   measured=[dict(name=n, rank=r, bits=b, kl=pred.measured[(n, r, b)],
-                                  additive=pred.rank_dloss(n, r) + pred.bits_dloss(n, b)) for n, r, b in todo])
-        out["rounds"].append(row)
-        save(name_out, out)
+    t = time.perf_counter()
+    plan, rounds = allocate_measured(pred, probe, max_rounds=a.rounds, target_bits=a.target, quant=a.quant)
+    for row in rounds:
+        for m in row["measured"]:
+            m["additive"] = pred.rank_dloss(m["name"], m["rank"]) + pred.bits_dloss(m["name"], m["bits"])
+        log(f"round {row['round']}: predicted dloss {row['predicted_dloss']:.5f}, {row['unmeasured']} unmeasured")
+    out.update(rounds=rounds, seconds=time.perf_counter() - t)
+    pr = pred.predict(plan)
     out["plan"] = plan.to_dict()
     out["final"] = dict(predicted_dloss=pr.dloss, with_rank=sum(1 for s in plan.modules.values() if s.rank),
                         by_bits={str(b): sum(1 for li in linears if plan.spec_for(li.name).bits == b)

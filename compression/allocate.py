@@ -16,7 +16,8 @@ for any plan: ``loss = dense_loss + Σ dloss(linear, spec)``, sizes from
   not: whitened factors leave quantisation's error compensation little to work with, and
   the quantised factors' output error was 2.2x the sum of the parts (median; 1.4-46x;
   bench/RESULTS.md §23), so such plans are predicted optimistically (``rank_and_bits``
-  names the linears);
+  names the linears). ``set_measured`` gives a setting its measured cost instead, and
+  ``allocate_measured`` allocates, measures the ones the plan picks and allocates again;
 * the spec's ``lowrank`` / ``quant`` method is not looked at: the grid's own methods are
   what the numbers describe (``allocate`` uses them).
 
@@ -136,6 +137,8 @@ class Predictor:
             elif kind == "bits":
                 self._bits[name] = (xs, ys)
         self._cache: dict[tuple[str, ModuleSpec], tuple[float, float]] = {}
+        # measured increases of ranks with quantised factors (``set_measured``), in place of the sum
+        self.measured: dict[tuple[str, int, float], float] = {}
 
     # -------------------------------------------------------------------- per linear
     def grid_ranks(self, name: str) -> list[int]:
@@ -168,10 +171,23 @@ class Predictor:
         return out
 
     def rank_and_bits(self, plan) -> list[str]:
-        """The linears that ``plan`` gives a rank and bits together: their prediction adds the two
-        parts measured alone, which quantised factors exceed (module docstring)."""
+        """The linears that ``plan`` gives a rank and bits together without a measured cost
+        (``set_measured``): their prediction adds the two parts measured alone, which quantised
+        factors exceed (module docstring)."""
         return [li.name for li in self.linears
-                if (s := plan.spec_for(li.name)).rank is not None and s.bits is not None]
+                if (s := plan.spec_for(li.name)).rank is not None and s.bits is not None
+                and (li.name, int(s.rank), bit_width(s.bits)) not in self.measured]
+
+    def set_measured(self, name: str, rank: int, bits: float, dloss: float) -> None:
+        """The measured increase (in this predictor's estimator) of ``name`` at ``rank`` with
+        ``bits``-bit factors, used from now on in place of the rank's plus the bits' parts (the
+        rank part stays the grid's, the bits part is the rest)."""
+        if name not in self.by_name:
+            raise ValueError(f"{name} is not a decoder linear of this model")
+        if not (rank and bits) or not math.isfinite(dloss):
+            raise ValueError(f"a measured cost needs a rank, bits and a finite value, got {rank}, {bits}, {dloss}")
+        self.measured[(name, int(rank), bit_width(bits))] = float(dloss)
+        self._cache.clear()
 
     def bits_dloss(self, name: str, bits: float) -> float:
         if name not in self._bits:
@@ -189,7 +205,10 @@ class Predictor:
         if hit is None:
             if name not in self.by_name:
                 raise ValueError(f"{name} is not a decoder linear of this model")
-            hit = (self.rank_dloss(name, spec.rank) if spec.rank is not None else 0.0,
+            rank = self.rank_dloss(name, spec.rank) if spec.rank is not None else 0.0
+            both = (self.measured.get((name, int(spec.rank), bit_width(spec.bits)))
+                    if spec.rank is not None and spec.bits is not None else None)
+            hit = (rank, both - rank if both is not None else
                    self.bits_dloss(name, spec.bits) if spec.bits is not None else 0.0)
             self._cache[key] = hit
         return hit
@@ -478,6 +497,33 @@ def module_kinds(plan: Plan, linears: list[LinearInfo]) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------ command line
+def allocate_measured(predictor: Predictor, probe, *, max_rounds: int = 40, progress=None,
+                      **allocate_kw) -> tuple[Plan, list[dict]]:
+    """``allocate``, then measure the ranks with quantised factors the plan picks that have no
+    measured cost yet (``probe(name, spec) -> increase`` in the predictor's estimator: that
+    linear alone compressed as ``spec``), give them to the predictor (``set_measured``) and
+    allocate again, until the plan picks none unmeasured or ``max_rounds`` rounds have measured.
+    The sums the grid predicts for such settings are optimistic (module docstring), so each round
+    can only move the plan away from a setting that measured worse. Returns the last plan and one
+    record per round (its predicted increase, the settings it measured)."""
+    rounds: list[dict] = []
+    while True:
+        plan = allocate(predictor, **allocate_kw)
+        todo = [(n, plan.spec_for(n)) for n in predictor.rank_and_bits(plan)]
+        rounds.append(dict(round=len(rounds), predicted_dloss=predictor.predict(plan).dloss, unmeasured=len(todo),
+                           measured=[]))
+        if not todo or len(rounds) > max_rounds:
+            return plan, rounds
+        for i, (name, spec) in enumerate(todo):
+            if progress is not None:
+                progress(i / len(todo), f"round {len(rounds)}: measuring {name} at rank {spec.rank} with "
+                                        f"{spec.bits}-bit factors")
+            value = float(probe(name, spec))
+            predictor.set_measured(name, spec.rank, spec.bits, value)
+            rounds[-1]["measured"].append(dict(name=name, rank=int(spec.rank), bits=bit_width(spec.bits),
+                                               dloss=value))
+
+
 def rank_and_bits_note(names: list[str]) -> str:
     """What a prediction of ranks and bits together is worth (``Predictor.rank_and_bits``)."""
     return (f"{len(names)} linear(s) have a rank and bits together (e.g. {names[0]}): their predicted damage is the "

@@ -89,7 +89,46 @@ def test_predictor_interpolation_rules():
     assert p.rank_and_bits(both) == [li.name]
     assert p.rank_and_bits(Plan(default=ModuleSpec(rank=16))) == []
     assert p.rank_and_bits(Plan(default=ModuleSpec(rank=16, bits=4))) == [x.name for x in p.linears]
+    # a measured cost replaces the sum for that setting only (rank part the grid's, bits part the rest)
+    p.set_measured(li.name, 16, 2, 5 * (d16 + b2))
+    assert p.dloss(li.name, ModuleSpec(rank=16, bits=2)) == pytest.approx(5 * (d16 + b2))
+    assert p.dloss_parts(li.name, ModuleSpec(rank=16, bits=2))[0] == pytest.approx(d16)
+    assert p.dloss(li.name, ModuleSpec(rank=8, bits=2)) == pytest.approx(d8 + b2)  # not measured: still the sum
+    assert p.rank_and_bits(both) == []
+    with pytest.raises(ValueError, match="not a decoder linear"):
+        p.set_measured("model.nope", 16, 2, 1.0)
     assert p.dloss(li.name, ModuleSpec()) == 0.0
+
+
+def test_allocate_measured_leaves_ranks_whose_factors_measure_worse_and_measures_each_setting_once():
+    from compression.allocate import allocate_measured
+
+    kw = dict(target_bits=2.5, quant="rtn", group_size=32)  # below 2-bit g32's 3 bits: ranks with factors needed
+    first = allocate(_predictor(ranks=(8, 16, 24), bits=(2, 3, 4, 8)), **kw)
+    assert _predictor().rank_and_bits(first)
+    p = _predictor(ranks=(8, 16, 24), bits=(2, 3, 4, 8))
+    additive = _predictor(ranks=(8, 16, 24), bits=(2, 3, 4, 8))
+    calls = []
+
+    def probe(name, spec):  # quantised factors cost 3x the sum of the parts, as on SmolLM2 (RESULTS §23)
+        calls.append((name, spec.rank, spec.bits))
+        return 3 * additive.dloss(name, spec)
+
+    plan, rounds = allocate_measured(p, probe, **kw)
+    assert len(calls) == len(set(calls)) and rounds[-1]["unmeasured"] == 0 and p.rank_and_bits(plan) == []
+    assert sum(len(r["measured"]) for r in rounds) == len(calls) and len(rounds) >= 2
+    assert _bytes_of(p, plan)[1] <= 2.5
+    # judged by the measured costs, the last plan is no worse than the first (whose picks were all measured)
+    assert p.predict(plan).dloss <= p.predict(first).dloss + 1e-12
+    assert p.predict(first).dloss > additive.predict(first).dloss
+    # when the parts do add up, one round of measuring confirms the first plan
+    q = _predictor(ranks=(8, 16, 24), bits=(2, 3, 4, 8))
+    same, rounds = allocate_measured(q, lambda n, s: additive.dloss(n, s), **kw)
+    assert same.modules == first.modules and len(rounds) == 2 and rounds[-1]["unmeasured"] == 0
+    # a probe that fails stops the loop with its error (nothing swallowed)
+    with pytest.raises(RuntimeError, match="probe failed"):
+        allocate_measured(_predictor(ranks=(8, 16, 24), bits=(2, 3, 4, 8)),
+                          lambda n, s: (_ for _ in ()).throw(RuntimeError("probe failed")), **kw)
 
 
 def test_prediction_of_a_one_linear_plan_is_its_grid_value():
