@@ -107,7 +107,7 @@ from torch import Tensor, nn
 
 import compression.lowrank  # noqa: F401  (registers the low-rank handlers)
 import compression.quant  # noqa: F401  (registers the quantisation handlers)
-from analysis.adapters import Adapter, LinearInfo, get_submodule
+from analysis.adapters import Adapter, LinearInfo, get_submodule, set_submodule
 from analysis.atomic import EXACT_FLOATS, atomic_folder, check_replaceable, holds, save_to_cache
 from analysis.layerwise import _Recorder, _Stop, run_head, run_layer
 from analysis.stats import InputStats, LinearStats
@@ -931,6 +931,56 @@ def measure_sensitivity(model: nn.Module, adapter: Adapter, calib_ids: Tensor, s
     first = pd.DataFrame(first_rows, columns=FIRST_ORDER_COLUMNS) if first_order else None
     kl_table = pd.DataFrame(kl_rows, columns=KL_COLUMNS) if dense is not None else None
     return SensitivityGrid(meta, table, first_order=first, kl=kl_table)
+
+
+class SettingProbe:
+    """The grid's probe for one setting at a time, for settings the grid does not hold (ranks
+    with quantised factors, ``compression.allocate.allocate_measured``): ``probe(name, spec)``
+    compresses linear ``name`` alone as ``compression.apply`` would (its low-rank method, then
+    its factors or weight quantised, on ``stats``), runs the model on ``calib_ids`` (C, L) and
+    returns the mean KL(dense || probe) per predicted token (``estimator="kl"``) or the mean
+    next-token loss increase (``"dloss"``), the units of ``SensitivityGrid.estimate``. The model
+    is restored after each probe (also on error)."""
+
+    def __init__(self, model: nn.Module, calib_ids: Tensor, stats: dict[str, LinearStats], estimator: str = "kl"):
+        if estimator not in ("kl", "dloss"):
+            raise ValueError(f"a setting probe measures kl or dloss, not {estimator!r} (the curvature estimator needs "
+                             "the grid's first-order pass)")
+        if calib_ids.dim() != 2 or calib_ids.shape[1] < 2:
+            raise ValueError(f"calib_ids must be (windows, seqlen >= 2), got {tuple(calib_ids.shape)}")
+        self.model, self.stats, self.estimator = model, stats, estimator
+        self.ids = calib_ids.to(next(model.parameters()).device)
+        self.dense_logp, self.dense_nll = self._run()  # (C, L-1, V), float
+
+    @torch.no_grad()
+    def _run(self) -> tuple[Tensor, float]:
+        logp = torch.log_softmax(self.model(input_ids=self.ids).logits[:, :-1].float(), -1)  # (C, L-1, V)
+        nll = -logp.gather(-1, self.ids[:, 1:].unsqueeze(-1)).mean()
+        return logp, float(nll)
+
+    @torch.no_grad()
+    def __call__(self, name: str, spec: ModuleSpec) -> float:
+        from compression.apply import quantise_module
+        from compression.registry import handler_for
+
+        if name not in self.stats:
+            raise ValueError(f"{name} has no profile statistics: is it a decoder linear of this model?")
+        dense = get_submodule(self.model, name)
+        mod = copy.deepcopy(dense)
+        if spec.rank is not None:
+            lr = spec.lowrank_config()
+            mod = handler_for(lr)(mod, lr, self.stats[name])
+        if spec.bits is not None:
+            mod = quantise_module(mod, spec.quant_config(), self.stats[name])
+        set_submodule(self.model, name, mod)
+        try:
+            logq, nll = self._run()
+        finally:
+            set_submodule(self.model, name, dense)
+        if self.estimator == "dloss":
+            return nll - self.dense_nll
+        p = self.dense_logp.exp()
+        return float((p * (self.dense_logp - logq)).sum(-1).mean())
 
 
 def load_or_measure(model: nn.Module, adapter: Adapter, calib_ids: Tensor, stats: dict[str, LinearStats], *,

@@ -2,12 +2,12 @@
 settings the plan picked (which the grid only predicts as the sum of the rank and the bits measured
 alone), allocate again with those costs, until every such setting the plan picks is measured. A
 probe for issue 5's ranks + bits allocation (RESULTS §23). The loop is
-``compression.allocate.allocate_measured``; the probe is this script's.
+``compression.allocate.allocate_measured``.
 
-Each measured setting is probed like the grid's probes: that one linear compressed (svd-llm rank,
-then its factors quantised as ``compression.apply.quantise_module`` does, on the calibration
-profile's statistics), the rest dense, and the mean KL(dense || probe) per token on the grid's
-probe tokens. The script first re-probes a few of the grid's own rank and bits settings this way
+Each measured setting is probed like the grid's probes (``analysis.sensitivity.SettingProbe``):
+that one linear compressed (svd-llm rank, then its factors quantised as ``compression.apply`` does,
+on the calibration profile's statistics), the rest dense, and the mean KL(dense || probe) per token
+on the grid's probe tokens. The script first re-probes a few of the grid's own rank and bits settings this way
 and reports how close it comes to the grid's values. ``--measure`` then applies the final plan
 (sequentially, like every benchmark plan) and measures ppl16. Writes
 ``results/measured_combos[_tag].json``.
@@ -16,20 +16,18 @@ and reports how close it comes to the grid's values. ``--measure`` then applies 
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 
 import torch
 from common import EVAL_SPEC, grid_parser, grid_predictor, grid_windows, log, save  # noqa: I001
 
-from analysis.adapters import get_submodule, set_submodule
 from analysis.data import load_corpus, tokenize, windows
 from analysis.metrics import perplexity
+from analysis.sensitivity import SettingProbe
 from compression.allocate import allocate_measured
-from compression.apply import apply_plan, quantise_module
+from compression.apply import apply_plan
 from compression.plan import ModuleSpec
-from compression.registry import handler_for
 
 
 def main() -> None:
@@ -41,25 +39,7 @@ def main() -> None:
     name_out = "measured_combos" + (f"_{a.tag}" if a.tag else "")
     model, linears = lm.model, pred.linears
     ids = grid_windows(cal_tok, a.grid_tokens, 256)  # (C, L): the grid's probe tokens
-    with torch.no_grad():
-        dense_logp = torch.log_softmax(model(ids).logits[:, :-1].float(), -1)  # (C, L-1, V)
-
-    @torch.no_grad()
-    def probe(name: str, spec: ModuleSpec) -> float:
-        """Mean KL(dense || probe) per token with only ``name`` compressed as ``spec``."""
-        lin = get_submodule(model, name)
-        mod = copy.deepcopy(lin)
-        if spec.rank:
-            lr = spec.lowrank_config()
-            mod = handler_for(lr)(mod, lr, stats[name])
-        if spec.bits:
-            mod = quantise_module(mod, spec.quant_config(), stats[name])
-        set_submodule(model, name, mod)
-        try:
-            logq = torch.log_softmax(model(ids).logits[:, :-1].float(), -1)
-        finally:
-            set_submodule(model, name, lin)
-        return float((dense_logp.exp() * (dense_logp - logq)).sum(-1).mean())
+    probe = SettingProbe(model, ids, stats, "kl")
 
     out = dict(protocol=f"grid {a.grid_tag} ({a.grid_tokens} probe tokens of {cal_c.label}, KL); profile 32 x 2048; "
                         f"svd-llm + {a.quant} g128; target {a.target} bits per weight; fp32 CPU, torch threads "

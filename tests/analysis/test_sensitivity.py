@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from analysis.adapters import LinearInfo
+from analysis.adapters import LinearInfo, get_submodule
 from analysis.loading import wrap_model
 from analysis.metrics import window_nll
 from analysis.profile import collect_input_stats
@@ -32,7 +32,7 @@ from analysis.sensitivity import (
 )
 from analysis.stats import LinearStats
 from compression.apply import apply_plan
-from compression.plan import Plan, weight_bytes
+from compression.plan import ModuleSpec, Plan, weight_bytes
 from tests.conftest import CharTokenizer, tiny_model
 
 GS = 32  # the tiny models are 64 wide: the default group size 128 does not fit
@@ -465,6 +465,35 @@ def test_kl_matches_a_direct_computation_and_is_nonnegative(trained, grid):
     assert grid.estimate("dloss") is grid.table
     with pytest.raises(ValueError, match="estimator"):
         grid.estimate("nope")
+
+
+def test_setting_probe_reproduces_the_grid_and_measures_ranks_with_quantised_factors(trained, grid):
+    from analysis.sensitivity import SettingProbe
+
+    lm, ids, stats = trained
+    kl, dl = grid.kl_table(), grid.table
+    name = lm.adapter.linears(lm.model)[2].name
+    probes = {e: SettingProbe(lm.model, ids, stats, e) for e in ("kl", "dloss")}
+    rank = int(dl[(dl.name == name) & (dl.kind == "rank")].setting.min())
+    for kind, setting in (("rank", rank), ("bits", 2)):  # the grid's own probes, one at a time
+        spec = setting_spec(kind, setting, "svd-llm", "rtn", GS)
+        for est, table in (("kl", kl), ("dloss", dl)):
+            want = table[(table.name == name) & (table.kind == kind) & (table.setting == setting)].dloss.item()
+            assert probes[est](name, spec) == pytest.approx(want, rel=2e-3, abs=1e-6)
+    # a rank with quantised factors, which the grid does not probe: what applying that one-linear plan gives
+    both = ModuleSpec(rank=rank, bits=2, group_size=GS, lowrank="svd-llm", quant="rtn")
+    comp, _ = apply_plan(lm.model, lm.adapter, Plan(modules={name: both}), stats)
+    with torch.no_grad():
+        logp = torch.log_softmax(lm.model(ids).logits[:, :-1].double(), -1)
+        logq = torch.log_softmax(comp(ids).logits[:, :-1].double(), -1)
+    direct = float((logp.exp() * (logp - logq)).sum(-1).mean())
+    assert probes["kl"](name, both) == pytest.approx(direct, rel=1e-3)
+    assert direct > kl[(kl.name == name) & (kl.kind == "rank") & (kl.setting == rank)].dloss.item()
+    assert isinstance(get_submodule(lm.model, name), torch.nn.Linear)  # the model is back as it was
+    with pytest.raises(ValueError, match="curvature estimator"):
+        SettingProbe(lm.model, ids, stats, "curvature")
+    with pytest.raises(ValueError, match="no profile statistics"):
+        probes["kl"]("model.nope", both)
 
 
 def test_kl_survives_save_and_load(tmp_path, grid):
