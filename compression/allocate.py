@@ -176,7 +176,7 @@ class Predictor:
         factors exceed (module docstring)."""
         return [li.name for li in self.linears
                 if (s := plan.spec_for(li.name)).rank is not None and s.bits is not None
-                and (li.name, int(s.rank), bit_width(s.bits)) not in self.measured]
+                and _combo(li.name, s) not in self.measured]
 
     def set_measured(self, name: str, rank: int, bits: float, dloss: float) -> None:
         """The measured increase (in this predictor's estimator) of ``name`` at ``rank`` with
@@ -186,7 +186,7 @@ class Predictor:
             raise ValueError(f"{name} is not a decoder linear of this model")
         if not (rank and bits) or not math.isfinite(dloss):
             raise ValueError(f"a measured cost needs a rank, bits and a finite value, got {rank}, {bits}, {dloss}")
-        self.measured[(name, int(rank), bit_width(bits))] = float(dloss)
+        self.measured[_combo(name, ModuleSpec(rank=rank, bits=bits))] = float(dloss)
         self._cache.clear()
 
     def bits_dloss(self, name: str, bits: float) -> float:
@@ -206,10 +206,9 @@ class Predictor:
             if name not in self.by_name:
                 raise ValueError(f"{name} is not a decoder linear of this model")
             rank = self.rank_dloss(name, spec.rank) if spec.rank is not None else 0.0
-            both = (self.measured.get((name, int(spec.rank), bit_width(spec.bits)))
-                    if spec.rank is not None and spec.bits is not None else None)
-            hit = (rank, both - rank if both is not None else
-                   self.bits_dloss(name, spec.bits) if spec.bits is not None else 0.0)
+            bits = self.bits_dloss(name, spec.bits) if spec.bits is not None else 0.0
+            both = self.measured.get(_combo(name, spec)) if spec.rank is not None and spec.bits is not None else None
+            hit = (rank, bits if both is None else both - rank)  # a measured cost: its rest is the bits part
             self._cache[key] = hit
         return hit
 
@@ -236,6 +235,11 @@ class Predictor:
         rep = self.size(plan)
         loss = self.dense_loss + d
         return Prediction(loss, math.exp(loss), d, rep.total_bytes, rep.bits_per_weight, rep.ratio, dr, db)
+
+
+def _combo(name: str, spec: ModuleSpec) -> tuple[str, int, int | float]:
+    """The key of a rank with quantised factors in ``Predictor.measured``."""
+    return name, int(spec.rank), bit_width(spec.bits)
 
 
 # ------------------------------------------------------------------------ options
