@@ -642,6 +642,20 @@ def build_sensitivity_tab(state):
     return dict(on_open=on_open, outputs=[state, info, heat, layer, curves])
 
 
+def _measured_picks_note(plan: Plan, wanted_without_grid: bool) -> str:
+    """What measuring an allocation's rank + bits picks did (``Lab.plan_allocate``), or why it
+    was not done, for the Budget readout."""
+    mp = plan.meta.get("measured_picks")
+    if mp is not None:
+        return (f"*Measured {mp['measured']} rank(s) with quantised factors in {mp['rounds']} round(s) "
+                f"({mp['seconds']:.0f} s; {mp['known']} measured on this grid in all, kept for later allocations)"
+                + ("" if mp["converged"] else "; stopped at the round limit with some picks unmeasured") + ".*\n\n")
+    if wanted_without_grid:
+        return ("*Its rank + bits picks were not measured: that needs the measured grid (Sensitivity tab), whose "
+                "units a probe shares.*\n\n")
+    return ""
+
+
 def _first_view_protocol(proxy) -> str:
     m = proxy.meta
     return f"{m.get('windows')} x {m.get('seqlen')} calibration tokens, {m.get('device')}, {m.get('dtype')}"
@@ -669,6 +683,10 @@ def build_budget_tab(state):
         energy_btn = gr.Button("Preset: energy")
         target = gr.Slider(0.1, 1.0, 0.5, step=0.01, label="Target size (fraction of dense bytes)", scale=2)
         only = gr.Radio(["ranks and bits", "rank", "bits"], value="ranks and bits", label="Allocate")
+        measure = gr.Checkbox(True, label="Measure its rank + bits picks", elem_id="measure-picks",
+                              info="ranks and bits, measured grid: each rank with quantised factors it picks is "
+                                   "measured (~1 s each on a CPU, kept) and the allocation redone; their predicted "
+                                   "sums are optimistic")
         alloc_btn = gr.Button("Preset: allocate to target", elem_id="alloc-btn")
         preset_cancel = gr.Button("Cancel", variant="stop", elem_id="budget-cancel", min_width=80, scale=0)
     with gr.Row():
@@ -740,7 +758,7 @@ def build_budget_tab(state):
         return [*[gr.update(value=v) for v in rank_v], *[gr.update(value=v) for v in labels], table]
 
     def preset(kind):
-        def fn(lab, lr, q, g, ur, ub, en, tg, on, p=gr.Progress()):
+        def fn(lab, lr, q, g, ur, ub, en, tg, on, ms, p=gr.Progress()):
             first = ""
             try:
                 lab = _require(lab)
@@ -774,11 +792,17 @@ def build_budget_tab(state):
                         first = (f"*No sensitivities yet: profiled the model and computed the first view first "
                                  f"({time.perf_counter() - t0:.0f} s); measure the grid (Sensitivity tab) for "
                                  "better allocations.*\n\n")
-                    plan = lab.plan_allocate(float(tg), None if on == "ranks and bits" else on)
+                    both = on == "ranks and bits"
+                    measured = bool(ms) and both and lab.sensitivity is not None
+                    if measured:
+                        p(0, desc="allocating, then measuring the ranks with quantised factors it picks")
+                    plan = lab.plan_allocate(float(tg), None if both else on, measure_picks=measured,
+                                             progress=_progress(p) if measured else None)
                     # the slider brings a typed value inside its range without a word: say what was used
-                    first += (f"*Allocated {'ranks and bits' if on == 'ranks and bits' else on + 's only'} to a "
+                    first += (f"*Allocated {'ranks and bits' if both else on.rstrip('s') + 's only'} to a "
                               f"target of {float(tg):.2f} of the dense bytes (the target slider takes "
                               f"{target.minimum:.2f}–{target.maximum:.2f}).*\n\n")
+                    first += _measured_picks_note(plan, bool(ms) and both and not measured)
                 filled = fill(lab, plan)
                 lab.plan = plan
                 text, *figs = _readout(lab, plan)
@@ -844,7 +868,7 @@ def build_budget_tab(state):
         said = f"*Loaded `{name}`*" + (f" ({len(notes)} note(s) below)" if notes else "") + ".\n\n"
         return [*filled, *methods, said + text, *figs, None]
 
-    preset_in = [state, lowrank, quant, group, u_rank, u_bits, energy, target, only]
+    preset_in = [state, lowrank, quant, group, u_rank, u_bits, energy, target, only, measure]
     preset_out = [*ranks, *bits, overrides, lowrank, quant, group, *outputs]
     dense_btn.click(preset("dense"), preset_in, preset_out)
     uni_btn.click(preset("uniform"), preset_in, preset_out)

@@ -1303,13 +1303,52 @@ def parse_bits(text: str) -> tuple[int, ...]:
     return out
 
 
+def probe_digest(corpus_digest: str, seqlen: int, seed: int) -> str:
+    """The ``data_digest`` of the command line's probe windows (``probe_inputs``)."""
+    return f"{corpus_digest}-{seqlen}-{seed}"
+
+
+def probe_windowing(data_digest: str | None) -> tuple[str, int, int] | None:
+    """``(corpus digest, window length, seed)`` of a grid measured by the command line (its
+    ``data_digest``, ``probe_digest``); None for a grid whose windows were drawn otherwise (the app's)."""
+    parts = (data_digest or "").rsplit("-", 2)
+    if len(parts) != 3 or not (parts[1].isdigit() and parts[2].isdigit()):
+        return None
+    return parts[0], int(parts[1]), int(parts[2])
+
+
+def probe_inputs(lm, corpus, *, tokens: int, seqlen: int, seed: int, profile_tokens: int,
+                 progress: Progress | None = None, say: Callable[[str], None] | None = None
+                 ) -> tuple[Tensor, object, str, str]:
+    """The command line's probe windows of ``corpus`` and the profile their replacements are
+    fitted on (cached): ``(ids (C, L), profile, data digest, data label)``. The profile covers at
+    least ``profile_tokens`` tokens in windows of ``seqlen`` drawn with ``seed``; the probe windows
+    are its first windows (same seed, same draw order), cut to ``tokens`` tokens."""
+    from analysis.data import calibration_windows, tokenize
+    from analysis.loading import cache_dir
+    from analysis.profile import load_or_profile
+
+    say = say or (lambda _m: None)
+    lm.check_seqlen(seqlen)
+    toks = tokenize(lm.tokenizer, corpus)
+    n_win = max(1, -(-tokens // seqlen))
+    n_prof = max(n_win, -(-profile_tokens // seqlen))
+    prof_ids = calibration_windows(toks, seqlen, n_prof, seed)
+    ids = prof_ids[:n_win, :tokens] if tokens < seqlen else prof_ids[:n_win]  # N tokens: N tokens
+    digest = probe_digest(corpus.digest, seqlen, seed)
+    prof_label = f"{corpus.label}, {n_prof} x {seqlen} tokens (seed {seed})"
+    prof, reused = load_or_profile(lm.model, lm.adapter, prof_ids, fingerprint=lm.fingerprint, data_label=prof_label,
+                                   data_digest=digest, cache_root=cache_dir(), progress=progress)
+    say(("reused cached profile " if reused else "profiled ") + prof_label)
+    return ids, prof, digest, f"{corpus.label}, {ids.shape[0]} x {ids.shape[1]} tokens (seed {seed})"
+
+
 def cli_sensitivity(args, progress: Progress | None = None, say: Callable[[str], None] | None = None) -> dict:
     """``python -m analysis sensitivity``: measure the grid (cached), add the proxy and its
     agreement, save everything to ``args.out``; returns a summary dict."""
     from analysis.cli import require_at_least_one
-    from analysis.data import calibration_windows, load_corpus, tokenize
+    from analysis.data import load_corpus
     from analysis.loading import cache_dir, load_model
-    from analysis.profile import load_or_profile
 
     say = say or (lambda _m: None)
     check_replaceable(args.out, SENSITIVITY_MARKERS, "a sensitivity grid")  # before the long work
@@ -1322,23 +1361,10 @@ def cli_sensitivity(args, progress: Progress | None = None, say: Callable[[str],
     corpus = load_corpus(args.text)  # a missing text file is said before the model loads
     lm = load_model(args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code, progress=say)
     lm.require_dense("the sensitivity grid")
-    lm.check_seqlen(args.seqlen)
-    tokens = tokenize(lm.tokenizer, corpus)
-    n_win = max(1, -(-args.tokens // args.seqlen))
-    # the replacements are fitted on a profile of at least PROFILE_TOKENS tokens; its first
-    # n_win windows are exactly the probe windows (same seed, same draw order)
     profile_tokens = getattr(args, "profile_tokens", None) or max(args.tokens, PROFILE_TOKENS)
-    n_prof = max(n_win, -(-profile_tokens // args.seqlen))
-    prof_ids = calibration_windows(tokens, args.seqlen, n_prof, args.seed)
-    ids = prof_ids[:n_win, :args.tokens] if args.tokens < args.seqlen else prof_ids[:n_win]  # N tokens: N tokens
-    digest = f"{corpus.digest}-{args.seqlen}-{args.seed}"
-    prof_label = f"{corpus.label}, {n_prof} x {args.seqlen} tokens (seed {args.seed})"
-    prof, reused_prof = load_or_profile(lm.model, lm.adapter, prof_ids, fingerprint=lm.fingerprint,
-                                        data_label=prof_label, data_digest=digest, cache_root=cache_dir(),
-                                        progress=progress)
-    say(("reused cached profile " if reused_prof else "profiled ") + prof_label)
+    ids, prof, digest, label = probe_inputs(lm, corpus, tokens=args.tokens, seqlen=args.seqlen, seed=args.seed,
+                                            profile_tokens=profile_tokens, progress=progress, say=say)
     stats = prof.all_stats()
-    label = f"{corpus.label}, {ids.shape[0]} x {ids.shape[1]} tokens (seed {args.seed})"
     common = dict(method=args.method, quant=args.quant, group_size=args.group_size)
     say(f"measuring sensitivity on {ids.numel()} tokens ({label}) on {lm.device}")
     grid, reused = load_or_measure(lm.model, lm.adapter, ids, stats, fingerprint=lm.fingerprint, data_label=label,
@@ -1351,7 +1377,7 @@ def cli_sensitivity(args, progress: Progress | None = None, say: Callable[[str],
                                   data_digest=digest, **common)
         grid.proxy = proxy.table
         grid.meta = {**grid.meta, "agreement": agreement(proxy, grid), "proxy_seconds": proxy.meta["seconds"],
-                     "profile_data": prof_label, "proxy_token_cap": TOKEN_CAP}
+                     "profile_data": prof.meta.get("data"), "proxy_token_cap": TOKEN_CAP}
         if grid.folder:
             save_to_cache(lambda: grid.save(Path(grid.folder), cache=True), "the first view", Path(grid.folder))
     agree = grid.meta["agreement"]

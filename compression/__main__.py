@@ -18,6 +18,7 @@ def prepare_calibration(lm, text: str, calib_tokens: int, seqlen: int, seed: int
     from analysis.data import calibration_windows, load_corpus, tokenize
     from analysis.loading import cache_dir
     from analysis.profile import load_or_profile
+    from analysis.sensitivity import probe_digest
 
     lm.check_seqlen(seqlen)
     corpus = load_corpus(text)
@@ -28,7 +29,7 @@ def prepare_calibration(lm, text: str, calib_tokens: int, seqlen: int, seed: int
         say(f"calibration windows: {label} (no profile needed)")
         return ids, None, label
     prof, reused = load_or_profile(lm.model, lm.adapter, ids, fingerprint=lm.fingerprint, data_label=label,
-                                   data_digest=f"{corpus.digest}-{seqlen}-{seed}", cache_root=cache_dir(),
+                                   data_digest=probe_digest(corpus.digest, seqlen, seed), cache_root=cache_dir(),
                                    progress=progress_stderr)
     say(("reused cached profile " if reused else "profiled ") + label)
     return ids, prof, label
@@ -197,7 +198,7 @@ def cmd_apply(a: argparse.Namespace) -> dict:
 def cmd_allocate(a: argparse.Namespace) -> dict:
     from compression.allocate import cli_allocate
 
-    return cli_allocate(a, say=say)
+    return cli_allocate(a, say=say, progress=progress_stderr)
 
 
 def _bits_arg(text: str) -> int | float:
@@ -260,6 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     al.add_argument("--estimator", choices=["auto", "dloss", "curvature", "kl"], default="auto",
                     help="what the predictor adds up: measured loss increases, minus their first-order part, "
                          "or KL(dense || probe); auto: kl when the grid has it, else dloss")
+    al.add_argument("--measure-picks", action="store_true",
+                    help="measure each rank with quantised factors the allocation picks (that linear alone, on the "
+                         "grid's probe windows, ~1 s each on a CPU for 135M) and allocate again until every such pick "
+                         "is measured: the grid's sums for them are optimistic (bench/RESULTS.md §23); measured costs "
+                         "are cached for later allocations on the same grid")
+    al.add_argument("--text", default="default",
+                    help="with --measure-picks: the text the grid was measured on (default | PATH | wikitext2:PATH)")
     al.add_argument("--out", required=True, help="plan JSON file to write")
     al.add_argument("--device", default="auto", help="auto | cpu | cuda")
     al.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")

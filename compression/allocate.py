@@ -17,7 +17,9 @@ for any plan: ``loss = dense_loss + Σ dloss(linear, spec)``, sizes from
   the quantised factors' output error was 2.2x the sum of the parts (median; 1.4-46x;
   bench/RESULTS.md §23), so such plans are predicted optimistically (``rank_and_bits``
   names the linears). ``set_measured`` gives a setting its measured cost instead, and
-  ``allocate_measured`` allocates, measures the ones the plan picks and allocates again;
+  ``allocate_measured`` allocates, measures the ones the plan picks and allocates again
+  (``compression allocate --measure-picks`` and the app's allocate preset; the costs are
+  cached per grid, ``save_measured`` / ``load_measured``);
 * the spec's ``lowrank`` / ``quant`` method is not looked at: the grid's own methods are
   what the numbers describe (``allocate`` uses them).
 
@@ -43,10 +45,15 @@ size ≤ target" over the options dense, grid ranks (never above break-even), gr
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import numbers
+import os
 import time
+import warnings
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -500,8 +507,8 @@ def module_kinds(plan: Plan, linears: list[LinearInfo]) -> dict[str, int]:
     return out
 
 
-# ------------------------------------------------------------------------ command line
-def allocate_measured(predictor: Predictor, probe, *, max_rounds: int = 40, progress=None,
+# ------------------------------------------------------------------------ measured picks
+def allocate_measured(predictor: Predictor, probe, *, max_rounds: int = 40, progress=None, should_stop=None,
                       **allocate_kw) -> tuple[Plan, list[dict]]:
     """``allocate``, then measure the ranks with quantised factors the plan picks that have no
     measured cost yet (``probe(name, spec) -> increase`` in the predictor's estimator: that
@@ -509,7 +516,9 @@ def allocate_measured(predictor: Predictor, probe, *, max_rounds: int = 40, prog
     allocate again, until the plan picks none unmeasured or ``max_rounds`` rounds have measured.
     The sums the grid predicts for such settings are optimistic (module docstring), so each round
     can only move the plan away from a setting that measured worse. Returns the last plan and one
-    record per round (its predicted increase, the settings it measured)."""
+    record per round (its predicted increase, the settings it measured). ``should_stop()`` is
+    polled before each probe and raises ``InterruptedError`` when true; what was measured until
+    then stays in the predictor."""
     rounds: list[dict] = []
     while True:
         plan = allocate(predictor, **allocate_kw)
@@ -519,13 +528,88 @@ def allocate_measured(predictor: Predictor, probe, *, max_rounds: int = 40, prog
         if not todo or len(rounds) > max_rounds:
             return plan, rounds
         for i, (name, spec) in enumerate(todo):
+            if should_stop is not None and should_stop():
+                done = sum(len(r["measured"]) for r in rounds)
+                raise InterruptedError(f"the allocation was cancelled in round {len(rounds)} after measuring {done} "
+                                       "setting(s); they are kept, and the next allocation does not measure them "
+                                       "again")
             if progress is not None:
                 progress(i / len(todo), f"round {len(rounds)}: measuring {name} at rank {spec.rank} with "
-                                        f"{spec.bits}-bit factors")
+                                        f"{spec.bits}-bit factors ({i + 1} of {len(todo)})")
             value = float(probe(name, spec))
             predictor.set_measured(name, spec.rank, spec.bits, value)
             rounds[-1]["measured"].append(dict(name=name, rank=int(spec.rank), bits=bit_width(spec.bits),
                                                dloss=value))
+
+
+def measured_summary(rounds: list[dict], seconds: float, known: int) -> dict:
+    """What an ``allocate_measured`` run did, for a plan's meta and the readouts."""
+    return dict(rounds=len(rounds), measured=sum(len(r["measured"]) for r in rounds), seconds=round(seconds, 1),
+                known=known, converged=rounds[-1]["unmeasured"] == 0)
+
+
+MEASURED_FORMAT = 1
+# what the measured costs of a grid depend on: its model, probe tokens and settings, and its date
+# (a grid measured again is another grid)
+_GRID_IDENTITY = ("fingerprint", "data_digest", "n_tokens", "stats_tokens", "method", "quant", "group_size",
+                  "quant_options", "date", "dense_loss")
+
+
+def measured_path(predictor: Predictor, cache_root: str | Path) -> Path:
+    """The cache file of the measured costs for ``predictor``'s grid and estimator."""
+    ident = {k: predictor.grid.meta.get(k) for k in _GRID_IDENTITY}
+    ident["estimator"] = predictor.estimator
+    key = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(cache_root) / "measured-picks" / f"{key}.json"
+
+
+def load_measured(predictor: Predictor, cache_root: str | Path) -> int:
+    """Give ``predictor`` the costs measured earlier for its grid and estimator
+    (``save_measured``); returns how many. An unreadable cache file is warned about and skipped."""
+    from analysis.atomic import CacheWarning
+
+    path = measured_path(predictor, cache_root)
+    if not path.is_file():
+        return 0
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != MEASURED_FORMAT:
+            raise ValueError(f"format {data.get('format')} is not {MEASURED_FORMAT}")
+        recs = [(r["name"], int(r["rank"]), float(r["bits"]), float(r["dloss"])) for r in data["measured"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        warnings.warn(f"the measured costs cached in {path} cannot be read ({e}): they are measured again when an "
+                      "allocation picks them", CacheWarning, stacklevel=2)
+        return 0
+    n = 0
+    for name, rank, bits, value in recs:
+        if name in predictor.by_name and math.isfinite(value):
+            predictor.set_measured(name, rank, bits, value)
+            n += 1
+    return n
+
+
+def save_measured(predictor: Predictor, cache_root: str | Path) -> bool:
+    """Write ``predictor.measured`` to the cache (atomically), so that later allocations on the
+    same grid (another target, a reloaded page, the command line) reuse them. A cache that
+    cannot be written is warned about (``save_to_cache``); returns whether it was saved."""
+    from analysis.atomic import save_to_cache
+
+    if not predictor.measured:
+        return False
+    path = measured_path(predictor, cache_root)
+    data = dict(format=MEASURED_FORMAT, estimator=predictor.estimator, grid=predictor.grid.meta.get("data"),
+                measured=[dict(name=n, rank=r, bits=b, dloss=v) for (n, r, b), v in sorted(predictor.measured.items())])
+
+    def save() -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(data, indent=1))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    return save_to_cache(save, "the measured costs", path.parent)
 
 
 def rank_and_bits_note(names: list[str]) -> str:
@@ -536,12 +620,13 @@ def rank_and_bits_note(names: list[str]) -> str:
             "so it is optimistic: run the plan to measure it, or allocate bits only")
 
 
-def cli_allocate(args, say=None) -> dict:
+# ------------------------------------------------------------------------ command line
+def cli_allocate(args, say=None, progress=None) -> dict:
     """``python -m compression allocate``: load the model and the sensitivity grid (refusing a
-    grid of another model), allocate, write the plan JSON; returns a summary dict."""
-    from pathlib import Path
-
-    from analysis.loading import load_model
+    grid of another model), allocate (with ``--measure-picks``, measuring the ranks with quantised
+    factors it picks on the grid's own probe windows, rebuilt from ``--text``), write the plan
+    JSON; returns a summary dict."""
+    from analysis.loading import cache_dir, load_model
     from analysis.metrics import linear_biases, model_bytes
     from analysis.sensitivity import check_compatible
     from compression.plan import check_plan_path, validate
@@ -555,7 +640,31 @@ def cli_allocate(args, say=None) -> dict:
         value = getattr(args, f"target_{kind}", None)
         if value is not None:
             check_target(kind, value)
+    measure = bool(getattr(args, "measure_picks", False))
+    if measure and getattr(args, "only", None) is not None:
+        raise ValueError("--measure-picks measures ranks with quantised factors, which an allocation of "
+                         f"{args.only}s only never picks: drop --only, or --measure-picks")
     grid = SensitivityGrid.load(args.sensitivity)
+    estimator = getattr(args, "estimator", None)
+    estimator = grid.default_estimator() if estimator in (None, "auto") else estimator
+    if measure and estimator not in ("kl", "dloss"):
+        raise ValueError(f"--measure-picks measures KL or loss increases, not the {estimator} estimator: use "
+                         "--estimator kl (or dloss)")
+    corpus = windowing = None
+    if measure:  # the grid's probe windows must be rebuilt: checked before the model loads
+        from analysis.data import load_corpus
+        from analysis.sensitivity import probe_windowing
+
+        windowing = probe_windowing(grid.meta.get("data_digest"))
+        if windowing is None:
+            raise ValueError(f"{args.sensitivity}: this grid's probe windows cannot be rebuilt from a text (it was "
+                             "not measured by `python -m analysis sensitivity`): measure the picks in the app (Budget "
+                             "tab), or measure a grid with `python -m analysis sensitivity`")
+        text = getattr(args, "text", "default")
+        corpus = load_corpus(text)
+        if corpus.digest != windowing[0]:
+            raise ValueError(f"--text {text} ({corpus.label}) is not the text the grid was measured on "
+                             f"({grid.meta.get('data') or 'unnamed data'}): give that text")
     lm = load_model(args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code, progress=say)
     lm.require_dense("allocation")
     check_compatible(grid, lm.fingerprint, dtype=str(lm.dtype).replace("torch.", ""))
@@ -563,14 +672,38 @@ def cli_allocate(args, say=None) -> dict:
     biases = linear_biases(lm.model, linears)
     dense = model_bytes(lm.model).weight_bytes
     dtype_bytes = next(lm.model.parameters()).element_size()
-    estimator = getattr(args, "estimator", None)
     pred = Predictor(grid, linears, dense, dtype_bytes, biases,
                      base_plan=Plan(meta={"base_fingerprint": lm.fingerprint, "model": args.model}),
-                     curvature_only=bool(getattr(args, "curvature_only", False)),
-                     estimator=grid.default_estimator() if estimator in (None, "auto") else estimator)
-    plan = allocate(pred, target_bytes=getattr(args, "target_bytes", None),
-                    target_ratio=getattr(args, "target_ratio", None), target_bits=getattr(args, "target_bits", None),
-                    only=getattr(args, "only", None), lowrank=getattr(args, "lowrank", None))
+                     curvature_only=bool(getattr(args, "curvature_only", False)), estimator=estimator)
+    known = load_measured(pred, cache_dir())
+    if known:
+        say(f"using {known} measured cost(s) of ranks with quantised factors from earlier --measure-picks runs on "
+            "this grid (RankLab's cache)")
+    target_kw = dict(target_bytes=getattr(args, "target_bytes", None), target_ratio=getattr(args, "target_ratio", None),
+                     target_bits=getattr(args, "target_bits", None), only=getattr(args, "only", None),
+                     lowrank=getattr(args, "lowrank", None))
+    measured = None
+    if measure:
+        from analysis.sensitivity import SettingProbe, probe_inputs
+
+        gm = grid.meta
+        _, seqlen, seed = windowing
+        ids, prof, _, _ = probe_inputs(lm, corpus, tokens=int(gm["n_tokens"]), seqlen=seqlen, seed=seed,
+                                       profile_tokens=int(gm.get("stats_tokens") or gm["n_tokens"]),
+                                       progress=progress, say=say)
+        t0 = time.perf_counter()
+        probe = SettingProbe(lm.model, ids, prof.all_stats(), estimator)
+        try:
+            plan, rounds = allocate_measured(pred, probe, progress=progress, **target_kw)
+        finally:
+            save_measured(pred, cache_dir())  # kept also when a probe fails or the run is stopped
+        measured = measured_summary(rounds, time.perf_counter() - t0, len(pred.measured))
+        plan.meta["measured_picks"] = measured
+        say(f"measured {measured['measured']} rank(s) with quantised factors in {measured['rounds']} round(s) "
+            f"({measured['seconds']:.0f} s; {measured['known']} known in all, cached for later allocations)"
+            + ("" if measured["converged"] else "; stopped at the round limit with some picks unmeasured"))
+    else:
+        plan = allocate(pred, **target_kw)
     validate(plan, linears)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -592,7 +725,7 @@ def cli_allocate(args, say=None) -> dict:
             "per-module estimates are negative); use the prediction to rank plans, not as a perplexity")
     together = pred.rank_and_bits(plan)
     if together:
-        say(f"note: {rank_and_bits_note(together)} (--only bits)")
+        say(f"note: {rank_and_bits_note(together)} (--only bits, or --measure-picks)")
     lowrank = getattr(args, "lowrank", None)
     if lowrank and lowrank != pred.method:
         say(f"the prediction is for {pred.method} (the grid's method); the plan applies its ranks with {lowrank}"
@@ -600,4 +733,5 @@ def cli_allocate(args, say=None) -> dict:
     return dict(out=str(out), target=m["target"], solver=m["solver"], predicted_loss=m["predicted_loss"],
                 predicted_ppl=m["predicted_ppl"], dense_ppl=math.exp(pred.dense_loss), bytes=m["predicted_bytes"],
                 dense_bytes=dense, ratio=m["ratio"], bits_per_weight=m["bits_per_weight"],
-                modules=kinds, seconds=m["seconds"], sensitivity=str(args.sensitivity), ppl_protocol=basis)
+                modules=kinds, seconds=m["seconds"], sensitivity=str(args.sensitivity), ppl_protocol=basis,
+                measured_picks=measured)

@@ -517,7 +517,7 @@ class Lab:
         return None, "none"
 
     def _refresh_predictor(self) -> None:
-        from compression.allocate import Predictor
+        from compression.allocate import Predictor, load_measured
 
         lm = self.require_model()
         grid = self.sensitivity if self.sensitivity is not None else self.proxy
@@ -527,6 +527,8 @@ class Lab:
         self.predictor = Predictor(grid, self.linears, model_bytes(lm.model).weight_bytes,
                                    next(lm.model.parameters()).element_size(), self._biases(),
                                    estimator=grid.default_estimator())
+        if grid is self.sensitivity:  # costs measured by earlier allocations on this grid (``plan_allocate``)
+            load_measured(self.predictor, cache_dir())
 
     def _biases(self) -> dict[str, bool]:
         return linear_biases(self.require_model().model, self.linears)
@@ -641,13 +643,52 @@ class Lab:
                 mods[li.name] = ModuleSpec(rank=max(1, k), lowrank=lowrank)
         return Plan(modules=mods, meta={"method": f"energy {fraction:.0%}", "lowrank": lowrank})
 
-    def plan_allocate(self, target_ratio: float, only: str | None = None) -> Plan:
-        from compression.allocate import allocate
+    def plan_allocate(self, target_ratio: float, only: str | None = None, measure_picks: bool = False,
+                      progress: Progress | None = None) -> Plan:
+        """The allocated plan at ``target_ratio`` of the dense bytes (``compression.allocate``).
+        ``measure_picks`` (ranks and bits together, the measured grid): measure each rank with
+        quantised factors the allocation picks and allocate again until all are measured
+        (``allocate_measured``; about a second per setting on a CPU for 135M, Cancel stops it and
+        keeps what was measured). Measured costs stay with the predictor and in the cache, so
+        later predictions and allocations on this grid use them; ``meta["measured_picks"]`` says
+        what was done."""
+        from compression.allocate import allocate, allocate_measured, measured_summary, save_measured
 
         if self.predictor is None:
             raise ValueError("allocation needs sensitivities: compute the first view or the measured grid "
                              "(Sensitivity tab)")
-        return allocate(self.predictor, target_ratio=target_ratio, only=only)
+        if not measure_picks:
+            return allocate(self.predictor, target_ratio=target_ratio, only=only)
+        if only is not None:
+            raise ValueError(f"measuring the picks measures ranks with quantised factors, which an allocation of "
+                             f"{only}s only never picks: allocate ranks and bits together")
+        pred = self.predictor
+        t0 = time.perf_counter()
+        with self.running("the allocation (measuring its ranks with quantised factors)"):
+            probe = self.setting_probe()
+            try:
+                plan, rounds = allocate_measured(pred, probe, target_ratio=target_ratio, progress=progress,
+                                                 should_stop=self.should_stop)
+            finally:
+                save_measured(pred, cache_dir())  # kept also when cancelled or a probe fails
+        plan.meta["measured_picks"] = measured_summary(rounds, time.perf_counter() - t0, len(pred.measured))
+        return plan
+
+    def setting_probe(self):
+        """``analysis.sensitivity.SettingProbe`` on the measured grid's probe windows, in its
+        estimator: measures one setting at a time as the grid would have."""
+        from analysis.sensitivity import SettingProbe
+
+        lm = self.require_dense("measuring settings")
+        grid, pred = self.sensitivity, self.predictor
+        if grid is None or pred is None or pred.grid is not grid:
+            raise ValueError("measuring the picks needs the measured sensitivity grid (Sensitivity tab): the first "
+                             "view's estimates are not in a probe's units")
+        ids, label = self.sensitivity_ids()
+        if ids.numel() != grid.meta.get("n_tokens"):
+            raise ValueError(f"the grid was probed on {grid.meta.get('n_tokens')} tokens, the current settings give "
+                             f"{ids.numel()} ({label}): measure the grid again (Sensitivity tab)")
+        return SettingProbe(lm.model, ids, self.require_profile().all_stats(), pred.estimator)
 
     def check(self, plan: Plan) -> list[str]:
         # the app shows the notes itself: no process-wide warning filter
@@ -755,7 +796,8 @@ class Lab:
         dense_nll, protocol = float(self.dense_eval["nll"]), self.protocol()
         recs = [r for r in self.history.records(lm.fingerprint)
                 if r.status == "ok" and r.protocol == protocol and r.measured.get("nll") is not None]
-        key = (self.predictor, dense_nll, protocol, tuple(r.run_id for r in recs))  # the predictor by identity
+        # the predictor by identity, and its measured costs (``plan_allocate``) that change its predictions
+        key = (self.predictor, len(self.predictor.measured), dense_nll, protocol, tuple(r.run_id for r in recs))
         if self._correction is not None and self._correction[0] == key:
             return self._correction[1], dict(self._correction[2])
         rank, bits, measured, left_out = [], [], [], Counter()

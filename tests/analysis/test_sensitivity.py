@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from analysis.adapters import LinearInfo, get_submodule
+from analysis.data import load_corpus
 from analysis.loading import wrap_model
 from analysis.metrics import window_nll
 from analysis.profile import collect_input_stats
@@ -443,6 +444,56 @@ def test_cli_sensitivity_then_allocate(tmp_path, monkeypatch, trained):
                                       trust_remote_code=False), say=lambda m: None)
     assert plan_out["bits_per_weight"] <= 12.0 and plan_out["modules"]["rank"] == 0
     assert Plan.load(tmp_path / "plan.json").meta["estimator"] == "kl"  # auto: the measured grid has KL
+    assert plan_out["measured_picks"] is None
+
+
+def test_cli_allocate_measures_its_picks_on_the_grids_own_windows(tmp_path, monkeypatch, trained):
+    from analysis.sensitivity import SettingProbe, cli_sensitivity, probe_inputs, probe_windowing
+    from compression.allocate import Predictor, cli_allocate
+
+    lm, _, _ = trained
+    monkeypatch.setenv("RANKLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("analysis.loading.load_model", lambda spec, *a, **k: lm)
+    text = tmp_path / "t.txt"
+    text.write_text("other text for the allocation. " * 400)
+    cli_sensitivity(Namespace(model="tiny", text="default", tokens=48, seqlen=32, seed=3, method="svd-llm",
+                              quant="rtn", group_size=GS, out=str(tmp_path / "sens"), device="cpu", dtype="float32",
+                              trust_remote_code=False, json=True, profile_tokens=256), progress=None, say=None)
+    grid = SensitivityGrid.load(tmp_path / "sens")
+    assert probe_windowing(grid.meta["data_digest"])[1:] == (32, 3)  # window length and seed, from the digest
+    assert probe_windowing("0123abcd") is None  # the app's windows: a digest of its own
+    args = Namespace(model="tiny", sensitivity=str(tmp_path / "sens"), target_bytes=None, target_ratio=None,
+                     target_bits=3.0, only=None, out=str(tmp_path / "plan.json"), device="cpu", dtype="float32",
+                     trust_remote_code=False, measure_picks=True, text="default")
+    said = []
+    out = cli_allocate(args, say=said.append)
+    mp, plan = out["measured_picks"], Plan.load(tmp_path / "plan.json")
+    assert mp["converged"] and mp["measured"] == mp["known"] > 0 and plan.meta["measured_picks"] == mp
+    assert out["bits_per_weight"] <= 3.0 and any(f"measured {mp['measured']} rank(s)" in m for m in said)
+    assert not any("rank and bits together" in m for m in said)
+    # each measured cost is the setting probe's on the grid's own probe windows (rebuilt from the text)
+    ids, prof, digest, _ = probe_inputs(lm, load_corpus("default"), tokens=48, seqlen=32, seed=3, profile_tokens=256)
+    assert digest == grid.meta["data_digest"] and ids.numel() == grid.meta["n_tokens"]
+    probe = SettingProbe(lm.model, ids, prof.all_stats(), "kl")
+    name, spec = next((n, s) for n, s in plan.modules.items() if s.rank is not None and s.bits is not None)
+    linears = lm.adapter.linears(lm.model)
+    pred = Predictor(grid, linears, 1, 4, {}, estimator="kl")
+    from compression.allocate import load_measured
+
+    assert load_measured(pred, tmp_path / "cache") == mp["known"]  # cached for later allocations
+    assert pred.dloss(name, spec) == pytest.approx(probe(name, spec), rel=1e-6)
+    # a second allocation on the grid reuses them: the same plan, nothing measured again
+    said.clear()
+    again = cli_allocate(Namespace(**{**vars(args), "out": str(tmp_path / "again.json")}), say=said.append)
+    assert again["measured_picks"]["measured"] == 0 and Plan.load(tmp_path / "again.json").modules == plan.modules
+    assert any(f"using {mp['known']} measured cost(s)" in m for m in said)
+    # refused before the model loads: another text, --only, an estimator a probe does not measure
+    monkeypatch.setattr("analysis.loading.load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    for change, match in (({"text": str(text)}, "is not the text the grid was measured on"),
+                          ({"only": "bits"}, "drop --only"),
+                          ({"estimator": "curvature"}, "use --estimator kl")):
+        with pytest.raises(ValueError, match=match):
+            cli_allocate(Namespace(**{**vars(args), **change}), say=lambda m: None)
 
 
 # ----------------------------------------------------------------------------- KL estimator

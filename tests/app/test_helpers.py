@@ -401,6 +401,34 @@ def test_the_run_tab_runs_the_plan_tuned_when_asked(tiny_lab, tmp_path):
     assert "tune" not in lab.history.records()[-1].plan and "tuned" not in msg  # 0 = off
 
 
+def test_the_allocate_preset_measures_its_rank_and_bits_picks_when_asked(tiny_lab, tmp_path):
+    demo = app.build_app(app.AppConfig(autoload=False, workspace=tmp_path / "ws"))
+    btn = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "alloc-btn")
+    alloc = next(f.fn for f in demo.fns.values() if any(t[0] == btn._id for t in f.targets))
+    said = []
+
+    def progress(frac, desc=""):
+        said.append(desc)
+
+    args = (tiny_lab, "svd-llm", "rtn", 32, 100, "keep", 0.95, 0.3, "ranks and bits")
+    tiny_lab.run_profile()
+    tiny_lab.run_proxy()
+    readout = alloc(*args, True, p=progress)[-4]  # the first view only: allocated, not measured, and said so
+    assert "picks were not measured: that needs the measured grid" in readout
+    assert "rank and bits together" in readout and tiny_lab.plan.meta.get("measured_picks") is None
+    tiny_lab.run_sensitivity(group_size=32)
+    said.clear()
+    readout = alloc(*args, True, p=progress)[-4]
+    mp = tiny_lab.plan.meta["measured_picks"]
+    assert f"Measured {mp['measured']} rank(s) with quantised factors in {mp['rounds']} round(s)" in readout
+    assert mp["measured"] > 0 and "rank and bits together" not in readout
+    assert sum("-bit factors" in d for d in said) == mp["measured"]
+    readout = alloc(*args[:-1], "bits", True, p=progress)[-4]  # bits only: nothing to measure, nothing said
+    assert "with quantised factors in" not in readout and "not measured" not in readout
+    assert "Allocated bits only" in readout
+    assert "Allocated ranks only" in alloc(*args[:-2], 0.6, "rank", True, p=progress)[-4]
+
+
 def test_profile_says_whether_the_first_view_was_computed_and_how_long_it_took(tiny_lab, tmp_path):
     demo = app.build_app(app.AppConfig(autoload=False, workspace=tmp_path / "ws"))
     on_profile = _callback(demo, "on_profile")

@@ -1,5 +1,6 @@
 """Predictor and allocator: interpolation rules, targets never exceeded, brute-force optimality
 on small problems, the dense plan at the dense size, and the CLI refusing another model."""
+import json
 import math
 from argparse import Namespace
 
@@ -129,6 +130,53 @@ def test_allocate_measured_leaves_ranks_whose_factors_measure_worse_and_measures
     with pytest.raises(RuntimeError, match="probe failed"):
         allocate_measured(_predictor(ranks=(8, 16, 24), bits=(2, 3, 4, 8)),
                           lambda n, s: (_ for _ in ()).throw(RuntimeError("probe failed")), **kw)
+
+
+def test_allocate_measured_stops_when_asked_and_keeps_what_it_measured():
+    from compression.allocate import allocate_measured
+
+    kw = dict(target_bits=2.5, quant="rtn", group_size=32)
+    p = _predictor(ranks=(8, 16, 24), bits=(2, 3, 4, 8))
+    asked = []
+
+    def stop() -> bool:  # Cancel pressed while the second setting is measured
+        asked.append(1)
+        return len(asked) > 2
+
+    with pytest.raises(InterruptedError, match=r"cancelled in round \d+ after measuring 2 setting"):
+        allocate_measured(p, lambda n, s: 1.0, should_stop=stop, **kw)
+    assert len(p.measured) == 2 and set(p.measured.values()) == {1.0}
+
+
+def test_measured_costs_round_trip_through_the_cache_per_grid_and_estimator(tmp_path):
+    from analysis.atomic import CacheWarning
+    from compression.allocate import load_measured, measured_path, save_measured
+
+    p = _predictor(ranks=(8, 16, 24), bits=(2, 3, 4, 8))
+    names = [li.name for li in p.linears]
+    assert not save_measured(p, tmp_path)  # nothing measured: nothing written
+    p.set_measured(names[0], 16, 2, 0.5)
+    p.set_measured(names[1], 8, 3, 0.25)
+    assert save_measured(p, tmp_path)
+    q = _predictor(ranks=(8, 16, 24), bits=(2, 3, 4, 8))
+    assert load_measured(q, tmp_path) == 2 and q.measured == p.measured
+    assert q.dloss(names[0], ModuleSpec(rank=16, bits=2)) == 0.5
+    # another estimator, or the grid measured again (another date), has costs of its own
+    other = _predictor(ranks=(8, 16, 24), bits=(2, 3, 4, 8))
+    other.estimator = "kl"
+    assert load_measured(other, tmp_path) == 0 and measured_path(other, tmp_path) != measured_path(p, tmp_path)
+    again = _predictor(ranks=(8, 16, 24), bits=(2, 3, 4, 8))
+    again.grid.meta["date"] = "2026-11-25T00:00:00"
+    assert load_measured(again, tmp_path) == 0
+    # a linear this model lacks is skipped; an unreadable file is said and skipped, not fatal
+    path = measured_path(p, tmp_path)
+    data = json.loads(path.read_text())
+    data["measured"].append(dict(name="model.nope", rank=8, bits=2, dloss=1.0))
+    path.write_text(json.dumps(data))
+    assert load_measured(_predictor(ranks=(8, 16, 24), bits=(2, 3, 4, 8)), tmp_path) == 2
+    path.write_text("{not json")
+    with pytest.warns(CacheWarning, match="cannot be read"):
+        assert load_measured(_predictor(ranks=(8, 16, 24), bits=(2, 3, 4, 8)), tmp_path) == 0
 
 
 def test_prediction_of_a_one_linear_plan_is_its_grid_value():
@@ -376,6 +424,7 @@ def test_cli_allocate_writes_a_loadable_plan_and_refuses_another_model(tmp_path,
     from analysis.metrics import model_bytes
     from tests.conftest import CharTokenizer, tiny_model
 
+    monkeypatch.setenv("RANKLAB_CACHE", str(tmp_path / "cache"))
     lm = wrap_model(tiny_model("llama"), CharTokenizer(), spec="tiny")
     linears = lm.adapter.linears(lm.model)
     grid = _grid(linears, ranks=(8, 16, 24), bits=(2, 3, 4, 8))
@@ -411,7 +460,7 @@ def test_cli_allocate_writes_a_loadable_plan_and_refuses_another_model(tmp_path,
     tight = Plan.load(tmp_path / "p1.json")
     together = [n for n, s in tight.modules.items() if s.rank is not None and s.bits is not None]
     assert together and any(f"note: {len(together)} linear(s) have a rank and bits together" in m
-                            and m.endswith("(--only bits)") for m in said)
+                            and m.endswith("(--only bits, or --measure-picks)") for m in said)
     with pytest.raises(ValueError, match="another model"):
         cli_allocate(Namespace(**{**vars(args), "model": "other"}), say=lambda m: None)
     models["half"] = wrap_model(tiny_model("llama", dtype=torch.bfloat16), CharTokenizer(), spec="half")

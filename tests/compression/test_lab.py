@@ -306,6 +306,43 @@ def test_measured_grid_probes_the_first_calibration_windows(tiny_lab):
     assert tiny_lab.profile.meta["n_tokens"] == tiny_lab.split.calib_ids.numel()  # the profile uses all 8
 
 
+def test_allocation_measures_its_rank_and_bits_picks_keeps_them_and_cancels(tiny_lab, monkeypatch):
+    tiny_lab.run_profile()
+    tiny_lab.run_proxy()
+    with pytest.raises(ValueError, match="needs the measured sensitivity grid"):
+        tiny_lab.plan_allocate(0.3, measure_picks=True)  # the first view's units are not a probe's
+    tiny_lab.run_sensitivity(group_size=32)
+    pred = tiny_lab.predictor
+    assert pred.rank_and_bits(tiny_lab.plan_allocate(0.3))  # additive costs: ranks with quantised factors picked
+    with pytest.raises(ValueError, match="allocate ranks and bits together"):
+        tiny_lab.plan_allocate(0.3, "bits", measure_picks=True)
+    said = []
+    plan = tiny_lab.plan_allocate(0.3, measure_picks=True, progress=lambda f, m: said.append(m))
+    mp = plan.meta["measured_picks"]
+    assert mp["converged"] and mp["measured"] == mp["known"] == len(pred.measured) > 0 and mp["rounds"] >= 2
+    assert len(said) == mp["measured"] and all("measuring" in m and "-bit factors" in m for m in said)
+    got = tiny_lab.predict(plan)
+    assert got["ratio"] <= 0.3 and pred.rank_and_bits(plan) == []
+    assert not any("rank and bits together" in n for n in got["notes"])
+    assert tiny_lab.job is None  # the job ended
+    # a pick's cost is what the setting probe measures for it on the grid's probe windows
+    name, spec = next((n, s) for n, s in plan.modules.items() if s.rank is not None and s.bits is not None)
+    assert pred.dloss(name, spec) == pytest.approx(tiny_lab.setting_probe()(name, spec), rel=1e-6)
+    # kept: a predictor made again (a reloaded page's grid) takes them from the cache, and nothing is measured again
+    tiny_lab._refresh_predictor()
+    assert tiny_lab.predictor is not pred and tiny_lab.predictor.measured == pred.measured
+    again = tiny_lab.plan_allocate(0.3, measure_picks=True)
+    assert again.meta["measured_picks"]["measured"] == 0 and again.modules == plan.modules
+    # Cancel stops before the next probe and keeps what was measured (in the cache too)
+    before, asked = len(tiny_lab.predictor.measured), []
+    monkeypatch.setattr(tiny_lab, "should_stop", lambda: asked.append(1) or len(asked) > 1)
+    with pytest.raises(InterruptedError, match="after measuring 1 setting"):
+        tiny_lab.plan_allocate(0.25, measure_picks=True)
+    assert len(tiny_lab.predictor.measured) == before + 1 and tiny_lab.job is None
+    tiny_lab._refresh_predictor()
+    assert len(tiny_lab.predictor.measured) == before + 1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_whole_session_on_cuda(tmp_path, monkeypatch, dtype):
