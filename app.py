@@ -868,6 +868,8 @@ def build_budget_tab(state):
         said = f"*Loaded `{name}`*" + (f" ({len(notes)} note(s) below)" if notes else "") + ".\n\n"
         return [*filled, *methods, said + text, *figs, None]
 
+    # measuring picks concerns ranks and bits together only: greyed out for the other two
+    only.change(lambda on: gr.update(interactive=on == "ranks and bits"), [only], [measure], queue=False)
     preset_in = [state, lowrank, quant, group, u_rank, u_bits, energy, target, only, measure]
     preset_out = [*ranks, *bits, overrides, lowrank, quant, group, *outputs]
     dense_btn.click(preset("dense"), preset_in, preset_out)

@@ -426,6 +426,9 @@ def test_the_allocate_preset_measures_its_rank_and_bits_picks_when_asked(tiny_la
     readout = alloc(*args[:-1], "bits", True, p=progress)[-4]  # bits only: nothing to measure, nothing said
     assert "with quantised factors in" not in readout and "not measured" not in readout
     assert "Allocated bits only" in readout
+    radio = next(b for b in demo.blocks.values() if getattr(b, "label", None) == "Allocate")
+    grey = next(f.fn for f in demo.fns.values() if (radio._id, "change") in f.targets)
+    assert grey("bits")["interactive"] is False and grey("ranks and bits")["interactive"] is True
     assert "Allocated ranks only" in alloc(*args[:-2], 0.6, "rank", True, p=progress)[-4]
 
 
