@@ -8,6 +8,7 @@ checks that the cached costs give the same plan without measuring. Writes
 ``results/measured_picks_<quant>_<target>.json``.
 
     python bench/bench_measured_picks.py [--quant gptq] [--target 2.5] [--apply additive,measured,"bits only"]
+        [--skip-proxy]
 """
 from __future__ import annotations
 
@@ -30,12 +31,31 @@ from compression.apply import apply_plan
 from compression.plan import Plan
 
 
+def _grid_only(lm, quant: str, out: Path) -> dict:
+    """``analysis sensitivity``'s grid on the benchmark calibration (its windows, profile and cache),
+    saved to ``out``, without the first view; the fields of its summary this script reads."""
+    from analysis.loading import cache_dir
+    from analysis.sensitivity import load_or_measure, probe_inputs
+
+    ids, prof, digest, label = probe_inputs(lm, load_corpus(CALIB_SPEC), tokens=128, seqlen=2048, seed=0,
+                                            profile_tokens=32 * 2048, say=log)
+    grid, reused = load_or_measure(lm.model, lm.adapter, ids, prof.all_stats(), fingerprint=lm.fingerprint,
+                                   data_label=label, data_digest=digest, cache_root=cache_dir(), method="svd-llm",
+                                   quant=quant, group_size=128)
+    grid.save(out)
+    return dict(reused=reused, probes=int(len(grid.table)), seconds_measure=grid.meta["seconds"],
+                seconds_per_probe=grid.meta.get("seconds_per_probe"), dense_loss=grid.dense_loss)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quant", default="gptq", choices=("rtn", "gptq", "vq"))
     ap.add_argument("--target", type=float, default=2.5)
     ap.add_argument("--apply", default="additive,measured,bits only",
                     help="the plans to apply and measure (ppl16), comma-separated; '' allocates only")
+    ap.add_argument("--skip-proxy", action="store_true",
+                    help="measure the grid as `analysis sensitivity` does but skip the gradient first view it adds "
+                         "(for vq it fits every setting again)")
     a = ap.parse_args()
     modes = {"additive": {}, "measured": dict(measure_picks=True, text=CALIB_SPEC), "bits only": dict(only="bits"),
              "measured again": dict(measure_picks=True, text=CALIB_SPEC)}
@@ -47,9 +67,12 @@ def main() -> None:
     lm = load_model(MODEL, "cpu")
     common = dict(model=MODEL, device="cpu", dtype="float32", trust_remote_code=False)
     t = time.perf_counter()
-    sens = cli_sensitivity(Namespace(**common, text=CALIB_SPEC, tokens=128, seqlen=2048, seed=0, method="svd-llm",
-                                     quant=a.quant, group_size=128, profile_tokens=32 * 2048, out=str(work / "sens"),
-                                     json=True), progress=None, say=log)
+    if a.skip_proxy:  # the command's grid (same windows, same cache), without the first view it adds
+        sens = _grid_only(lm, a.quant, work / "sens")
+    else:
+        sens = cli_sensitivity(Namespace(**common, text=CALIB_SPEC, tokens=128, seqlen=2048, seed=0,
+                                         method="svd-llm", quant=a.quant, group_size=128, profile_tokens=32 * 2048,
+                                         out=str(work / "sens"), json=True), progress=None, say=log)
     out = dict(protocol=f"`python -m analysis sensitivity --text {CALIB_SPEC} --tokens 128 --seqlen 2048 "
                         f"--profile-tokens 65536 --quant {a.quant}` (KL), then `python -m compression allocate "
                         f"--target-bits {a.target}`; plans applied sequentially on 32 x 2048 of the same split, "

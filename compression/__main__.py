@@ -266,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                          "grid's probe windows, ~1 s each on a CPU for 135M) and allocate again until every such pick "
                          "is measured: the grid's sums for them are optimistic (bench/RESULTS.md §23); measured costs "
                          "are cached for later allocations on the same grid")
-    al.add_argument("--text", default="default",
-                    help="with --measure-picks: the text the grid was measured on (default | PATH | wikitext2:PATH)")
+    al.add_argument("--text", help="with --measure-picks: the text the grid was measured on (default | PATH | "
+                                   "wikitext2:PATH; default: default)")
     al.add_argument("--out", required=True, help="plan JSON file to write")
     al.add_argument("--device", default="auto", help="auto | cpu | cuda")
     al.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")

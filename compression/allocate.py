@@ -641,6 +641,10 @@ def cli_allocate(args, say=None, progress=None) -> dict:
         if value is not None:
             check_target(kind, value)
     measure = bool(getattr(args, "measure_picks", False))
+    text = getattr(args, "text", None)
+    if text is not None and not measure:
+        raise ValueError("--text is read only with --measure-picks (the text the grid was measured on): add "
+                         "--measure-picks, or drop --text")
     if measure and getattr(args, "only", None) is not None:
         raise ValueError("--measure-picks measures ranks with quantised factors, which an allocation of "
                          f"{args.only}s only never picks: drop --only, or --measure-picks")
@@ -660,7 +664,7 @@ def cli_allocate(args, say=None, progress=None) -> dict:
             raise ValueError(f"{args.sensitivity}: this grid's probe windows cannot be rebuilt from a text (it was "
                              "not measured by `python -m analysis sensitivity`): measure the picks in the app (Budget "
                              "tab), or measure a grid with `python -m analysis sensitivity`")
-        text = getattr(args, "text", "default")
+        text = text or "default"
         corpus = load_corpus(text)
         if corpus.digest != windowing[0]:
             raise ValueError(f"--text {text} ({corpus.label}) is not the text the grid was measured on "

@@ -491,7 +491,8 @@ def test_cli_allocate_measures_its_picks_on_the_grids_own_windows(tmp_path, monk
     monkeypatch.setattr("analysis.loading.load_model", lambda *a, **k: pytest.fail("loaded the model"))
     for change, match in (({"text": str(text)}, "is not the text the grid was measured on"),
                           ({"only": "bits"}, "drop --only"),
-                          ({"estimator": "curvature"}, "use --estimator kl")):
+                          ({"estimator": "curvature"}, "use --estimator kl"),
+                          ({"measure_picks": False}, "--text is read only with --measure-picks")):
         with pytest.raises(ValueError, match=match):
             cli_allocate(Namespace(**{**vars(args), **change}), say=lambda m: None)
 
