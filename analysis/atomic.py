@@ -158,6 +158,17 @@ def atomic_folder(folder: str | Path, markers: Sequence[str], what: str, cache: 
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to the file ``path`` through a temp file renamed into place: a crash or an
+    interrupt leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class CacheWarning(UserWarning):
     """A result could not be written to RankLab's cache (it is used, just not kept)."""
 

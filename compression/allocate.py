@@ -49,7 +49,6 @@ import hashlib
 import json
 import math
 import numbers
-import os
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -548,6 +547,19 @@ def measured_summary(rounds: list[dict], seconds: float, known: int) -> dict:
                 known=known, converged=rounds[-1]["unmeasured"] == 0)
 
 
+def allocate_measured_cached(predictor: Predictor, probe, cache_root: str | Path, **kw) -> Plan:
+    """``allocate_measured`` (``kw``: its options and the target) with the measured costs written
+    to the cache (``save_measured``) also when a probe fails or the run is stopped; the plan's
+    ``meta["measured_picks"]`` is its ``measured_summary``."""
+    t0 = time.perf_counter()
+    try:
+        plan, rounds = allocate_measured(predictor, probe, **kw)
+    finally:
+        save_measured(predictor, cache_root)
+    plan.meta["measured_picks"] = measured_summary(rounds, time.perf_counter() - t0, len(predictor.measured))
+    return plan
+
+
 MEASURED_FORMAT = 1
 # what the measured costs of a grid depend on: its model, probe tokens and settings, and its date
 # (a grid measured again is another grid)
@@ -592,7 +604,7 @@ def save_measured(predictor: Predictor, cache_root: str | Path) -> bool:
     """Write ``predictor.measured`` to the cache (atomically), so that later allocations on the
     same grid (another target, a reloaded page, the command line) reuse them. A cache that
     cannot be written is warned about (``save_to_cache``); returns whether it was saved."""
-    from analysis.atomic import save_to_cache
+    from analysis.atomic import save_to_cache, write_text_atomic
 
     if not predictor.measured:
         return False
@@ -602,12 +614,7 @@ def save_measured(predictor: Predictor, cache_root: str | Path) -> bool:
 
     def save() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            tmp.write_text(json.dumps(data, indent=1))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_text_atomic(path, json.dumps(data, indent=1))
 
     return save_to_cache(save, "the measured costs", path.parent)
 
@@ -695,14 +702,9 @@ def cli_allocate(args, say=None, progress=None) -> dict:
         ids, prof, _, _ = probe_inputs(lm, corpus, tokens=int(gm["n_tokens"]), seqlen=seqlen, seed=seed,
                                        profile_tokens=int(gm.get("stats_tokens") or gm["n_tokens"]),
                                        progress=progress, say=say)
-        t0 = time.perf_counter()
         probe = SettingProbe(lm.model, ids, prof.all_stats(), estimator)
-        try:
-            plan, rounds = allocate_measured(pred, probe, progress=progress, **target_kw)
-        finally:
-            save_measured(pred, cache_dir())  # kept also when a probe fails or the run is stopped
-        measured = measured_summary(rounds, time.perf_counter() - t0, len(pred.measured))
-        plan.meta["measured_picks"] = measured
+        plan = allocate_measured_cached(pred, probe, cache_dir(), progress=progress, **target_kw)
+        measured = plan.meta["measured_picks"]
         say(f"measured {measured['measured']} rank(s) with quantised factors in {measured['rounds']} round(s) "
             f"({measured['seconds']:.0f} s; {measured['known']} known in all, cached for later allocations)"
             + ("" if measured["converged"] else "; stopped at the round limit with some picks unmeasured"))

@@ -652,7 +652,7 @@ class Lab:
         keeps what was measured). Measured costs stay with the predictor and in the cache, so
         later predictions and allocations on this grid use them; ``meta["measured_picks"]`` says
         what was done."""
-        from compression.allocate import allocate, allocate_measured, measured_summary, save_measured
+        from compression.allocate import allocate, allocate_measured_cached
 
         if self.predictor is None:
             raise ValueError("allocation needs sensitivities: compute the first view or the measured grid "
@@ -662,17 +662,9 @@ class Lab:
         if only is not None:
             raise ValueError(f"measuring the picks measures ranks with quantised factors, which an allocation of "
                              f"{only}s only never picks: allocate ranks and bits together")
-        pred = self.predictor
-        t0 = time.perf_counter()
         with self.running("the allocation (measuring its ranks with quantised factors)"):
-            probe = self.setting_probe()
-            try:
-                plan, rounds = allocate_measured(pred, probe, target_ratio=target_ratio, progress=progress,
-                                                 should_stop=self.should_stop)
-            finally:
-                save_measured(pred, cache_dir())  # kept also when cancelled or a probe fails
-        plan.meta["measured_picks"] = measured_summary(rounds, time.perf_counter() - t0, len(pred.measured))
-        return plan
+            return allocate_measured_cached(self.predictor, self.setting_probe(), cache_dir(),
+                                            target_ratio=target_ratio, progress=progress, should_stop=self.should_stop)
 
     def setting_probe(self):
         """``analysis.sensitivity.SettingProbe`` on the measured grid's probe windows, in its

@@ -8,7 +8,6 @@ from __future__ import annotations
 import difflib
 import json
 import math
-import os
 import types
 import typing
 import warnings
@@ -16,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from analysis.adapters import LinearInfo
+from analysis.atomic import write_text_atomic
 from compression.configs import (
     ActPCAConfig,
     BinaryConfig,
@@ -282,12 +282,7 @@ class Plan:
         if it is a plan (a JSON object with a 'version' and 'modules'); anything else is refused."""
         p = Path(path).expanduser()
         check_plan_path(p)
-        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-        try:
-            tmp.write_text(self.to_json())
-            os.replace(tmp, p)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_text_atomic(p, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
